@@ -1,0 +1,44 @@
+"""Export: a Hugging Face folder (safetensors, config, tokenizer, model card) that `pipeline` loads.
+
+The folder is written under a temporary name and renamed into place, so a crash mid-export never leaves a
+half-written folder where a previous good export stood.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def model_card(title: str, metrics: dict[str, float], config: dict) -> str:
+    lines = [f"# {title}", "", "Trained with recipebox.", "", "## Evaluation", ""]
+    lines += [f"- {k}: {v:.4f}" for k, v in sorted(metrics.items())] or ["- (no evaluation)"]
+    lines += [
+        "",
+        "## Training configuration",
+        "",
+        "```json",
+        json.dumps(config, indent=2, default=str),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_hf(model, tokenizer, out_dir: str | Path, *, title: str, metrics: dict, config: dict) -> Path:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(title, metrics, config), encoding="utf-8")
+    (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir

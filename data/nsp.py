@@ -1,0 +1,119 @@
+"""Next-sentence-prediction pairs for BERT pretraining, tokenised with `datasets.map`.
+
+Half the pairs are a sentence and its true successor (label 0), half a sentence and a random sentence from
+another document (label 1, never the true successor): the balance is exact and the draw seeded, so every
+rank builds the same pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from data.text import DataError
+
+IS_NEXT, NOT_NEXT = 0, 1  # BertForPreTraining's convention
+
+
+def split_documents(documents: list[list[str]], eval_fraction: float, seed: int):
+    """Hold out whole documents (not pairs), so eval sentences were never seen in training."""
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(documents) * eval_fraction)
+    if eval_fraction > 0:
+        n_eval = min(max(n_eval, 2), len(documents) - 2)  # each side needs two documents for random pairs
+    eval_ids = set(order[:n_eval])
+    train = [d for i, d in enumerate(documents) if i not in eval_ids]
+    held = [d for i, d in enumerate(documents) if i in eval_ids]
+    return train, held
+
+
+def build_nsp_pairs(
+    documents: list[list[str]], seed: int, source: str = "corpus", *, both: bool = False
+) -> dict[str, list]:
+    """Columns a, b, next_sentence_label: one pair per adjacent sentence pair of each document.
+
+    With `both`, every sentence appears twice, once with its true next and once with a random one: the
+    evaluation split uses it to get twice the pairs and an exact balance from few documents.
+    """
+    if not any(len(doc) >= 2 for doc in documents):
+        raise DataError(
+            f"{source}: no document has two or more sentences, so there is no true next sentence; "
+            f"put several sentences per document (a blank line ends a document)"
+        )
+    if len(documents) < 2:
+        raise DataError(
+            f"{source}: only one document, so there is no other document to draw a random sentence from; "
+            f"separate documents with blank lines, or use --documents line if each line is one document"
+        )
+    rng = random.Random(seed)
+    slots = [(d, i) for d, doc in enumerate(documents) for i in range(len(doc) - 1)]
+    if both:
+        slots, labels = [s for s in slots for _ in range(2)], [IS_NEXT, NOT_NEXT] * len(slots)
+    else:
+        labels = [IS_NEXT] * ((len(slots) + 1) // 2) + [NOT_NEXT] * (len(slots) // 2)
+        rng.shuffle(labels)
+    cols: dict[str, list] = {"a": [], "b": [], "next_sentence_label": labels}
+    for (d, i), label in zip(slots, labels):
+        true_next = documents[d][i + 1]
+        b = true_next
+        if label == NOT_NEXT:
+            for _ in range(100):  # a sentence repeated across documents could equal the true next one
+                other = rng.randrange(len(documents) - 1)
+                other += other >= d  # any document but this one
+                b = rng.choice(documents[other])
+                if b != true_next:
+                    break
+        cols["a"].append(documents[d][i])
+        cols["b"].append(b)
+    return cols
+
+
+def _fingerprint(pairs: dict[str, list], tokenizer, max_length: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(pairs, ensure_ascii=False).encode())
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(f"{type(tokenizer).__name__}:{max_length}".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_pairs(pairs: dict[str, list], tokenizer, max_length: int, cache_dir: str | Path | None = None):
+    """A `datasets.Dataset` of input_ids, token_type_ids, next_sentence_label and length.
+
+    Pairs are truncated longest-first, so both sentences keep as much as fits. With `cache_dir`, the
+    tokenised table is written there once and reused by later runs and by the other ranks.
+    """
+    import datasets
+
+    def encode(batch):
+        enc = tokenizer(
+            batch["a"],
+            batch["b"],
+            truncation="longest_first",
+            max_length=max_length,
+            return_token_type_ids=True,
+            return_attention_mask=False,
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "token_type_ids": enc["token_type_ids"],
+            "length": [len(x) for x in enc["input_ids"]],
+        }
+
+    cache_file = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"nsp-{_fingerprint(pairs, tokenizer, max_length)}.arrow")
+    ds = datasets.Dataset.from_dict(pairs)
+    return ds.map(
+        encode,
+        batched=True,
+        remove_columns=["a", "b"],
+        cache_file_name=cache_file,
+        load_from_cache_file=cache_file is not None,
+        desc="tokenise NSP pairs",
+    )

@@ -1,0 +1,1 @@
+"""The runtime every recipe shares: config, ranks and devices, backends, the train loop, tracking."""

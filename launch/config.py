@@ -1,0 +1,158 @@
+"""Typed run configuration: dataclass defaults, then a YAML file (--config), then CLI flags.
+
+Every recipe declares one dataclass that inherits `TrainConfig`; `parse_config` turns its fields into
+`--kebab-case` flags, so `--help` lists everything and a misspelt key in YAML is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message says where and how."""
+
+
+@dataclass
+class TrainConfig:
+    """Options every recipe shares: where the run lives, how long and how it trains, how it is tracked."""
+
+    output_dir: str = ""  # run folder; empty means runs/<name>
+    name: str = ""  # run name; empty means the recipe's name
+    seed: int = 42
+    max_steps: int = 0  # optimizer steps; 0 means run --epochs
+    epochs: float = 1.0
+    batch_size: int = 32  # per rank, per micro-step
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16  (auto: bf16 autocast on GPUs that have it, else fp32)
+    backend: str = "ddp"  # ddp (one process falls back to plain)
+    eval_every: int = 0  # steps between evaluations; 0 means only at the end
+    log_every: int = 10
+    num_workers: int = 0  # DataLoader worker processes per rank
+    tracker: str = "wandb"  # wandb | none; wandb is offline unless WANDB_API_KEY or WANDB_MODE is set
+    wandb_project: str = "recipebox"
+
+
+def _field_type(tp: Any) -> type:
+    """The concrete scalar type of a field annotation (`int`, `float`, `str`, `bool`)."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing), {})  # annotations are strings under `from __future__ import annotations`
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _coerce(name: str, value: Any, tp: type, source: str) -> Any:
+    if value is None or isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, int | float):
+        return str(value)
+    if tp is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML list of files is the same as a comma-separated flag
+    raise ConfigError(
+        f"{source}: option '{name}' must be {tp.__name__}, got {value!r} ({type(value).__name__}); fix the value"
+    )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of option: value, not {type(data).__name__}"
+        )
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_config(cls: type, argv: list[str] | None = None, description: str | None = None):
+    """Build `cls` from defaults < YAML (--config) < CLI flags; unknown keys and bad values raise ConfigError."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file of options; CLI flags override it")
+    # The deepspeed launcher appends --local_rank=N; the runtime reads LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for name, field in fields.items():
+        tp = _field_type(hints[name])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"(default: {default!r})"}
+        kwargs["type"] = _parse_bool if tp is bool else tp
+        if tp is bool:
+            kwargs["metavar"] = "{true,false}"
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+    args = parser.parse_args(argv)
+
+    values: dict[str, Any] = {}
+    if args.config:
+        loaded = load_yaml(args.config)
+        unknown = sorted(set(loaded) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"config file {args.config}: unknown option(s) {', '.join(unknown)}; "
+                f"run with --help to see the valid ones"
+            )
+        for key, value in loaded.items():
+            values[key] = _coerce(key, value, _field_type(hints[key]), f"config file {args.config}")
+    for name in fields:
+        cli_value = getattr(args, name)
+        if cli_value is not None:
+            values[name] = cli_value
+    return cls(**values)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    check_choice(cfg, "precision", ("auto", "fp32", "bf16"))
+    check_choice(cfg, "tracker", ("wandb", "none"))
+    check_choice(cfg, "backend", ("ddp",))
+    for name in ("batch_size", "grad_accum", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
+        raise ConfigError("give a positive --max-steps or a positive --epochs")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")

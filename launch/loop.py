@@ -1,0 +1,226 @@
+"""The train/eval loop every recipe shares.
+
+Gradient accumulation, clipping, AdamW with warmup + linear decay, autocast, periodic evaluation with task
+metrics summed over ranks, throughput, and a step boundary where stop requests and checkpoints happen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from data.sampler import ShardedSampler
+from launch.config import TrainConfig
+from launch.runtime import Runtime
+from launch.tracking import Tracker
+
+# A recipe's hooks: move task randomness (e.g. MLM masking) onto the device batch, and count task metrics
+# as {name: tensor([numerator, denominator])} so they sum exactly over batches and ranks.
+PrepareBatch = Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]
+CountMetrics = Callable[[object, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on biases and norm weights (the BERT recipe), fused where the device has it."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    consumed: int = 0  # samples of `epoch` this rank has already trained on
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rt: Runtime,
+        backend,
+        model: nn.Module,
+        train_data,
+        eval_data,
+        collate: Callable,
+        tracker: Tracker,
+        *,
+        prepare_batch: PrepareBatch | None = None,
+        count_metrics: CountMetrics | None = None,
+        lengths: list[int] | None = None,
+    ):
+        self.cfg, self.rt, self.backend, self.tracker = cfg, rt, backend, tracker
+        self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
+        self.prepare_batch = prepare_batch or (lambda batch, _g: batch)
+        self.count_metrics = count_metrics
+        self.sampler = ShardedSampler(
+            len(train_data),
+            rank=rt.rank,
+            world_size=rt.world_size,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            lengths=lengths,
+        )
+        self.batches_per_epoch = math.ceil(self.sampler.per_rank / cfg.batch_size)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        backend.setup(
+            model,
+            lambda m: make_adamw(m, cfg.lr, cfg.weight_decay),
+            lambda opt: linear_schedule(opt, warmup, self.total_steps),
+        )
+        self.state = TrainState()
+        # Task randomness on the device (masking) draws from its own generator, so it is reproducible
+        # per rank and can be saved and restored with the checkpoint.
+        self.generator = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000 + rt.rank)
+        self._batches: Iterator | None = None
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def _loader(self, dataset, sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.rt.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self._batches is None:
+                self.sampler.set_epoch(self.state.epoch, self.state.consumed)
+                self._batches = iter(self._loader(self.train_data, self.sampler))
+            batch = next(self._batches, None)
+            if batch is not None:
+                self.state.consumed += len(next(iter(batch.values())))
+                return batch
+            self.state.epoch, self.state.consumed, self._batches = self.state.epoch + 1, 0, None
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
+
+    # -- phases -------------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, int, int]:
+        """One optimizer step over `grad_accum` micro-batches: (mean loss, samples, real tokens)."""
+        model, backend = self.backend.model, self.backend
+        model.train()
+        loss_sum = torch.zeros((), device=self.rt.device)
+        samples = tokens = 0
+        for micro in range(self.cfg.grad_accum):
+            batch = self.prepare_batch(self._to_device(self._next_batch()), self.generator)
+            samples += batch["input_ids"].shape[0]
+            tokens += (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
+            with backend.accumulating(sync=micro == self.cfg.grad_accum - 1):
+                with backend.autocast():
+                    loss = model(**batch).loss / self.cfg.grad_accum
+                backend.backward(loss)
+            loss_sum += loss.detach()
+        backend.step(self.cfg.max_grad_norm)
+        self.state.step += 1
+        return loss_sum, samples, tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and task metrics over the whole eval split, each rank a disjoint share, summed exactly."""
+        if self.eval_data is None or len(self.eval_data) == 0:
+            return {}
+        model = self.backend.model
+        model.eval()
+        indices = list(range(self.rt.rank, len(self.eval_data), self.rt.world_size))
+        loader = self._loader(torch.utils.data.Subset(self.eval_data, indices), None)
+        # The same masks at every evaluation, so successive numbers are comparable.
+        g = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed + 7919 * (self.rt.rank + 1))
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros(2, device=self.rt.device, dtype=torch.float64)}
+        for batch in loader:
+            batch = self.prepare_batch(self._to_device(batch), g)
+            with self.backend.autocast():
+                out = model(**batch)
+            n = batch["input_ids"].shape[0]
+            sums["loss"] += torch.tensor([out.loss.item() * n, n], device=self.rt.device, dtype=torch.float64)
+            for name, pair in (self.count_metrics(out, batch) if self.count_metrics else {}).items():
+                sums.setdefault(name, torch.zeros(2, device=self.rt.device, dtype=torch.float64))
+                sums[name] += pair.to(torch.float64)
+        names = sorted(sums)
+        # Ranks may have different metric keys only if a shard is empty; the key list is fixed by rank 0's.
+        stacked = torch.stack([sums[n] for n in names])
+        if self.rt.distributed:
+            torch.distributed.all_reduce(stacked)
+        return {
+            f"eval/{n}": (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names, stacked)
+        }
+
+    def fit(self) -> dict[str, float]:
+        cfg, rt = self.cfg, self.rt
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not rt.is_main, desc="train")
+        window_loss = torch.zeros((), device=rt.device)
+        window = torch.zeros(3, dtype=torch.float64)  # steps, samples, tokens since the last log
+        t0 = time.perf_counter()
+        final: dict[str, float] = {}
+        while self.state.step < self.total_steps:
+            loss, samples, tokens = self.train_step()
+            window_loss += loss
+            window += torch.tensor([1, samples, tokens], dtype=torch.float64)
+            bar.update(1)
+            step = self.state.step
+            if step % cfg.log_every == 0 or step == self.total_steps:
+                stats = torch.cat([window_loss.detach().double().reshape(1).cpu(), window])
+                if rt.distributed:
+                    stats = stats.to(rt.device)
+                    torch.distributed.all_reduce(stats)
+                    stats = stats.cpu()
+                elapsed = time.perf_counter() - t0
+                loss_mean = stats[0].item() / stats[1].item()  # summed over ranks and steps
+                metrics = {
+                    "train/loss": loss_mean,
+                    "train/lr": self.backend.current_lr(),
+                    "train/samples_per_s": stats[2].item() / elapsed,
+                    "train/tokens_per_s": stats[3].item() / elapsed,
+                    "train/epoch": self.state.epoch + self.state.consumed / max(1, self.sampler.per_rank),
+                }
+                self.tracker.log(metrics, step)
+                bar.set_postfix(loss=f"{loss_mean:.4f}")
+                window_loss.zero_()
+                window.zero_()
+                t0 = time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
+                self.tracker.log(self.evaluate(), step)
+                t0 = time.perf_counter()
+            if rt.any_rank(rt.stop_requested):
+                rt.print(f"stopped at step {step} on request")
+                break
+        bar.close()
+        final = self.evaluate()
+        self.tracker.log(final, self.state.step)
+        self.tracker.summary(final)
+        return final

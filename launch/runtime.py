@@ -1,0 +1,138 @@
+"""Who am I: rank, world size and device, read from torchrun, Slurm (srun) or nothing (one process).
+
+`Runtime.start()` sets up the process group (nccl on CUDA, gloo on CPU) and per-rank seeds; `close()` shuts
+it down with a barrier first, because a process that exits with a live gloo group sometimes aborts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def read_environment() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables, else Slurm's (srun), else one process.
+
+    Under srun the variables torch.distributed needs are filled in from Slurm's, so `srun python recipe.py`
+    needs no wrapper.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        # One port per job so two jobs on a node do not collide.
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        return rank, world, local
+    return 0, 1, 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA generators too
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stop_requested: bool = False  # set by SIGTERM; the loop stops at the next step boundary
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @classmethod
+    def start(cls, seed: int, device: str = "auto") -> Runtime:
+        rank, world, local = read_environment()
+        if device == "auto":
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if world > 1 and not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend=backend, rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None
+            )
+        rt = cls(rank=rank, world_size=world, local_rank=local, device=dev)
+        seed_everything(seed + rank)
+        rt._install_signal_handlers()
+        return rt
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            if self.stop_requested:  # a second signal means "now"
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.print(f"received {signal.Signals(signum).name}: stopping at the next step boundary")
+
+        with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner)
+            signal.signal(signal.SIGTERM, request_stop)
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        """Rank 0 runs the block first (e.g. builds a cache), the others follow and reuse it."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on some rank (a stop request seen by one rank stops all)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group; after a failure skip the barrier, which the other ranks may never reach."""
+        if self.distributed:
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+        sys.stdout.flush()

@@ -1,0 +1,239 @@
+"""Pretrain BERT with masked-language modelling plus next-sentence prediction.
+
+Features: a WordPiece tokenizer trained on the corpus when none is given; NSP pairs (50 % true next,
+50 % random from another document) tokenised with `datasets`; MLM masking fused into one pass on the
+device; DDP across ranks; bf16 autocast on GPUs; W&B and metrics.jsonl tracking; a Hugging Face export
+that `pipeline("fill-mask")` and `BertForNextSentencePrediction` load.
+
+Launch:
+    python recipes/mlm_nsp.py                                   # one process, bundled toy corpus
+    torchrun --nproc_per_node=2 recipes/mlm_nsp.py              # 2 ranks (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=8 recipes/mlm_nsp.py --config recipes/configs/mlm_nsp.yaml
+    srun --ntasks=4 python recipes/mlm_nsp.py                   # ranks from Slurm's variables
+    python recipes/mlm_nsp.py --train-files ../shared/data/meditations.txt --documents line
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
+from data.text import DataError, read_documents
+from data.tokenizer import load_tokenizer, train_wordpiece
+from kernels import collate_padded, mask_tokens
+from launch.backends import make_backend
+from launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    parse_config,
+    save_config,
+    validate_train_config,
+)
+from launch.loop import Trainer
+from launch.runtime import Runtime
+from launch.tracking import Tracker
+
+TOY_CORPUS = Path(__file__).resolve().parent.parent / "data" / "toy" / "mlm_nsp" / "corpus.txt"
+
+
+@dataclass
+class MLMNSPConfig(TrainConfig):
+    train_files: str = str(TOY_CORPUS)  # comma-separated text files (or a YAML list)
+    documents: str = "blank_line"  # blank_line: a blank line ends a document; line: every line is one
+    eval_fraction: float = 0.15  # share of documents held out for evaluation
+    max_length: int = 128
+    tokenizer: str = ""  # folder or hub name; empty trains a WordPiece on the training documents
+    vocab_size: int = 4000
+    lowercase: bool = True
+    model: str = ""  # folder or hub name of a BertForPreTraining; empty builds one from the sizes below
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    dropout: float = 0.1
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8  # of the selected tokens, the share replaced by [MASK]
+    random_replace_prob: float = 0.1  # ... by a random token (the rest stay as they are)
+    pad_to_multiple_of: int = 8
+    trust_remote_code: bool = False
+    epochs: float = 8.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    eval_every: int = 100
+
+
+def _validate(cfg: MLMNSPConfig) -> None:
+    validate_train_config(cfg)
+    check_choice(cfg, "documents", ("blank_line", "line"))
+    if cfg.max_length < 8:
+        raise ConfigError(f"--max-length must be at least 8, got {cfg.max_length}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"--hidden-size {cfg.hidden_size} must be divisible by --num-heads {cfg.num_heads}")
+
+
+def _setup_run_dir(cfg: MLMNSPConfig, rt: Runtime) -> Path:
+    cfg.name = cfg.name or "mlm_nsp"
+    run_dir = Path(cfg.output_dir or Path("runs") / cfg.name)
+    cfg.output_dir = str(run_dir)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: list[list[str]]):
+    """The tokenizer is saved with the run; a resumed run reuses it, so ids never change under a model."""
+    saved = run_dir / "tokenizer"
+    with rt.main_process_first():
+        if rt.is_main and not (saved / "tokenizer.json").exists():
+            if cfg.tokenizer:
+                tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+            else:
+                texts = (s for doc in documents for s in doc)
+                tok = train_wordpiece(texts, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
+            tok.model_max_length = cfg.max_length
+            tok.save_pretrained(saved)
+    tok = load_tokenizer(str(saved))
+    if tok.mask_token_id is None or tok.pad_token_id is None:
+        raise ConfigError(f"tokenizer {cfg.tokenizer or saved} has no [MASK] or [PAD] token; MLM needs both")
+    return tok
+
+
+def _setup_data(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path):
+    files = [f.strip() for f in cfg.train_files.split(",") if f.strip()]
+    documents = read_documents(files, documents=cfg.documents, cache_dir=str(run_dir / "cache" / "text"))
+    train_docs, eval_docs = split_documents(documents, cfg.eval_fraction, cfg.seed)
+    source = ", ".join(files)
+    train_pairs = build_nsp_pairs(train_docs, cfg.seed, source=source)
+    eval_pairs = None
+    if eval_docs:
+        eval_pairs = build_nsp_pairs(eval_docs, cfg.seed + 1, source=source + " (eval split)", both=True)
+    tok = _setup_tokenizer(cfg, rt, run_dir, train_docs)
+    with rt.main_process_first():
+        cache = run_dir / "cache" / "tokenised"
+        train = tokenize_pairs(train_pairs, tok, cfg.max_length, cache)
+        evals = tokenize_pairs(eval_pairs, tok, cfg.max_length, cache) if eval_pairs else None
+    rt.print(
+        f"data: {len(train)} training pairs from {len(train_docs)} documents, {len(evals or [])} eval pairs"
+    )
+    lengths = train["length"]
+    train = train.remove_columns("length")
+    evals = evals.remove_columns("length") if evals is not None else None
+    return tok, train, evals, list(lengths)
+
+
+def _setup_model(cfg: MLMNSPConfig, tok):
+    from transformers import BertConfig, BertForPreTraining
+
+    if cfg.model:
+        return BertForPreTraining.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=max(512, cfg.max_length),
+        pad_token_id=tok.pad_token_id,
+    )
+    return BertForPreTraining(config)
+
+
+def _mask_on_device(batch, generator, *, tok, cfg: MLMNSPConfig, special_ids: torch.Tensor):
+    ids, labels = mask_tokens(
+        batch["input_ids"],
+        mask_token_id=tok.mask_token_id,
+        vocab_size=len(tok),
+        special_ids=special_ids.to(batch["input_ids"].device),
+        mlm_probability=cfg.mlm_probability,
+        mask_replace_prob=cfg.mask_replace_prob,
+        random_replace_prob=cfg.random_replace_prob,
+        generator=generator,
+    )
+    return {**batch, "input_ids": ids, "labels": labels}
+
+
+def _count_metrics(out, batch):
+    labels = batch["labels"]
+    chosen = labels != -100
+    mlm_hits = ((out.prediction_logits.argmax(-1) == labels) & chosen).sum()
+    nsp_hits = (out.seq_relationship_logits.argmax(-1) == batch["next_sentence_label"]).sum()
+    n = torch.tensor(labels.shape[0], device=labels.device)
+    return {"mlm_accuracy": torch.stack([mlm_hits, chosen.sum()]), "nsp_accuracy": torch.stack([nsp_hits, n])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(MLMNSPConfig, argv, description=__doc__)
+    _validate(cfg)
+    rt = Runtime.start(cfg.seed)
+    tracker, clean = None, False
+    try:
+        run_dir = _setup_run_dir(cfg, rt)
+        tok, train, evals, lengths = _setup_data(cfg, rt, run_dir)
+        model = _setup_model(cfg, tok)
+        tracker = Tracker(
+            run_dir,
+            enabled=rt.is_main,
+            use_wandb=cfg.tracker == "wandb",
+            project=cfg.wandb_project,
+            name=cfg.name,
+            config=dataclasses.asdict(cfg),
+        )
+        special_ids = torch.tensor(tok.all_special_ids)
+        trainer = Trainer(
+            cfg,
+            rt,
+            make_backend(cfg.backend, rt, cfg.precision),
+            model,
+            train,
+            evals,
+            functools.partial(
+                collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
+            ),
+            tracker,
+            prepare_batch=functools.partial(_mask_on_device, tok=tok, cfg=cfg, special_ids=special_ids),
+            count_metrics=_count_metrics,
+            lengths=lengths,
+        )
+        metrics = trainer.fit()
+        rt.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if rt.is_main:
+            from checkpoints import export_hf
+
+            out = export_hf(
+                trainer.backend.raw_model,
+                tok,
+                run_dir / "export",
+                title=f"BERT MLM+NSP ({cfg.name})",
+                metrics=metrics,
+                config=dataclasses.asdict(cfg),
+            )
+            rt.print(f"exported to {out}")
+        clean = True
+        return 0
+    except (ConfigError, DataError) as err:  # the same input on every rank, so every rank stops here
+        if rt.is_main:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        clean = True
+        return 2
+    finally:
+        if tracker is not None:
+            tracker.finish()
+        rt.close(clean)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError) as err:  # raised before the runtime started
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

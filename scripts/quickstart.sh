@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job: install, pretrain BERT (MLM + NSP) on the bundled toy corpus with 2 ranks, show predictions.
+# Extra arguments go to the recipe, e.g. scripts/quickstart.sh --max-steps 50
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/env.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+run=${RUN_DIR:-runs/quickstart}
+.venv/bin/torchrun --nproc_per_node=2 recipes/mlm_nsp.py --output-dir "$run" "$@"
+.venv/bin/python demos/mlm_nsp.py "$run"

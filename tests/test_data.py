@@ -1,0 +1,201 @@
+"""The NSP+MLM builder: reading and validating text, pairs, tokenisation; and the stateful sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.nsp import IS_NEXT, NOT_NEXT, build_nsp_pairs, split_documents, tokenize_pairs
+from data.sampler import ShardedSampler
+from data.text import DataError, read_documents, split_sentences
+from data.tokenizer import train_wordpiece
+
+TOPICS = ["bees", "ships", "bread", "trains", "stars", "clocks"]
+
+
+def make_documents(n_docs: int = 12, n_sent: int = 5) -> list[list[str]]:
+    return [
+        [f"Sentence {i} of the {TOPICS[d % len(TOPICS)]} story number {d} goes here." for i in range(n_sent)]
+        for d in range(n_docs)
+    ]
+
+
+def write(tmp_path, name: str, text: str | bytes):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_split_sentences():
+    assert split_sentences("One here. Two there! Three? Four") == [
+        "One here.",
+        "Two there!",
+        "Three?",
+        "Four",
+    ]
+    assert split_sentences('He said "stop." Then left.') == ['He said "stop."', "Then left."]
+
+
+def test_read_documents_blank_line_and_line_modes(tmp_path):
+    path = write(tmp_path, "c.txt", "A one. A two.\nA three.\n\n\nB one.\nB two.\n")
+    assert read_documents([path]) == [["A one.", "A two.", "A three."], ["B one.", "B two."]]
+    assert read_documents([path], documents="line") == [
+        ["A one.", "A two."],
+        ["A three."],
+        ["B one."],
+        ["B two."],
+    ]
+
+
+def test_each_file_ends_its_documents(tmp_path):
+    a = write(tmp_path, "a.txt", "A one.\nA two.")
+    b = write(tmp_path, "b.txt", "B one.\nB two.\n")
+    assert read_documents([a, b]) == [["A one.", "A two."], ["B one.", "B two."]]
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "no such file"),
+        (b"", "empty"),
+        (b"  \n\n", "empty"),
+        (b"fine line.\nbad \xe9 byte.\n", "line 2: not UTF-8"),
+    ],
+)
+def test_bad_files_are_named(tmp_path, content, expected):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=expected) as err:
+        read_documents([path])
+    assert str(path) in str(err.value)
+
+
+def test_corpus_without_pairs_is_rejected():
+    with pytest.raises(DataError, match="no document has two or more sentences"):
+        build_nsp_pairs([["Only one."], ["Another one."]], seed=0)
+    with pytest.raises(DataError, match="only one document.*--documents line"):
+        build_nsp_pairs([["One.", "Two.", "Three."]], seed=0)
+
+
+def test_pairs_are_balanced_and_random_b_is_never_the_true_next():
+    docs = make_documents()
+    pairs = build_nsp_pairs(docs, seed=3)
+    slots = [(d, i) for d, doc in enumerate(docs) for i in range(len(doc) - 1)]
+    labels = pairs["next_sentence_label"]
+    assert len(labels) == len(slots)
+    assert abs(labels.count(IS_NEXT) - labels.count(NOT_NEXT)) <= 1
+    owner = {s: d for d, doc in enumerate(docs) for s in doc}
+    for (d, i), a, b, label in zip(slots, pairs["a"], pairs["b"], labels):
+        assert a == docs[d][i]
+        if label == IS_NEXT:
+            assert b == docs[d][i + 1]
+        else:
+            assert b != docs[d][i + 1]
+            assert owner[b] != d  # from another document
+
+
+def test_both_gives_each_sentence_a_true_and_a_random_partner():
+    pairs = build_nsp_pairs(make_documents(), seed=0, both=True)
+    assert pairs["next_sentence_label"][:4] == [IS_NEXT, NOT_NEXT, IS_NEXT, NOT_NEXT]
+    assert pairs["a"][0] == pairs["a"][1] and pairs["b"][0] != pairs["b"][1]
+
+
+def test_pairs_are_deterministic_per_seed():
+    docs = make_documents()
+    assert build_nsp_pairs(docs, seed=1) == build_nsp_pairs(docs, seed=1)
+    assert build_nsp_pairs(docs, seed=1) != build_nsp_pairs(docs, seed=2)
+
+
+def test_split_documents_holds_out_whole_documents():
+    docs = make_documents(20)
+    train, held = split_documents(docs, 0.2, seed=0)
+    assert len(held) == 4 and len(train) == 16
+    assert not {tuple(d) for d in train} & {tuple(d) for d in held}
+    assert split_documents(docs, 0.2, seed=0) == (train, held)
+    assert split_documents(docs, 0.0, seed=0) == (docs, [])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [s for doc in make_documents() for s in doc]
+    return train_wordpiece(texts, vocab_size=200)
+
+
+def test_tokenised_pairs_have_segments_and_are_truncated_longest_first(tokenizer, tmp_path):
+    long_a = "bees " * 60 + "end."
+    pairs = {"a": [long_a, "Short one."], "b": ["Short b.", "Tiny."], "next_sentence_label": [0, 1]}
+    ds = tokenize_pairs(pairs, tokenizer, max_length=24, cache_dir=tmp_path)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    for row in ds:
+        ids, types = row["input_ids"], row["token_type_ids"]
+        assert len(ids) <= 24 and row["length"] == len(ids)
+        first_sep = ids.index(sep)
+        assert ids[0] == cls and ids[-1] == sep
+        assert types == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+    truncated = ds[0]["input_ids"]
+    b_part = truncated[truncated.index(sep) + 1 : -1]
+    assert len(truncated) == 24 and b_part == tokenizer("Short b.", add_special_tokens=False)["input_ids"]
+    assert ds[1]["next_sentence_label"] == 1
+
+
+def test_tokenised_pairs_are_cached(tokenizer, tmp_path):
+    pairs = build_nsp_pairs(make_documents(), seed=0)
+    tokenize_pairs(pairs, tokenizer, 32, cache_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    again = tokenize_pairs(pairs, tokenizer, 32, cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files and len(files) == 1
+    assert again.cache_files and again.cache_files[0]["filename"].endswith(files[0])
+
+
+# -- sampler ----------------------------------------------------------------------------------------------
+
+
+def test_sampler_shards_are_disjoint_equal_and_cover():
+    orders = [list(ShardedSampler(103, rank=r, world_size=4, batch_size=5, seed=1)) for r in range(4)]
+    assert {len(o) for o in orders} == {25}
+    flat = [i for o in orders for i in o]
+    assert len(set(flat)) == 100 and set(flat) <= set(range(103))
+
+
+def test_sampler_is_deterministic_and_changes_per_epoch():
+    s = ShardedSampler(50, batch_size=4, seed=7)
+    first = list(s)
+    assert first == list(ShardedSampler(50, batch_size=4, seed=7))
+    s.set_epoch(1)
+    assert list(s) != first and sorted(s) == sorted(first)
+
+
+def test_sampler_resumes_mid_epoch_without_iterating_the_skipped_part():
+    s = ShardedSampler(1000, rank=1, world_size=2, batch_size=8, seed=0)
+    s.set_epoch(3)
+    full = list(s)
+    s.set_epoch(3, start=136)
+    assert list(s) == full[136:] and len(s) == len(full) - 136
+
+
+def test_length_grouping_cuts_padding_and_keeps_ranks_in_step():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 128, (4096,), generator=gen).tolist()
+
+    def padding(sampler, batch):
+        order = list(sampler)
+        return sum(
+            max(lengths[i] for i in order[k : k + batch]) * len(order[k : k + batch])
+            - sum(lengths[i] for i in order[k : k + batch])
+            for k in range(0, len(order), batch)
+        )
+
+    plain = ShardedSampler(4096, batch_size=16, seed=0)
+    grouped = ShardedSampler(4096, batch_size=16, seed=0, lengths=lengths)
+    assert padding(grouped, 16) < padding(plain, 16) / 5
+    assert sorted(grouped) == sorted(plain)
+    # Two ranks: the k-th batch of each rank comes from the same global batch, so lengths are alike.
+    ranks = [
+        list(ShardedSampler(4096, rank=r, world_size=2, batch_size=16, seed=0, lengths=lengths))
+        for r in (0, 1)
+    ]
+    for k in range(0, 2048, 16):
+        a = [lengths[i] for i in ranks[0][k : k + 16]]
+        b = [lengths[i] for i in ranks[1][k : k + 16]]
+        assert abs(max(a) - max(b)) <= 16
