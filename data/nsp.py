@@ -33,12 +33,13 @@ def split_documents(documents: list[list[str]], eval_fraction: float, seed: int)
 
 
 def build_nsp_pairs(
-    documents: list[list[str]], seed: int, source: str = "corpus", *, both: bool = False
+    documents: list[list[str]], seed: int, source: str = "corpus", *, copies: int = 1, both: bool = False
 ) -> dict[str, list]:
-    """Columns a, b, next_sentence_label: one pair per adjacent sentence pair of each document.
+    """Columns a, b, next_sentence_label: one pair per adjacent sentence pair of each document, per copy.
 
-    With `both`, every sentence appears twice, once with its true next and once with a random one: the
-    evaluation split uses it to get twice the pairs and an exact balance from few documents.
+    Each of the `copies` (BERT's dupe factor) draws its own labels and random partners, so a small corpus
+    yields many distinct pairs instead of the same ones every epoch. With `both`, every sentence appears
+    once with its true next and once with a random one: an exact balance from few documents, for eval.
     """
     if not any(len(doc) >= 2 for doc in documents):
         raise DataError(
@@ -50,27 +51,36 @@ def build_nsp_pairs(
             f"{source}: only one document, so there is no other document to draw a random sentence from; "
             f"separate documents with blank lines, or use --documents line if each line is one document"
         )
+    if copies < 1:
+        raise DataError(f"copies must be at least 1, got {copies}")
     rng = random.Random(seed)
-    slots = [(d, i) for d, doc in enumerate(documents) for i in range(len(doc) - 1)]
-    if both:
-        slots, labels = [s for s in slots for _ in range(2)], [IS_NEXT, NOT_NEXT] * len(slots)
-    else:
-        labels = [IS_NEXT] * ((len(slots) + 1) // 2) + [NOT_NEXT] * (len(slots) // 2)
-        rng.shuffle(labels)
-    cols: dict[str, list] = {"a": [], "b": [], "next_sentence_label": labels}
-    for (d, i), label in zip(slots, labels):
-        true_next = documents[d][i + 1]
-        b = true_next
-        if label == NOT_NEXT:
-            for _ in range(100):  # a sentence repeated across documents could equal the true next one
-                other = rng.randrange(len(documents) - 1)
-                other += other >= d  # any document but this one
-                b = rng.choice(documents[other])
-                if b != true_next:
-                    break
-        cols["a"].append(documents[d][i])
-        cols["b"].append(b)
+    cols: dict[str, list] = {"a": [], "b": [], "next_sentence_label": []}
+    for _ in range(copies):
+        slots = [(d, i) for d, doc in enumerate(documents) for i in range(len(doc) - 1)]
+        if both:
+            slots, labels = [s for s in slots for _ in range(2)], [IS_NEXT, NOT_NEXT] * len(slots)
+        else:
+            labels = [IS_NEXT] * ((len(slots) + 1) // 2) + [NOT_NEXT] * (len(slots) // 2)
+            rng.shuffle(labels)
+        for (d, i), label in zip(slots, labels):
+            cols["a"].append(documents[d][i])
+            cols["b"].append(_partner(documents, d, i, label, rng))
+        cols["next_sentence_label"].extend(labels)
     return cols
+
+
+def _partner(documents: list[list[str]], d: int, i: int, label: int, rng: random.Random) -> str:
+    true_next = documents[d][i + 1]
+    if label == IS_NEXT:
+        return true_next
+    b = true_next
+    for _ in range(100):  # a sentence repeated across documents could equal the true next one
+        other = rng.randrange(len(documents) - 1)
+        other += other >= d  # any document but this one
+        b = rng.choice(documents[other])
+        if b != true_next:
+            break
+    return b
 
 
 def _fingerprint(pairs: dict[str, list], tokenizer, max_length: int) -> str:

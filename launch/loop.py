@@ -149,6 +149,18 @@ class Trainer:
         return loss_sum, samples, tokens
 
     @torch.no_grad()
+    def replica_param_sums(self) -> list[float]:
+        """One float64 fingerprint of the parameters per rank; data-parallel replicas must agree exactly."""
+        mine = torch.zeros(1, dtype=torch.float64, device=self.rt.device)
+        for i, p in enumerate(self.backend.raw_model.parameters()):
+            mine += p.detach().double().sum() * (1 + i % 7) + p.detach().double().square().sum()
+        if not self.rt.distributed:
+            return [mine.item()]
+        every = [torch.zeros_like(mine) for _ in range(self.rt.world_size)]
+        torch.distributed.all_gather(every, mine)
+        return [t.item() for t in every]
+
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and task metrics over the whole eval split, each rank a disjoint share, summed exactly."""
         if self.eval_data is None or len(self.eval_data) == 0:
@@ -220,6 +232,7 @@ class Trainer:
                 rt.print(f"stopped at step {step} on request")
                 break
         bar.close()
+        self.tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
         final = self.evaluate()
         self.tracker.log(final, self.state.step)
         self.tracker.summary(final)

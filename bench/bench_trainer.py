@@ -1,0 +1,232 @@
+"""Training throughput: recipes/mlm_nsp.py vs transformers.Trainer on the same tiny BERT MLM+NSP pretraining.
+
+Both run under `torchrun --nproc_per_node=2` (gloo, fp32, OMP_NUM_THREADS=1) on the same tokenizer, NSP pairs,
+per-rank batch, max length and step count; steady-state samples/s skips the first logging window. Usage:
+    python bench/bench_trainer.py                  # 200 steps each, 1-2 minutes
+    python bench/bench_trainer.py --quick          # 40 steps each, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WARMUP_STEPS = 10  # one logging window: first steps pay for allocator growth and lazy init
+HF_RESULT = "hf_trainer.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script_args: list[str], log: Path) -> None:
+    """Two CPU ranks, one thread each, so both sides get the same compute and neither oversubscribes."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        sys.exit(f"error: {torchrun} not found; run this with the project's virtualenv python")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master-port={_free_port()}", *script_args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    with log.open("w") as f:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}; last lines of {log}:\n{tail}")
+
+
+def run_recipe(out: Path, steps: int, data_args: list[str]) -> dict:
+    from launch.tracking import read_metrics
+
+    _torchrun(
+        [
+            "recipes/mlm_nsp.py",
+            f"--output-dir={out}",
+            f"--max-steps={steps}",
+            "--eval-every=0",
+            f"--log-every={WARMUP_STEPS}",
+            "--tracker=none",
+            "--eval-fraction=0",
+            "--precision=fp32",
+            "--num-workers=0",
+            *data_args,
+        ],
+        out.parent / "recipe.log",
+    )
+    windows = [r for r in read_metrics(out) if "train/samples_per_s" in r]
+    steady = [r["train/samples_per_s"] for r in windows if r["step"] > WARMUP_STEPS]
+    return {"samples_per_s": sum(steady) / len(steady), "loss": windows[-1]["train/loss"]}
+
+
+def run_trainer(recipe_dir: Path, out: Path, steps: int) -> dict:
+    _torchrun(
+        [
+            "bench/bench_trainer.py",
+            "--hf-worker",
+            f"--recipe-run={recipe_dir}",
+            f"--out={out}",
+            f"--steps={steps}",
+        ],
+        out.parent / "trainer.log",
+    )
+    return json.loads((out / HF_RESULT).read_text())
+
+
+def _build_dataset(cfg: dict, tok, out: Path):
+    """The recipe's training pairs, rebuilt from its saved config with the same builders and seed."""
+    from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
+    from data.text import read_documents
+
+    files = [f.strip() for f in cfg["train_files"].split(",") if f.strip()]
+    documents = read_documents(files, documents=cfg["documents"], cache_dir=str(out / "cache" / "text"))
+    train_docs, _ = split_documents(documents, cfg["eval_fraction"], cfg["seed"])
+    pairs = build_nsp_pairs(train_docs, cfg["seed"], source=", ".join(files), copies=cfg["nsp_copies"])
+    train = tokenize_pairs(pairs, tok, cfg["max_length"], out / "cache" / "tokenised")
+    return train.remove_columns("length")
+
+
+def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
+    """One rank of the transformers.Trainer side; rank 0 writes samples/s and the last loss to `out`."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForPreTraining,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from data.tokenizer import load_tokenizer
+    from launch.config import load_yaml
+
+    # The recipe's saved config, not our own defaults, so a change to the recipe cannot skew the comparison.
+    cfg = load_yaml(recipe_dir / "config.yaml")
+    tok = load_tokenizer(str(recipe_dir / "tokenizer"))
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=cfg["batch_size"],
+        max_steps=steps,
+        learning_rate=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        warmup_steps=int(cfg["warmup_ratio"] * steps),
+        max_grad_norm=cfg["max_grad_norm"],
+        logging_steps=WARMUP_STEPS,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        # Full batches only, so samples = per-rank batch x world x steps holds exactly.
+        dataloader_drop_last=True,
+        use_cpu=True,
+        ddp_backend="gloo",
+        # Every parameter gets a gradient; the default (True) adds a graph walk per step the recipe's DDP
+        # does not do, which would measure a DDP setting rather than the loop.
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+        seed=cfg["seed"],
+    )
+    with args.main_process_first(desc="build NSP pairs"):
+        train = _build_dataset(cfg, tok, out)
+    model = BertForPreTraining(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=cfg["hidden_size"],
+            num_hidden_layers=cfg["num_layers"],
+            num_attention_heads=cfg["num_heads"],
+            intermediate_size=cfg["intermediate_size"],
+            hidden_dropout_prob=cfg["dropout"],
+            attention_probs_dropout_prob=cfg["dropout"],
+            max_position_embeddings=max(512, cfg["max_length"]),
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.start = self.end = None
+            self.last_step = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == WARMUP_STEPS:
+                self.start = time.perf_counter()
+            elif state.global_step > WARMUP_STEPS:
+                self.end, self.last_step = time.perf_counter(), state.global_step
+
+    clock = StepClock()
+    collator = DataCollatorForLanguageModeling(
+        tok, mlm_probability=cfg["mlm_probability"], pad_to_multiple_of=cfg["pad_to_multiple_of"]
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
+    trainer.train()
+    if args.process_index == 0:
+        measured = clock.last_step - WARMUP_STEPS
+        samples = args.per_device_train_batch_size * args.world_size * measured
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        result = {
+            "samples_per_s": samples / (clock.end - clock.start),
+            "loss": losses[-1],
+            "pairs": len(train),
+            "batch_size": args.per_device_train_batch_size,
+            "world_size": args.world_size,
+            "torch_threads": torch.get_num_threads(),
+        }
+        (out / HF_RESULT).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 200)")
+    parser.add_argument("--quick", action="store_true", help="40 steps per side, a smoke test")
+    parser.add_argument("--train-files", help="text files for both sides (default: the recipe's toy corpus)")
+    parser.add_argument(
+        "--documents", choices=("blank_line", "line"), help="how the files split into documents"
+    )
+    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hf_worker:
+        hf_worker(args.recipe_run, args.out, args.steps)
+        return
+    if args.steps is not None and args.quick:
+        parser.error("give --steps or --quick, not both")
+    steps = args.steps or (40 if args.quick else 200)
+    if steps < 2 * WARMUP_STEPS:
+        parser.error(f"--steps must be at least {2 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
+    data_args = []
+    if args.train_files:  # the runs start in the repository root, so relative paths are made absolute
+        files = ",".join(str(Path(f.strip()).resolve()) for f in args.train_files.split(",") if f.strip())
+        data_args.append(f"--train-files={files}")
+    data_args += [f"--documents={args.documents}"] if args.documents else []
+
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
+        recipe = run_recipe(Path(tmp) / "recipe", steps, data_args)
+        hf = run_trainer(Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
+
+    print(
+        f"{hf['pairs']} NSP pairs, {steps} steps x {hf['batch_size']} per rank x {hf['world_size']} ranks, fp32, "
+        f"{hf['torch_threads']} thread(s) per rank; samples/s after step {WARMUP_STEPS}"
+    )
+    print(f"{'':<22} {'samples/s':>10} {'final loss':>11}")
+    print(f"{'recipebox mlm_nsp':<22} {recipe['samples_per_s']:>10.1f} {recipe['loss']:>11.4f}")
+    print(f"{'transformers.Trainer':<22} {hf['samples_per_s']:>10.1f} {hf['loss']:>11.4f}")
+    print(f"ratio recipebox/Trainer: {recipe['samples_per_s'] / hf['samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

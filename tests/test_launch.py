@@ -1,0 +1,180 @@
+"""The runtime, config parsing and the shared loop, in one process (multi-rank runs are in test_mlm_nsp)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from launch.backends import DDPBackend, resolve_precision
+from launch.config import ConfigError, TrainConfig, parse_config, save_config
+from launch.loop import Trainer, linear_schedule
+from launch.runtime import Runtime, read_environment
+from launch.tracking import Tracker, read_metrics
+
+
+@dataclass
+class DemoConfig(TrainConfig):
+    train_files: str = "a.txt"
+    max_length: int = 128
+    lowercase: bool = True
+
+
+def test_defaults_yaml_then_cli(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("lr: 0.1\nmax-length: 64\nlowercase: false\ntrain_files: [a.txt, b.txt]\n")
+    cfg = parse_config(DemoConfig, ["--config", str(cfg_file), "--max-length", "32"])
+    assert (cfg.lr, cfg.max_length, cfg.lowercase, cfg.train_files) == (0.1, 32, False, "a.txt,b.txt")
+    assert parse_config(DemoConfig, []).max_length == 128
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert parse_config(DemoConfig, ["--config", str(tmp_path / "resolved.yaml")]) == cfg
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("lr: [1, 2]\n", "option 'lr' must be float"),
+        ("max_lenght: 3\n", "unknown option.*max_lenght"),
+        ("lr: 0.1\n  bad: indent\n", "not valid YAML"),
+        ("- just\n- a list\n", "must hold a mapping"),
+    ],
+)
+def test_bad_config_files_are_named(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_config(DemoConfig, ["--config", str(path)])
+    assert str(path) in str(err.value)
+
+
+def test_missing_config_file_and_help(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(DemoConfig, ["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--max-steps", "--grad-accum", "--precision", "--tracker", "--train-files", "--lowercase"):
+        assert flag in out
+
+
+def test_read_environment(monkeypatch):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    assert read_environment() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "127.0.0.1")
+    assert read_environment() == (3, 4, 1)
+    import os
+
+    assert os.environ["WORLD_SIZE"] == "4" and os.environ["MASTER_PORT"] == "20123"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert read_environment() == (1, 2, 1)  # torchrun's variables win
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ConfigError):
+        resolve_precision("fp8", cpu)
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_schedule(opt, warmup_steps=4, total_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == sorted(lrs[:5]) and max(lrs) == pytest.approx(1.0)
+    assert lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] == pytest.approx(1 / 8)
+
+
+class Regression(nn.Module):
+    """y = w.x + b with an MSE loss, returning an object with .loss as HF models do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, input_ids, target):
+        out = type("Out", (), {})()
+        out.loss = nn.functional.mse_loss(self.linear(input_ids.float()).squeeze(-1), target)
+        return out
+
+
+def regression_data(n=64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+    return [{"input_ids": x[i], "target": y[i]} for i in range(n)]
+
+
+def collate(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def run_regression(tmp_path, **overrides):
+    options = dict(max_steps=40, batch_size=8, lr=0.1, warmup_ratio=0.0, weight_decay=0.0, log_every=1)
+    cfg = TrainConfig(**{**options, **overrides})
+    rt = Runtime()
+    tracker = Tracker(tmp_path, enabled=True, use_wandb=False, project="t", name="t", config={})
+    trainer = Trainer(
+        cfg, rt, DDPBackend(rt), Regression(), regression_data(), regression_data(16), collate, tracker
+    )
+    final = trainer.fit()
+    tracker.finish()
+    return trainer, final, read_metrics(tmp_path)
+
+
+def test_loop_trains_logs_and_evaluates(tmp_path):
+    trainer, final, records = run_regression(tmp_path)
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5]) / 5
+    assert final["eval/loss"] < 5.0 and records[-1]["eval/loss"] == final["eval/loss"]
+    assert all(r["train/samples_per_s"] > 0 for r in records if "train/loss" in r)
+    # 64 samples, 8 a step: 40 steps end exactly at the end of the fifth epoch (index 4).
+    assert (trainer.state.step, trainer.state.epoch, trainer.state.consumed) == (40, 4, 64)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
+    big, _, _ = run_regression(tmp_path / "a", batch_size=8)
+    acc, _, _ = run_regression(tmp_path / "b", batch_size=4, grad_accum=2)
+    for p, q in zip(big.backend.raw_model.parameters(), acc.backend.raw_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_stop_request_ends_at_a_step_boundary(tmp_path):
+    cfg = TrainConfig(max_steps=50, batch_size=8, log_every=5)
+    rt = Runtime()
+    tracker = Tracker(tmp_path, enabled=False, use_wandb=False, project="t", name="t", config={})
+    trainer = Trainer(cfg, rt, DDPBackend(rt), Regression(), regression_data(), None, collate, tracker)
+    original = trainer.train_step
+
+    def step_then_stop():
+        result = original()
+        if trainer.state.step == 3:
+            rt.stop_requested = True
+        return result
+
+    trainer.train_step = step_then_stop
+    trainer.fit()
+    assert trainer.state.step == 3

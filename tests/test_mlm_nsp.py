@@ -1,0 +1,153 @@
+"""The MLM+NSP recipe as a user runs it: real torchrun processes, real files, the exported model in `pipeline`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, free_port, subprocess_env
+from launch.tracking import read_metrics
+
+RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
+TINY = [
+    "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
+    "--vocab-size", "600", "--max-length", "64", "--batch-size", "16", "--log-every", "5",
+]  # fmt: skip
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", RECIPE, *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO
+    )
+
+
+def python(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, RECIPE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    proc = torchrun(
+        "--output-dir", str(out), "--max-steps", "60", "--eval-every", "30", "--lr", "3e-3", *TINY
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_loss_falls_and_replicas_agree(two_rank_run):
+    out, _ = two_rank_run
+    records = read_metrics(out)
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.4
+    (sums,) = [r["replica_param_sums"] for r in records if "replica_param_sums" in r]
+    assert len(sums) == 2 and sums[0] == sums[1]  # DDP replicas bitwise identical after 60 steps
+    evals = [r for r in records if "eval/nsp_accuracy" in r]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert all(0 <= r["eval/mlm_accuracy"] <= 1 for r in evals)
+    assert all(
+        r["train/tokens_per_s"] > 0 and r["train/samples_per_s"] > 0 for r in records if "train/loss" in r
+    )
+
+
+@pytest.mark.slow
+def test_run_folder_has_config_tokenizer_tracking_and_export(two_rank_run):
+    out, _ = two_rank_run
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["max_steps"] == 60 and cfg["hidden_size"] == 32 and cfg["output_dir"] == str(out)
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert list((out / "wandb").glob("offline-run-*")), "W&B should have written an offline run"
+    export = out / "export"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert (export / name).is_file(), name
+    assert "eval/nsp_accuracy" in (export / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_export_answers_through_pipeline_and_nsp_head(two_rank_run):
+    import torch
+    from transformers import AutoTokenizer, BertForNextSentencePrediction, BertForPreTraining, pipeline
+
+    export = two_rank_run[0] / "export"
+    fill = pipeline("fill-mask", model=str(export), top_k=3)
+    tok = AutoTokenizer.from_pretrained(export)
+    guesses = fill(f"The bees made {tok.mask_token} in the hive.")
+    assert len(guesses) == 3 and all(g["token_str"] for g in guesses)
+    nsp, info = BertForNextSentencePrediction.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"], info["missing_keys"]
+    full = BertForPreTraining.from_pretrained(export)
+    torch.testing.assert_close(nsp.cls.seq_relationship.weight, full.cls.seq_relationship.weight)
+    enc = tok("The hive was full.", "The bees were calm.", return_tensors="pt", return_token_type_ids=True)
+    assert enc["token_type_ids"][0, -1] == 1
+    assert nsp(**enc).logits.shape == (1, 2)
+
+
+@pytest.mark.slow
+def test_demo_prints_predictions_from_held_out_documents(two_rank_run):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "demos" / "mlm_nsp.py"), str(two_rank_run[0])],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fill-mask:" in proc.stdout and proc.stdout.count("next sentence? p=") == 2
+
+
+def test_help_lists_every_option():
+    proc = python("--help")
+    assert proc.returncode == 0
+    for flag in ("--train-files", "--documents", "--max-steps", "--epochs", "--mlm-probability", "--output-dir",
+                 "--tokenizer", "--model", "--hidden-size", "--config", "--tracker", "--nsp-copies"):  # fmt: skip
+        assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize(
+    "make_input, expected",
+    [
+        (lambda d: d / "missing.txt", "no such file"),
+        (lambda d: (d / "empty.txt").write_text("") and d / "empty.txt" or d / "empty.txt", "empty"),
+        (lambda d: (d / "latin1.txt").write_bytes(b"Caf\xe9 one. Two.\n") and d / "latin1.txt", "line 1: not UTF-8"),
+        (lambda d: (d / "one.txt").write_text("Just one sentence.\n\nAnother single.\n") and d / "one.txt",
+         "no document has two or more sentences"),
+    ],
+)  # fmt: skip
+def test_bad_corpus_stops_before_training_with_the_file_named(tmp_path, make_input, expected):
+    corpus = make_input(tmp_path)
+    out = tmp_path / "run"
+    proc = python("--train-files", str(corpus), "--output-dir", str(out), "--tracker", "none", *TINY)
+    assert proc.returncode == 2
+    assert expected in proc.stderr and str(corpus) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "export").exists()
+
+
+def test_bad_config_stops_with_a_message(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("hidden_size: 30\nnum_heads: 4\n")
+    proc = python("--config", str(cfg), "--tracker", "none")
+    assert proc.returncode == 2 and "--hidden-size 30 must be divisible by --num-heads 4" in proc.stderr
+    cfg.write_text("hiden_size: 32\n")
+    proc = python("--config", str(cfg))
+    assert proc.returncode == 2 and "unknown option(s) hiden_size" in proc.stderr and str(cfg) in proc.stderr
+
+
+def test_meditations_one_paragraph_per_line(meditations, tmp_path):
+    """The original tutorial's corpus: one paragraph per line, so every line is a document."""
+    single = python("--train-files", str(meditations), "--output-dir", str(tmp_path / "a"), "--tracker", "none",
+                    "--max-steps", "2", *TINY)  # fmt: skip
+    assert single.returncode == 2 and "--documents line" in single.stderr
+    proc = python("--train-files", str(meditations), "--documents", "line", "--output-dir", str(tmp_path / "b"),
+                  "--tracker", "none", "--max-steps", "10", *TINY)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "training pairs from" in proc.stdout
