@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import BIN, REPO, free_port, subprocess_env
+
 from launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
