@@ -2,7 +2,7 @@
 
 Both run under `torchrun --nproc_per_node=2` (gloo, fp32, OMP_NUM_THREADS=1) on the same tokenizer, NSP pairs,
 per-rank batch, max length and step count; steady-state samples/s skips the first logging window. Usage:
-    python bench/bench_trainer.py                  # 200 steps each, 1-2 minutes
+    python bench/bench_trainer.py                  # 200 steps each, about 2 minutes
     python bench/bench_trainer.py --quick          # 40 steps each, smoke test
 """
 
@@ -46,8 +46,11 @@ def _torchrun(script_args: list[str], log: Path) -> None:
     with log.open("w") as f:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}; last lines of {log}:\n{tail}")
+        # The run folder is a temporary one, so the cause is shown here: the rank's own error line if it
+        # printed one (torchrun's traceback that follows says nothing about it), else the log's tail.
+        lines = log.read_text(errors="replace").splitlines()
+        cause = [line for line in lines if line.startswith("error:")] or lines[-30:]
+        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(cause))
 
 
 def run_recipe(out: Path, steps: int, data_args: list[str]) -> dict:
@@ -155,6 +158,9 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
             pad_token_id=tok.pad_token_id,
         )
     )
+    # BertForPreTraining takes **kwargs but ignores num_items_in_batch, so the Trainer's token averaging
+    # across ranks would all-gather label counts every step and report (and backpropagate) world_size x loss.
+    model.accepts_loss_kwargs = False
 
     class StepClock(TrainerCallback):
         def __init__(self):

@@ -15,7 +15,11 @@ BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def train_wordpiece(
     texts: Iterable[str], *, vocab_size: int = 8000, lowercase: bool = True, model_max_length: int = 512
 ) -> PreTrainedTokenizerFast:
-    """A BERT WordPiece tokenizer whose pairs carry token_type_ids (0 for A, 1 for B), as NSP needs."""
+    """A BERT WordPiece tokenizer whose pairs carry token_type_ids (0 for A, 1 for B), as NSP needs.
+
+    The trainer breaks ties between equally frequent pieces in hash order, so two trainings on the same text
+    can number pieces differently: recipes save the tokenizer with the run and reuse it from there.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))

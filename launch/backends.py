@@ -88,6 +88,11 @@ class DDPBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def close(self) -> None:
+        """Drop the DDP wrapper while the process group lives: its reducer, destroyed at interpreter exit
+        after the group, can deadlock against gloo's worker thread (seen with torch 2.13 on CPU)."""
+        self.model = None
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 

@@ -42,6 +42,12 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations; 0 means only at the end
     log_every: int = 10
     num_workers: int = 0  # DataLoader worker processes per rank
+    save_every: int = 0  # steps between checkpoints; 0: only at the end and on a stop signal
+    save_every_minutes: float = 0.0  # also save when this much time has passed since the last save
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    resume: str = "auto"  # auto: the newest complete checkpoint of this run | never | a checkpoint folder
+    stop_signals: str = "SIGTERM,SIGUSR1"  # save at the next step boundary and exit 75
+    requeue: bool = False  # under Slurm, requeue the job after a stop signal's save
     tracker: str = "wandb"  # wandb | none; wandb is offline unless WANDB_API_KEY or WANDB_MODE is set
     wandb_project: str = "recipebox"
 
@@ -154,5 +160,14 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
         raise ConfigError("give a positive --max-steps or a positive --epochs")
+    import signal
+
+    for name in filter(None, cfg.stop_signals.split(",")):
+        if not hasattr(signal, name.strip()):
+            raise ConfigError(f"--stop-signals: unknown signal {name!r}; use names such as SIGTERM,SIGUSR1")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        raise ConfigError(
+            f"--resume {cfg.resume}: no such checkpoint folder; use auto, never or a step-* folder"
+        )
     if not 0 <= cfg.warmup_ratio < 1:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")

@@ -7,18 +7,23 @@ metrics summed over ranks, throughput, and a step boundary where stop requests a
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from checkpoints.sharded import latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from data.sampler import ShardedSampler
-from launch.config import TrainConfig
+from launch.config import ConfigError, TrainConfig
 from launch.runtime import Runtime
 from launch.tracking import Tracker
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
 
 # A recipe's hooks: move task randomness (e.g. MLM masking) onto the device batch, and count task metrics
 # as {name: tensor([numerator, denominator])} so they sum exactly over batches and ranks.
@@ -54,6 +59,8 @@ class TrainState:
 
 
 class Trainer:
+    export_prefix = ""  # where the exportable model sits inside the trained module ("model." for a wrapper)
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -63,13 +70,17 @@ class Trainer:
         train_data,
         eval_data,
         collate: Callable,
-        tracker: Tracker,
         *,
+        run_dir: Path | None = None,
+        export_files: dict[str, Path] | None = None,
         prepare_batch: PrepareBatch | None = None,
         count_metrics: CountMetrics | None = None,
         lengths: list[int] | None = None,
     ):
-        self.cfg, self.rt, self.backend, self.tracker = cfg, rt, backend, tracker
+        self.cfg, self.rt, self.backend = cfg, rt, backend
+        self.tracker: Tracker | None = None
+        self.run_dir, self.export_files = run_dir, export_files or {}
+        self.stopped = False  # a stop request (preemption) ended the run early
         self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
         self.prepare_batch = prepare_batch or (lambda batch, _g: batch)
         self.count_metrics = count_metrics
@@ -107,7 +118,9 @@ class Trainer:
             collate_fn=self.collate,
             num_workers=self.cfg.num_workers,
             pin_memory=self.rt.device.type == "cuda",
-            persistent_workers=False,
+            # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every new
+            # iterator, and a resumed run starts one mid-epoch, which would shift every dropout mask after.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -190,15 +203,99 @@ class Trainer:
             f"eval/{n}": (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names, stacked)
         }
 
-    def fit(self) -> dict[str, float]:
+    # -- checkpoints --------------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return Path(self.run_dir) / "checkpoints"
+
+    def save(self) -> Path:
+        """Collective: model, optimizer, schedule, data position and every rank's RNG states."""
+        rank_state = {"rng/torch": torch.get_rng_state(), "rng/task": self.generator.get_state()}
+        if self.rt.device.type == "cuda":
+            rank_state["rng/cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        rank_meta = {"python_random": _jsonable_random_state(random.getstate())}
+        meta = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "consumed": self.state.consumed,
+            "world_size": self.rt.world_size,
+            "batch_size": self.cfg.batch_size,
+            "backend": self.backend.name,
+            "tracker_run_id": self.tracker.run_id if self.tracker else None,
+            "export": {"model_prefix": self.export_prefix},
+        }
+        path = save_checkpoint(
+            self.checkpoint_root,
+            self.state.step,
+            model=self.backend.model,
+            optimizer=self.backend.optimizer,
+            rank_state=rank_state,
+            rank_meta=rank_meta,
+            meta=meta,
+            extra_files=self.export_files,
+            keep_last=self.cfg.keep_last,
+        )
+        self._last_save = (self.state.step, time.monotonic())
+        return path
+
+    def resume(self) -> dict | None:
+        """Restore from --resume (auto: the newest complete checkpoint of this run, if any); the saved meta."""
+        mode, root = self.cfg.resume, self.checkpoint_root
+        if mode == "never":
+            if any(root.glob("step-*")):
+                raise ConfigError(
+                    f"{root} already holds checkpoints and --resume never was given; "
+                    f"use --resume auto to continue that run or another --output-dir to start afresh"
+                )
+            return None
+        path = latest_complete_checkpoint(root, report=self.rt.print) if mode == "auto" else Path(mode)
+        if path is None:
+            return None
+        meta, rank_state, rank_meta = load_checkpoint(
+            path, model=self.backend.model, optimizer=self.backend.optimizer
+        )
+        self.state.step = meta["step"]
+        self.state.epoch = meta["epoch"]
+        self.backend.scheduler.last_epoch = self.state.step
+        self.backend.scheduler._step_count = self.state.step + 1
+        if rank_state is not None:  # same world size: continue exactly
+            self.state.consumed = meta["consumed"]
+            torch.set_rng_state(rank_state["rng/torch"])
+            self.generator.set_state(rank_state["rng/task"])
+            if "rng/cuda" in rank_state:
+                torch.cuda.set_rng_state(rank_state["rng/cuda"], self.rt.device)
+            random.setstate(_random_state_from_json(rank_meta["python_random"]))
+        else:
+            # Another world size: keep the global position (samples of the epoch already seen by all ranks);
+            # with the same global batch the same samples come next. RNG streams start anew per rank.
+            self.state.consumed = meta["consumed"] * meta["world_size"] // self.rt.world_size
+            self.rt.print(
+                f"resharding {path}: saved by {meta['world_size']} rank(s), resumed by {self.rt.world_size}"
+            )
+        self._last_save = (self.state.step, time.monotonic())
+        self.rt.print(f"resumed from {path} at step {self.state.step}")
+        return meta
+
+    def _save_due(self, step: int) -> bool:
+        cfg = self.cfg
+        if cfg.save_every and step % cfg.save_every == 0:
+            return True
+        if cfg.save_every_minutes and time.monotonic() - self._last_save[1] >= cfg.save_every_minutes * 60:
+            return self.rt.any_rank(True)  # rank clocks differ: decide together
+        return False
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def fit(self, tracker: Tracker) -> dict[str, float]:
         cfg, rt = self.cfg, self.rt
         from tqdm.auto import tqdm
 
+        self.tracker = tracker
+        if not hasattr(self, "_last_save"):
+            self._last_save = (-1, time.monotonic())
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not rt.is_main, desc="train")
         window_loss = torch.zeros((), device=rt.device)
         window = torch.zeros(3, dtype=torch.float64)  # steps, samples, tokens since the last log
         t0 = time.perf_counter()
-        final: dict[str, float] = {}
         while self.state.step < self.total_steps:
             loss, samples, tokens = self.train_step()
             window_loss += loss
@@ -206,34 +303,55 @@ class Trainer:
             bar.update(1)
             step = self.state.step
             if step % cfg.log_every == 0 or step == self.total_steps:
-                stats = torch.cat([window_loss.detach().double().reshape(1).cpu(), window])
-                if rt.distributed:
-                    stats = stats.to(rt.device)
-                    torch.distributed.all_reduce(stats)
-                    stats = stats.cpu()
-                elapsed = time.perf_counter() - t0
-                loss_mean = stats[0].item() / stats[1].item()  # summed over ranks and steps
-                metrics = {
-                    "train/loss": loss_mean,
-                    "train/lr": self.backend.current_lr(),
-                    "train/samples_per_s": stats[2].item() / elapsed,
-                    "train/tokens_per_s": stats[3].item() / elapsed,
-                    "train/epoch": self.state.epoch + self.state.consumed / max(1, self.sampler.per_rank),
-                }
-                self.tracker.log(metrics, step)
-                bar.set_postfix(loss=f"{loss_mean:.4f}")
+                self._log_window(window_loss, window, time.perf_counter() - t0, bar)
                 window_loss.zero_()
                 window.zero_()
                 t0 = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
-                self.tracker.log(self.evaluate(), step)
+                tracker.log(self.evaluate(), step)
                 t0 = time.perf_counter()
-            if rt.any_rank(rt.stop_requested):
-                rt.print(f"stopped at step {step} on request")
-                break
+            stop = rt.any_rank(rt.stop_requested)
+            if self.run_dir is not None and (stop or self._save_due(step)):
+                self.save()
+                t0 = time.perf_counter()
+            if stop:
+                rt.print(
+                    f"stopped at step {step} on request; checkpoint saved" if self.run_dir else "stopped"
+                )
+                self.stopped = True
+                bar.close()
+                return {}
         bar.close()
-        self.tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
+        if self.run_dir is not None and self._last_save[0] != self.state.step:
+            self.save()
+        tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
         final = self.evaluate()
-        self.tracker.log(final, self.state.step)
-        self.tracker.summary(final)
+        tracker.log(final, self.state.step)
+        tracker.summary(final)
         return final
+
+    def _log_window(self, window_loss: torch.Tensor, window: torch.Tensor, elapsed: float, bar) -> None:
+        stats = torch.cat([window_loss.detach().double().reshape(1).cpu(), window])
+        if self.rt.distributed:
+            stats = stats.to(self.rt.device)
+            torch.distributed.all_reduce(stats)
+            stats = stats.cpu()
+        loss_mean = stats[0].item() / stats[1].item()  # summed over ranks and steps
+        metrics = {
+            "train/loss": loss_mean,
+            "train/lr": self.backend.current_lr(),
+            "train/samples_per_s": stats[2].item() / elapsed,
+            "train/tokens_per_s": stats[3].item() / elapsed,
+            "train/epoch": self.state.epoch + self.state.consumed / max(1, self.sampler.per_rank),
+        }
+        self.tracker.log(metrics, self.state.step)
+        bar.set_postfix(loss=f"{loss_mean:.4f}")
+
+
+def _jsonable_random_state(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _random_state_from_json(state: list):
+    return (state[0], tuple(state[1]), state[2])

@@ -77,7 +77,7 @@ class Runtime:
         return dist.is_available() and dist.is_initialized()
 
     @classmethod
-    def start(cls, seed: int, device: str = "auto") -> Runtime:
+    def start(cls, seed: int, device: str = "auto", stop_signals: str = "SIGTERM") -> Runtime:
         rank, world, local = read_environment()
         if device == "auto":
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
@@ -91,18 +91,27 @@ class Runtime:
             )
         rt = cls(rank=rank, world_size=world, local_rank=local, device=dev)
         seed_everything(seed + rank)
-        rt._install_signal_handlers()
+        rt._install_signal_handlers([s.strip() for s in stop_signals.split(",") if s.strip()])
         return rt
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self, names: list[str]) -> None:
         def request_stop(signum, _frame):
             if self.stop_requested:  # a second signal means "now"
                 raise KeyboardInterrupt
             self.stop_requested = True
             self.print(f"received {signal.Signals(signum).name}: stopping at the next step boundary")
 
-        with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner)
-            signal.signal(signal.SIGTERM, request_stop)
+        for name in names:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner)
+                signal.signal(getattr(signal, name), request_stop)
+
+    def requeue_slurm_job(self) -> None:
+        """After a preemption save: put this Slurm job back in the queue (rank 0 asks, once)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if not self.is_main or not job:
+            return
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        self.print(f"requeue of job {job}: " + ("done" if result.returncode == 0 else result.stderr.strip()))
 
     def print(self, *args, **kwargs) -> None:
         if self.is_main:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoints.sharded import CheckpointError
 from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
 from data.text import DataError, read_documents
 from data.tokenizer import load_tokenizer, train_wordpiece
@@ -39,7 +40,7 @@ from launch.config import (
     save_config,
     validate_train_config,
 )
-from launch.loop import Trainer
+from launch.loop import EXIT_PREEMPTED, Trainer
 from launch.runtime import Runtime
 from launch.tracking import Tracker
 
@@ -212,20 +213,14 @@ def _count_metrics(out, batch):
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(MLMNSPConfig, argv, description=__doc__)
     _validate(cfg)
-    rt = Runtime.start(cfg.seed)
-    tracker, clean = None, False
+    rt = Runtime.start(cfg.seed, stop_signals=cfg.stop_signals)
+    tracker, trainer, clean = None, None, False
     try:
         run_dir = _setup_run_dir(cfg, rt)
         tok, train, evals, lengths = _setup_data(cfg, rt, run_dir)
         model = _setup_model(cfg, tok)
-        tracker = Tracker(
-            run_dir,
-            enabled=rt.is_main,
-            use_wandb=cfg.tracker == "wandb",
-            project=cfg.wandb_project,
-            name=cfg.name,
-            config=dataclasses.asdict(cfg),
-        )
+        if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
+            model.config.save_pretrained(run_dir / "model_config")
         special_ids = torch.tensor(tok.all_special_ids)
         trainer = Trainer(
             cfg,
@@ -237,12 +232,29 @@ def main(argv: list[str] | None = None) -> int:
             functools.partial(
                 collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
             ),
-            tracker,
             prepare_batch=functools.partial(_mask_on_device, tok=tok, cfg=cfg, special_ids=special_ids),
             count_metrics=_count_metrics,
             lengths=lengths,
+            run_dir=run_dir,
+            export_files={"hf": run_dir / "model_config", "hf/tokenizer": run_dir / "tokenizer"},
         )
-        metrics = trainer.fit()
+        trainer.export_prefix = "model."
+        resumed = trainer.resume()
+        tracker = Tracker(
+            run_dir,
+            enabled=rt.is_main,
+            use_wandb=cfg.tracker == "wandb",
+            project=cfg.wandb_project,
+            name=cfg.name,
+            config=dataclasses.asdict(cfg),
+            run_id=(resumed or {}).get("tracker_run_id"),
+        )
+        metrics = trainer.fit(tracker)
+        clean = True
+        if trainer.stopped:
+            if cfg.requeue:
+                rt.requeue_slurm_job()
+            return EXIT_PREEMPTED
         rt.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if rt.is_main:
             from checkpoints import export_hf
@@ -256,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 config=dataclasses.asdict(cfg),
             )
             rt.print(f"exported to {out}")
-        clean = True
         return 0
-    except (ConfigError, DataError) as err:  # the same input on every rank, so every rank stops here
+    except (ConfigError, DataError, CheckpointError) as err:  # the same on every rank: all stop here
         if rt.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
         clean = True
@@ -266,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tracker is not None:
             tracker.finish()
+        if trainer is not None:
+            trainer.backend.close()
         rt.close(clean)
 
 

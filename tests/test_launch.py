@@ -137,10 +137,8 @@ def run_regression(tmp_path, **overrides):
     cfg = TrainConfig(**{**options, **overrides})
     rt = Runtime()
     tracker = Tracker(tmp_path, enabled=True, use_wandb=False, project="t", name="t", config={})
-    trainer = Trainer(
-        cfg, rt, DDPBackend(rt), Regression(), regression_data(), regression_data(16), collate, tracker
-    )
-    final = trainer.fit()
+    trainer = Trainer(cfg, rt, DDPBackend(rt), Regression(), regression_data(), regression_data(16), collate)
+    final = trainer.fit(tracker)
     tracker.finish()
     return trainer, final, read_metrics(tmp_path)
 
@@ -166,7 +164,7 @@ def test_stop_request_ends_at_a_step_boundary(tmp_path):
     cfg = TrainConfig(max_steps=50, batch_size=8, log_every=5)
     rt = Runtime()
     tracker = Tracker(tmp_path, enabled=False, use_wandb=False, project="t", name="t", config={})
-    trainer = Trainer(cfg, rt, DDPBackend(rt), Regression(), regression_data(), None, collate, tracker)
+    trainer = Trainer(cfg, rt, DDPBackend(rt), Regression(), regression_data(), None, collate)
     original = trainer.train_step
 
     def step_then_stop():
@@ -176,5 +174,5 @@ def test_stop_request_ends_at_a_step_boundary(tmp_path):
         return result
 
     trainer.train_step = step_then_stop
-    trainer.fit()
+    assert trainer.fit(tracker) == {} and trainer.stopped
     assert trainer.state.step == 3

@@ -151,3 +151,42 @@ def test_meditations_one_paragraph_per_line(meditations, tmp_path):
                   "--tracker", "none", "--max-steps", "10", *TINY)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training pairs from" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ranks_from_slurm_variables(tmp_path):
+    """What `srun --ntasks=2 python recipes/mlm_nsp.py` gives each task: only SLURM_* variables."""
+    out, port = tmp_path / "srun", str(free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                RECIPE,
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "6",
+                "--tracker",
+                "none",
+                *TINY,
+            ],
+            env=subprocess_env(
+                SLURM_PROCID=str(r),
+                SLURM_LOCALID=str(r),
+                SLURM_NTASKS="2",
+                SLURM_JOB_ID="7",
+                SLURM_JOB_NODELIST="127.0.0.1",
+                MASTER_PORT=port,
+            ),  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    (sums,) = [r["replica_param_sums"] for r in read_metrics(out) if "replica_param_sums" in r]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert "final:" in results[0][0] and "final:" not in results[1][0]  # rank 0 alone speaks
