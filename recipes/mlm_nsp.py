@@ -55,7 +55,7 @@ class MLMNSPConfig(TrainConfig):
     nsp_copies: int = 5  # pair sets drawn from the corpus, each with its own random partners (dupe factor)
     max_length: int = 128
     tokenizer: str = ""  # folder or hub name; empty trains a WordPiece on the training documents
-    vocab_size: int = 4000
+    vocab_size: int = 2000
     lowercase: bool = True
     model: str = ""  # folder or hub name of a BertForPreTraining; empty builds one from the sizes below
     hidden_size: int = 128
@@ -68,7 +68,7 @@ class MLMNSPConfig(TrainConfig):
     random_replace_prob: float = 0.1  # ... by a random token (the rest stay as they are)
     pad_to_multiple_of: int = 8
     trust_remote_code: bool = False
-    epochs: float = 8.0
+    epochs: float = 15.0
     batch_size: int = 32
     lr: float = 1e-3
     eval_every: int = 100

@@ -190,3 +190,34 @@ def test_ranks_from_slurm_variables(tmp_path):
     (sums,) = [r["replica_param_sums"] for r in read_metrics(out) if "replica_param_sums" in r]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert "final:" in results[0][0] and "final:" not in results[1][0]  # rank 0 alone speaks
+
+
+def most_frequent_token_rate(run_dir) -> float:
+    """Accuracy of always guessing the commonest non-special token of the held-out pairs (MLM's floor)."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from data.nsp import split_documents
+    from data.text import read_documents
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    _, held = split_documents(
+        read_documents(cfg["train_files"].split(",")), cfg["eval_fraction"], cfg["seed"]
+    )
+    counts = Counter(i for doc in held for s in doc for i in tok(s, add_special_tokens=False)["input_ids"])
+    return counts.most_common(1)[0][1] / sum(counts.values())
+
+
+@pytest.mark.slow
+def test_default_run_on_the_toy_corpus_beats_the_baselines(tmp_path):
+    """The quickstart's own command: defaults, bundled corpus, two ranks; metrics on held-out documents."""
+    out = tmp_path / "default"
+    proc = torchrun("--output-dir", str(out), "--tracker", "none", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = [r for r in read_metrics(out) if "eval/mlm_accuracy" in r][-1]
+    floor = most_frequent_token_rate(out)
+    print(f"held-out MLM accuracy {final['eval/mlm_accuracy']:.3f} (commonest-token floor {floor:.3f}), "
+          f"NSP accuracy {final['eval/nsp_accuracy']:.3f}")  # fmt: skip
+    assert final["eval/mlm_accuracy"] > 2 * floor
