@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         tok, train, evals, lengths = _setup_data(cfg, rt, run_dir)
         model = _setup_model(cfg, tok)
         if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
+            model.config.architectures = [type(model).__name__]
             model.config.save_pretrained(run_dir / "model_config")
         special_ids = torch.tensor(tok.all_special_ids)
         trainer = Trainer(

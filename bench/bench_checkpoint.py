@@ -1,0 +1,291 @@
+"""Checkpoint save/load speed: checkpoints.sharded vs a rank-0 torch.save, plus DCP async_save blocking time.
+
+A BERT-base BertForPreTraining under DDP (2 CPU ranks, gloo) with AdamW state from one real step; each
+measurement is the median of 3. Usage:
+    python bench/bench_checkpoint.py            # BERT-base (~110M params), a few minutes
+    python bench/bench_checkpoint.py --quick    # 4 layers, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REPEATS = 3
+RESULT = "result.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script_args: list[str], log: Path) -> None:
+    """Two CPU ranks, one thread each, so the ranks do not fight over the two cores."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        sys.exit(f"error: {torchrun} not found; run this with the project's virtualenv python")
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master-port={_free_port()}", *script_args]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    with log.open("w") as f:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        # The log lives in a temporary folder that is about to go, so its tail is shown here.
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(tail))
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _build(quick: bool, seed: int, *, step: bool):
+    """DDP-wrapped BertForPreTraining and AdamW; with `step`, one real step on a random batch fills its state."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(seed)
+    config = BertConfig(num_hidden_layers=4) if quick else BertConfig()
+    model = DistributedDataParallel(BertForPreTraining(config))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    if step:
+        ids = torch.randint(0, config.vocab_size, (2, 128))
+        out = model(input_ids=ids, labels=ids, next_sentence_label=torch.zeros(2, dtype=torch.long))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # gradients are not checkpointed; freeing them keeps memory honest
+    return model, opt
+
+
+def _fingerprint(model, opt) -> dict[str, str]:
+    """A digest of every parameter and its exp_avg: exact like torch.equal, without keeping a second copy
+    of the model and optimizer alive next to the one being loaded (that would cost ~1.8 GB a rank)."""
+    digests = {}
+    for name, p in model.module.named_parameters():
+        digests[name] = hashlib.blake2b(p.detach().contiguous().numpy()).hexdigest()
+        if "exp_avg" in opt.state.get(p, {}):
+            exp_avg = opt.state[p]["exp_avg"].contiguous().numpy()
+            digests[f"{name} exp_avg"] = hashlib.blake2b(exp_avg).hexdigest()
+    return digests
+
+
+def _scramble(model, opt) -> None:
+    """Zero what a load must restore, so every repeat's check proves that this load did the work."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+            for t in opt.state.get(p, {}).values():
+                if t.dim():  # `step` is a 0-d tensor and stays
+                    t.zero_()
+
+
+def _assert_restored(method: str, saved: dict[str, str], model, opt) -> None:
+    loaded = _fingerprint(model, opt)
+    wrong = [name for name, digest in saved.items() if loaded.get(name) != digest]
+    assert not wrong, f"{method}: {len(wrong)} tensors differ after load, first {wrong[0]}"
+
+
+def _timed(fn):
+    """fn's result and the seconds from a barrier both ranks pass to a barrier after both have finished."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    result = fn()
+    dist.barrier()
+    return result, time.perf_counter() - start
+
+
+def _async_save(state, folder: Path, group) -> tuple[float, float]:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    dist.barrier()
+    start = time.perf_counter()
+    pending = dcp.async_save(state, checkpoint_id=folder, process_group=group)
+    blocked = time.perf_counter() - start
+    # Newer stagers return an AsyncSaveResponse; the upload future is what "saved" means.
+    getattr(pending, "upload_completion", pending).result()
+    dist.barrier()
+    return blocked, time.perf_counter() - start
+
+
+def measure_saves(model, opt, out: Path) -> dict:
+    """Seconds per repeat for each save, sizes in bytes; leaves the last sharded folder and .pt file."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from checkpoints.sharded import save_checkpoint
+
+    rank = dist.get_rank()
+    # async_save's thread runs collectives while the caller goes on; a group of its own keeps them from
+    # interleaving with the training loop's on the default group, as the DCP docs advise.
+    async_group = dist.new_group(backend="gloo")
+    r = {"sharded_save": [], "torch_save": [], "async_blocked": [], "async_total": [], "async_error": None}
+    r["baseline"] = out / "torch_save.pt"
+    for rep in range(REPEATS):
+        # Each repeat writes anew; the previous output is removed untimed, so every repeat starts from the
+        # same disk state, and the last survives for the loads.
+        if rank == 0:
+            shutil.rmtree(out / "sharded", ignore_errors=True)
+            r["baseline"].unlink(missing_ok=True)
+        dist.barrier()
+        r["sharded"], seconds = _timed(
+            lambda rep=rep: save_checkpoint(
+                out / "sharded",
+                rep,
+                model=model,
+                optimizer=opt,
+                rank_state={"rng": torch.get_rng_state(), "position": torch.tensor([rep])},
+                rank_meta={},
+                meta={"world_size": 2},
+            )
+        )
+        r["sharded_save"].append(seconds)
+
+        def plain_save():
+            if rank == 0:
+                torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, r["baseline"])
+
+        r["torch_save"].append(_timed(plain_save)[1])
+
+        if r["async_error"] is None:
+            folder = out / "async"
+            try:
+                model_sd, optim_sd = get_state_dict(model, opt)
+                blocked, total = _async_save({"model": model_sd, "optim": optim_sd}, folder, async_group)
+                r["async_blocked"].append(blocked)
+                r["async_total"].append(total)
+                r["async_bytes"] = _folder_bytes(folder)
+            except Exception as err:  # the row is optional: report why it is missing and go on
+                r["async_error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+    return r
+
+
+def measure_loads(sharded: Path, baseline: Path, saved: dict[str, str], quick: bool) -> dict:
+    """Seconds per repeat for each load into a fresh (never stepped) model and optimizer, each checked."""
+    import torch
+
+    from checkpoints.sharded import load_checkpoint
+
+    model, opt = _build(quick, seed=1, step=False)
+    r = {"sharded_load": [], "torch_load": []}
+
+    def plain_load():
+        # Every rank reads the file and restores in place, as a DDP resume must; load_checkpoint does the
+        # same, so both rows time the same job.
+        state = torch.load(baseline, weights_only=True)
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+
+    for _ in range(REPEATS):
+        _scramble(model, opt)
+        r["sharded_load"].append(_timed(lambda: load_checkpoint(sharded, model=model, optimizer=opt))[1])
+        _assert_restored("checkpoints.sharded.load_checkpoint", saved, model, opt)
+        _scramble(model, opt)
+        r["torch_load"].append(_timed(plain_load)[1])
+        _assert_restored("torch.load", saved, model, opt)
+    return r
+
+
+def worker(out: Path, quick: bool) -> None:
+    """One rank; rank 0 writes medians (seconds) and sizes (bytes) to out/RESULT."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(minutes=5))
+    model, opt = _build(quick, seed=0, step=True)
+    params = sum(p.numel() for p in model.parameters())
+    saves = measure_saves(model, opt, out)
+    saved = _fingerprint(model, opt)
+    del model, opt  # the digests stand in for them from here on
+    loads = measure_loads(saves["sharded"], saves["baseline"], saved, quick)
+
+    if dist.get_rank() == 0:
+        timings = {k: v for k, v in {**saves, **loads}.items() if isinstance(v, list) and v}
+        result = {k: statistics.median(v) for k, v in timings.items()}
+        result.update(
+            params=params,
+            threads=torch.get_num_threads(),
+            async_error=saves["async_error"],
+            sizes={
+                "sharded": _folder_bytes(saves["sharded"]),
+                "torch_save": saves["baseline"].stat().st_size,
+                "async": saves.get("async_bytes"),
+            },
+        )
+        (out / RESULT).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def print_table(r: dict, quick: bool) -> None:
+    mb = {k: v / 1e6 for k, v in r["sizes"].items() if v is not None}
+    print(
+        f"BertForPreTraining {'4 layers' if quick else 'base'} ({r['params'] / 1e6:.0f}M params) + AdamW state, "
+        f"DDP 2 ranks gloo, {r['threads']} thread/rank; median of {REPEATS}"
+    )
+    print(f"{'method':<34} {'MB':>8} {'seconds':>8} {'MB/s':>8}")
+    rows = [
+        ("save  recipebox sharded", mb["sharded"], r["sharded_save"]),
+        ("save  torch.save (rank 0)", mb["torch_save"], r["torch_save"]),
+        ("load  recipebox sharded", mb["sharded"], r["sharded_load"]),
+        ("load  torch.load+load_state_dict", mb["torch_save"], r["torch_load"]),
+    ]
+    for name, size, secs in rows:
+        print(f"{name:<34} {size:>8.0f} {secs:>8.2f} {size / secs:>8.0f}")
+    if "async_blocked" in r:
+        print(f"{'async_save':<34} {mb['async']:>8.0f} {'blocked':>8} {'total':>8}")
+        print(f"{'':<34} {'':>8} {r['async_blocked']:>8.2f} {r['async_total']:>8.2f}")
+    else:
+        print(f"async_save skipped: {r['async_error']}")
+    print(f"save: recipebox sharded vs torch.save: {r['sharded_save'] / r['torch_save']:.2f}x time")
+    print(f"load: recipebox sharded vs torch.load: {r['sharded_load'] / r['torch_load']:.2f}x time")
+    if "async_blocked" in r:
+        print(f"async save blocks the loop for {r['async_blocked']:.2f} s of {r['async_total']:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 4-layer BERT, a smoke test")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.out, args.quick)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:
+        run = Path(tmp) / "run"
+        run.mkdir()
+        quick = ["--quick"] if args.quick else []
+        _torchrun(["bench/bench_checkpoint.py", "--worker", f"--out={run}", *quick], Path(tmp) / "worker.log")
+        result = json.loads((run / RESULT).read_text())
+    print_table(result, args.quick)
+
+
+if __name__ == "__main__":
+    main()

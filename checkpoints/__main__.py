@@ -1,0 +1,76 @@
+"""Command line for checkpoints: `python -m checkpoints export CHECKPOINT OUT` and `verify CHECKPOINT`.
+
+Export turns any complete checkpoint into a Hugging Face folder without the recipe that made it: the model
+config and tokenizer travel inside the checkpoint, the weights are read with torch.distributed.checkpoint
+(no pickles), and the folder loads with `transformers.pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from checkpoints.sharded import CheckpointError, verify_checkpoint
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+    import torch.distributed.checkpoint as dcp
+    import transformers
+
+    from checkpoints.export import export_hf
+
+    path = Path(path)
+    meta = verify_checkpoint(path)["meta"]
+    hf = path / "hf"
+    if not (hf / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: no hf/config.json, so the model cannot be rebuilt; it was not saved by a recipe"
+        )
+    config = transformers.AutoConfig.from_pretrained(hf)
+    arch = (config.architectures or [None])[0]
+    model_class = getattr(transformers, arch or "", None)
+    if model_class is None:
+        raise CheckpointError(f"{hf / 'config.json'}: unknown architecture {arch!r}")
+    model = model_class(config)
+    prefix = meta.get("export", {}).get("model_prefix", "")
+    own = model.state_dict()
+    wanted = {"model": {prefix + k: v for k, v in own.items()}}
+    dcp.load(wanted, checkpoint_id=path / "state", no_dist=True)
+    model.load_state_dict({k[len(prefix) :]: v for k, v in wanted["model"].items()})
+    tokenizer = None
+    if (hf / "tokenizer").is_dir():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hf / "tokenizer")
+    return export_hf(
+        model,
+        tokenizer,
+        out,
+        title=f"{arch} from {path.name}",
+        metrics={},
+        config={"checkpoint": str(path), **meta},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m checkpoints", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out")
+    ver = sub.add_parser("verify", help="check that every shard of a checkpoint is present and whole")
+    ver.add_argument("checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            print(f"exported to {export_checkpoint(args.checkpoint, args.out)}")
+        else:
+            manifest = verify_checkpoint(args.checkpoint)
+            print(f"{args.checkpoint}: complete, step {manifest['step']}, {len(manifest['files'])} files")
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

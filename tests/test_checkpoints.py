@@ -1,0 +1,243 @@
+"""Sharded checkpoints under real torchrun jobs: exact resume after SIGKILL and SIGTERM, corrupt and
+half-written checkpoints, resharding across world sizes, export from any checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, REPO, free_port, subprocess_env
+from data.sampler import ShardedSampler
+
+RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
+TINY = [
+    "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
+    "--max-length", "64", "--log-every", "1", "--eval-every", "0", "--tracker", "none",
+]  # fmt: skip
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """One tokenizer for every run here: runs compared step by step must share their token ids."""
+    from data.text import read_documents
+    from data.tokenizer import train_wordpiece
+
+    docs = read_documents([REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"])
+    path = tmp_path_factory.mktemp("tok")
+    train_wordpiece((s for d in docs for s in d), vocab_size=600).save_pretrained(path)
+    return path
+
+
+def command(out, tokenizer_dir, *extra, nproc=2, batch_size=16, steps=24):
+    args = ["--output-dir", str(out), "--tokenizer", str(tokenizer_dir), "--batch-size", str(batch_size)]
+    args += ["--max-steps", str(steps), "--save-every", "4", *TINY, *extra]
+    if nproc == 1:
+        return [sys.executable, RECIPE, *args]
+    return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", RECIPE, *args]
+
+
+def run(cmd, timeout=300):
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO
+    )
+    return proc
+
+
+def losses(out) -> dict[int, float]:
+    """Per-step training loss; when a resumed run logs a step again, its record wins."""
+    found = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            found[record["step"]] = record["train/loss"]
+    return found
+
+
+def final_sums(out) -> list[float]:
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["replica_param_sums"] for r in records if "replica_param_sums" in r][-1]
+
+
+def start_and_wait_for_step(cmd, out, step):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env(), cwd=REPO, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and step in losses(out):
+            return proc
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"step {step} never came")
+
+
+def workers_of(proc) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = run(command(out, tokenizer_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_sigkill_of_one_rank_then_the_same_command_continues_exactly(tmp_path, tokenizer_dir, reference):
+    out = tmp_path / "run"
+    cmd = command(out, tokenizer_dir)
+    proc = start_and_wait_for_step(cmd, out, 10)
+    os.kill(workers_of(proc)[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert (out / "checkpoints" / "latest").read_text() == "step-000008"
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step-000008" in again.stdout
+    assert losses(out) == losses(reference)  # bitwise, every step from 1 to 24
+    assert final_sums(out) == final_sums(reference)
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, tokenizer_dir, reference):
+    out = tmp_path / "run"
+    cmd = command(out, tokenizer_dir, nproc=1)
+    proc = start_and_wait_for_step(cmd, out, 6)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    stopped_at = max(losses(out))
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:06d}"
+    assert stopped_at % 4 != 0 or stopped_at >= 6  # a save made by the signal, not only the cadence
+    reference_one = tmp_path / "ref1"
+    assert run(command(reference_one, tokenizer_dir, nproc=1)).returncode == 0
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert losses(out) == losses(reference_one)
+    assert final_sums(out) == final_sums(reference_one)
+
+
+def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, tokenizer_dir, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000016", "step-000020", "step-000024"]
+    shard = next((ckpts / "step-000024" / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    (ckpts / "step-000020" / "rank-00001.safetensors").unlink()  # deleted
+    verify = run([sys.executable, "-m", "checkpoints", "verify", str(ckpts / "step-000024")])
+    assert verify.returncode == 2 and "truncated" in verify.stderr and "step-000024" in verify.stderr
+    (out / "metrics.jsonl").unlink()
+    again = run(command(out, tokenizer_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "step-000024: shard" in again.stdout and "truncated" in again.stdout
+    assert "step-000020: shard rank-00001.safetensors is missing" in again.stdout
+    assert "resumed from" in again.stdout and "step-000016" in again.stdout
+    ref = losses(reference)
+    assert losses(out) == {s: ref[s] for s in range(17, 25)}
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenizer_dir):
+    """A bigger model makes a save last long enough to be interrupted by a real SIGKILL."""
+    out = tmp_path / "run"
+    big = ["--hidden-size", "256", "--num-layers", "4", "--num-heads", "4", "--intermediate-size", "1024"]
+    cmd = command(out, tokenizer_dir, "--save-every", "2", *big, steps=400)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO
+    )
+    ckpts, interrupted = out / "checkpoints", None
+    deadline = time.time() + 240
+    while time.time() < deadline and interrupted is None:
+        partial = list(ckpts.glob(".tmp-step-*")) if ckpts.exists() else []
+        if partial and any(partial[0].rglob("*.distcp")) and list(ckpts.glob("step-*")):
+            for pid in [*workers_of(proc), proc.pid]:  # torchrun puts each worker in a session of its own
+                os.kill(pid, signal.SIGKILL)
+            interrupted = partial[0]
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert interrupted is not None and interrupted.exists(), "no save was caught in the middle"
+    assert not (interrupted / "manifest.json").exists()
+    latest = (ckpts / "latest").read_text()
+    verify = run([sys.executable, "-m", "checkpoints", "verify", str(ckpts / latest)])
+    assert verify.returncode == 0, verify.stderr
+    again = run(command(out, tokenizer_dir, *big, steps=int(latest[5:]) + 2))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpts / latest}" in again.stdout
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 2)])
+def test_resharding_keeps_weights_exact_and_training_on_course(tmp_path, tokenizer_dir, saved_by, resumed_by):
+    """Global batch 32 either way (2 ranks x 16 or 1 x 32): the same samples follow the checkpoint."""
+    saved, resumed = tmp_path / "saved", tmp_path / "resumed"
+    first = run(command(saved, tokenizer_dir, nproc=saved_by, batch_size=32 // saved_by, steps=16))
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = saved / "checkpoints" / "step-000008"
+    # Zero further steps: the resumed model must be the saved one, bit for bit.
+    same = run(
+        command(
+            resumed,
+            tokenizer_dir,
+            "--resume",
+            str(ckpt),
+            nproc=resumed_by,
+            batch_size=32 // resumed_by,
+            steps=8,
+        )
+    )
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert f"saved by {saved_by} rank(s), resumed by {resumed_by}" in same.stdout
+    exported = tmp_path / "from_ckpt"
+    assert run([sys.executable, "-m", "checkpoints", "export", str(ckpt), str(exported)]).returncode == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(exported / "model.safetensors"), load_file(resumed / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Eight more steps: the same batches, other masking draws, so the same loss within noise.
+    cont = tmp_path / "continued"
+    more = run(
+        command(
+            cont,
+            tokenizer_dir,
+            "--resume",
+            str(ckpt),
+            nproc=resumed_by,
+            batch_size=32 // resumed_by,
+            steps=16,
+        )
+    )
+    assert more.returncode == 0, more.stderr[-3000:]
+    ref, got = losses(saved), losses(cont)
+    assert sorted(got) == list(range(9, 17))
+    mean_ref, mean_got = sum(ref[s] for s in got) / 8, sum(got.values()) / 8
+    assert abs(mean_got - mean_ref) / mean_ref < 0.03
+
+
+def test_resume_never_refuses_an_existing_run(tmp_path, tokenizer_dir, reference):
+    proc = run(command(reference, tokenizer_dir, "--resume", "never", nproc=1))
+    assert (
+        proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "--resume auto" in proc.stderr
+    )
+
+
+def test_resuming_late_in_a_big_epoch_costs_no_more_than_early():
+    """The position is an index into a permutation; nothing before it is read or iterated."""
+    sampler = ShardedSampler(4_000_000, rank=1, world_size=2, batch_size=32, seed=0)
+
+    def first_index_time(start):
+        best = float("inf")
+        for _ in range(3):
+            sampler.set_epoch(5, start=start)
+            t0 = time.perf_counter()
+            next(iter(sampler))
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    early, late = first_index_time(32), first_index_time(1_999_000)
+    assert late < early * 1.5 + 0.05
