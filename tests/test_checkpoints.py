@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import BIN, REPO, free_port, subprocess_env
+
 from data.sampler import ShardedSampler
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
