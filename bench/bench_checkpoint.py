@@ -48,9 +48,11 @@ def _torchrun(script_args: list[str], log: Path) -> None:
     with log.open("w") as f:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
-        # The log lives in a temporary folder that is about to go, so its tail is shown here.
-        tail = log.read_text(errors="replace").splitlines()[-40:]
-        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(tail))
+        # The log lives in a temporary folder that is about to go, so the cause is shown here: the ranks'
+        # own tracebacks (torchrun's summary after them says nothing about it), else the log's tail.
+        lines = log.read_text(errors="replace").splitlines()
+        cause = [line for line in lines if line.startswith("[rank")][-40:] or lines[-40:]
+        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(cause))
 
 
 def _folder_bytes(path: Path) -> int:

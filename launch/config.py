@@ -38,7 +38,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16  (auto: bf16 autocast on GPUs that have it, else fp32)
-    backend: str = "ddp"  # ddp (one process falls back to plain)
+    backend: str = "ddp"  # ddp (one process: plain) | fsdp (FSDP2, 2+ ranks)
     eval_every: int = 0  # steps between evaluations; 0 means only at the end
     log_every: int = 10
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -154,7 +154,7 @@ def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
 def validate_train_config(cfg: TrainConfig) -> None:
     check_choice(cfg, "precision", ("auto", "fp32", "bf16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
-    check_choice(cfg, "backend", ("ddp",))
+    check_choice(cfg, "backend", ("ddp", "fsdp"))
     for name in ("batch_size", "grad_accum", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

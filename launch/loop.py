@@ -166,7 +166,8 @@ class Trainer:
         """One float64 fingerprint of the parameters per rank; data-parallel replicas must agree exactly."""
         mine = torch.zeros(1, dtype=torch.float64, device=self.rt.device)
         for i, p in enumerate(self.backend.raw_model.parameters()):
-            mine += p.detach().double().sum() * (1 + i % 7) + p.detach().double().square().sum()
+            p = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP shards
+            mine += p.double().sum() * (1 + i % 7) + p.double().square().sum()
         if not self.rt.distributed:
             return [mine.item()]
         every = [torch.zeros_like(mine) for _ in range(self.rt.world_size)]
@@ -185,10 +186,19 @@ class Trainer:
         # The same masks at every evaluation, so successive numbers are comparable.
         g = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed + 7919 * (self.rt.rank + 1))
         sums: dict[str, torch.Tensor] = {"loss": torch.zeros(2, device=self.rt.device, dtype=torch.float64)}
-        for batch in loader:
-            batch = self.prepare_batch(self._to_device(batch), g)
+        # Every rank runs as many forwards as the busiest one (FSDP gathers layers collectively); the
+        # extra ones repeat a batch and are not counted.
+        batches = torch.tensor([len(loader)], device=self.rt.device)
+        if self.rt.distributed:
+            torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MAX)
+        it, batch = iter(loader), None
+        for _ in range(int(batches.item())):
+            fresh = next(it, None)
+            batch = self.prepare_batch(self._to_device(fresh), g) if fresh is not None else batch
             with self.backend.autocast():
                 out = model(**batch)
+            if fresh is None:
+                continue
             n = batch["input_ids"].shape[0]
             sums["loss"] += torch.tensor([out.loss.item() * n, n], device=self.rt.device, dtype=torch.float64)
             for name, pair in (self.count_metrics(out, batch) if self.count_metrics else {}).items():

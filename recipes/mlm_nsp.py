@@ -257,11 +257,14 @@ def main(argv: list[str] | None = None) -> int:
                 rt.requeue_slurm_job()
             return EXIT_PREEMPTED
         rt.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        state = trainer.backend.full_state_dict()  # collective: under FSDP every rank holds a shard
         if rt.is_main:
             from checkpoints import export_hf
 
+            whole = type(model)(model.config)
+            whole.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
             out = export_hf(
-                model,
+                whole,
                 tok,
                 run_dir / "export",
                 title=f"BERT MLM+NSP ({cfg.name})",
