@@ -39,7 +39,7 @@ def tokenizer_dir(tmp_path_factory):
 
 def command(out, tokenizer_dir, *extra, nproc=2, batch_size=16, steps=24):
     args = ["--output-dir", str(out), "--tokenizer", str(tokenizer_dir), "--batch-size", str(batch_size)]
-    args += ["--max-steps", str(steps), "--save-every", "4", *TINY, *extra]
+    args += ["--max-steps", str(steps), "--save-every", "4", *TINY, *extra]  # later flags win
     if nproc == 1:
         return [sys.executable, RECIPE, *args]
     return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", RECIPE, *args]
@@ -238,3 +238,14 @@ def test_resuming_late_in_a_big_epoch_costs_no_more_than_early():
 
     early, late = first_index_time(32), first_index_time(1_999_000)
     assert late < early * 1.5 + 0.05
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, tokenizer_dir):
+    out = tmp_path / "run"
+    first = run(command(out, tokenizer_dir, "--tracker", "wandb", nproc=1, steps=4))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(command(out, tokenizer_dir, "--tracker", "wandb", nproc=1, steps=8))
+    assert second.returncode == 0 and "resumed from" in second.stdout
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    assert len(runs) == 2 and len(ids) == 1, runs
