@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    import transformers
     from transformers import AutoTokenizer, BertForNextSentencePrediction, pipeline
+
+    transformers.logging.set_verbosity_error()  # the NSP model skips the MLM head by design: no load report
 
     path = Path(args.path)
     export = path / "export" if (path / "export" / "config.json").exists() else path
