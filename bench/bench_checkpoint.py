@@ -11,48 +11,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from launch_two_ranks import torchrun_two_ranks
+
 REPEATS = 3
 RESULT = "result.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(script_args: list[str], log: Path) -> None:
-    """Two CPU ranks, one thread each, so the ranks do not fight over the two cores."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        sys.exit(f"error: {torchrun} not found; run this with the project's virtualenv python")
-    cmd = [str(torchrun), "--nproc_per_node=2", f"--master-port={_free_port()}", *script_args]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    with log.open("w") as f:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        # The log lives in a temporary folder that is about to go, so the cause is shown here: the ranks'
-        # own tracebacks (torchrun's summary after them says nothing about it), else the log's tail.
-        lines = log.read_text(errors="replace").splitlines()
-        cause = [line for line in lines if line.startswith("[rank")][-40:] or lines[-40:]
-        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(cause))
 
 
 def _folder_bytes(path: Path) -> int:
@@ -284,7 +253,9 @@ def main() -> None:
         run = Path(tmp) / "run"
         run.mkdir()
         quick = ["--quick"] if args.quick else []
-        _torchrun(["bench/bench_checkpoint.py", "--worker", f"--out={run}", *quick], Path(tmp) / "worker.log")
+        torchrun_two_ranks(
+            ["bench/bench_checkpoint.py", "--worker", f"--out={run}", *quick], Path(tmp) / "worker.log"
+        )
         result = json.loads((run / RESULT).read_text())
     print_table(result, args.quick)
 

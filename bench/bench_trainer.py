@@ -10,53 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from launch_two_ranks import torchrun_two_ranks
+
 WARMUP_STEPS = 10  # one logging window: first steps pay for allocator growth and lazy init
 HF_RESULT = "hf_trainer.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(script_args: list[str], log: Path) -> None:
-    """Two CPU ranks, one thread each, so both sides get the same compute and neither oversubscribes."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        sys.exit(f"error: {torchrun} not found; run this with the project's virtualenv python")
-    cmd = [str(torchrun), "--nproc_per_node=2", f"--master-port={_free_port()}", *script_args]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    with log.open("w") as f:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        # The run folder is a temporary one, so the cause is shown here: the rank's own error line if it
-        # printed one (torchrun's traceback that follows says nothing about it), else the log's tail.
-        lines = log.read_text(errors="replace").splitlines()
-        cause = [line for line in lines if line.startswith("error:")] or lines[-30:]
-        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(cause))
 
 
 def run_recipe(out: Path, steps: int, data_args: list[str]) -> dict:
     from launch.tracking import read_metrics
 
-    _torchrun(
+    torchrun_two_ranks(
         [
             "recipes/mlm_nsp.py",
             f"--output-dir={out}",
@@ -77,7 +44,7 @@ def run_recipe(out: Path, steps: int, data_args: list[str]) -> dict:
 
 
 def run_trainer(recipe_dir: Path, out: Path, steps: int) -> dict:
-    _torchrun(
+    torchrun_two_ranks(
         [
             "bench/bench_trainer.py",
             "--hf-worker",
