@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MANIFEST = "manifest.json"
@@ -155,8 +156,5 @@ def load_checkpoint(
     rank_file = path / f"rank-{_rank():05d}.safetensors"
     if manifest["meta"].get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
         return manifest["meta"], None, None
-    from safetensors import safe_open
-
     with safe_open(rank_file, "pt") as f:
-        rank_meta = json.loads(f.metadata()["json"])
-    return manifest["meta"], load_file(rank_file), rank_meta
+        return manifest["meta"], {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["json"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import types
 import typing
@@ -160,8 +161,6 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
         raise ConfigError("give a positive --max-steps or a positive --epochs")
-    import signal
-
     for name in filter(None, cfg.stop_signals.split(",")):
         if not hasattr(signal, name.strip()):
             raise ConfigError(f"--stop-signals: unknown signal {name!r}; use names such as SIGTERM,SIGUSR1")

@@ -59,8 +59,6 @@ class TrainState:
 
 
 class Trainer:
-    export_prefix = ""  # where the exportable model sits inside the trained module ("model." for a wrapper)
-
     def __init__(
         self,
         cfg: TrainConfig,
@@ -73,6 +71,7 @@ class Trainer:
         *,
         run_dir: Path | None = None,
         export_files: dict[str, Path] | None = None,
+        export_prefix: str = "",
         prepare_batch: PrepareBatch | None = None,
         count_metrics: CountMetrics | None = None,
         lengths: list[int] | None = None,
@@ -80,7 +79,9 @@ class Trainer:
         self.cfg, self.rt, self.backend = cfg, rt, backend
         self.tracker: Tracker | None = None
         self.run_dir, self.export_files = run_dir, export_files or {}
+        self.export_prefix = export_prefix  # where the exported model sits in the trained one ("model.")
         self.stopped = False  # a stop request (preemption) ended the run early
+        self._last_save = (-1, time.monotonic())  # (step, time) of the last save or resume
         self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
         self.prepare_batch = prepare_batch or (lambda batch, _g: batch)
         self.count_metrics = count_metrics
@@ -290,8 +291,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.save_every and step % cfg.save_every == 0:
             return True
-        if cfg.save_every_minutes and time.monotonic() - self._last_save[1] >= cfg.save_every_minutes * 60:
-            return self.rt.any_rank(True)  # rank clocks differ: decide together
+        if cfg.save_every_minutes:
+            # Every rank votes at every step: clocks differ, and a collective that only some ranks join hangs.
+            return self.rt.any_rank(time.monotonic() - self._last_save[1] >= cfg.save_every_minutes * 60)
         return False
 
     # -- the run ------------------------------------------------------------------------------------------
@@ -300,8 +302,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.tracker = tracker
-        if not hasattr(self, "_last_save"):
-            self._last_save = (-1, time.monotonic())
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not rt.is_main, desc="train")
         window_loss = torch.zeros((), device=rt.device)
         window = torch.zeros(3, dtype=torch.float64)  # steps, samples, tokens since the last log

@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             lengths=lengths,
             run_dir=run_dir,
             export_files={"hf": run_dir / "model_config", "hf/tokenizer": run_dir / "tokenizer"},
+            export_prefix="model.",  # PretrainingObjective.model
         )
-        trainer.export_prefix = "model."
         resumed = trainer.resume()
         tracker = Tracker(
             run_dir,
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             from checkpoints import export_hf
 
             whole = type(model)(model.config)
-            whole.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+            whole.load_state_dict({k.removeprefix(trainer.export_prefix): v for k, v in state.items()})
             out = export_hf(
                 whole,
                 tok,
