@@ -29,6 +29,15 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the sa
 # as {name: tensor([numerator, denominator])} so they sum exactly over batches and ranks.
 PrepareBatch = Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]
 CountMetrics = Callable[[object, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+# Metrics that do not sum (macro F1, entity F1 after merging windows): `collect` turns one eval batch into
+# one picklable record per sample; `summarize` gets every rank's records in eval-set order, on rank 0.
+Collect = Callable[[object, dict], list]
+Summarize = Callable[[list], dict[str, float]]
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """What the model sees: a batch's keys that start with "_" (example ids, word ids) are for metrics."""
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
 
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -75,6 +84,8 @@ class Trainer:
         prepare_batch: PrepareBatch | None = None,
         count_metrics: CountMetrics | None = None,
         lengths: list[int] | None = None,
+        collect: Collect | None = None,
+        summarize: Summarize | None = None,
     ):
         self.cfg, self.rt, self.backend = cfg, rt, backend
         self.tracker: Tracker | None = None
@@ -85,6 +96,7 @@ class Trainer:
         self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
         self.prepare_batch = prepare_batch or (lambda batch, _g: batch)
         self.count_metrics = count_metrics
+        self.collect, self.summarize = collect, summarize
         self.sampler = ShardedSampler(
             len(train_data),
             rank=rt.rank,
@@ -136,7 +148,10 @@ class Trainer:
             self.state.epoch, self.state.consumed, self._batches = self.state.epoch + 1, 0, None
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
+        return {
+            k: v.to(self.rt.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
 
     # -- phases -------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, int, int]:
@@ -155,7 +170,7 @@ class Trainer:
             )
             with backend.accumulating(sync=micro == self.cfg.grad_accum - 1):
                 with backend.autocast():
-                    loss = model(**batch).loss / self.cfg.grad_accum
+                    loss = model(**model_inputs(batch)).loss / self.cfg.grad_accum
                 backend.backward(loss)
             loss_sum += loss.detach()
         backend.step(self.cfg.max_grad_norm)
@@ -192,14 +207,16 @@ class Trainer:
         batches = torch.tensor([len(loader)], device=self.rt.device)
         if self.rt.distributed:
             torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MAX)
-        it, batch = iter(loader), None
+        it, batch, records = iter(loader), None, []
         for _ in range(int(batches.item())):
             fresh = next(it, None)
             batch = self.prepare_batch(self._to_device(fresh), g) if fresh is not None else batch
             with self.backend.autocast():
-                out = model(**batch)
+                out = model(**model_inputs(batch))
             if fresh is None:
                 continue
+            if self.collect is not None:
+                records.extend(self.collect(out, batch))
             n = batch["input_ids"].shape[0]
             sums["loss"] += torch.tensor([out.loss.item() * n, n], device=self.rt.device, dtype=torch.float64)
             for name, pair in (self.count_metrics(out, batch) if self.count_metrics else {}).items():
@@ -210,9 +227,28 @@ class Trainer:
         stacked = torch.stack([sums[n] for n in names])
         if self.rt.distributed:
             torch.distributed.all_reduce(stacked)
-        return {
+        metrics = {
             f"eval/{n}": (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names, stacked)
         }
+        if self.summarize is not None:
+            metrics.update({f"eval/{k}": v for k, v in self._summarize(indices, records).items()})
+        return metrics
+
+    def _summarize(self, indices: list[int], records: list) -> dict[str, float]:
+        """Rank 0 puts every rank's records back in eval-set order and computes; all ranks get the result."""
+        if len(records) != len(indices):
+            raise RuntimeError(f"collect gave {len(records)} records for {len(indices)} eval samples")
+        mine = list(zip(indices, records))
+        if self.rt.distributed:
+            every = [None] * self.rt.world_size
+            torch.distributed.all_gather_object(every, mine)  # our own ranks' records, never a file
+            mine = [pair for part in every for pair in part]
+        result = (
+            [self.summarize([r for _, r in sorted(mine, key=lambda p: p[0])])] if self.rt.is_main else [None]
+        )
+        if self.rt.distributed:
+            torch.distributed.broadcast_object_list(result, src=0)
+        return result[0]
 
     # -- checkpoints --------------------------------------------------------------------------------------
     @property
