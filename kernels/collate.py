@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import array
 import numbers
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -98,12 +98,20 @@ def _sequence_dtype(rows: list) -> torch.dtype:
 
 
 def collate_padded(
-    features: list[dict], *, pad_id: int, pad_to_multiple_of: int | None = None
+    features: list[dict],
+    *,
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+    pad_to_length: int | None = None,
+    pad_values: Mapping[str, int] | None = None,
+    vectors: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """Batch dataset rows: pad every sequence feature to one common length and add attention_mask.
 
-    input_ids pad with pad_id, labels with -100, other sequences with 0; numbers become 1-D tensors.
-    attention_mask and special_tokens_mask in the rows are ignored (the mask is rebuilt from input_ids).
+    input_ids pad with pad_id, labels with -100, other sequences with 0 unless `pad_values` names a key;
+    numbers become 1-D tensors. `vectors` are fixed-size per row (multi-hot labels): stacked, not padded.
+    `pad_to_length` gives every batch the same length (static shapes, e.g. XLA). attention_mask and
+    special_tokens_mask in the rows are ignored (the mask is rebuilt from input_ids).
     """
     if not features:
         raise ValueError("collate_padded got an empty batch")
@@ -120,15 +128,26 @@ def collate_padded(
 
     flats = {}
     for key in keys:
-        if isinstance(columns[key][0], list | tuple | Tensor):
+        if key not in vectors and isinstance(columns[key][0], list | tuple | Tensor):
             flats[key] = _flatten(columns[key], _sequence_dtype(columns[key]))
-    length = _padded_length(max(max(lengths, default=0) for _, lengths in flats.values()), pad_to_multiple_of)
+    longest = max(max(lengths, default=0) for _, lengths in flats.values())
+    length = _padded_length(longest, pad_to_multiple_of)
+    if pad_to_length is not None:
+        if longest > pad_to_length:
+            raise ValueError(f"a row has {longest} tokens, more than pad_to_length={pad_to_length}")
+        length = pad_to_length
+    pad_values = pad_values or {}
 
     batch = {}
     for key in keys:
-        if key in flats:
+        if key in vectors:
+            rows = columns[key]
+            batch[key] = torch.stack([torch.as_tensor(r) for r in rows]).to(_sequence_dtype(rows))
+        elif key in flats:
             flat, lengths = flats[key]
-            batch[key], mask = _scatter_padded(flat, lengths, length, _pad_value(key, pad_id))
+            batch[key], mask = _scatter_padded(
+                flat, lengths, length, pad_values.get(key, _pad_value(key, pad_id))
+            )
             if key == "input_ids":
                 batch["attention_mask"] = mask
         else:

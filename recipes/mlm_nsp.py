@@ -15,9 +15,7 @@ Launch:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,23 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints.sharded import CheckpointError
 from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
-from data.text import DataError, read_documents
+from data.text import read_documents
 from data.tokenizer import load_tokenizer, train_wordpiece
 from kernels import collate_padded, mask_tokens
-from launch.backends import make_backend
-from launch.config import (
-    ConfigError,
-    TrainConfig,
-    check_choice,
-    parse_config,
-    save_config,
-    validate_train_config,
-)
-from launch.loop import EXIT_PREEMPTED, Trainer
+from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.recipe import RecipeParts, run_main, run_recipe
 from launch.runtime import Runtime
-from launch.tracking import Tracker
 
 TOY_CORPUS = Path(__file__).resolve().parent.parent / "data" / "toy" / "mlm_nsp" / "corpus.txt"
 
@@ -81,16 +69,6 @@ def _validate(cfg: MLMNSPConfig) -> None:
         raise ConfigError(f"--max-length must be at least 8, got {cfg.max_length}")
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"--hidden-size {cfg.hidden_size} must be divisible by --num-heads {cfg.num_heads}")
-
-
-def _setup_run_dir(cfg: MLMNSPConfig, rt: Runtime) -> Path:
-    cfg.name = cfg.name or "mlm_nsp"
-    run_dir = Path(cfg.output_dir or Path("runs") / cfg.name)
-    cfg.output_dir = str(run_dir)
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    return run_dir
 
 
 def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: list[list[str]]):
@@ -210,85 +188,32 @@ def _count_metrics(out, batch):
     }
 
 
+def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
+    tok, train, evals, lengths = _setup_data(cfg, rt, run_dir)
+    model = _setup_model(cfg, tok)
+    special_ids = torch.tensor(tok.all_special_ids)
+    return RecipeParts(
+        model=model,
+        tokenizer=tok,
+        train_data=train,
+        eval_data=evals,
+        collate=functools.partial(
+            collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
+        ),
+        title=f"BERT MLM+NSP ({cfg.name})",
+        trained=PretrainingObjective(model),
+        export_prefix="model.",  # PretrainingObjective.model
+        lengths=lengths,
+        prepare_batch=functools.partial(_mask_on_device, tok=tok, cfg=cfg, special_ids=special_ids),
+        count_metrics=_count_metrics,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(MLMNSPConfig, argv, description=__doc__)
     _validate(cfg)
-    rt = Runtime.start(cfg.seed, stop_signals=cfg.stop_signals)
-    tracker, trainer, clean = None, None, False
-    try:
-        run_dir = _setup_run_dir(cfg, rt)
-        tok, train, evals, lengths = _setup_data(cfg, rt, run_dir)
-        model = _setup_model(cfg, tok)
-        if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
-            model.config.architectures = [type(model).__name__]
-            model.config.save_pretrained(run_dir / "model_config")
-        special_ids = torch.tensor(tok.all_special_ids)
-        trainer = Trainer(
-            cfg,
-            rt,
-            make_backend(cfg.backend, rt, cfg.precision),
-            PretrainingObjective(model),
-            train,
-            evals,
-            functools.partial(
-                collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
-            ),
-            prepare_batch=functools.partial(_mask_on_device, tok=tok, cfg=cfg, special_ids=special_ids),
-            count_metrics=_count_metrics,
-            lengths=lengths,
-            run_dir=run_dir,
-            export_files={"hf": run_dir / "model_config", "hf/tokenizer": run_dir / "tokenizer"},
-            export_prefix="model.",  # PretrainingObjective.model
-        )
-        resumed = trainer.resume()
-        tracker = Tracker(
-            run_dir,
-            enabled=rt.is_main,
-            use_wandb=cfg.tracker == "wandb",
-            project=cfg.wandb_project,
-            name=cfg.name,
-            config=dataclasses.asdict(cfg),
-            run_id=(resumed or {}).get("tracker_run_id"),
-        )
-        metrics = trainer.fit(tracker)
-        clean = True
-        if trainer.stopped:
-            if cfg.requeue:
-                rt.requeue_slurm_job()
-            return EXIT_PREEMPTED
-        rt.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        state = trainer.backend.full_state_dict()  # collective: under FSDP every rank holds a shard
-        if rt.is_main:
-            from checkpoints import export_hf
-
-            whole = type(model)(model.config)
-            whole.load_state_dict({k.removeprefix(trainer.export_prefix): v for k, v in state.items()})
-            out = export_hf(
-                whole,
-                tok,
-                run_dir / "export",
-                title=f"BERT MLM+NSP ({cfg.name})",
-                metrics=metrics,
-                config=dataclasses.asdict(cfg),
-            )
-            rt.print(f"exported to {out}")
-        return 0
-    except (ConfigError, DataError, CheckpointError) as err:  # the same on every rank: all stop here
-        if rt.is_main:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        clean = True
-        return 2
-    finally:
-        if tracker is not None:
-            tracker.finish()
-        if trainer is not None:
-            trainer.backend.close()
-        rt.close(clean)
+    return run_recipe(cfg, _build, "mlm_nsp")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, DataError) as err:  # raised before the runtime started
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_main(main)
