@@ -51,29 +51,60 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class DCPState:
+    """Model and optimizer through torch.distributed.checkpoint: loads under any world size and any backend
+    whose parameters DCP understands (plain, DDP, FSDP2 DTensors; SPMD with its planners)."""
+
+    format = "dcp"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, planners=(None, None)):
+        self.model, self.optimizer = model, optimizer
+        self.save_planner, self.load_planner = planners
+
+    def save(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd},
+            checkpoint_id=path,
+            planner=self.save_planner,
+            no_dist=not dist.is_initialized(),
+        )
+
+    def load(self, path: Path, meta: dict[str, Any]) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path, planner=self.load_planner, no_dist=not dist.is_initialized())
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    state=None,
     rank_state: dict[str, torch.Tensor],
     rank_meta: dict[str, Any],
     meta: dict[str, Any],
     extra_files: dict[str, Path] | None = None,
     keep_last: int = 0,
 ) -> Path:
-    """Collective: every rank calls it. Returns the committed folder."""
+    """Collective: every rank calls it. Returns the committed folder.
+
+    `state` writes model and optimizer into a folder (`DCPState` by default; a backend with its own format,
+    such as DeepSpeed's, passes its own object with the same `format`, `save` and `load`)."""
     root, rank = Path(root), _rank()
+    state = state or DCPState(model, optimizer)
+    meta = {**meta, "state_format": state.format}
     final, tmp = step_dir(root, step), root / f".tmp-step-{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save(
-        {"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state", no_dist=not dist.is_initialized()
-    )
+    state.save(tmp / "state")
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in rank_state.items()},
         tmp / f"rank-{rank:05d}.safetensors",
@@ -143,16 +174,25 @@ def latest_complete_checkpoint(root: str | Path, report=print) -> Path | None:
 
 
 def load_checkpoint(
-    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    state=None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any] | None]:
     """Collective. Restores model and optimizer in place (any world size, any backend); returns the
     manifest's meta and this rank's saved state, or None for both when the rank did not exist then."""
     path = Path(path)
     manifest = verify_checkpoint(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path / "state", no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    state = state or DCPState(model, optimizer)
+    saved_format = manifest["meta"].get("state_format", "dcp")
+    if saved_format != state.format:
+        raise CheckpointError(
+            f"{path} holds a {saved_format} checkpoint (backend {manifest['meta'].get('backend')}), which "
+            f"this backend ({state.format}) cannot read; resume with the backend that saved it, or export "
+            f"it (python -m checkpoints export {path} OUT) and start a new run from that model"
+        )
+    state.load(path / "state", manifest["meta"])
     rank_file = path / f"rank-{_rank():05d}.safetensors"
     if manifest["meta"].get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
         return manifest["meta"], None, None

@@ -1,7 +1,8 @@
 """Backends: how a model, its optimizer and its schedule run across ranks, behind one small interface.
 
-The loop only calls `setup`, `autocast`, `accumulating`, `backward`, `step` and `raw_model`, so FSDP2,
-DeepSpeed or XLA can slot in without a recipe changing. This file holds the plain and DDP backends.
+The loop only calls `setup` (which also gets the run's config), `autocast`, `accumulating`, `backward`,
+`step`, `raw_model`, `checkpoint_state` and `full_state_dict`, so FSDP2, DeepSpeed or XLA slot in without a
+recipe changing. This file holds the plain/DDP and FSDP2 backends; DeepSpeed and XLA live beside it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class DDPBackend:
         model: nn.Module,
         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
         make_scheduler: Callable[[torch.optim.Optimizer], object],
+        cfg=None,
     ) -> None:
         model = model.to(self.rt.device)
         self._raw = model
@@ -93,6 +95,12 @@ class DDPBackend:
         after the group, can deadlock against gloo's worker thread (seen with torch 2.13 on CPU)."""
         self.model = None
 
+    def checkpoint_state(self):
+        """What writes and reads model + optimizer in a checkpoint (see checkpoints.sharded)."""
+        from checkpoints.sharded import DCPState
+
+        return DCPState(self.model, self.optimizer)
+
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -110,7 +118,7 @@ class FSDPBackend(DDPBackend):
 
     name = "fsdp"
 
-    def setup(self, model, make_optimizer, make_scheduler) -> None:
+    def setup(self, model, make_optimizer, make_scheduler, cfg=None) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -156,9 +164,21 @@ def _layer_lists(model: nn.Module) -> list[nn.ModuleList]:
     ]
 
 
+BACKENDS = ("ddp", "fsdp", "deepspeed", "xla")
+
+
 def make_backend(name: str, runtime: Runtime, precision: str):
+    """The backend named by --backend; DeepSpeed and torch_xla are imported only when asked for."""
     if name == "ddp":
         return DDPBackend(runtime, precision)
     if name == "fsdp":
         return FSDPBackend(runtime, precision)
-    raise ConfigError(f"unknown --backend {name!r}; available: ddp, fsdp")
+    if name == "deepspeed":
+        from launch.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(runtime, precision)
+    if name == "xla":
+        from launch.xla_backend import XLABackend
+
+        return XLABackend(runtime, precision)
+    raise ConfigError(f"unknown --backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -39,7 +39,11 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16  (auto: bf16 autocast on GPUs that have it, else fp32)
-    backend: str = "ddp"  # ddp (one process: plain) | fsdp (FSDP2, 2+ ranks)
+    backend: str = "ddp"  # ddp (one process: plain) | fsdp (FSDP2, 2+ ranks) | deepspeed | xla
+    zero_stage: int = 2  # --backend deepspeed: ZeRO stage 1, 2 or 3
+    deepspeed_config: str = ""  # --backend deepspeed: a JSON file merged with the flags (they must agree)
+    offload_optimizer: bool = False  # --backend deepspeed on GPU: optimizer state in CPU memory
+    offload_params: bool = False  # --backend deepspeed ZeRO-3 on GPU: parameters in CPU memory
     eval_every: int = 0  # steps between evaluations; 0 means only at the end
     log_every: int = 10
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -155,7 +159,7 @@ def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
 def validate_train_config(cfg: TrainConfig) -> None:
     check_choice(cfg, "precision", ("auto", "fp32", "bf16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
-    check_choice(cfg, "backend", ("ddp", "fsdp"))
+    check_choice(cfg, "backend", ("ddp", "fsdp", "deepspeed", "xla"))
     for name in ("batch_size", "grad_accum", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

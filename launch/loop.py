@@ -115,6 +115,7 @@ class Trainer:
             model,
             lambda m: make_adamw(m, cfg.lr, cfg.weight_decay),
             lambda opt: linear_schedule(opt, warmup, self.total_steps),
+            cfg=cfg,
         )
         self.state = TrainState()
         # Task randomness on the device (masking) draws from its own generator, so it is reproducible
@@ -274,8 +275,7 @@ class Trainer:
         path = save_checkpoint(
             self.checkpoint_root,
             self.state.step,
-            model=self.backend.model,
-            optimizer=self.backend.optimizer,
+            state=self.backend.checkpoint_state(),
             rank_state=rank_state,
             rank_meta=rank_meta,
             meta=meta,
@@ -298,9 +298,7 @@ class Trainer:
         path = latest_complete_checkpoint(root, report=self.rt.print) if mode == "auto" else Path(mode)
         if path is None:
             return None
-        meta, rank_state, rank_meta = load_checkpoint(
-            path, model=self.backend.model, optimizer=self.backend.optimizer
-        )
+        meta, rank_state, rank_meta = load_checkpoint(path, state=self.backend.checkpoint_state())
         self.state.step = meta["step"]
         self.state.epoch = meta["epoch"]
         self.backend.scheduler.last_epoch = self.state.step
