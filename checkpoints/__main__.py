@@ -34,10 +34,13 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"{hf / 'config.json'}: unknown architecture {arch!r}")
     model = model_class(config)
     prefix = meta.get("export", {}).get("model_prefix", "")
-    own = model.state_dict()
-    wanted = {"model": {prefix + k: v for k, v in own.items()}}
-    dcp.load(wanted, checkpoint_id=path / "state", no_dist=True)
-    model.load_state_dict({k[len(prefix) :]: v for k, v in wanted["model"].items()})
+    if meta.get("state_format", "dcp") == "deepspeed":
+        _load_deepspeed_weights(model, path, prefix)
+    else:
+        own = model.state_dict()
+        wanted = {"model": {prefix + k: v for k, v in own.items()}}
+        dcp.load(wanted, checkpoint_id=path / "state", no_dist=True)
+        model.load_state_dict({k[len(prefix) :]: v for k, v in wanted["model"].items()})
     tokenizer = None
     if (hf / "tokenizer").is_dir():
         tokenizer = transformers.AutoTokenizer.from_pretrained(hf / "tokenizer")
@@ -48,6 +51,41 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
         title=f"{arch} from {path.name}",
         metrics={},
         config={"checkpoint": str(path), **meta},
+    )
+
+
+def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:
+    """The fp32 weights of any ZeRO stage, consolidated from DeepSpeed's shards in this process.
+
+    DeepSpeed stores one copy of tied weights (BERT's decoder is its word embeddings); the model ties them
+    again, and any other missing weight is an error rather than a silently random layer."""
+    import torch
+
+    from launch.deepspeed_backend import TAG, _import_deepspeed
+
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with torch.no_grad():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path / "state"), tag=TAG)
+    ours = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    model.tie_weights()
+    tied = {k for k in missing if _is_tied(model, k)}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"{path}: DeepSpeed weights do not fit {type(model).__name__} "
+            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+def _is_tied(model, key: str) -> bool:
+    out = model.get_output_embeddings()
+    return (
+        out is not None
+        and key.endswith("weight")
+        and out.weight is model.get_input_embeddings().weight
+        and (dict(model.named_parameters(remove_duplicate=False)).get(key) is out.weight)
     )
 
 

@@ -98,7 +98,7 @@ def save_checkpoint(
     such as DeepSpeed's, passes its own object with the same `format`, `save` and `load`)."""
     root, rank = Path(root), _rank()
     state = state or DCPState(model, optimizer)
-    meta = {**meta, "state_format": state.format}
+    meta = {**meta, "state_format": state.format, **getattr(state, "meta", {})}
     final, tmp = step_dir(root, step), root / f".tmp-step-{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,6 +31,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
                 f"--precision bf16 asked for, but {device} has no bf16 support; use --precision fp32"
             )
         return torch.bfloat16
+    if precision == "fp16":
+        raise ConfigError("--precision fp16 is available with --backend deepspeed on a GPU; use bf16 here")
     raise ConfigError(f"unknown --precision {precision!r}; use auto, fp32 or bf16")
 
 

@@ -38,7 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16  (auto: bf16 autocast on GPUs that have it, else fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deepspeed on GPU); auto: bf16 on GPUs, else fp32
     backend: str = "ddp"  # ddp (one process: plain) | fsdp (FSDP2, 2+ ranks) | deepspeed | xla
     zero_stage: int = 2  # --backend deepspeed: ZeRO stage 1, 2 or 3
     deepspeed_config: str = ""  # --backend deepspeed: a JSON file merged with the flags (they must agree)
@@ -157,9 +157,18 @@ def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
-    check_choice(cfg, "precision", ("auto", "fp32", "bf16"))
+    check_choice(cfg, "precision", ("auto", "fp32", "bf16", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
     check_choice(cfg, "backend", ("ddp", "fsdp", "deepspeed", "xla"))
+    if cfg.backend == "deepspeed":  # the JSON and the flags must agree before any process group starts
+        import os
+
+        import torch
+
+        from launch.deepspeed_config import build_deepspeed_config
+
+        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        build_deepspeed_config(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
     for name in ("batch_size", "grad_accum", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

@@ -6,6 +6,7 @@ metrics summed over ranks, throughput, and a step boundary where stop requests a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -182,9 +183,12 @@ class Trainer:
     def replica_param_sums(self) -> list[float]:
         """One float64 fingerprint of the parameters per rank; data-parallel replicas must agree exactly."""
         mine = torch.zeros(1, dtype=torch.float64, device=self.rt.device)
-        for i, p in enumerate(self.backend.raw_model.parameters()):
-            p = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP shards
-            mine += p.double().sum() * (1 + i % 7) + p.double().square().sum()
+        gathered = getattr(self.backend, "gathered_parameters", None)  # ZeRO-3 partitions parameters
+        plain = contextlib.nullcontext(list(self.backend.raw_model.parameters()))
+        with gathered() if gathered else plain as params:
+            for i, p in enumerate(params):
+                p = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP shards
+                mine += p.double().sum() * (1 + i % 7) + p.double().square().sum()
         if not self.rt.distributed:
             return [mine.item()]
         every = [torch.zeros_like(mine) for _ in range(self.rt.world_size)]
