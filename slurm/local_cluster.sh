@@ -88,7 +88,7 @@ write_configs() {
 start() { # name, command... (runs in the background; its pid is recorded)
   local name=$1
   shift
-  "$@" >>"$DIR/log/$name.out" 2>&1 </dev/null &
+  "$@" >>"$DIR/log/$name.out" 2>&1 </dev/null 9>&- & # fd 9 holds our lock; daemons must not keep it
   echo $! >"$DIR/pids/$name"
   disown
 }

@@ -22,6 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: a real multi-process run of a recipe")
+    config.addinivalue_line(
+        "markers", "slurm: runs jobs on the local Slurm cluster (slurm/local_cluster.sh up)"
+    )
 
 
 def free_port() -> int:
@@ -46,4 +49,17 @@ def meditations() -> Path:
     path = SHARED_DATA / "meditations.txt"
     if not path.is_file():
         pytest.skip(f"{path} is absent (the shared data folder sits beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """One WordPiece for the toy corpus: runs compared step by step must share their token ids (training
+    a tokenizer twice can break ties differently)."""
+    from data.text import read_documents
+    from data.tokenizer import train_wordpiece
+
+    docs = read_documents([REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"])
+    path = tmp_path_factory.mktemp("tok")
+    train_wordpiece((s for d in docs for s in d), vocab_size=600).save_pretrained(path)
     return path

@@ -1,0 +1,224 @@
+"""The Slurm lane: real jobs on the local single-node cluster (slurm/local_cluster.sh, started when down).
+
+The sbatch script and submitit arrays train a tiny BERT; preemption (USR1 to the batch shell, submitit's
+interrupt) must save, requeue, resume, and end with the same final metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, subprocess_env
+
+from launch import submit
+from launch.tracking import read_metrics
+
+pytestmark = pytest.mark.slurm
+
+RECIPE = "recipes/mlm_nsp.py"
+TOY = REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"
+TINY = [
+    "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
+    "--max-steps", "40", "--save-every", "5", "--tracker", "none", "--num-workers", "0",
+]  # fmt: skip
+LOCAL_SBATCH = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=local", "--time=10"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster runs as root (slurm/local_cluster.sh up)")
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, f"slurm/local_cluster.sh up failed:\n{out.stdout}\n{out.stderr}"
+    print(f"\nlocal cluster up in {time.monotonic() - t0:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> str:
+    """One WordPiece for every compared run: training one has nondeterministic ties."""
+    from data.text import read_documents
+    from data.tokenizer import train_wordpiece
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    docs = read_documents([str(TOY)], documents="blank_line", cache_dir=str(folder / "cache"))
+    tok = train_wordpiece((s for d in docs for s in d), vocab_size=2000, lowercase=True)
+    tok.save_pretrained(folder / "tok")
+    return str(folder / "tok")
+
+
+def sbatch(
+    script: str, run_dir: Path, log: Path, recipe_args: list[str], *, wait: bool
+) -> subprocess.CompletedProcess:
+    env = subprocess_env(RUN_DIR=str(run_dir), NPROC_PER_NODE="1", PYTHON=sys.executable)
+    cmd = ["sbatch", *LOCAL_SBATCH, f"--output={log}"] + (["--wait"] if wait else ["--parsable"])
+    return subprocess.run(
+        [*cmd, script, *recipe_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def job_field(job_id: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+    match = re.search(rf"\b{name}=(\S+)", out.stdout)
+    return match.group(1) if match else ""
+
+
+def wait_for(what: str, condition, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
+        time.sleep(0.3)
+
+
+def final_eval(run_dir: Path) -> dict:
+    """The last train loss and the final evaluation, the numbers an uninterrupted run must reproduce."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    assert train and evals, f"{run_dir}/metrics.jsonl has no train or eval records"
+    out = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
+    out.update(
+        step=evals[-1]["step"], last_train_loss=train[-1]["train/loss"], last_train_step=train[-1]["step"]
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tokenizer, tmp_path_factory) -> dict:
+    """`sbatch --wait slurm/mlm_nsp.sh`, uninterrupted: the run the preempted ones are compared with."""
+    root = tmp_path_factory.mktemp("sbatch")
+    run_dir, log = root / "run", root / "job.out"
+    out = sbatch("slurm/mlm_nsp.sh", run_dir, log, [*TINY, "--tokenizer", tokenizer], wait=True)
+    text = log.read_text() if log.exists() else ""
+    assert out.returncode == 0, f"sbatch --wait failed ({out.returncode}): {out.stderr}\n{text[-3000:]}"
+    return {"run_dir": run_dir, "log": text, "final": final_eval(run_dir)}
+
+
+def test_sbatch_script_trains_and_exports(reference):
+    run_dir = reference["run_dir"]
+    assert (run_dir / "export" / "model.safetensors").stat().st_size > 0
+    assert (run_dir / "export" / "config.json").is_file()
+    assert reference["final"]["step"] == 40
+    assert "rendezvous" in reference["log"] and "exported to" in reference["log"]
+
+
+def test_usr1_to_batch_shell_saves_requeues_and_resumes(reference, tokenizer, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    out = sbatch("slurm/mlm_nsp.sh", run_dir, log, [*TINY, "--tokenizer", tokenizer], wait=False)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    wait_for("the first checkpoint", lambda: (run_dir / "checkpoints" / "step-000005").is_dir(), 180, log)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    wait_for("the job to finish after its requeue", lambda: job_field(job, "JobState") in _DONE, 240, log)
+    text = log.read_text()
+    assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    assert job_field(job, "Restarts") == "1", text[-3000:]
+    assert "USR1 received" in text and "resumed from" in text, text[-3000:]
+    resumed_at = int(re.search(r"resumed from \S+step-(\d+) at step", text).group(1))
+    assert 5 <= resumed_at < 40
+    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert final_eval(run_dir) == reference["final"]
+
+
+_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def test_submitit_array_over_grid_writes_results_table(cluster, tokenizer, tmp_path):
+    grid = submit.parse_grid(["lr=1e-3,2e-3", "seed=1,2"])
+    args = [*TINY, "--max-steps", "8", "--save-every", "0", "--tokenizer", tokenizer]
+    tasks = submit.submit(RECIPE, args, grid, root=tmp_path, options=submit.SlurmOptions(timeout_min=10))
+    assert len({t.job.job_id.split("_")[0] for t in tasks}) == 1, "the 4 tasks are one job array"
+    submit.wait(tasks)
+    rows = submit.collect(tasks)
+    csv_path, md_path = submit.write_results(rows, tmp_path)
+    with csv_path.open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4
+    assert [(r["lr"], r["seed"]) for r in table] == [
+        ("1e-3", "1"),
+        ("1e-3", "2"),
+        ("2e-3", "1"),
+        ("2e-3", "2"),
+    ]
+    for row in table:
+        assert row["status"] == "done", f"{row['task']} failed: {row.get('error')}; log {row['log']}"
+        assert float(row["step"]) == 8 and 0 < float(row["eval/loss"]) < 20
+        config = (Path(row["run_dir"]) / "config.yaml").read_text()
+        assert f"seed: {row['seed']}\n" in config and f"lr: {float(row['lr'])}\n" in config
+    assert len({r["run_dir"] for r in table}) == 4
+    assert len({r["eval/loss"] for r in table}) == 4, "different lr/seed must give different runs"
+    assert len(md_path.read_text().splitlines()) == 2 + 4
+
+
+def test_submitit_interrupt_checkpoints_requeues_and_resumes(reference, tokenizer, tmp_path):
+    args = [*TINY, "--tokenizer", tokenizer]
+    (task,) = submit.submit(
+        RECIPE, args, root=tmp_path, options=submit.SlurmOptions(timeout_min=10), check=False
+    )
+    log = Path(task.job.paths.stdout)
+    wait_for(
+        "the first checkpoint", lambda: (task.run_dir / "checkpoints" / "step-000005").is_dir(), 180, log
+    )
+    task.job._interrupt()  # what a preemption looks like to submitit: SIGTERM, then USR2
+    submit.wait([task])
+    result = task.job.result()
+    text = log.read_text()
+    assert "requeueing" in text and "resumed from" in text, text[-3000:]
+    assert job_field(task.job.job_id, "Restarts") == "1"
+    assert result["step"] == 40
+    assert final_eval(task.run_dir) == reference["final"]
+
+
+def test_failed_task_is_a_row_with_its_log(cluster, tmp_path):
+    tasks = submit.submit(
+        RECIPE, ["--max-length", "4"], root=tmp_path, options=submit.SlurmOptions(timeout_min=5)
+    )
+    submit.wait(tasks)
+    (row,) = submit.collect(tasks)
+    assert row["status"] == "failed" and "status 2" in row["error"]
+    assert "--max-length must be at least 8" in Path(row["log"]).read_text()
+
+
+def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(submit.SubmitError, match=r"grid entry 'lr' is malformed; write OPTION=V1,V2"):
+        submit.parse_grid(["lr"])
+    with pytest.raises(submit.SubmitError, match="'seed' is given twice"):
+        submit.parse_grid(["seed=1", "seed=2"])
+    with pytest.raises(submit.SubmitError, match=r"grid entry 'lr=1e-3,' is malformed"):
+        submit.parse_grid(["lr=1e-3,"])
+    with pytest.raises(
+        submit.SubmitError, match=r"recipe recipes/nope.py is not a file; .*recipes/mlm_nsp.py"
+    ):
+        submit.submit("recipes/nope.py", root=tmp_path, cluster="local")
+    with pytest.raises(submit.SubmitError, match=r"mlm_nsp.py has no option --learning-rate; see"):
+        submit.submit(RECIPE, [], [{"learning_rate": "1"}], root=tmp_path, cluster="local")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo
+    with pytest.raises(submit.SubmitError, match=r"no Slurm cluster answers .*slurm/local_cluster.sh up"):
+        submit.submit(RECIPE, root=tmp_path, check=False)
+    cli = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--grid", "lr", RECIPE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "error: grid entry 'lr' is malformed" in cli.stderr
+
+
+def test_local_cluster_status_names_each_daemon(cluster):
+    out = subprocess.run(
+        ["bash", "slurm/local_cluster.sh", "status"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for daemon in ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"):
+        assert re.search(rf"^{daemon} running \(pid \d+\)$", out.stdout, re.M), out.stdout
+    assert shutil.which("sacct")
