@@ -264,11 +264,17 @@ def collect(tasks: list[Task]) -> list[dict[str, Any]]:
             metrics = t.job.result()
             row.update(status="done", **metrics)
         except Exception as err:  # the job's own failure, whatever it was, becomes a row
-            last = [line for line in str(err).strip().splitlines() if line.strip()]
-            row.update(status="failed", error=(last[-1] if last else type(err).__name__)[:200])
+            row.update(status="failed", error=_error_line(err))
         row.update(run_dir=str(t.run_dir), log=str(t.job.paths.stdout))
         rows.append(row)
     return rows
+
+
+def _error_line(err: Exception) -> str:
+    """The raised exception's line from a job's traceback, else the error's first line."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Failed|Exit)\b", line)]
+    return (raised[-1] if raised else lines[0] if lines else type(err).__name__)[:300]
 
 
 def write_results(rows: list[dict[str, Any]], root: str | Path) -> tuple[Path, Path]:
