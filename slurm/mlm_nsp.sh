@@ -24,14 +24,14 @@
 #   RUN_DIR          run folder, kept across requeues      (default runs/mlm_nsp-<job name>)
 #   NPROC_PER_NODE   workers per node                      (default: GPUs on the node, else 1)
 #   PYTHON           interpreter with recipebox installed  (default .venv/bin/python, else python3)
-#   RECIPE_BACKEND   extra recipe flags placed before yours (the DeepSpeed variant sets the backend here)
+#   BACKEND_FLAGS    recipe flags placed before yours (slurm/mlm_nsp_deepspeed.sh sets the backend here)
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 RUN_DIR=${RUN_DIR:-runs/mlm_nsp-${SLURM_JOB_NAME:-local}}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-read -r -a backend_flags <<<"${RECIPE_BACKEND:-}"
+read -r -a backend_flags <<<"${BACKEND_FLAGS:-}"
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))

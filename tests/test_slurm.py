@@ -7,6 +7,7 @@ interrupt) must save, requeue, resume, and end with the same final metrics as an
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -55,14 +56,13 @@ def tokenizer(tmp_path_factory) -> str:
     return str(folder / "tok")
 
 
-def sbatch(
-    script: str, run_dir: Path, log: Path, recipe_args: list[str], *, wait: bool
-) -> subprocess.CompletedProcess:
-    env = subprocess_env(RUN_DIR=str(run_dir), NPROC_PER_NODE="1", PYTHON=sys.executable)
-    cmd = ["sbatch", *LOCAL_SBATCH, f"--output={log}"] + (["--wait"] if wait else ["--parsable"])
-    return subprocess.run(
-        [*cmd, script, *recipe_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+def sbatch_command(script: str, log: Path, recipe_args: list[str], *, wait: bool) -> list[str]:
+    flags = [*LOCAL_SBATCH, f"--output={log}", "--wait" if wait else "--parsable"]
+    return ["sbatch", *flags, script, *recipe_args]
+
+
+def sbatch_env(run_dir: Path) -> dict[str, str]:
+    return subprocess_env(RUN_DIR=str(run_dir), NPROC_PER_NODE="1", PYTHON=sys.executable)
 
 
 def job_field(job_id: str, name: str) -> str:
@@ -94,11 +94,26 @@ def final_eval(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tokenizer, tmp_path_factory) -> dict:
+def deepspeed_job(cluster, tokenizer, tmp_path_factory):
+    """`sbatch --wait slurm/mlm_nsp_deepspeed.sh`, started first so it shares the node with the runs below."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    run_dir, log = root / "run", root / "job.out"
+    cmd = sbatch_command("slurm/mlm_nsp_deepspeed.sh", log, [*TINY, "--tokenizer", tokenizer], wait=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=sbatch_env(run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    yield proc, run_dir, log
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(deepspeed_job, tokenizer, tmp_path_factory) -> dict:
     """`sbatch --wait slurm/mlm_nsp.sh`, uninterrupted: the run the preempted ones are compared with."""
     root = tmp_path_factory.mktemp("sbatch")
     run_dir, log = root / "run", root / "job.out"
-    out = sbatch("slurm/mlm_nsp.sh", run_dir, log, [*TINY, "--tokenizer", tokenizer], wait=True)
+    cmd = sbatch_command("slurm/mlm_nsp.sh", log, [*TINY, "--tokenizer", tokenizer], wait=True)
+    out = subprocess.run(cmd, cwd=REPO, env=sbatch_env(run_dir), capture_output=True, text=True, timeout=300)
     text = log.read_text() if log.exists() else ""
     assert out.returncode == 0, f"sbatch --wait failed ({out.returncode}): {out.stderr}\n{text[-3000:]}"
     return {"run_dir": run_dir, "log": text, "final": final_eval(run_dir)}
@@ -114,8 +129,8 @@ def test_sbatch_script_trains_and_exports(reference):
 
 def test_usr1_to_batch_shell_saves_requeues_and_resumes(reference, tokenizer, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    out = sbatch("slurm/mlm_nsp.sh", run_dir, log, [*TINY, "--tokenizer", tokenizer], wait=False)
-    assert out.returncode == 0, out.stderr
+    cmd = sbatch_command("slurm/mlm_nsp.sh", log, [*TINY, "--tokenizer", tokenizer], wait=False)
+    out = subprocess.run(cmd, cwd=REPO, env=sbatch_env(run_dir), capture_output=True, text=True, check=True)
     job = out.stdout.strip().split(";")[0]
     wait_for("the first checkpoint", lambda: (run_dir / "checkpoints" / "step-000005").is_dir(), 180, log)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
@@ -177,6 +192,17 @@ def test_submitit_interrupt_checkpoints_requeues_and_resumes(reference, tokenize
     assert job_field(task.job.job_id, "Restarts") == "1"
     assert result["step"] == 40
     assert final_eval(task.run_dir) == reference["final"]
+
+
+def test_deepspeed_script_trains_zero2_and_exports(deepspeed_job):
+    proc, run_dir, log = deepspeed_job
+    _, err = proc.communicate(timeout=300)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, f"sbatch --wait failed ({proc.returncode}): {err.decode()}\n{text[-3000:]}"
+    assert (run_dir / "export" / "model.safetensors").stat().st_size > 0
+    newest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    manifest = json.loads((run_dir / "checkpoints" / newest / "manifest.json").read_text())
+    assert manifest["meta"]["deepspeed"] == {"zero_stage": 2} and manifest["meta"]["step"] == 40
 
 
 def test_failed_task_is_a_row_with_its_log(cluster, tmp_path):
