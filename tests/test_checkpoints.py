@@ -3,7 +3,6 @@ half-written checkpoints, resharding across world sizes, export from any checkpo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,76 +12,19 @@ import time
 
 import pytest
 import torch
-from conftest import BIN, REPO, free_port, subprocess_env
+from conftest import REPO, subprocess_env
+from recipe_runs import (
+    command,
+    final_sums,
+    losses,
+    run,
+    start_and_wait_for_step,
+    workers_of,
+)
 
 from data.sampler import ShardedSampler
 
-RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
-TINY = [
-    "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
-    "--max-length", "64", "--log-every", "1", "--eval-every", "0", "--tracker", "none",
-]  # fmt: skip
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """One tokenizer for every run here: runs compared step by step must share their token ids."""
-    from data.text import read_documents
-    from data.tokenizer import train_wordpiece
-
-    docs = read_documents([REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"])
-    path = tmp_path_factory.mktemp("tok")
-    train_wordpiece((s for d in docs for s in d), vocab_size=600).save_pretrained(path)
-    return path
-
-
-def command(out, tokenizer_dir, *extra, nproc=2, batch_size=16, steps=24):
-    args = ["--output-dir", str(out), "--tokenizer", str(tokenizer_dir), "--batch-size", str(batch_size)]
-    args += ["--max-steps", str(steps), "--save-every", "4", *TINY, *extra]  # later flags win
-    if nproc == 1:
-        return [sys.executable, RECIPE, *args]
-    return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", RECIPE, *args]
-
-
-def run(cmd, timeout=300):
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO
-    )
-    return proc
-
-
-def losses(out) -> dict[int, float]:
-    """Per-step training loss; when a resumed run logs a step again, its record wins."""
-    found = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:
-            found[record["step"]] = record["train/loss"]
-    return found
-
-
-def final_sums(out) -> list[float]:
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["replica_param_sums"] for r in records if "replica_param_sums" in r][-1]
-
-
-def start_and_wait_for_step(cmd, out, step):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=subprocess_env(), cwd=REPO, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and step in losses(out):
-            return proc
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"step {step} never came")
-
-
-def workers_of(proc) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 @pytest.fixture(scope="module")

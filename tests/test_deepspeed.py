@@ -1,0 +1,180 @@
+"""DeepSpeed ZeRO 1/2/3 on 2 CPU processes: the same first losses as DDP, exact resume after a SIGKILL,
+resume on another world size, exports that load in `pipeline("fill-mask")`, both launchers, no compiler,
+and config mistakes caught before any process starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from conftest import BIN, free_port
+from recipe_runs import RECIPE, command, losses, run, start_and_wait_for_step, workers_of
+
+from launch.config import ConfigError, TrainConfig
+from launch.deepspeed_config import build_deepspeed_config
+
+pytestmark = pytest.mark.slow
+STEPS = 16
+
+
+def ds_command(out, tokenizer_dir, stage, *extra, nproc=2):
+    return command(
+        out, tokenizer_dir, "--backend", "deepspeed", "--zero-stage", str(stage), *extra,
+        nproc=nproc, batch_size=32 // nproc, steps=STEPS,
+    )  # fmt: skip
+
+
+def ok(proc):
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, tokenizer_dir):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    ok(run(command(out, tokenizer_dir, batch_size=16, steps=STEPS)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds_reference(tmp_path_factory, tokenizer_dir):
+    """One uninterrupted run per stage. Stage 1 goes through the deepspeed launcher, with CXX pointing at
+    nothing: no DeepSpeed op may need compiling on CPU."""
+    made = {}
+
+    def get(stage):
+        if stage not in made:
+            out = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+            cmd = ds_command(out, tokenizer_dir, stage)
+            env = {}
+            if stage == 1:
+                port = str(free_port())
+                cmd = [
+                    str(BIN / "deepspeed"),
+                    "--num_gpus",
+                    "2",
+                    "--master_port",
+                    port,
+                    *cmd[cmd.index(RECIPE) :],
+                ]
+                env = {"CXX": "/nonexistent/c++", "CC": "/nonexistent/cc"}
+            ok(run(cmd, timeout=600, **env))
+            made[stage] = out
+        return made[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_like_ddp_and_exports_a_fill_mask_model(stage, ds_reference, ddp_reference):
+    out = ds_reference(stage)
+    ds, ddp = losses(out), losses(ddp_reference)
+    assert sorted(ds) == list(range(1, STEPS + 1))
+    for step in range(1, 5):  # same seed, same batches: only reduction order may differ
+        assert ds[step] == pytest.approx(ddp[step], rel=1e-5), step
+    manifest = json.loads((out / "checkpoints" / f"step-{STEPS:06d}" / "manifest.json").read_text())
+    assert manifest["meta"]["state_format"] == "deepspeed"
+    assert manifest["meta"]["deepspeed"] == {"zero_stage": stage}
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(out / "export"))
+    assert len(fill("the [MASK] of the city")) == 5
+    # The checkpoint alone exports the same weights, with no DeepSpeed process group.
+    again = out.parent / "exported"
+    ok(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "checkpoints",
+                "export",
+                str(out / "checkpoints" / f"step-{STEPS:06d}"),
+                str(again),
+            ]
+        )
+    )
+    a, b = load_file(again / "model.safetensors"), load_file(out / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sigkill_then_the_same_command_continues_exactly(stage, tmp_path, tokenizer_dir, ds_reference):
+    reference = ds_reference(stage)
+    out = tmp_path / "run"
+    cmd = ds_command(out, tokenizer_dir, stage)
+    proc = start_and_wait_for_step(cmd, out, 10)
+    os.kill(workers_of(proc)[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert (out / "checkpoints" / "latest").read_text() == "step-000008"
+    again = ok(run(cmd, timeout=600))
+    assert "resumed from" in again.stdout and "step-000008" in again.stdout
+    assert losses(out) == losses(reference)  # every step, bitwise
+    from safetensors.torch import load_file
+
+    a, b = (
+        load_file(out / "export" / "model.safetensors"),
+        load_file(reference / "export" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_two_rank_checkpoint_resumes_on_one_rank(stage, tmp_path, tokenizer_dir, ds_reference):
+    """DeepSpeed's universal checkpoint: the weights come back exactly, and training stays on course."""
+    ckpt = ds_reference(stage) / "checkpoints" / "step-000008"
+    exported = tmp_path / "from_ckpt"
+    ok(run([sys.executable, "-m", "checkpoints", "export", str(ckpt), str(exported)]))
+    resumed = tmp_path / "resumed"
+    proc = ok(run(ds_command(resumed, tokenizer_dir, stage, "--resume", str(ckpt), nproc=1), timeout=600))
+    assert "saved by 2 rank(s), resumed by 1" in proc.stdout
+    got, ref = losses(resumed), losses(ds_reference(stage))
+    assert sorted(got) == list(range(9, STEPS + 1))
+    mean_ref, mean_got = sum(ref[s] for s in got) / len(got), sum(got.values()) / len(got)
+    assert abs(mean_got - mean_ref) / mean_ref < 0.03  # other dropout and masking draws on one rank
+    assert not list((resumed / "checkpoints").glob(".universal-*"))
+
+
+def test_config_mistakes_stop_before_any_process_group(tmp_path, tokenizer_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    proc = run(ds_command(tmp_path / "run", tokenizer_dir, 2, "--deepspeed-config", str(bad), nproc=1))
+    assert proc.returncode == 2 and f"--deepspeed-config {bad}: not valid JSON" in proc.stderr
+    assert "process group" not in proc.stderr.lower() and not (tmp_path / "run").exists()
+
+    def cfg(**kw):
+        return TrainConfig(backend="deepspeed", batch_size=8, **kw)
+
+    contra = tmp_path / "contra.json"
+    contra.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4 but --batch-size is 8"):
+        build_deepspeed_config(cfg(zero_stage=3, deepspeed_config=str(contra)), 2, "cpu")
+    contra.write_text(json.dumps({"train_batch_size": 64}))
+    with pytest.raises(ConfigError, match="8 x 1 x 2 = 16"):
+        build_deepspeed_config(cfg(deepspeed_config=str(contra)), 2, "cpu")
+    contra.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
+        build_deepspeed_config(cfg(deepspeed_config=str(contra)), 2, "cpu")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        build_deepspeed_config(cfg(precision="fp16"), 2, "cpu")
+    with pytest.raises(ConfigError, match="offload moves state from GPU"):
+        build_deepspeed_config(cfg(offload_optimizer=True), 2, "cpu")
+    with pytest.raises(ConfigError, match="--zero-stage must be 1, 2 or 3"):
+        build_deepspeed_config(cfg(zero_stage=4), 2, "cpu")
+    agreeing = tmp_path / "agree.json"
+    agreeing.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "zero_optimization": {"stage": 3, "contiguous_gradients": False},
+            }
+        )
+    )
+    ds = build_deepspeed_config(cfg(zero_stage=3, deepspeed_config=str(agreeing), grad_accum=2), 2, "cuda")
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 32
+    assert ds["zero_optimization"] == {"stage": 3, "contiguous_gradients": False}
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # auto on a GPU
