@@ -44,6 +44,8 @@ class TrainConfig:
     deepspeed_config: str = ""  # --backend deepspeed: a JSON file merged with the flags (they must agree)
     offload_optimizer: bool = False  # --backend deepspeed on GPU: optimizer state in CPU memory
     offload_params: bool = False  # --backend deepspeed ZeRO-3 on GPU: parameters in CPU memory
+    xla_mode: str = "spmd"  # --backend xla: spmd (one process drives all devices, FSDPv2) | replicas
+    xla_buckets: str = ""  # --backend xla: padded lengths, e.g. 32,64,128; empty: powers of 2 to max_length
     eval_every: int = 0  # steps between evaluations; 0 means only at the end
     log_every: int = 10
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -160,6 +162,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     check_choice(cfg, "precision", ("auto", "fp32", "bf16", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
     check_choice(cfg, "backend", ("ddp", "fsdp", "deepspeed", "xla"))
+    check_choice(cfg, "xla_mode", ("spmd", "replicas"))
     if cfg.backend == "deepspeed":  # the JSON and the flags must agree before any process group starts
         import os
 

@@ -106,7 +106,16 @@ class Trainer:
             seed=cfg.seed,
             lengths=lengths,
         )
-        self.batches_per_epoch = math.ceil(self.sampler.per_rank / cfg.batch_size)
+        # Backends that compile one graph per shape (XLA) train on whole batches only: a last partial batch
+        # of an epoch is dropped.
+        self.whole_batches = getattr(backend, "whole_batches", False)
+        per_epoch = self.sampler.per_rank / cfg.batch_size
+        self.batches_per_epoch = math.floor(per_epoch) if self.whole_batches else math.ceil(per_epoch)
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"--backend {backend.name} trains on whole batches only, and {self.sampler.per_rank} training "
+                f"samples per rank make no batch of {cfg.batch_size}; lower --batch-size"
+            )
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
@@ -118,18 +127,24 @@ class Trainer:
             lambda opt: linear_schedule(opt, warmup, self.total_steps),
             cfg=cfg,
         )
+        # XLA pads batches to a few bucket lengths, prepares them on the host (data_device) and places them
+        # on its devices itself; the other backends keep the recipe's collate and move batches here.
+        self.collate = getattr(backend, "wrap_collate", lambda c: c)(collate)
+        self.data_device = getattr(backend, "data_device", rt.device)
+        self.place_batch = getattr(backend, "place_batch", lambda b: b)
         self.state = TrainState()
         # Task randomness on the device (masking) draws from its own generator, so it is reproducible
         # per rank and can be saved and restored with the checkpoint.
-        self.generator = torch.Generator(device=rt.device).manual_seed(cfg.seed * 1000 + rt.rank)
+        self.generator = torch.Generator(device=self.data_device).manual_seed(cfg.seed * 1000 + rt.rank)
         self._batches: Iterator | None = None
 
     # -- data ---------------------------------------------------------------------------------------------
-    def _loader(self, dataset, sampler) -> DataLoader:
+    def _loader(self, dataset, sampler, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
             sampler=sampler,
+            drop_last=drop_last,
             collate_fn=self.collate,
             num_workers=self.cfg.num_workers,
             pin_memory=self.rt.device.type == "cuda",
@@ -142,7 +157,7 @@ class Trainer:
         while True:
             if self._batches is None:
                 self.sampler.set_epoch(self.state.epoch, self.state.consumed)
-                self._batches = iter(self._loader(self.train_data, self.sampler))
+                self._batches = iter(self._loader(self.train_data, self.sampler, self.whole_batches))
             batch = next(self._batches, None)
             if batch is not None:
                 self.state.consumed += len(next(iter(batch.values())))
@@ -151,7 +166,7 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {
-            k: v.to(self.rt.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            k: v.to(self.data_device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
         }
 
@@ -170,6 +185,7 @@ class Trainer:
                 if "attention_mask" in batch
                 else batch["input_ids"].numel()
             )
+            batch = self.place_batch(batch)
             with backend.accumulating(sync=micro == self.cfg.grad_accum - 1):
                 with backend.autocast():
                     loss = model(**model_inputs(batch)).loss / self.cfg.grad_accum
@@ -205,11 +221,13 @@ class Trainer:
         indices = list(range(self.rt.rank, len(self.eval_data), self.rt.world_size))
         loader = self._loader(torch.utils.data.Subset(self.eval_data, indices), None)
         # The same masks at every evaluation, so successive numbers are comparable.
-        g = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed + 7919 * (self.rt.rank + 1))
-        sums: dict[str, torch.Tensor] = {"loss": torch.zeros(2, device=self.rt.device, dtype=torch.float64)}
+        g = torch.Generator(device=self.data_device).manual_seed(self.cfg.seed + 7919 * (self.rt.rank + 1))
+        # Metrics are summed where batches are prepared (XLA: on the host, with outputs fetched there).
+        dev = self.data_device
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros(2, device=dev, dtype=torch.float64)}
         # Every rank runs as many forwards as the busiest one (FSDP gathers layers collectively); the
         # extra ones repeat a batch and are not counted.
-        batches = torch.tensor([len(loader)], device=self.rt.device)
+        batches = torch.tensor([len(loader)], device=dev)
         if self.rt.distributed:
             torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MAX)
         it, batch, records = iter(loader), None, []
@@ -217,15 +235,15 @@ class Trainer:
             fresh = next(it, None)
             batch = self.prepare_batch(self._to_device(fresh), g) if fresh is not None else batch
             with self.backend.autocast():
-                out = model(**model_inputs(batch))
+                out = model(**model_inputs(self.place_batch(batch)))
             if fresh is None:
                 continue
             if self.collect is not None:
                 records.extend(self.collect(out, batch))
             n = batch["input_ids"].shape[0]
-            sums["loss"] += torch.tensor([out.loss.item() * n, n], device=self.rt.device, dtype=torch.float64)
+            sums["loss"] += torch.tensor([out.loss.item() * n, n], device=dev, dtype=torch.float64)
             for name, pair in (self.count_metrics(out, batch) if self.count_metrics else {}).items():
-                sums.setdefault(name, torch.zeros(2, device=self.rt.device, dtype=torch.float64))
+                sums.setdefault(name, torch.zeros(2, device=dev, dtype=torch.float64))
                 sums[name] += pair.to(torch.float64)
         names = sorted(sums)
         # Ranks may have different metric keys only if a shard is empty; the key list is fixed by rank 0's.
@@ -392,6 +410,7 @@ class Trainer:
             "train/tokens_per_s": stats[3].item() / elapsed,
             "train/epoch": self.state.epoch + self.state.consumed / max(1, self.sampler.per_rank),
         }
+        metrics.update(getattr(self.backend, "log_metrics", dict)())  # e.g. XLA's compile count
         self.tracker.log(metrics, self.state.step)
         bar.set_postfix(loss=f"{loss_mean:.4f}")
 

@@ -1,0 +1,363 @@
+"""The torch_xla backend (TPU pods; XLA on CPU for tests): SPMD + FSDPv2, or one process per chip.
+
+`--xla-mode spmd` (the pod path): one process per host drives every device through a mesh whose single
+axis is named `fsdp`; parameters, gradients and optimizer state are sharded over it
+(`SpmdFullyShardedDataParallel`, one wrap per transformer layer) and each batch is split along its first
+dimension, so --batch-size is the global batch. `--xla-mode replicas`: the classic data-parallel launch,
+one process per chip, gradients all-reduced by torch_xla. Batches are padded to bucket lengths and only
+whole batches train, so XLA compiles a bounded number of graphs; the count is logged as `xla/compiles`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from checkpoints.sharded import DCPState
+from kernels.buckets import BucketedCollate, bucket_lengths, parse_buckets
+from launch.backends import _layer_lists
+from launch.config import ConfigError
+from launch.runtime import Runtime
+
+WRAPPER = "_orig_module."  # the attribute under which SpmdFullyShardedDataParallel keeps the module
+RNG_FILE = "xla_rng.json"
+
+
+def _compile_count() -> int:
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return data[0] if data else 0
+
+
+class XLABackend:
+    name = "xla"
+    whole_batches = True  # a last partial batch would be one more shape to compile
+    data_device = torch.device("cpu")  # batches are collated and prepared (masked) on the host
+
+    def __init__(self, runtime: Runtime, precision: str = "auto"):
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--backend xla supports --precision auto, fp32 or bf16, not {precision!r}")
+        self.rt, self.precision = runtime, precision
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.buckets: list[int] = []
+        self._shapes: set[tuple] = set()
+        self._warm: int | None = None  # compile count after the first step
+        self._last_micro = True
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def setup(self, model, make_optimizer, make_scheduler, cfg=None) -> None:
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        import torch_xla.runtime as xr
+
+        self.mode = getattr(cfg, "xla_mode", "spmd")
+        if self.mode not in ("spmd", "replicas"):
+            raise ConfigError(f"--xla-mode must be spmd or replicas, got {self.mode!r}")
+        self.buckets = _buckets(cfg)
+        if self.mode == "spmd":
+            if self.rt.world_size > 1:
+                raise ConfigError(
+                    "--xla-mode spmd runs one process per host that drives all of its devices; "
+                    "launch it without torchrun/srun tasks (one task per host)"
+                )
+            xr.use_spmd()  # before any XLA tensor exists
+        self.device = torch_xla.device()
+        self.rt.device = self.device
+        self.on_cpu = xr.device_type() == "CPU"
+        if self.mode == "replicas":
+            self._start_replicas(xr)
+        self.autocast_dtype = (
+            torch.bfloat16
+            if self.precision == "bf16" or (self.precision == "auto" and xr.device_type() == "TPU")
+            else None
+        )
+        seed = getattr(cfg, "seed", 0)
+        xm.set_rng_state(seed * 1000 + self.rt.rank)  # dropout on the device draws from XLA's own RNG
+        if self.mode == "spmd":
+            self._raw, self.model = self._wrap_fsdpv2(model)
+        else:
+            self._raw = self.model = model.to(self.device)
+        # Evaluation hands outputs to metric code that indexes by data-dependent masks: on the device each
+        # distinct mask would compile a graph, so outputs come to the host (one transfer per batch).
+        self.model.register_forward_hook(_outputs_to_host_in_eval)
+        self.optimizer = make_optimizer(self.model)
+        self.scheduler = make_scheduler(self.optimizer)
+
+    def _start_replicas(self, xr) -> None:
+        world = xr.world_size()
+        if world > 1 and self.on_cpu:
+            raise ConfigError(
+                f"--xla-mode replicas with {world} replicas on CPU: torch_xla's collectives abort there "
+                "(pytorch/xla#9089); use --xla-mode spmd with CPU_NUM_DEVICES=N, or run on TPU"
+            )
+        if world > 1:
+            # torchrun/srun started a gloo group on the host; the loop's collectives need XLA tensors.
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+
+            dist.init_process_group("xla", init_method="xla://")
+            self.rt.rank, self.rt.world_size = xr.global_ordinal(), world
+
+    def _wrap_fsdpv2(self, model: nn.Module):
+        import numpy as np
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+        from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import (
+            SpmdFullyShardedDataParallel as FSDPv2,
+        )
+
+        n = xr.global_runtime_device_count()
+        self.mesh = xs.Mesh(np.arange(n), (n,), ("fsdp",))
+        layer_types = {type(layers[0]) for layers in _layer_lists(model)}
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_types)
+        wrapped = FSDPv2(model, mesh=self.mesh, shard_output=_shard_output, auto_wrap_policy=policy)
+        self.rt.print(
+            f"xla: SPMD over {n} device(s), mesh axis fsdp, {len(layer_types)} layer type(s) wrapped"
+        )
+        return model, wrapped
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def wrap_collate(self, collate):
+        return BucketedCollate(collate, self.buckets)
+
+    def place_batch(self, batch: dict) -> dict:
+        """Host batch -> device; under SPMD each tensor is split along the batch over the fsdp axis."""
+        if self.model.training:
+            self._shapes.add(tuple(batch["input_ids"].shape))
+        placed = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if self.mode == "spmd" and value.ndim:
+                    import torch_xla.distributed.spmd as xs
+
+                    xs.mark_sharding(value, self.mesh, ("fsdp",) + (None,) * (value.ndim - 1))
+            placed[key] = value
+        return placed
+
+    # -- the step -----------------------------------------------------------------------------------------
+    @property
+    def raw_model(self) -> nn.Module:
+        return self._raw
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("xla", dtype=self.autocast_dtype)
+
+    def accumulating(self, sync: bool):
+        self._last_micro = sync
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        import torch_xla
+
+        loss.backward()
+        if not self._last_micro:
+            torch_xla.sync()  # one graph per micro-step, not one per combination of micro-batch shapes
+
+    def step(self, max_grad_norm: float) -> torch.Tensor | None:
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+
+        if self.mode == "replicas" and self.rt.world_size > 1:
+            xm.reduce_gradients(self.optimizer)
+        norm = None
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        torch_xla.sync()
+        if self._warm is None:
+            self._warm = _compile_count()
+        return norm
+
+    def log_metrics(self) -> dict[str, float]:
+        """Compilations so far, those after the first step, and the distinct training batch shapes."""
+        total = _compile_count()
+        return {
+            "xla/compiles": total,
+            "xla/compiles_after_warmup": total - (self._warm or total),
+            "xla/batch_shapes": len(self._shapes),
+        }
+
+    def close(self) -> None:
+        if self.rt.is_main and self._warm is not None:
+            m = self.log_metrics()
+            print(
+                f"xla: {m['xla/compiles']} graphs compiled, {m['xla/compiles_after_warmup']} after the first "
+                f"step; {m['xla/batch_shapes']} batch shape(s), buckets {self.buckets}",
+                flush=True,
+            )
+
+    # -- state --------------------------------------------------------------------------------------------
+    def checkpoint_state(self):
+        return XLAState(self)
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model on the host (SPMD shards gathered), names as in the unwrapped model."""
+        return {_clean(k): v.cpu() for k, v in self.model.state_dict().items()}
+
+
+def _buckets(cfg) -> list[int]:
+    """--xla-buckets, else one --pad-to-length, else powers of two up to the recipe's --max-length."""
+    text = getattr(cfg, "xla_buckets", "")
+    if text:
+        try:
+            return parse_buckets(text)
+        except ValueError as err:
+            raise ConfigError(f"--xla-buckets: {err}") from None
+    if getattr(cfg, "pad_to_length", 0):
+        return [cfg.pad_to_length]
+    if getattr(cfg, "max_length", 0):
+        return bucket_lengths(cfg.max_length)
+    raise ConfigError("--backend xla pads batches to fixed lengths: give --xla-buckets, e.g. 64,128,256")
+
+
+def _shard_output(output, mesh) -> None:
+    """Split a layer's or model's main output along the batch (FSDPv2 needs the hint to stay data-parallel)."""
+    import torch_xla.distributed.spmd as xs
+
+    first = output[0] if isinstance(output, tuple) else getattr(output, "logits", None)
+    if isinstance(first, torch.Tensor) and first.ndim:
+        xs.mark_sharding(first, mesh, ("fsdp",) + (None,) * (first.ndim - 1))
+
+
+def _outputs_to_host_in_eval(module, _args, output):
+    if module.training:
+        return output
+    import torch_xla
+
+    torch_xla.sync()
+    if isinstance(output, torch.Tensor):
+        return output.cpu()
+    if isinstance(output, tuple):
+        return type(output)(v.cpu() if isinstance(v, torch.Tensor) else v for v in output)
+    if hasattr(output, "keys"):  # ModelOutput: a dict that mirrors its fields as attributes
+        for key in list(output.keys()):
+            if isinstance(output[key], torch.Tensor):
+                output[key] = output[key].cpu()
+    else:  # a namespace of tensors (a recipe's own loss module)
+        for key, value in list(vars(output).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(output, key, value.cpu())
+    return output
+
+
+def _clean(name: str) -> str:
+    return name.replace(WRAPPER, "")
+
+
+def _rename(sd: dict, rename) -> dict:
+    """A model or optimizer state dict from get_state_dict with its parameter names mapped (same tensors)."""
+    if "param_groups" in sd:  # optimizer: {"state": {fqn: ...}, "param_groups": [{"params": [fqn...]}]}
+        return {
+            "state": {rename(k): v for k, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in sd["param_groups"]],
+        }
+    return {rename(k): v for k, v in sd.items()}
+
+
+@contextlib.contextmanager
+def _one_process_group():
+    """DCP plans through torch.distributed; SPMD runs one process, so give it a gloo group of one."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class XLAState(DCPState):
+    """Model + optimizer through DCP with the SPMD planners (each device's shard written as is), under the
+    unwrapped model's names, so the checkpoint reads like any other backend's; plus XLA's RNG seed."""
+
+    def __init__(self, backend: XLABackend):
+        planners = (None, None)
+        if backend.mode == "spmd":
+            from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
+
+            planners = (SPMDSavePlanner(), SPMDLoadPlanner())
+        super().__init__(backend.model, backend.optimizer, planners=planners)
+        self.backend = backend
+
+    def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        torch_xla.sync()
+        with _one_process_group():
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            state = {"model": _rename(model_sd, _clean), "optim": _rename(optim_sd, _clean)}
+            if self.backend.mode == "replicas":
+                state = _to_host(state)
+            dcp.save(state, checkpoint_id=path, planner=self.save_planner)
+        if self.backend.rt.is_main:
+            (Path(path) / RNG_FILE).write_text(json.dumps({"xla_rng": xm.get_rng_state()}))
+
+    def load(self, path: Path, meta) -> None:
+        import torch.distributed.checkpoint as dcp
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        with _one_process_group():
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            wrapped = {_clean(k): k for k in model_sd}
+            state = {"model": _rename(model_sd, _clean), "optim": _rename(optim_sd, _clean)}
+            if self.backend.mode == "replicas":
+                host = _to_host(state)
+                dcp.load(host, checkpoint_id=path)
+                _copy_into(state, host)
+            else:
+                dcp.load(state, checkpoint_id=path, planner=self.load_planner)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=_rename(state["model"], wrapped.__getitem__),
+                optim_state_dict=_rename(state["optim"], lambda k: wrapped.get(k, k)),
+            )
+        rng = Path(path) / RNG_FILE
+        if rng.is_file():
+            xm.set_rng_state(json.loads(rng.read_text())["xla_rng"])
+        torch_xla.sync()
+
+
+def _to_host(tree):
+    if isinstance(tree, dict):
+        return {k: _to_host(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_to_host(v) for v in tree]
+    return tree.cpu() if isinstance(tree, torch.Tensor) else tree
+
+
+def _copy_into(device_tree, host_tree) -> None:
+    if isinstance(device_tree, dict):
+        for k in device_tree:
+            if isinstance(device_tree[k], torch.Tensor):
+                device_tree[k].copy_(host_tree[k].to(device_tree[k].device))
+            else:
+                _copy_into(device_tree[k], host_tree[k])
+    elif isinstance(device_tree, list):
+        for d, h in zip(device_tree, host_tree):
+            _copy_into(d, h)

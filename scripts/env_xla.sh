@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Make the XLA virtualenv (.venv-xla, or $RECIPEBOX_XLA_VENV) for --backend xla, once.
+# torch_xla 2.9 needs exactly torch 2.9.0 (it does not declare it; with any other torch its import fails),
+# so both are pinned and every other dependency resolves under that pin. recipebox goes in with --no-deps
+# because setup.cfg pins the main environment's torch. On a TPU host use torch_xla[tpu] (brings libtpu):
+#   RECIPEBOX_XLA_EXTRA=tpu bash scripts/env_xla.sh
+# A stamp of this script and setup.cfg makes a second call a no-op until they change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${RECIPEBOX_XLA_VENV:-.venv-xla}
+extra=${RECIPEBOX_XLA_EXTRA:-}
+want=$( (cat setup.cfg scripts/env_xla.sh; echo "$extra") | sha256sum | cut -c1-16)
+if [ -f "$venv/.recipebox-stamp" ] && [ "$(cat "$venv/.recipebox-stamp")" = "$want" ]; then
+  exit 0
+fi
+python=$(command -v python3.11 || command -v python3)
+if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+  echo "installing python3-venv (the system Python lacks venv)" >&2
+  apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+fi
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+"${pip[@]}" --upgrade pip
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+printf 'torch==2.9.0\ntorch-xla==2.9.0\ntransformers==5.23.0\n' >"$constraints"
+xla="torch-xla${extra:+[$extra]}==2.9.0"
+"${pip[@]}" -c "$constraints" torch==2.9.0 "$xla"
+# The runtime dependencies of setup.cfg, without its torch pin.
+"${pip[@]}" -c "$constraints" transformers==5.23.0 "datasets>=4.0" "tokenizers>=0.21" "safetensors>=0.4" \
+  "pyyaml>=6.0" "tqdm>=4.66" "wandb>=0.19" "seqeval>=1.2" "scikit-learn>=1.3"
+"${pip[@]}" --no-deps -e .
+echo "$want" >"$venv/.recipebox-stamp"
