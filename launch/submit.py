@@ -202,6 +202,7 @@ def make_executor(cluster: str, folder: str | Path, options: SlurmOptions, name:
             signal_delay_s=options.signal_delay_s,
             gpus_per_node=options.gpus_per_node,
             tasks_per_node=1,
+            stderr_to_stdout=True,
         )
     else:
         raise SubmitError(f"--cluster must be slurm or local, got {cluster!r}")

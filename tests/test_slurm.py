@@ -149,13 +149,15 @@ _DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 def test_submitit_array_over_grid_writes_results_table(cluster, tokenizer, tmp_path):
-    grid = submit.parse_grid(["lr=1e-3,2e-3", "seed=1,2"])
-    args = [*TINY, "--max-steps", "8", "--save-every", "0", "--tokenizer", tokenizer]
-    tasks = submit.submit(RECIPE, args, grid, root=tmp_path, options=submit.SlurmOptions(timeout_min=10))
-    assert len({t.job.job_id.split("_")[0] for t in tasks}) == 1, "the 4 tasks are one job array"
-    submit.wait(tasks)
-    rows = submit.collect(tasks)
-    csv_path, md_path = submit.write_results(rows, tmp_path)
+    cmd = [sys.executable, "-m", "launch.submit", "--grid", "lr=1e-3,2e-3", "--grid", "seed=1,2"]
+    cmd += ["--root", str(tmp_path), "--time", "10", RECIPE, *TINY, "--max-steps", "8", "--save-every", "0"]
+    out = subprocess.run(
+        [*cmd, "--tokenizer", tokenizer], cwd=REPO, capture_output=True, text=True, timeout=400
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    jobs = re.findall(r"^queued (\d+)_(\d+): ", out.stdout, re.M)
+    assert len(jobs) == 4 and len({array for array, _ in jobs}) == 1, "the 4 tasks are one job array"
+    csv_path, md_path = tmp_path / "results.csv", tmp_path / "results.md"
     with csv_path.open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4
