@@ -117,13 +117,16 @@ class DeepSpeedBackend:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the fp32 weights of the whole model on every rank (for export), tied ones included."""
-        params = dict(self.raw_model.named_parameters())
         masters = self._fp32_masters()
         with self.gathered_parameters():
             state = {k: v.detach().float().cpu().clone() for k, v in self.raw_model.state_dict().items()}
-        for name, value in masters.items():
-            if name in state and name in params:
-                state[name] = value.reshape(state[name].shape)
+        # Tied weights appear under several names; every alias gets the master, or loading the 16-bit alias
+        # last would overwrite it.
+        first_name = {}
+        for name, p in self.raw_model.named_parameters(remove_duplicate=False):
+            first_name.setdefault(id(p), name)
+            if first_name[id(p)] in masters and name in state:
+                state[name] = masters[first_name[id(p)]].reshape(state[name].shape)
         return state
 
     def _fp32_masters(self) -> dict[str, torch.Tensor]:

@@ -139,6 +139,31 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(stage, tmp_path, tokenizer_di
     assert not list((resumed / "checkpoints").glob(".universal-*"))
 
 
+def test_bf16_on_cpu_trains_and_exports_the_fp32_master_weights(tmp_path, tokenizer_dir, ds_reference):
+    out = tmp_path / "run"
+    ok(run(ds_command(out, tokenizer_dir, 2, "--precision", "bf16", "--max-steps", "8"), timeout=600))
+    got, fp32 = losses(out), losses(ds_reference(2))
+    assert all(got[s] == pytest.approx(fp32[s], rel=1e-3) for s in range(1, 5))
+    again = tmp_path / "exported"
+    ok(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "checkpoints",
+                "export",
+                str(out / "checkpoints" / "step-000008"),
+                str(again),
+            ]
+        )
+    )
+    from safetensors.torch import load_file
+
+    a, b = load_file(again / "model.safetensors"), load_file(out / "export" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in b.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # tied aliases included
+
+
 def test_config_mistakes_stop_before_any_process_group(tmp_path, tokenizer_dir):
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2,}}')
