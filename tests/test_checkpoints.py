@@ -3,6 +3,7 @@ half-written checkpoints, resharding across world sizes, export from any checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -191,3 +192,18 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, tokenizer_dir):
     runs = sorted((out / "wandb").glob("offline-run-*"))
     ids = {p.name.rsplit("-", 1)[1] for p in runs}
     assert len(runs) == 2 and len(ids) == 1, runs
+
+
+def test_minutes_cadence_saves_on_every_rank_together(tmp_path, tokenizer_dir):
+    """--save-every-minutes alone (no step cadence): ranks vote, so a save never waits on a lone rank."""
+    out = tmp_path / "run"
+    cmd = command(
+        out, tokenizer_dir, "--save-every", "0", "--save-every-minutes", "0.0005", "--keep-last", "0"
+    )
+    proc = run(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+    assert len(saved) >= 4 and saved[-1] == 24, saved  # 30 ms apart: most steps save, the last always
+    for step in saved:
+        manifest = json.loads((out / "checkpoints" / f"step-{step:06d}" / "manifest.json").read_text())
+        assert manifest["meta"]["world_size"] == 2
