@@ -82,6 +82,7 @@ class XLABackend:
         )
         seed = getattr(cfg, "seed", 0)
         xm.set_rng_state(seed * 1000 + self.rt.rank)  # dropout on the device draws from XLA's own RNG
+        _no_mask_peeking()
         if self.mode == "spmd":
             self._raw, self.model = self._wrap_fsdpv2(model)
         else:
@@ -180,13 +181,13 @@ class XLABackend:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         torch_xla.sync()
-        if self._warm is None:
-            self._warm = _compile_count()
         return norm
 
     def log_metrics(self) -> dict[str, float]:
         """Compilations so far, those after the first step, and the distinct training batch shapes."""
         total = _compile_count()
+        if self._warm is None:  # warm-up: the first step and its log line
+            self._warm = total
         return {
             "xla/compiles": total,
             "xla/compiles_after_warmup": total - (self._warm or total),
@@ -227,6 +228,17 @@ def _buckets(cfg) -> list[int]:
     if getattr(cfg, "max_length", 0):
         return bucket_lengths(cfg.max_length)
     raise ConfigError("--backend xla pads batches to fixed lengths: give --xla-buckets, e.g. 64,128,256")
+
+
+def _no_mask_peeking() -> None:
+    """transformers skips an all-ones attention mask after reading it on the host (`mask.all()`): under XLA
+    that is a device round trip in every forward and one more graph per shape, for a fast path (flash SDPA
+    without a mask) XLA does not have. Always pass the mask instead."""
+    from transformers import masking_utils
+
+    for name in ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa"):
+        if hasattr(masking_utils, name):
+            setattr(masking_utils, name, lambda *args, **kwargs: False)
 
 
 def _shard_output(output, mesh) -> None:

@@ -23,6 +23,9 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: a real multi-process run of a recipe")
     config.addinivalue_line(
+        "markers", "xla: torch_xla on CPU in .venv-xla (scripts/env_xla.sh), PJRT_DEVICE=CPU"
+    )
+    config.addinivalue_line(
         "markers", "slurm: runs jobs on the local Slurm cluster (slurm/local_cluster.sh up)"
     )
 

@@ -1,0 +1,230 @@
+"""The XLA lane: the NER recipe with --backend xla under real torch_xla on CPU (PJRT_DEVICE=CPU).
+
+Runs in its own virtualenv (.venv-xla, made by scripts/env_xla.sh: torch 2.9 + torch_xla 2.9); SPMD over 1, 2
+and 4 virtual CPU devices; bucketed shapes keep the compile count bounded; a killed run resumes exactly; the
+export loads in this (non-XLA) environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, subprocess_env
+
+pytestmark = pytest.mark.xla
+
+XLA_PYTHON = REPO / ".venv-xla" / "bin" / "python"
+STEPS = 6
+BUCKETS = [12, 16, 32]  # the toy data's first batches need 12 and 16
+
+
+@pytest.fixture(scope="module")
+def xla_python() -> Path:
+    subprocess.run(["bash", str(REPO / "scripts" / "env_xla.sh")], check=True, timeout=1800)
+    return XLA_PYTHON
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A one-layer BERT (hidden 32) with a WordPiece trained on the toy NER words, saved as a model folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from data.tokenizer import train_wordpiece
+
+    out = tmp_path_factory.mktemp("tiny_encoder")
+    lines = (REPO / "data" / "toy" / "ner" / "train.conll").read_text(encoding="utf-8").splitlines()
+    words = [line.split()[0] for line in lines if line.strip()]
+    tok = train_wordpiece((" ".join(words[i : i + 20]) for i in range(0, len(words), 20)), vocab_size=500)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+    )
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+def ner_command(python: Path, model: Path, out: Path, *flags: str) -> list[str]:
+    return [
+        str(python),
+        "recipes/ner.py",
+        "--backend", "xla",
+        "--model", str(model),
+        "--output-dir", str(out),
+        "--max-steps", str(STEPS),
+        "--batch-size", "8",
+        "--max-length", "32",
+        "--stride", "8",
+        "--xla-buckets", ",".join(map(str, BUCKETS)),
+        "--log-every", "1",
+        "--tracker", "none",
+        "--test-file", "",
+        *flags,
+    ]  # fmt: skip
+
+
+def xla_env(devices: int) -> dict[str, str]:
+    return subprocess_env(PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def run_ner(python, model, out, devices, *flags, timeout=900) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ner_command(python, model, out, *flags),
+        cwd=REPO,
+        env=xla_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def train_log(run: Path) -> dict[int, dict]:
+    """The last training record of every step (a resumed run appends to the same metrics.jsonl)."""
+    records = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+@pytest.fixture(scope="module")
+def spmd_runs(xla_python, tiny_encoder, tmp_path_factory) -> dict[int, Path]:
+    """The same run on 1, 2 and 4 virtual devices; the 4-device one also evaluates and exports."""
+    runs = {}
+    for devices in (1, 2, 4):
+        out = tmp_path_factory.mktemp(f"spmd{devices}")
+        flags = () if devices == 4 else ("--validation-file", "")
+        started = time.monotonic()
+        result = run_ner(xla_python, tiny_encoder, out, devices, *flags)
+        print(
+            f"{devices} device(s): {time.monotonic() - started:.0f} s; {result.stdout.strip().splitlines()[-1]}"
+        )
+        runs[devices] = out
+    return runs
+
+
+def test_spmd_trains_with_the_same_losses_on_1_2_and_4_devices(spmd_runs):
+    losses = {
+        d: [train_log(run)[s]["train/loss"] for s in range(1, STEPS + 1)] for d, run in spmd_runs.items()
+    }
+    assert losses[1][-1] < losses[1][0]  # it learns
+    for devices in (2, 4):
+        # The global batch is the same; only the order of the cross-device sums differs (float32 rounding).
+        assert losses[devices] == pytest.approx(losses[1], rel=1e-6, abs=1e-6), (devices, losses)
+
+
+def test_compiles_after_warmup_stay_within_the_buckets(spmd_runs):
+    for devices, run in spmd_runs.items():
+        log = train_log(run)
+        last = log[STEPS]
+        shapes = last["xla/batch_shapes"]
+        assert 1 <= shapes <= len(BUCKETS)  # every training batch padded to a bucket, all of batch size 8
+        # After the first step: one graph for the step once optimizer state exists, one per newly seen bucket.
+        assert last["xla/compiles_after_warmup"] <= len(BUCKETS), (devices, last)
+        # Once every shape has been seen, nothing compiles any more.
+        seen = {s: log[s]["xla/batch_shapes"] for s in log}
+        steady = [s for s in range(2, STEPS + 1) if seen[s - 1] == shapes and s > 2]
+        for step in steady:
+            assert log[step]["xla/compiles"] == log[step - 1]["xla/compiles"], (devices, step)
+
+
+def test_a_killed_run_resumes_with_the_same_losses(xla_python, tiny_encoder, spmd_runs, tmp_path):
+    out = tmp_path / "run"
+    cmd = ner_command(xla_python, tiny_encoder, out, "--save-every", "3", "--validation-file", "")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=xla_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    saved = out / "checkpoints" / "step-000003" / "manifest.json"
+    deadline = time.monotonic() + 600
+    while not saved.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert saved.exists(), "the first run never saved step 3"
+    # Whatever the killed run managed after step 3 is dropped, as if the kill had come right after the save.
+    for later in (out / "checkpoints").glob("step-*"):
+        if later.name > "step-000003":
+            subprocess.run(["rm", "-rf", str(later)], check=True)
+    (out / "checkpoints" / "latest").write_text("step-000003")
+
+    resumed = run_ner(xla_python, tiny_encoder, out, 2, "--save-every", "3", "--validation-file", "")
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout, resumed.stdout[-2000:]
+    reference, log = train_log(spmd_runs[2]), train_log(out)
+    for step in range(4, STEPS + 1):
+        assert log[step]["train/loss"] == reference[step]["train/loss"], step
+
+
+def test_replicas_mode_trains_with_one_replica_like_spmd(xla_python, tiny_encoder, spmd_runs, tmp_path):
+    """One process per chip; on CPU only one replica can run (torch_xla's collectives abort with more)."""
+    run_ner(xla_python, tiny_encoder, tmp_path, 1, "--xla-mode", "replicas", "--validation-file", "")
+    log, reference = train_log(tmp_path), train_log(spmd_runs[1])
+    losses = [log[s]["train/loss"] for s in range(1, STEPS + 1)]
+    assert losses == pytest.approx([reference[s]["train/loss"] for s in range(1, STEPS + 1)], rel=1e-5)
+    assert log[STEPS]["xla/compiles_after_warmup"] <= len(BUCKETS)
+
+
+def _fingerprint(model) -> float:
+    """The loop's replica_param_sums, computed again from a loaded model."""
+    total = 0.0
+    for i, p in enumerate(model.parameters()):
+        p = p.detach().double()
+        total += (p.sum() * (1 + i % 7) + p.square().sum()).item()
+    return total
+
+
+def test_the_export_loads_in_a_token_classification_pipeline_without_xla(spmd_runs):
+    from transformers import AutoModelForTokenClassification, pipeline
+
+    run = spmd_runs[4]
+    export = run / "export"
+    model = AutoModelForTokenClassification.from_pretrained(export)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (sums,) = [r["replica_param_sums"] for r in logged if "replica_param_sums" in r]
+    assert _fingerprint(model) == pytest.approx(sums[0], rel=1e-9)  # exactly the weights XLA trained
+    assert any("eval/f1" in r for r in logged)
+    tagger = pipeline("token-classification", model=str(export), device="cpu", ignore_labels=[])
+    found = tagger("Anna Berg flew from Oslo to meet the BBC .")
+    tags = set(model.config.id2label.values())
+    assert len(found) >= 10 and all(entity["entity"] in tags for entity in found), found
+    assert {"O", "B-PER", "B-LOC", "B-ORG"} <= tags
+
+
+@pytest.mark.slurm
+def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(xla_python, tiny_encoder, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster runs as root (slurm/local_cluster.sh up)")
+    up = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
+    assert up.returncode == 0, f"slurm/local_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    recipe = ner_command(xla_python, tiny_encoder, run_dir, "--validation-file", "")[
+        4:
+    ]  # after --backend xla
+    recipe = [a for a in recipe if a not in ("--output-dir", str(run_dir))]
+    cmd = ["sbatch", "--wait", "--partition=local", "--cpus-per-task=1", "--time=20", f"--output={log}"]
+    env = subprocess_env(
+        RUN_DIR=str(run_dir), PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", TF_CPP_MIN_LOG_LEVEL="2"
+    )
+    out = subprocess.run(
+        [*cmd, "slurm/ner_tpu.sh", *recipe], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+    )
+    text = log.read_text() if log.exists() else ""
+    assert out.returncode == 0, f"sbatch --wait failed ({out.returncode}): {out.stderr}\n{text[-3000:]}"
+    assert "SPMD over 4 device(s)" in text and "training step ended with status 0" in text, text[-3000:]
+    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert train_log(run_dir)[STEPS]["xla/batch_shapes"] >= 1
