@@ -142,7 +142,8 @@ def test_two_rank_metrics_equal_a_one_process_evaluation(news_run, toxic_run):
     out, m = toxic_run
     names, config, probs, golds = one_process_scores(out / "export")
     single = multi_label_metrics(probs, golds, names, [config.label_thresholds[n] for n in names])
-    for k in ("subset_accuracy", "macro_f1", "micro_f1", "examples"):
+    assert single["examples"] == m["test/examples"]
+    for k in ("subset_accuracy", "macro_f1", "micro_f1"):
         assert single[k] == pytest.approx(m[f"test/tuned/{k}"], abs=1e-9), k
 
 
