@@ -251,8 +251,14 @@ def submit(
     return [Task(p, Path(run.run_dir), job) for p, run, job in zip(grid, runs, jobs)]
 
 
-def wait(tasks: list[Task], poll_s: float = 1.0) -> None:
+def wait(tasks: list[Task], poll_s: float = 1.0, timeout_s: float | None = None) -> None:
+    """Until every task has finished (or failed); TimeoutError after `timeout_s`."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not all(t.job.done() for t in tasks):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"tasks still running after {timeout_s}s: see their logs under {tasks[0].job.paths.folder}"
+            )
         time.sleep(poll_s)
 
 

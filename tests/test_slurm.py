@@ -65,6 +65,9 @@ def sbatch_env(run_dir: Path) -> dict[str, str]:
     return subprocess_env(RUN_DIR=str(run_dir), NPROC_PER_NODE="1", PYTHON=sys.executable)
 
 
+_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
 def job_field(job_id: str, name: str) -> str:
     out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
     match = re.search(rf"\b{name}=(\S+)", out.stdout)
@@ -127,15 +130,47 @@ def test_sbatch_script_trains_and_exports(reference):
     assert "rendezvous" in reference["log"] and "exported to" in reference["log"]
 
 
-def test_usr1_to_batch_shell_saves_requeues_and_resumes(reference, tokenizer, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    cmd = sbatch_command("slurm/mlm_nsp.sh", log, [*TINY, "--tokenizer", tokenizer], wait=False)
-    out = subprocess.run(cmd, cwd=REPO, env=sbatch_env(run_dir), capture_output=True, text=True, check=True)
+@pytest.fixture(scope="module")
+def preempted(reference, tokenizer, tmp_path_factory) -> dict:
+    """The reference config twice, side by side on the node's two CPUs, each preempted once after its
+    first checkpoint: the sbatch script by USR1 to its batch shell, a submitit task by submitit's interrupt."""
+    root = tmp_path_factory.mktemp("preempted")
+    args = [*TINY, "--tokenizer", tokenizer]
+    run_dir, log = root / "sbatch-run", root / "sbatch.out"
+    out = subprocess.run(
+        sbatch_command("slurm/mlm_nsp.sh", log, args, wait=False),
+        cwd=REPO, env=sbatch_env(run_dir), capture_output=True, text=True, check=True,
+    )  # fmt: skip
     job = out.stdout.strip().split(";")[0]
-    wait_for("the first checkpoint", lambda: (run_dir / "checkpoints" / "step-000005").is_dir(), 180, log)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    wait_for("the job to finish after its requeue", lambda: job_field(job, "JobState") in _DONE, 240, log)
-    text = log.read_text()
+    (task,) = submit.submit(
+        RECIPE, args, root=root / "submitit", options=submit.SlurmOptions(timeout_min=10), check=False
+    )
+    task_log = Path(task.job.paths.stdout)
+
+    def usr1_to_batch_shell():
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+
+    # what a preemption looks like to submitit: SIGTERM, then USR2
+    pending = [(run_dir, usr1_to_batch_shell, log), (task.run_dir, task.job._interrupt, task_log)]
+    deadline = time.monotonic() + 240
+    while pending:
+        for entry in list(pending):
+            if (entry[0] / "checkpoints" / "step-000005").is_dir():
+                entry[1]()
+                pending.remove(entry)
+        if time.monotonic() > deadline:
+            tail = entry[2].read_text()[-3000:] if entry[2].exists() else ""
+            pytest.fail(f"no first checkpoint in {entry[0]} after 240s\n{tail}")
+        time.sleep(0.3)
+    wait_for(
+        "the sbatch job to finish after its requeue", lambda: job_field(job, "JobState") in _DONE, 300, log
+    )
+    submit.wait([task], timeout_s=300)
+    return {"job": job, "run_dir": run_dir, "log": log, "task": task}
+
+
+def test_usr1_to_batch_shell_saves_requeues_and_resumes(preempted, reference):
+    job, run_dir, text = preempted["job"], preempted["run_dir"], preempted["log"].read_text()
     assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
     assert job_field(job, "Restarts") == "1", text[-3000:]
     assert "USR1 received" in text and "resumed from" in text, text[-3000:]
@@ -145,7 +180,14 @@ def test_usr1_to_batch_shell_saves_requeues_and_resumes(reference, tokenizer, tm
     assert final_eval(run_dir) == reference["final"]
 
 
-_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+def test_submitit_interrupt_checkpoints_requeues_and_resumes(preempted, reference):
+    task = preempted["task"]
+    result = task.job.result()
+    text = Path(task.job.paths.stdout).read_text()
+    assert "requeueing" in text and "resumed from" in text, text[-3000:]
+    assert job_field(task.job.job_id, "Restarts") == "1"
+    assert result["step"] == 40
+    assert final_eval(task.run_dir) == reference["final"]
 
 
 def test_submitit_array_over_grid_writes_results_table(cluster, tokenizer, tmp_path):
@@ -177,25 +219,6 @@ def test_submitit_array_over_grid_writes_results_table(cluster, tokenizer, tmp_p
     assert len(md_path.read_text().splitlines()) == 2 + 4
 
 
-def test_submitit_interrupt_checkpoints_requeues_and_resumes(reference, tokenizer, tmp_path):
-    args = [*TINY, "--tokenizer", tokenizer]
-    (task,) = submit.submit(
-        RECIPE, args, root=tmp_path, options=submit.SlurmOptions(timeout_min=10), check=False
-    )
-    log = Path(task.job.paths.stdout)
-    wait_for(
-        "the first checkpoint", lambda: (task.run_dir / "checkpoints" / "step-000005").is_dir(), 180, log
-    )
-    task.job._interrupt()  # what a preemption looks like to submitit: SIGTERM, then USR2
-    submit.wait([task])
-    result = task.job.result()
-    text = log.read_text()
-    assert "requeueing" in text and "resumed from" in text, text[-3000:]
-    assert job_field(task.job.job_id, "Restarts") == "1"
-    assert result["step"] == 40
-    assert final_eval(task.run_dir) == reference["final"]
-
-
 def test_deepspeed_script_trains_zero2_and_exports(deepspeed_job):
     proc, run_dir, log = deepspeed_job
     _, err = proc.communicate(timeout=300)
@@ -208,13 +231,15 @@ def test_deepspeed_script_trains_zero2_and_exports(deepspeed_job):
 
 
 def test_failed_task_is_a_row_with_its_log(cluster, tmp_path):
-    tasks = submit.submit(
-        RECIPE, ["--max-length", "4"], root=tmp_path, options=submit.SlurmOptions(timeout_min=5)
-    )
-    submit.wait(tasks)
+    broken = tmp_path / "broken.py"
+    broken.write_text('import sys\nsys.exit("error: broken.py cannot train")\n')
+    tasks = submit.submit(broken, root=tmp_path, options=submit.SlurmOptions(timeout_min=5), check=False)
+    submit.wait(tasks, timeout_s=120)
     (row,) = submit.collect(tasks)
-    assert row["status"] == "failed" and "status 2" in row["error"]
-    assert "--max-length must be at least 8" in Path(row["log"]).read_text()
+    assert row["status"] == "failed" and "broken.py exited with status 1" in row["error"], row
+    assert "error: broken.py cannot train" in Path(row["log"]).read_text()
+    submit.write_results([row], tmp_path)
+    assert "| failed |" in (tmp_path / "results.md").read_text()
 
 
 def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch):
