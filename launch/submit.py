@@ -167,11 +167,14 @@ def check_options(recipe: Path, args: list[str], grid_keys: list[str], python: s
 
 def make_executor(cluster: str, folder: str | Path, options: SlurmOptions, name: str) -> submitit.Executor:
     if cluster == "slurm":
-        try:
-            subprocess.run(["sinfo", "--version"], capture_output=True, check=True)
-        except (OSError, subprocess.CalledProcessError):
+        try:  # asks slurmctld, so a stopped controller is caught here, not by a failed sbatch
+            subprocess.run(
+                ["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True, timeout=60
+            )
+        except (OSError, subprocess.SubprocessError) as err:
+            detail = getattr(err, "stderr", None) or str(err)
             raise SubmitError(
-                "no Slurm cluster answers (sinfo failed); start the local one with "
+                f"no Slurm cluster answers (sinfo: {detail.strip()}); start the local one with "
                 "`bash slurm/local_cluster.sh up`, or run with --cluster local"
             ) from None
         executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, python=sys.executable)
@@ -240,11 +243,11 @@ def submit(
     """Queue one task per grid point (one task without a grid); run folders are ROOT/<option=value-...>."""
     path = resolve_recipe(recipe)
     args, grid = list(args or []), grid or [{}]
+    root = Path(root).resolve()
+    executor = make_executor(cluster, root / "submitit", options or SlurmOptions(), path.stem)
     if check:
         check_options(path, args, list(grid[0]))
-    root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    executor = make_executor(cluster, root / "submitit", options or SlurmOptions(), path.stem)
     runs = [RecipeRun(str(path), args + grid_args(p), str(root / task_name(p))) for p in grid]
     with executor.batch():  # one Slurm job array
         jobs = [executor.submit(run) for run in runs]
