@@ -48,8 +48,10 @@ forward_usr1() {
 }
 trap forward_usr1 USR1
 
+# srun no longer inherits --cpus-per-task from sbatch (Slurm 22.05+); without it torchrun and all its
+# workers would share one CPU wherever tasks are bound to their CPUs.
 step_id=0
-srun --kill-on-bad-exit=0 --export=ALL bash -c 'trap "" USR1; exec "$@"' torchrun \
+srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=ALL bash -c 'trap "" USR1; exec "$@"' torchrun \
   "$PYTHON" -m torch.distributed.run \
   --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
