@@ -77,9 +77,8 @@ class RecipeRun(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self._child = subprocess.Popen(
-            self.command(), cwd=REPO, env=env, preexec_fn=_ignore_scheduler_signals
-        )
+        # The working folder is the one the job was submitted from, so relative paths in the flags hold.
+        self._child = subprocess.Popen(self.command(), env=env, preexec_fn=_ignore_scheduler_signals)
         # poll(), not wait(): the checkpoint handler interrupts this loop and must be able to reap the child.
         while self._child.poll() is None:
             time.sleep(0.5)
