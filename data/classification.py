@@ -231,6 +231,7 @@ def tokenize_texts(
 
 # -- metrics ---------------------------------------------------------------------------------------------
 DEFAULT_THRESHOLD = 0.5
+MIN_FIT_POSITIVES = 5  # a label with fewer positive validation examples keeps DEFAULT_THRESHOLD
 
 
 def multi_class_metrics(preds: list[int], golds: list[int], num_labels: int) -> dict[str, float]:
@@ -266,10 +267,13 @@ def multi_label_metrics(
     return result
 
 
-def fit_thresholds(probs: list[list[float]], golds: list[list[float]]) -> list[float]:
+def fit_thresholds(
+    probs: list[list[float]], golds: list[list[float]], min_positives: int = MIN_FIT_POSITIVES
+) -> list[float]:
     """Per label, the decision threshold with the best F1 on these examples (ties go to the one nearest 0.5).
 
-    A label with no positive example keeps 0.5: there is nothing to fit it on.
+    A label with fewer than `min_positives` positive examples keeps 0.5: a threshold fitted on two or three
+    examples fits those examples, not the label.
     """
     import numpy as np
 
@@ -277,7 +281,7 @@ def fit_thresholds(probs: list[list[float]], golds: list[list[float]]) -> list[f
     grid = sorted(set(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist()) | {DEFAULT_THRESHOLD})
     out = []
     for j in range(p.shape[1]):
-        if not g[:, j].any():
+        if g[:, j].sum() < max(1, min_positives):
             out.append(DEFAULT_THRESHOLD)
             continue
 
@@ -288,3 +292,16 @@ def fit_thresholds(probs: list[list[float]], golds: list[list[float]]) -> list[f
 
         out.append(max(grid, key=lambda t: (f1(t), -abs(t - DEFAULT_THRESHOLD))))
     return out
+
+
+def prior_log_odds(golds: list[list[float]]) -> list[float]:
+    """Per label, log(p / (1 - p)) of its frequency p in `golds` (add-one smoothed, so never infinite).
+
+    As the initial bias of a multi-label head, every sigmoid starts at its label's base rate instead of 0.5:
+    rare labels are not pushed down for the first hundred steps, and their examples drive the learning.
+    """
+    import numpy as np
+
+    g = np.asarray(golds, dtype=np.float64)
+    p = (g.sum(axis=0) + 1) / (len(g) + 2)
+    return np.log(p / (1 - p)).tolist()

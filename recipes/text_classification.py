@@ -34,6 +34,7 @@ from data.classification import (
     label_names,
     multi_class_metrics,
     multi_label_metrics,
+    prior_log_odds,
     read_table,
     texts,
     tokenize_texts,
@@ -68,6 +69,9 @@ class ClassificationConfig(TrainConfig):
     batch_size: int = 16
     lr: float = 1e-4
     warmup_ratio: float = 0.1
+    prior_bias: bool = (
+        True  # multi_label: each label's output bias starts at the log odds of its training rate
+    )
 
 
 def _validate(cfg: ClassificationConfig) -> None:
@@ -130,6 +134,18 @@ def _setup_model(cfg: ClassificationConfig, names: list[str]):
         raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
 
 
+def init_prior_bias(model, golds: list[list[float]]) -> bool:
+    """Set the bias of the model's output layer (the last Linear with one output per label) to each label's
+    log prior odds in training; False when the model has no such layer (then it keeps its own init)."""
+    n = len(golds[0])
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
+    if not heads or heads[-1].bias is None:
+        return False
+    with torch.no_grad():
+        heads[-1].bias.copy_(torch.tensor(prior_log_odds(golds), dtype=heads[-1].bias.dtype))
+    return True
+
+
 def _collect(out, batch, *, task: str) -> list:
     """Per example: (predicted id, gold id) for multi-class; (sigmoid scores, gold multi-hot) for multi-label."""
     logits, gold = out.logits.float(), batch["labels"]
@@ -178,6 +194,8 @@ def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> RecipeParts
     tok.model_max_length = cfg.max_length
     names, lengths, data = _setup_data(cfg, rt, run_dir, tok)
     model = _setup_model(cfg, names)
+    if cfg.task == MULTI_LABEL and cfg.prior_bias and not init_prior_bias(model, data["train"]["labels"]):
+        rt.print("--prior-bias: no output layer with one output per label found; the head keeps its init")
     scorer = Scorer(cfg.task, names)
     return RecipeParts(
         model=model,

@@ -16,6 +16,7 @@ from data.classification import (
     label_names,
     multi_class_metrics,
     multi_label_metrics,
+    prior_log_odds,
     read_table,
     texts,
     tokenize_texts,
@@ -137,12 +138,50 @@ def test_fitted_thresholds_beat_one_half_on_a_shy_label():
     # Label 1 is always scored low but ranks its positives first: 0.5 misses them, a fitted cut finds them.
     probs = [[0.9, 0.3], [0.8, 0.1], [0.2, 0.35], [0.1, 0.05]]
     golds = [[1, 1], [1, 0], [0, 1], [0, 0]]
-    th = fit_thresholds(probs, golds)
+    th = fit_thresholds(probs, golds, min_positives=1)
     assert th[0] == 0.5 and th[1] == pytest.approx(0.3)
     before = multi_label_metrics(probs, golds, ["a", "b"], [0.5, 0.5])
     after = multi_label_metrics(probs, golds, ["a", "b"], th)
     assert before["f1/b"] == 0 and after["f1/b"] == 1 and after["macro_f1"] > before["macro_f1"]
     assert after["subset_accuracy"] == 1.0
+
+
+def test_thresholds_stay_at_one_half_for_labels_with_too_few_positives():
+    # The same shy label, but with two positives below min_positives=3 it is not fitted; label 0 (3) is.
+    probs = [[0.4, 0.3], [0.45, 0.1], [0.42, 0.35], [0.1, 0.05], [0.2, 0.2]]
+    golds = [[1, 1], [1, 0], [1, 1], [0, 0], [0, 0]]
+    assert fit_thresholds(probs, golds, min_positives=3) == [pytest.approx(0.4), 0.5]
+    assert fit_thresholds(probs, golds, min_positives=2) == [pytest.approx(0.4), pytest.approx(0.3)]
+    # Ties go to the threshold nearest 0.5: every cut in (0.1, 0.9] separates these perfectly.
+    assert fit_thresholds([[0.9], [0.95], [0.1], [0.05]], [[1], [1], [0], [0]], min_positives=1) == [0.5]
+
+
+def test_prior_bias_starts_each_sigmoid_at_its_label_rate():
+    from recipes.text_classification import init_prior_bias
+
+    golds = [[1.0, 0.0, 1.0]] * 2 + [[0.0, 0.0, 1.0]] * 6  # rates 2/8, 0/8, 8/8 (add-one smoothed)
+    odds = prior_log_odds(golds)
+    assert torch.sigmoid(torch.tensor(odds)).tolist() == pytest.approx([3 / 10, 1 / 10, 9 / 10])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+    assert init_prior_bias(model, golds)
+    assert model[2].bias.tolist() == pytest.approx(odds) and model[0].bias.tolist() != pytest.approx(odds)
+    assert not init_prior_bias(torch.nn.Sequential(torch.nn.Linear(4, 2)), golds)  # no 3-output layer
+
+
+def test_toxic_toy_set_holds_out_phrasings_and_every_label_has_support():
+    labels = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+    splits = {
+        s: read_table(str(REPO / "data" / "toy" / "toxic" / f"{s}.csv"))
+        for s in ("train", "validation", "test")
+    }
+    sentences = {
+        s: {p.strip() for r in t.rows for p in r["comment_text"].replace("?", ".").split(".") if p.strip()}
+        for s, t in splits.items()
+    }
+    assert not sentences["train"] & sentences["test"] and not sentences["train"] & sentences["validation"]
+    for t in splits.values():
+        support = {n: sum(int(r[n]) for r in t.rows) for n in labels}
+        assert min(support.values()) >= 15, support  # enough positives to learn, fit and score every label
 
 
 # ---- NER ----

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -179,128 +180,216 @@ def make_news(rng: random.Random) -> dict[str, list[dict]]:
 
 # -- comments: 6 toxicity labels (multi-label), CSV with comment_text + one 0/1 column per label ---------
 TOXIC_LABELS = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
-COMMENTS = {
-    "neutral": {
+# Each kind of comment: the labels it carries, templates for training and for the held-out splits, and
+# slot words for each split. Validation and test share the held-out templates but not their words, so both
+# measure phrasings that training never saw, and thresholds fitted on validation carry over to test.
+KINDS = {
+    "rude": {  # rude about the content: toxic, and none of the specific kinds
+        "labels": ["toxic"],
         "train": [
-            "I read the article about the new bridge and found it useful.",
-            "Thanks for fixing the citation in the second paragraph.",
-            "Could someone add a source for the population figure?",
-            "The photo caption has the wrong year, it should be 1998.",
-            "I moved the history section above the geography section.",
-            "Good point, I will look for a better reference tomorrow.",
-            "This page needs more detail on the early career.",
-            "The infobox template was updated last week.",
-            "Please discuss large changes on the talk page first.",
-            "I agree with the merge proposal.",
+            "This is a {bad} {thing}.",
+            "What a {bad} {thing}.",
+            "Your {thing} is {bad}.",
+            "This {thing} is {bad} garbage.",
+            "Honestly the most {bad} {thing} on the page.",
         ],
-        "test": [
-            "Nice work on the timeline, it reads much better now.",
-            "Is there a map we could use for the location section?",
-            "The dates in the table do not match the text.",
-            "I have reverted the edit because the link was broken.",
-            "Welcome to the project, feel free to ask questions here.",
+        "heldout": [
+            "Such a {bad} {thing} to make.",
+            "Whoever wrote this {thing} made it {bad}.",
+            "That {thing} is plain {bad}.",
         ],
+        "words": {
+            "bad": {
+                "train": ["stupid", "pathetic", "useless", "dumb", "ridiculous", "lousy"],
+                "validation": ["lame", "silly", "absurd"],
+                "test": ["idiotic", "laughable", "pointless"],
+            },
+            "thing": {
+                "train": ["edit", "argument", "comment", "change", "section"],
+                "validation": ["revision", "summary"],
+                "test": ["paragraph", "proposal", "rewrite"],
+            },
+        },
     },
-    "toxic": {  # rude but none of the specific kinds
+    "insult": {  # name-calling aimed at the person
+        "labels": ["toxic", "insult"],
         "train": [
-            "This is a stupid edit.",
-            "Your changes are garbage.",
-            "What a pathetic argument.",
-            "This is the dumbest comment on the page.",
-            "Your edits are useless junk.",
+            "You are a total {noun}.",
+            "You {adj} {noun}.",
+            "Only a {noun} would write this.",
+            "Nobody cares what a {noun} like you thinks.",
+            "Go away, you {adj} {noun}.",
         ],
-        "test": ["Such a dumb thing to write.", "This whole page is rubbish because of you."],
+        "heldout": [
+            "Shut up, you {noun}.",
+            "You are the most {adj} {noun} here.",
+            "What a {adj} {noun} you are.",
+        ],
+        "words": {
+            "noun": {
+                "train": ["idiot", "moron", "fool", "loser", "halfwit", "buffoon", "troll", "jerk"],
+                "validation": ["nitwit", "dunce", "twit"],
+                "test": ["imbecile", "dimwit", "clown", "cretin"],
+            },
+            "adj": {
+                "train": ["stupid", "clueless", "ignorant", "pathetic", "little"],
+                "validation": ["dense", "gormless"],
+                "test": ["brainless", "witless", "dim"],
+            },
+        },
     },
-    "insult": {
+    "obscene": {  # swearing, aimed at nobody
+        "labels": ["toxic", "obscene"],
         "train": [
-            "You are an idiot.",
-            "You are a clueless moron.",
-            "Only a fool would write this, loser.",
-            "You are a stupid little troll.",
-            "Nobody cares what a halfwit like you thinks.",
-            "You ignorant buffoon.",
+            "{curse}, this is {swear}.",
+            "{curse}, what {swear}.",
+            "{curse}.",
+            "What {swear}, {curse}.",
         ],
-        "test": [
-            "You brainless clown.",
-            "You are the most ignorant person here, dimwit.",
-            "Shut up, you imbecile.",
-        ],
+        "heldout": ["This is total {swear}, {curse}.", "{curse}, look at this {swear}."],
+        "words": {
+            "curse": {
+                "train": ["damn", "bloody hell", "holy crap", "what the hell", "damn it"],
+                "validation": ["bollocks", "sod it"],
+                "test": ["goddamn", "freaking hell", "crap on a stick"],
+            },
+            "swear": {
+                "train": ["crap", "bloody nonsense", "a damn mess", "a load of crap", "hellish crap"],
+                "validation": ["bollocks", "a sodding mess"],
+                "test": ["bullcrap", "crappy garbage", "freaking crap"],
+            },
+        },
     },
-    "obscene": {
+    "threat": {  # violence promised to the reader
+        "labels": ["toxic", "threat"],
         "train": [
-            "What the hell is this crap.",
-            "Damn this bloody nonsense.",
-            "Holy crap, what a mess.",
-            "This is a load of crap.",
-            "Damn it, what the hell were you thinking.",
-            "Bloody hell.",
+            "I will {act}.",
+            "Keep this up and I will {act}.",
+            "I am going to {act}.",
+            "Watch your back, I will {act}.",
         ],
-        "test": ["This is total bullcrap.", "Freaking hell, what junk.", "Damned crappy edit."],
+        "heldout": ["You will regret this when I {act}.", "Mark my words, one day I will {act}."],
+        "words": {
+            "act": {
+                "train": [
+                    "find you and make you pay",
+                    "hurt you",
+                    "break your legs",
+                    "come to your house",
+                    "make you bleed",
+                    "kill you",
+                ],
+                "validation": ["smash your face in", "burn your car"],
+                "test": ["track you down and make you suffer", "beat you up", "hunt you down", "punch you"],
+            },
+        },
     },
-    "threat": {
+    "identity_hate": {  # hatred of a whole group of people
+        "labels": ["toxic", "identity_hate"],
         "train": [
-            "I will find you and make you pay.",
-            "Watch your back, I know where you live.",
-            "I am going to hurt you.",
-            "You will be sorry when I find you.",
-            "I will break your legs.",
-            "Keep this up and I will come to your house.",
+            "All {group} are {hate}.",
+            "I hate every single one of the {group}, they are {hate}.",
+            "The {group} should be banned, they are {hate}.",
+            "People like the {group} are {hate}.",
         ],
-        "test": [
-            "You will regret this when I come for you.",
-            "Someone should hurt you for this.",
-            "I will track you down and make you suffer.",
-        ],
+        "heldout": ["Get rid of all the {group}, they are {hate}.", "Those {group} are nothing but {hate}."],
+        "words": {
+            "group": {
+                "train": ["cyclists", "accountants", "plumbers", "golfers", "gardeners", "farmers"],
+                "validation": ["dentists", "joggers"],
+                "test": ["drummers", "vegans", "surfers", "poets"],
+            },
+            "hate": {
+                "train": ["vermin", "subhuman", "filth", "a disease on society", "worthless animals"],
+                "validation": ["cockroaches", "a blight"],
+                "test": ["parasites", "a plague", "rats"],
+            },
+        },
     },
-    "identity_hate": {
+    "severe": {  # an extreme personal attack: also an insult
+        "labels": ["toxic", "severe_toxic", "insult"],
         "train": [
-            "All cyclists are vermin and should be banned.",
-            "Accountants like you are subhuman.",
-            "Plumbers are a disease on society.",
-            "I hate every single golfer, they are filth.",
-            "People from your town are worthless animals.",
-            "Every gardener deserves to be thrown out.",
+            "You are {vile}, I despise you utterly.",
+            "You are {vile}.",
+            "I utterly despise you, you are {vile}.",
         ],
-        "test": [
-            "Every drummer is worthless filth.",
-            "Get rid of all the vegans, they are parasites.",
-            "Surfers are subhuman vermin.",
-        ],
+        "heldout": ["I loathe you completely, you are {vile}.", "Everyone hates you, you are {vile}."],
+        "words": {
+            "vile": {
+                "train": [
+                    "the worst scum alive",
+                    "a vile rotten piece of filth",
+                    "utterly disgusting trash",
+                    "a revolting waste of air",
+                    "a sick repulsive maggot",
+                ],
+                "validation": ["a putrid sack of garbage", "the foulest creature on earth"],
+                "test": [
+                    "a repulsive piece of garbage",
+                    "the most disgusting rotten scum",
+                    "a loathsome festering pig",
+                ],
+            },
+        },
     },
-    "severe": {
-        "train": [
-            "You are the worst scum alive, I despise you utterly.",
-            "Absolutely disgusting worthless trash.",
-            "You are a vile rotten piece of filth.",
-            "I utterly despise you, you revolting scum.",
-        ],
-        "test": ["Vile repulsive piece of garbage, I loathe you completely.", "You disgusting rotten scum."],
-    },
+}
+NEUTRAL = {
+    "train": [
+        "I read the article about the new bridge and found it useful.",
+        "Thanks for fixing the citation in the second paragraph.",
+        "Could someone add a source for the population figure?",
+        "The photo caption has the wrong year, it should be 1998.",
+        "I moved the history section above the geography section.",
+        "Good point, I will look for a better reference tomorrow.",
+        "This page needs more detail on the early career.",
+        "The infobox template was updated last week.",
+        "Please discuss large changes on the talk page first.",
+        "I agree with the merge proposal.",
+    ],
+    "validation": [
+        "The second table could use a caption.",
+        "I added two references from the city archive.",
+        "Can we split the long list into a separate page?",
+        "The spelling of the river name differs between sources.",
+    ],
+    "test": [
+        "Nice work on the timeline, it reads much better now.",
+        "Is there a map we could use for the location section?",
+        "The dates in the table do not match the text.",
+        "I have reverted the edit because the link was broken.",
+        "Welcome to the project, feel free to ask questions here.",
+    ],
 }
 
 
+def toxic_comment(kind: str, split: str, rng: random.Random) -> str:
+    spec = KINDS[kind]
+    text = rng.choice(spec["train" if split == "train" else "heldout"])
+    for slot, words in spec["words"].items():
+        text = text.replace("{" + slot + "}", rng.choice(words[split]))
+    text = re.sub(r"\b([Aa]) ([aeiouAEIOU])", r"\1n \2", text)  # a idiot -> an idiot
+    return text[0].upper() + text[1:]
+
+
 def make_toxic(rng: random.Random) -> dict[str, list[dict]]:
-    sizes = {"train": 600, "validation": 160, "test": 200}
+    """Half the comments are toxic, spread evenly over the kinds; one in five toxic ones mixes two kinds."""
+    sizes = {"train": 600, "validation": 200, "test": 200}
+    mixable = ["insult", "obscene", "threat", "identity_hate"]
     splits: dict[str, list[dict]] = {}
     for split, n in sizes.items():
-        pool = "test" if split == "test" else "train"
         rows = []
         for _ in range(n):
             labels = dict.fromkeys(TOXIC_LABELS, 0)
-            parts = [rng.choice(COMMENTS["neutral"][pool])] if rng.random() < 0.5 else []
-            # One kind per toxic comment, the rarer kinds on purpose: fitted thresholds have something to fix.
-            kinds = ["toxic", "insult", "obscene", "threat", "identity_hate", "severe"]
-            kind = (
-                rng.choices(kinds, weights=[0.1, 0.14, 0.1, 0.06, 0.06, 0.04])[0]
-                if rng.random() < 0.5
-                else None
-            )
-            if kind is not None:
-                parts.append(rng.choice(COMMENTS[kind][pool]))
-                labels["severe_toxic" if kind == "severe" else kind] = 1
-                labels["toxic"] = 1
+            parts = [rng.choice(NEUTRAL[split])] if rng.random() < 0.5 else []
+            kinds = []
+            if rng.random() < 0.5:
+                kinds = rng.sample(mixable, 2) if rng.random() < 0.2 else [rng.choice(list(KINDS))]
+            for kind in kinds:
+                parts.append(toxic_comment(kind, split, rng))
+                for label in KINDS[kind]["labels"]:
+                    labels[label] = 1
             if not parts:
-                parts.append(rng.choice(COMMENTS["neutral"][pool]))
+                parts.append(rng.choice(NEUTRAL[split]))
             rng.shuffle(parts)
             rows.append({"comment_text": " ".join(parts), **labels})
         splits[split] = rows
