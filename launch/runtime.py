@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -95,9 +96,16 @@ class Runtime:
         return rt
 
     def _install_signal_handlers(self, names: list[str]) -> None:
+        first = []
+
         def request_stop(signum, _frame):
-            if self.stop_requested:  # a second signal means "now"
+            # A second signal means "now", unless it is the same stop seen twice: Slurm signals every
+            # process of a step and torchrun forwards it again, a moment apart.
+            if self.stop_requested and time.monotonic() - first[0] > 5:
                 raise KeyboardInterrupt
+            if self.stop_requested:
+                return
+            first.append(time.monotonic())
             self.stop_requested = True
             self.print(f"received {signal.Signals(signum).name}: stopping at the next step boundary")
 

@@ -176,3 +176,26 @@ def test_stop_request_ends_at_a_step_boundary(tmp_path):
     trainer.train_step = step_then_stop
     assert trainer.fit(tracker) == {} and trainer.stopped
     assert trainer.state.step == 3
+
+
+def test_a_repeated_stop_signal_is_one_stop_and_a_late_one_means_now(monkeypatch):
+    """Slurm and torchrun both deliver the same SIGTERM a moment apart: that must still save first."""
+    import os
+    import signal
+    import time as clock
+
+    from launch.runtime import Runtime
+
+    old = signal.getsignal(signal.SIGUSR2)
+    try:
+        rt = Runtime()
+        rt._install_signal_handlers(["SIGUSR2"])
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert rt.stop_requested
+        later = clock.monotonic() + 6
+        monkeypatch.setattr(clock, "monotonic", lambda: later)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
