@@ -11,6 +11,7 @@ logging window. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -81,7 +82,14 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
     table = read_table(cfg["train_file"])
     label_cols = cfg["label_columns"].split(",")
     names = label_names(table, label_cols, cfg["task"], cfg["label_separator"], [])
+    # Length-grouped batches: transformers 5 names this train_sampling_strategy, 4.x group_by_length.
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in fields:
+        grouping = {"train_sampling_strategy": "group_by_length"}
+    else:
+        grouping = {"group_by_length": True}
     args = TrainingArguments(
+        **grouping,
         output_dir=str(out / "run"),
         per_device_train_batch_size=cfg["batch_size"],
         max_steps=steps,
@@ -94,7 +102,6 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
         report_to=[],
         dataloader_num_workers=0,
         dataloader_drop_last=True,  # full batches only, so samples = batch x world x steps exactly
-        group_by_length=True,
         length_column_name="length",
         use_cpu=True,
         ddp_backend="gloo",
