@@ -176,7 +176,7 @@ def test_exports_load_in_the_text_classification_pipeline(news_run, toxic_run):
     (top,) = news("Goalkeeper saves two penalties as the Hornets win the cup")
     assert top["label"] == "sports"
     toxic = pipeline("text-classification", model=str(toxic_run[0] / "export"), top_k=None)
-    scores = toxic("You are a brainless clown.")
+    (scores,) = toxic(["You are a brainless clown."])  # a list in, one list of scores per text out
     assert len(scores) == 6 and all(0 <= s["score"] <= 1 for s in scores)  # one sigmoid per label
     by_label = {s["label"]: s["score"] for s in scores}
     assert by_label["toxic"] > 0.5 and abs(sum(by_label.values()) - 1) > 0.05  # not a softmax
