@@ -167,8 +167,10 @@ def test_a_killed_run_resumes_with_the_same_losses(xla_python, tiny_encoder, spm
     resumed = run_ner(xla_python, tiny_encoder, out, 2, "--save-every", "3", "--validation-file", "")
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout, resumed.stdout[-2000:]
     reference, log = train_log(spmd_runs[2]), train_log(out)
+    # Same data, dropout masks and optimizer state: a wrong RNG, batch or moment shows at 1e-3. The graphs
+    # compiled after a load may sum in another order than the uninterrupted run's, hence float rounding.
     for step in range(4, STEPS + 1):
-        assert log[step]["train/loss"] == reference[step]["train/loss"], step
+        assert log[step]["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=1e-6), step
 
 
 def test_replicas_mode_trains_with_one_replica_like_spmd(xla_python, tiny_encoder, spmd_runs, tmp_path):
