@@ -56,6 +56,11 @@ class SlurmOptions:
     extra: dict[str, Any] = field(default_factory=dict)  # more submitit slurm_* parameters
 
 
+TORCHRUN_VARIABLES = frozenset(
+    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"}
+)
+
+
 def _ignore_scheduler_signals() -> None:
     # The scheduler signals every process of the job; SIGTERM and the submitit signal belong to the task
     # process, which turns them into exactly one SIGUSR1 for the recipe (a second one would mean "now").
@@ -75,8 +80,16 @@ class RecipeRun(submitit.helpers.Checkpointable):
         extra = ["--output-dir", self.run_dir, "--stop-signals", "SIGUSR1", "--requeue", "false"]
         return [self.python, self.recipe, *self.args, *extra]
 
+    @staticmethod
+    def child_env() -> dict[str, str]:
+        # The ranks of a task come from Slurm (launch.runtime reads SLURM_PROCID); torchrun's variables left
+        # in the submitting shell would win over them and make the recipe wait for ranks that never come.
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
     def __call__(self) -> dict[str, Any]:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = self.child_env()
         # The working folder is the one the job was submitted from, so relative paths in the flags hold.
         self._child = subprocess.Popen(self.command(), env=env, preexec_fn=_ignore_scheduler_signals)
         # poll(), not wait(): the checkpoint handler interrupts this loop and must be able to reap the child.

@@ -157,9 +157,22 @@ cmd_up() {
   exec 9>"$DIR/lock"
   flock 9
   write_configs
+  local cold=1
+  { alive slurmctld || alive slurmd; } && cold=0
   for d in "${DAEMONS[@]}"; do
     alive "$d" || "start_$d"
   done
+  if [ "$cold" -eq 1 ]; then
+    # The daemons died without `down` (a crash, a machine restart): the jobs slurmctld recovers from its
+    # state have no processes left, yet would hold the node until their time limit. End them.
+    local stale
+    stale=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
+    if [ -n "${stale// /}" ]; then
+      # shellcheck disable=SC2086
+      scancel $stale 2>/dev/null || true
+      say "cancelled jobs left from before the daemons stopped: $stale"
+    fi
+  fi
   wait_for 60 "node $HOST idle in sinfo" node_ready
   say "up: partition local, node $HOST ($(sinfo -h -o '%c CPUs')), logs in $DIR/log"
 }

@@ -30,6 +30,17 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture(autouse=True)
+def _environment_is_restored():
+    """Whatever a test's in-process code writes into os.environ (a rank, a port) is gone after it: the
+    subprocesses and Slurm jobs of later tests inherit this process's environment."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -69,7 +69,9 @@ def test_read_environment(monkeypatch):
         "MASTER_ADDR",
         "MASTER_PORT",
     ):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first so monkeypatch restores the key even when read_environment() fills it in
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     assert read_environment() == (0, 1, 0)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")

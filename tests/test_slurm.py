@@ -275,3 +275,12 @@ def test_local_cluster_status_names_each_daemon(cluster):
     for daemon in ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"):
         assert re.search(rf"^{daemon} running \(pid \d+\)$", out.stdout, re.M), out.stdout
     assert shutil.which("sacct")
+
+
+def test_a_task_takes_its_ranks_from_slurm_not_the_submitting_shell(monkeypatch):
+    # A shell that ran torchrun (or a test that set a rank) must not make every task wait for 4 ranks.
+    for key, value in {"RANK": "3", "WORLD_SIZE": "4", "MASTER_PORT": "20123", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    env = submit.RecipeRun.child_env()
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & env.keys()
+    assert env["SLURM_PROCID"] == "0" and env["PYTHONUNBUFFERED"] == "1"
