@@ -114,9 +114,8 @@ def parse_config(cls: type, argv: list[str] | None = None, description: str | No
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    # Each option's help names its real default itself: argparse's default is None (meaning "not given").
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file of options; CLI flags override it")
     # The deepspeed launcher appends --local_rank=N; the runtime reads LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
