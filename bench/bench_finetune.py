@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
-import time
 from pathlib import Path
 
-from launch_two_ranks import torchrun_two_ranks
+from launch_two_ranks import (
+    run_hf_worker,
+    steady_throughput,
+    step_clock,
+    torchrun_two_ranks,
+    write_trainer_result,
+)
 
 WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
-HF_RESULT = "hf_trainer.json"
 
 
 def run_recipe(out: Path, steps: int, batch_size: int) -> dict:
-    from launch.tracking import read_metrics
-
     torchrun_two_ranks(
         [
             "recipes/text_classification.py",
@@ -41,34 +42,16 @@ def run_recipe(out: Path, steps: int, batch_size: int) -> dict:
         ],
         out.parent / "recipe.log",
     )
-    windows = [r for r in read_metrics(out) if "train/samples_per_s" in r]
-    steady = [r["train/samples_per_s"] for r in windows if r["step"] > WARMUP_STEPS]
-    return {"samples_per_s": sum(steady) / len(steady), "loss": windows[-1]["train/loss"]}
-
-
-def run_trainer(recipe_dir: Path, out: Path, steps: int) -> dict:
-    torchrun_two_ranks(
-        [
-            "bench/bench_finetune.py",
-            "--hf-worker",
-            f"--recipe-run={recipe_dir}",
-            f"--out={out}",
-            f"--steps={steps}",
-        ],
-        out.parent / "trainer.log",
-    )
-    return json.loads((out / HF_RESULT).read_text())
+    return steady_throughput(out, WARMUP_STEPS)
 
 
 def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
     """One rank of the transformers.Trainer side; rank 0 writes samples/s and the last loss to `out`."""
-    import torch
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -119,35 +102,11 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
         pretrained_source(cfg["model"]), num_labels=len(names), use_safetensors=True
     )
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.start = self.end = None
-            self.last_step = 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == WARMUP_STEPS:
-                self.start = time.perf_counter()
-            elif state.global_step > WARMUP_STEPS:
-                self.end, self.last_step = time.perf_counter(), state.global_step
-
-    clock = StepClock()
+    clock = step_clock(WARMUP_STEPS)
     collator = DataCollatorWithPadding(tok, pad_to_multiple_of=cfg["pad_to_multiple_of"])
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
     trainer.train()
-    if args.process_index == 0:
-        measured = clock.last_step - WARMUP_STEPS
-        result = {
-            "samples_per_s": args.per_device_train_batch_size
-            * args.world_size
-            * measured
-            / (clock.end - clock.start),
-            "loss": [r["loss"] for r in trainer.state.log_history if "loss" in r][-1],
-            "examples": len(train),
-            "batch_size": args.per_device_train_batch_size,
-            "world_size": args.world_size,
-            "torch_threads": torch.get_num_threads(),
-        }
-        (out / HF_RESULT).write_text(json.dumps(result))
+    write_trainer_result(trainer, clock, WARMUP_STEPS, out, examples=len(train))
 
 
 def main() -> None:
@@ -170,7 +129,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
         recipe = run_recipe(Path(tmp) / "recipe", steps, args.batch_size)
-        hf = run_trainer(Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
+        hf = run_hf_worker("bench/bench_finetune.py", Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
 
     print(
         f"MiniLM-L6 news topics, {hf['examples']} headlines, {steps} steps x {hf['batch_size']} per rank x "

@@ -4,17 +4,11 @@
 # A stamp of the dependency files makes a second call a no-op until they change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
 venv=${RECIPEBOX_VENV:-.venv}
-want=$(cat setup.cfg pyproject.toml scripts/env.sh | sha256sum | cut -c1-16)
-if [ -f "$venv/.recipebox-stamp" ] && [ "$(cat "$venv/.recipebox-stamp")" = "$want" ]; then
-  exit 0
-fi
-python=$(command -v python3.11 || command -v python3)
-if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
-  echo "installing python3-venv (the system Python lacks venv)" >&2
-  apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-fi
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+want=$(cat setup.cfg pyproject.toml scripts/env.sh scripts/venv.sh | sha256sum | cut -c1-16)
+venv_is_current "$venv" "$want" && exit 0
+ensure_venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
 "$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
 constraints=$(mktemp)

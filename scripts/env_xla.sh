@@ -7,18 +7,12 @@
 # A stamp of this script and setup.cfg makes a second call a no-op until they change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
 venv=${RECIPEBOX_XLA_VENV:-.venv-xla}
 extra=${RECIPEBOX_XLA_EXTRA:-}
-want=$( (cat setup.cfg scripts/env_xla.sh; echo "$extra") | sha256sum | cut -c1-16)
-if [ -f "$venv/.recipebox-stamp" ] && [ "$(cat "$venv/.recipebox-stamp")" = "$want" ]; then
-  exit 0
-fi
-python=$(command -v python3.11 || command -v python3)
-if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
-  echo "installing python3-venv (the system Python lacks venv)" >&2
-  apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-fi
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+want=$( (cat setup.cfg scripts/env_xla.sh scripts/venv.sh; echo "$extra") | sha256sum | cut -c1-16)
+venv_is_current "$venv" "$want" && exit 0
+ensure_venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
 constraints=$(mktemp)

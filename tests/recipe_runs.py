@@ -74,3 +74,18 @@ def start_and_wait_for_step(cmd, out, step):
 def workers_of(proc) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def export_checkpoint(ckpt, dest):
+    """`python -m checkpoints export CKPT DEST`, as a user runs it with no process group; DEST."""
+    proc = run([sys.executable, "-m", "checkpoints", "export", str(ckpt), str(dest)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dest
+
+
+def same_weights(a_dir, b_dir) -> bool:
+    """Two exported folders hold the same tensor names and bit-identical values."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

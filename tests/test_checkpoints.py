@@ -12,13 +12,14 @@ import sys
 import time
 
 import pytest
-import torch
 from conftest import REPO, subprocess_env
 from recipe_runs import (
     command,
+    export_checkpoint,
     final_sums,
     losses,
     run,
+    same_weights,
     start_and_wait_for_step,
     workers_of,
 )
@@ -139,13 +140,8 @@ def test_resharding_keeps_weights_exact_and_training_on_course(
     same = launch(tmp_path / "resumed", resumed_by, resumed_backend, 8, "--resume", str(ckpt))
     if saved_by != resumed_by:
         assert f"saved by {saved_by} rank(s), resumed by {resumed_by}" in same.stdout
-    exported = tmp_path / "from_ckpt"
-    assert run([sys.executable, "-m", "checkpoints", "export", str(ckpt), str(exported)]).returncode == 0
-    from safetensors.torch import load_file
-
-    a = load_file(exported / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "export" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    exported = export_checkpoint(ckpt, tmp_path / "from_ckpt")
+    assert same_weights(exported, tmp_path / "resumed" / "export")
     # Eight more steps over the same batches; with another world size the masking draws differ, so the
     # loss agrees within noise; with the same world size and another backend, up to reduction order.
     cont = tmp_path / "continued"

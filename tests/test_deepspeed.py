@@ -7,12 +7,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 
 import pytest
 import torch
 from conftest import BIN, free_port
-from recipe_runs import RECIPE, command, losses, run, start_and_wait_for_step, workers_of
+from recipe_runs import (
+    RECIPE,
+    command,
+    export_checkpoint,
+    losses,
+    run,
+    same_weights,
+    start_and_wait_for_step,
+    workers_of,
+)
 
 from launch.config import ConfigError, TrainConfig
 from launch.deepspeed_config import build_deepspeed_config
@@ -79,27 +87,13 @@ def test_zero_stage_trains_like_ddp_and_exports_a_fill_mask_model(stage, ds_refe
     manifest = json.loads((out / "checkpoints" / f"step-{STEPS:06d}" / "manifest.json").read_text())
     assert manifest["meta"]["state_format"] == "deepspeed"
     assert manifest["meta"]["deepspeed"] == {"zero_stage": stage}
-    from safetensors.torch import load_file
     from transformers import pipeline
 
     fill = pipeline("fill-mask", model=str(out / "export"))
     assert len(fill("the [MASK] of the city")) == 5
     # The checkpoint alone exports the same weights, with no DeepSpeed process group.
-    again = out.parent / "exported"
-    ok(
-        run(
-            [
-                sys.executable,
-                "-m",
-                "checkpoints",
-                "export",
-                str(out / "checkpoints" / f"step-{STEPS:06d}"),
-                str(again),
-            ]
-        )
-    )
-    a, b = load_file(again / "model.safetensors"), load_file(out / "export" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = export_checkpoint(out / "checkpoints" / f"step-{STEPS:06d}", out.parent / "exported")
+    assert same_weights(again, out / "export")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -114,21 +108,14 @@ def test_sigkill_then_the_same_command_continues_exactly(stage, tmp_path, tokeni
     again = ok(run(cmd, timeout=600))
     assert "resumed from" in again.stdout and "step-000008" in again.stdout
     assert losses(out) == losses(reference)  # every step, bitwise
-    from safetensors.torch import load_file
-
-    a, b = (
-        load_file(out / "export" / "model.safetensors"),
-        load_file(reference / "export" / "model.safetensors"),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(out / "export", reference / "export")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_two_rank_checkpoint_resumes_on_one_rank(stage, tmp_path, tokenizer_dir, ds_reference):
     """DeepSpeed's universal checkpoint: the weights come back exactly, and training stays on course."""
     ckpt = ds_reference(stage) / "checkpoints" / "step-000008"
-    exported = tmp_path / "from_ckpt"
-    ok(run([sys.executable, "-m", "checkpoints", "export", str(ckpt), str(exported)]))
+    export_checkpoint(ckpt, tmp_path / "from_ckpt")
     resumed = tmp_path / "resumed"
     proc = ok(run(ds_command(resumed, tokenizer_dir, stage, "--resume", str(ckpt), nproc=1), timeout=600))
     assert "saved by 2 rank(s), resumed by 1" in proc.stdout
@@ -144,24 +131,11 @@ def test_bf16_on_cpu_trains_and_exports_the_fp32_master_weights(tmp_path, tokeni
     ok(run(ds_command(out, tokenizer_dir, 2, "--precision", "bf16", "--max-steps", "8"), timeout=600))
     got, fp32 = losses(out), losses(ds_reference(2))
     assert all(got[s] == pytest.approx(fp32[s], rel=1e-3) for s in range(1, 5))
-    again = tmp_path / "exported"
-    ok(
-        run(
-            [
-                sys.executable,
-                "-m",
-                "checkpoints",
-                "export",
-                str(out / "checkpoints" / "step-000008"),
-                str(again),
-            ]
-        )
-    )
+    again = export_checkpoint(out / "checkpoints" / "step-000008", tmp_path / "exported")
     from safetensors.torch import load_file
 
-    a, b = load_file(again / "model.safetensors"), load_file(out / "export" / "model.safetensors")
-    assert all(v.dtype == torch.float32 for v in b.values())
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # tied aliases included
+    assert all(v.dtype == torch.float32 for v in load_file(out / "export" / "model.safetensors").values())
+    assert same_weights(again, out / "export")  # tied aliases included
 
 
 def test_config_mistakes_stop_before_any_process_group(tmp_path, tokenizer_dir):
