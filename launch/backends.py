@@ -167,6 +167,9 @@ def _layer_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 
 BACKENDS = ("ddp", "fsdp", "deepspeed", "xla")
+# Backends that compile one graph per tensor shape: a recipe keeps its shapes independent of the data there
+# (no boolean-mask indexing whose size changes every batch).
+STATIC_SHAPE_BACKENDS = ("xla",)
 
 
 def make_backend(name: str, runtime: Runtime, precision: str):

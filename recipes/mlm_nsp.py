@@ -28,6 +28,7 @@ from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
 from data.text import read_documents
 from data.tokenizer import load_tokenizer, train_wordpiece
 from kernels import collate_padded, mask_tokens
+from launch.backends import STATIC_SHAPE_BACKENDS
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.recipe import RecipeParts, run_main, run_recipe
 from launch.runtime import Runtime
@@ -136,11 +137,14 @@ class PretrainingObjective(nn.Module):
 
     The head (a d x d transform and a d x vocab projection) on every position is most of a small BERT's
     step; only the ~15 % masked positions have a label, so the loss is the same and the step far cheaper.
+    With `static_shapes` (XLA: one compiled graph per shape) the head runs on every position instead and
+    unlabelled ones are ignored, since the number of masked positions changes with every batch.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, static_shapes: bool = False):
         super().__init__()
         self.model = model
+        self.static_shapes = static_shapes
 
     def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
         hidden, pooled = self.model.bert(
@@ -150,13 +154,13 @@ class PretrainingObjective(nn.Module):
             return_dict=False,
         )[:2]
         chosen = labels != -100
-        mlm_labels = labels[chosen]
-        mlm_logits = self.model.cls.predictions(hidden[chosen])
+        mlm_labels = labels if self.static_shapes else labels[chosen]
+        mlm_logits = self.model.cls.predictions(hidden if self.static_shapes else hidden[chosen])
         nsp_logits = self.model.cls.seq_relationship(pooled)
         # A sum over the chosen positions divided by their count: the mean HF computes, without a host sync.
-        mlm_loss = F.cross_entropy(mlm_logits.float(), mlm_labels, reduction="sum") / chosen.sum().clamp(
-            min=1
-        )
+        mlm_loss = F.cross_entropy(
+            mlm_logits.flatten(0, -2).float(), mlm_labels.flatten(), ignore_index=-100, reduction="sum"
+        ) / chosen.sum().clamp(min=1)
         nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
         return SimpleNamespace(
             loss=mlm_loss + nsp_loss, mlm_logits=mlm_logits, mlm_labels=mlm_labels, nsp_logits=nsp_logits
@@ -178,8 +182,9 @@ def _mask_on_device(batch, generator, *, tok, cfg: MLMNSPConfig, special_ids: to
 
 
 def _count_metrics(out, batch):
-    mlm_hits = (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
-    mlm_total = torch.tensor(out.mlm_labels.numel(), device=mlm_hits.device)
+    labelled = out.mlm_labels != -100  # all of them, except on the static-shape path
+    mlm_hits = ((out.mlm_logits.argmax(-1) == out.mlm_labels) & labelled).sum()
+    mlm_total = labelled.sum()
     nsp_hits = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
     nsp_total = torch.tensor(out.nsp_logits.shape[0], device=nsp_hits.device)
     return {
@@ -201,7 +206,7 @@ def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
             collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
         ),
         title=f"BERT MLM+NSP ({cfg.name})",
-        trained=PretrainingObjective(model),
+        trained=PretrainingObjective(model, static_shapes=cfg.backend in STATIC_SHAPE_BACKENDS),
         export_prefix="model.",  # PretrainingObjective.model
         lengths=lengths,
         prepare_batch=functools.partial(_mask_on_device, tok=tok, cfg=cfg, special_ids=special_ids),

@@ -207,3 +207,39 @@ def test_default_run_on_the_toy_corpus_beats_the_baselines(tmp_path):
     print(f"held-out MLM accuracy {final['eval/mlm_accuracy']:.3f} (commonest-token floor {floor:.3f}), "
           f"NSP accuracy {final['eval/nsp_accuracy']:.3f}")  # fmt: skip
     assert final["eval/mlm_accuracy"] > 2 * floor
+
+
+def test_static_shape_objective_matches_the_masked_positions_one():
+    """XLA's path (MLM head on every position, unlabelled ones ignored) gives the same loss and counts."""
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import mlm_nsp
+    finally:
+        sys.path.remove(str(REPO / "recipes"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    model = BertForPreTraining(config).eval()
+    ids = torch.randint(5, 50, (4, 12))
+    labels = torch.full_like(ids, -100)
+    labels[torch.rand(ids.shape) < 0.3] = 7
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": (torch.arange(12) >= 6).long().expand(4, 12),
+        "labels": labels,
+        "next_sentence_label": torch.tensor([0, 1, 1, 0]),
+    }
+    with torch.no_grad():
+        dynamic = mlm_nsp.PretrainingObjective(model)(**batch)
+        static = mlm_nsp.PretrainingObjective(model, static_shapes=True)(**batch)
+    assert static.mlm_logits.shape[:2] == ids.shape  # independent of how many positions are masked
+    torch.testing.assert_close(static.loss, dynamic.loss)
+    counts = mlm_nsp._count_metrics(dynamic, batch)
+    assert counts["mlm_accuracy"][1] == (labels != -100).sum()
+    for name, pair in mlm_nsp._count_metrics(static, batch).items():
+        assert torch.equal(pair, counts[name]), name
