@@ -1,4 +1,5 @@
-"""Write the bundled fine-tuning toy sets: news topics, toxic comments, review sentiment, tagged sentences.
+"""Write the bundled toy sets: a pretraining corpus, news topics, toxic comments, review sentiment, tagged
+sentences.
 
 Deterministic (fixed seeds); the committed files are the data. The test split of every set uses names and
 phrasings that training never saw, so a model has to generalise, not remember. Run from anywhere:
@@ -580,6 +581,90 @@ def make_ner(rng: random.Random) -> dict[str, list[list[tuple[str, str]]]]:
     return splits
 
 
+# -- pretraining corpus: documents of 5-8 sentences, a blank line between documents -----------------------
+# Each document follows one person through one craft or pastime (16 topics with their own things, actions
+# and places). Sentences are held together by lexical cohesion, as in ordinary prose: each one picks up the
+# thing and the place the previous one ended with, then moves on to a new thing. A sentence from another
+# document shares neither, so next-sentence prediction has something to learn besides the topic.
+CRAFTS = {
+    "bees": ("hive queen honey smoker frame comb swarm veil nectar brood",
+             "inspected smoked lifted cleaned checked moved", "apiary|orchard|meadow|clover field"),
+    "lighthouse": ("lamp lens beacon foghorn logbook tower lantern shutter wick signal",
+                   "polished lit wound repaired trimmed watched", "headland|rocky point|harbour mouth|cliff"),
+    "bread": ("dough starter loaf oven flour crust yeast rye baguette basket",
+              "kneaded shaped baked floured scored proved", "bakery|kitchen|mill|market stall"),
+    "sailing": ("sail mast rudder tiller dinghy anchor jib hull mooring compass",
+                "hoisted trimmed steered reefed tied rigged", "marina|bay|estuary|harbour"),
+    "volcano": ("crater lava ash magma vent eruption tremor caldera basalt seismometer",
+                "measured sampled mapped studied photographed monitored", "summit|lava field|observatory|slope"),
+    "chess": ("bishop knight rook pawn opening endgame clock gambit checkmate board",
+              "moved sacrificed studied defended traded analysed", "chess club|tournament hall|library|cafe"),
+    "railway": ("locomotive carriage signal platform timetable rails boiler ticket coupling junction",
+                "drove coupled oiled inspected boarded repaired", "station|depot|engine shed|viaduct"),
+    "tomatoes": ("seedling greenhouse vine tomato trellis compost hose blossom cane tray",
+                 "watered pruned staked picked planted fed", "allotment|garden|polytunnel|windowsill"),
+    "astronomy": ("telescope eyepiece chart nebula comet planet eclipse constellation tripod moon",
+                  "observed aligned focused tracked sketched photographed", "observatory|hilltop|rooftop|desert"),
+    "coffee": ("bean roaster grinder espresso crema filter kettle harvest cherry cup",
+               "roasted ground brewed tasted weighed poured", "cafe|plantation|roastery|counter"),
+    "climbing": ("rope harness carabiner ridge summit crampon axe belay route helmet",
+                 "climbed clipped checked coiled tested fixed", "north face|base camp|crag|glacier"),
+    "violins": ("violin bow scroll varnish bridge soundpost maple string fingerboard peg",
+                "carved varnished tuned glued planed strung", "workshop|bench|concert hall|music school"),
+    "whales": ("whale calf pod fluke blowhole krill song hydrophone breach fin",
+               "spotted recorded followed counted photographed tagged", "research boat|open ocean|lagoon|channel"),
+    "forge": ("forge anvil hammer tongs horseshoe bellows iron tank blade coal",
+              "heated hammered quenched shaped sharpened welded", "smithy|village green|fairground|yard"),
+    "pottery": ("clay wheel kiln glaze bowl jar slip vase mug stool",
+                "threw glazed fired trimmed wedged painted", "studio|pottery class|workshop|gallery"),
+    "cheese": ("curd whey rennet cheddar rind milk press mould brine vat",
+               "stirred pressed salted aged turned cut", "dairy|farm|cellar|cheese shop"),
+}  # fmt: skip
+PEOPLE = (
+    "Martha Tomas Lucy Ewan Ana Hector Ilse Daniel Clara Pete Priya Maya Omar Felix Frank Rosa Ben Lena Amira "
+    "Oliver Jonas Isabel Ahmed Nadia Sven Elif Ruben Kasia Grace Yasmin Hugo Ulla Sam Victor Ines Marek"
+).split()
+QUALITIES = "old new heavy small bright worn quiet large fine spare".split()
+OPENERS = [
+    "One morning at the {place}, {who} {verb} the {adj} {thing}.",
+    "At the {place}, {who} {verb} the {adj} {thing}.",
+    "{who} spent the day at the {place} and {verb} the {adj} {thing}.",
+]
+LINKS = [  # every sentence ends on a thing, and the next one starts from it
+    "The {adj0} {prev} at the {place} was {adj1}, so {who} {verb} the {adj} {thing}.",
+    "The {adj0} {prev} stayed at the {place} while {who} {verb} the {adj} {thing}.",
+    "The {adj0} {prev} was done, so at the {place} {who} {verb} the {adj} {thing}.",
+    "The {adj0} {prev} reminded {who} at the {place} of the {adj} {thing}.",
+]
+
+
+def craft_story(things: list[str], verbs: list[str], places: list[str], rng: random.Random) -> list[str]:
+    who, place, adj = rng.choice(PEOPLE), rng.choice(places), rng.choice(QUALITIES)
+    order = rng.sample(things, rng.randint(5, 8))
+    lines = [
+        rng.choice(OPENERS).format(who=who, verb=rng.choice(verbs), adj=adj, thing=order[0], place=place)
+    ]
+    for prev, thing in zip(order, order[1:]):
+        place = rng.choice(places) if rng.random() < 0.3 else place
+        new = rng.choice(QUALITIES)
+        line = rng.choice(LINKS).format(
+            who=who, verb=rng.choice(verbs), adj0=adj, prev=prev, adj1=rng.choice(QUALITIES), adj=new,
+            thing=thing, place=place,
+        )  # fmt: skip
+        lines.append(line)
+        adj = new
+    return lines
+
+
+def make_mlm_nsp(rng: random.Random, per_topic: int = 30) -> list[list[str]]:
+    docs = []
+    for _ in range(per_topic):
+        for things, verbs, places in CRAFTS.values():
+            docs.append(craft_story(things.split(), verbs.split(), places.split("|"), rng))
+    rng.shuffle(docs)
+    return docs
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -588,7 +673,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    for name in ("news", "toxic", "sentiment", "ner"):
+    for name in ("mlm_nsp", "news", "toxic", "sentiment", "ner"):
         (HERE / name).mkdir(exist_ok=True)
     for split, rows in make_news(random.Random(1)).items():
         write_csv(HERE / "news" / f"{split}.csv", rows)
@@ -600,6 +685,10 @@ def main() -> None:
     for split, sentences in make_ner(random.Random(4)).items():
         blocks = ["\n".join(f"{tok} {tag}" for tok, tag in s) for s in sentences]
         (HERE / "ner" / f"{split}.conll").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    docs = make_mlm_nsp(random.Random(5))
+    (HERE / "mlm_nsp" / "corpus.txt").write_text(
+        "\n\n".join("\n".join(d) for d in docs) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":
