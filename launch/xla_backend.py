@@ -89,7 +89,9 @@ class XLABackend:
             self._raw = self.model = model.to(self.device)
         # Evaluation hands outputs to metric code that indexes by data-dependent masks: on the device each
         # distinct mask would compile a graph, so outputs come to the host (one transfer per batch).
-        self.model.register_forward_hook(_outputs_to_host_in_eval)
+        self.model.register_forward_hook(
+            functools.partial(_outputs_to_host_in_eval, mesh=getattr(self, "mesh", None))
+        )
         self.optimizer = make_optimizer(self.model)
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -254,11 +256,19 @@ def _shard_output(output, mesh) -> None:
         xs.mark_sharding(first, mesh, ("fsdp",) + (None,) * (first.ndim - 1))
 
 
-def _outputs_to_host_in_eval(module, _args, output):
+def _outputs_to_host_in_eval(module, _args, output, mesh=None):
     if module.training:
         return output
     import torch_xla
 
+    if mesh is not None:  # gathered inside the graph: fetching a sharded tensor compiles a program per call
+        import torch_xla.distributed.spmd as xs
+
+        values = output.values() if hasattr(output, "keys") else vars(output).values()
+        for value in output if isinstance(output, tuple | torch.Tensor) else values:
+            if isinstance(value, torch.Tensor) and value.ndim and value.device.type == "xla":
+                xs.clear_sharding(value)
+                xs.mark_sharding(value, mesh, (None,) * value.ndim)
     torch_xla.sync()
     if isinstance(output, torch.Tensor):
         return output.cpu()

@@ -162,8 +162,12 @@ class PretrainingObjective(nn.Module):
             mlm_logits.flatten(0, -2).float(), mlm_labels.flatten(), ignore_index=-100, reduction="sum"
         ) / chosen.sum().clamp(min=1)
         nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
+        # The static path's labels are the batch's own (no copy of an input to fetch back from the device).
         return SimpleNamespace(
-            loss=mlm_loss + nsp_loss, mlm_logits=mlm_logits, mlm_labels=mlm_labels, nsp_logits=nsp_logits
+            loss=mlm_loss + nsp_loss,
+            mlm_logits=mlm_logits,
+            mlm_labels=None if self.static_shapes else mlm_labels,
+            nsp_logits=nsp_logits,
         )
 
 
@@ -182,8 +186,9 @@ def _mask_on_device(batch, generator, *, tok, cfg: MLMNSPConfig, special_ids: to
 
 
 def _count_metrics(out, batch):
-    labelled = out.mlm_labels != -100  # all of them, except on the static-shape path
-    mlm_hits = ((out.mlm_logits.argmax(-1) == out.mlm_labels) & labelled).sum()
+    mlm_labels = batch["labels"] if out.mlm_labels is None else out.mlm_labels
+    labelled = mlm_labels != -100  # all of them, except on the static-shape path
+    mlm_hits = ((out.mlm_logits.argmax(-1) == mlm_labels) & labelled).sum()
     mlm_total = labelled.sum()
     nsp_hits = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
     nsp_total = torch.tensor(out.nsp_logits.shape[0], device=nsp_hits.device)
