@@ -207,8 +207,9 @@ def test_default_run_on_the_toy_corpus_beats_the_baselines(tmp_path):
     print(f"held-out MLM accuracy {final['eval/mlm_accuracy']:.3f} (commonest-token floor {floor:.3f}), "
           f"NSP accuracy {final['eval/nsp_accuracy']:.3f}")  # fmt: skip
     assert final["eval/mlm_accuracy"] > 2 * floor
-    # About 800 held-out pairs, half true next: chance is 0.5 with a standard deviation of 0.018.
-    assert final["eval/nsp_accuracy"] > 0.6
+    # About 800 held-out pairs, half true next: chance is 0.5 with a standard deviation of 0.018, so 0.58 is
+    # over 4 of them. Measured with seeds 42, 1 and 2: 0.76, 0.72 and 0.66.
+    assert final["eval/nsp_accuracy"] > 0.58
 
 
 def test_static_shape_objective_matches_the_masked_positions_one():

@@ -584,8 +584,9 @@ def make_ner(rng: random.Random) -> dict[str, list[list[tuple[str, str]]]]:
 # -- pretraining corpus: documents of 5-8 sentences, a blank line between documents -----------------------
 # Each document follows one person through one craft or pastime (16 topics with their own things, actions
 # and places). Sentences are held together by lexical cohesion, as in ordinary prose: each one picks up the
-# thing and the place the previous one ended with, then moves on to a new thing. A sentence from another
-# document shares neither, so next-sentence prediction has something to learn besides the topic.
+# thing and the place the previous one ended with, then moves on to a new thing, and opens with a word for
+# when it happens (then, later, finally). A sentence from another document shares neither the things nor
+# the order, so next-sentence prediction has something to learn besides the topic.
 CRAFTS = {
     "bees": ("hive queen honey smoker frame comb swarm veil nectar brood",
              "inspected smoked lifted cleaned checked moved", "apiary|orchard|meadow|clover field"),
@@ -631,11 +632,12 @@ OPENERS = [
     "{who} spent the day at the {place} and {verb} the {adj} {thing}.",
 ]
 LINKS = [  # every sentence ends on a thing, and the next one starts from it
-    "The {adj0} {prev} at the {place} was {adj1}, so {who} {verb} the {adj} {thing}.",
-    "The {adj0} {prev} stayed at the {place} while {who} {verb} the {adj} {thing}.",
-    "The {adj0} {prev} was done, so at the {place} {who} {verb} the {adj} {thing}.",
-    "The {adj0} {prev} reminded {who} at the {place} of the {adj} {thing}.",
+    "{when}, the {adj0} {prev} at the {place} was {adj1}, so {who} {verb} the {adj} {thing}.",
+    "{when}, the {adj0} {prev} stayed at the {place} while {who} {verb} the {adj} {thing}.",
+    "{when}, the {adj0} {prev} was done, so at the {place} {who} {verb} the {adj} {thing}.",
+    "{when}, the {adj0} {prev} reminded {who} at the {place} of the {adj} {thing}.",
 ]
+WHEN = ["Then", "After that", "Later", "Next", "Soon after", "In the end"]  # the last sentence: "Finally"
 
 
 def craft_story(things: list[str], verbs: list[str], places: list[str], rng: random.Random) -> list[str]:
@@ -644,11 +646,12 @@ def craft_story(things: list[str], verbs: list[str], places: list[str], rng: ran
     lines = [
         rng.choice(OPENERS).format(who=who, verb=rng.choice(verbs), adj=adj, thing=order[0], place=place)
     ]
-    for prev, thing in zip(order, order[1:]):
+    for k, (prev, thing) in enumerate(zip(order, order[1:])):
         place = rng.choice(places) if rng.random() < 0.3 else place
+        when = "Finally" if k == len(order) - 2 else WHEN[k]
         new = rng.choice(QUALITIES)
         line = rng.choice(LINKS).format(
-            who=who, verb=rng.choice(verbs), adj0=adj, prev=prev, adj1=rng.choice(QUALITIES), adj=new,
+            when=when, who=who, verb=rng.choice(verbs), adj0=adj, prev=prev, adj1=rng.choice(QUALITIES), adj=new,
             thing=thing, place=place,
         )  # fmt: skip
         lines.append(line)
