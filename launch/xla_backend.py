@@ -47,6 +47,7 @@ class XLABackend:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.buckets: list[int] = []
+        self.mesh = None  # the SPMD device mesh (--xla-mode spmd)
         self._shapes: set[tuple] = set()
         self._warm: int | None = None  # compile count after the first step
         self._last_micro = True
@@ -89,9 +90,7 @@ class XLABackend:
             self._raw = self.model = model.to(self.device)
         # Evaluation hands outputs to metric code that indexes by data-dependent masks: on the device each
         # distinct mask would compile a graph, so outputs come to the host (one transfer per batch).
-        self.model.register_forward_hook(
-            functools.partial(_outputs_to_host_in_eval, mesh=getattr(self, "mesh", None))
-        )
+        self.model.register_forward_hook(functools.partial(_outputs_to_host_in_eval, mesh=self.mesh))
         self.optimizer = make_optimizer(self.model)
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -256,33 +255,37 @@ def _shard_output(output, mesh) -> None:
         xs.mark_sharding(first, mesh, ("fsdp",) + (None,) * (first.ndim - 1))
 
 
+def _map_tensors(output, fn):
+    """`output` (a tensor, a tuple, a ModelOutput or a recipe's namespace) with `fn` applied to its tensors."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple):
+        return type(output)(fn(v) if isinstance(v, torch.Tensor) else v for v in output)
+    fields = output if hasattr(output, "keys") else vars(output)  # ModelOutput mirrors items as attributes
+    for key, value in list(fields.items()):
+        if isinstance(value, torch.Tensor):
+            fields[key] = fn(value)
+    return output
+
+
+def _replicated(value: torch.Tensor, mesh) -> torch.Tensor:
+    import torch_xla.distributed.spmd as xs
+
+    if value.ndim and value.device.type == "xla":
+        xs.clear_sharding(value)
+        xs.mark_sharding(value, mesh, (None,) * value.ndim)
+    return value
+
+
 def _outputs_to_host_in_eval(module, _args, output, mesh=None):
     if module.training:
         return output
     import torch_xla
 
     if mesh is not None:  # gathered inside the graph: fetching a sharded tensor compiles a program per call
-        import torch_xla.distributed.spmd as xs
-
-        values = output.values() if hasattr(output, "keys") else vars(output).values()
-        for value in output if isinstance(output, tuple | torch.Tensor) else values:
-            if isinstance(value, torch.Tensor) and value.ndim and value.device.type == "xla":
-                xs.clear_sharding(value)
-                xs.mark_sharding(value, mesh, (None,) * value.ndim)
+        _map_tensors(output, functools.partial(_replicated, mesh=mesh))
     torch_xla.sync()
-    if isinstance(output, torch.Tensor):
-        return output.cpu()
-    if isinstance(output, tuple):
-        return type(output)(v.cpu() if isinstance(v, torch.Tensor) else v for v in output)
-    if hasattr(output, "keys"):  # ModelOutput: a dict that mirrors its fields as attributes
-        for key in list(output.keys()):
-            if isinstance(output[key], torch.Tensor):
-                output[key] = output[key].cpu()
-    else:  # a namespace of tensors (a recipe's own loss module)
-        for key, value in list(vars(output).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(output, key, value.cpu())
-    return output
+    return _map_tensors(output, torch.Tensor.cpu)
 
 
 def _clean(name: str) -> str:
