@@ -50,6 +50,7 @@ class XLABackend:
         self.mesh = None  # the SPMD device mesh (--xla-mode spmd)
         self._shapes: set[tuple] = set()
         self._warm: int | None = None  # compile count after the first step
+        self._logged: dict | None = None  # the compile figures of the last training log line
         self._last_micro = True
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -193,18 +194,22 @@ class XLABackend:
         total = _compile_count()
         if self._warm is None:  # warm-up: the first step and its log line
             self._warm = total
-        return {
+        self._logged = {
             "xla/compiles": total,
             "xla/compiles_after_warmup": total - (self._warm or total),
             "xla/batch_shapes": len(self._shapes),
         }
+        return self._logged
 
     def close(self) -> None:
-        if self.rt.is_main and self._warm is not None:
-            m = self.log_metrics()
+        """The figures of the last training log line (what the bounds are about), then the total, which adds
+        evaluation and the export's transfers."""
+        m = self._logged
+        if self.rt.is_main and m is not None:
             print(
-                f"xla: {m['xla/compiles']} graphs compiled, {m['xla/compiles_after_warmup']} after the first "
-                f"step; {m['xla/batch_shapes']} batch shape(s), buckets {self.buckets}",
+                f"xla: training compiled {m['xla/compiles']} graphs, {m['xla/compiles_after_warmup']} after "
+                f"the first step; {m['xla/batch_shapes']} batch shape(s), buckets {self.buckets}; "
+                f"{_compile_count()} in all with evaluation and export",
                 flush=True,
             )
 
@@ -346,6 +351,7 @@ class XLAState(DCPState):
         import torch_xla
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        shardings = _param_shardings(self.model)
         with _one_process_group():
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
             wrapped = {_clean(k): k for k in model_sd}
@@ -364,8 +370,38 @@ class XLAState(DCPState):
                 model_state_dict=_rename(state["model"], wrapped.__getitem__),
                 optim_state_dict=_rename(state["optim"], lambda k: wrapped.get(k, k)),
             )
+        _restore_shardings(shardings, self.optimizer)
         self.backend._micro = meta["step"] * self.backend._grad_accum
         torch_xla.sync()
+
+
+def _param_shardings(model) -> list[tuple[torch.Tensor, object, str]]:
+    """Each parameter with its SPMD sharding (op sharding and spec text), as the mesh wrapper placed it."""
+    import torch_xla
+
+    found = []
+    for p in model.parameters():
+        if p.device.type == "xla":
+            spec = torch_xla._XLAC._get_xla_sharding_spec(p)
+            if spec:
+                found.append((p, torch_xla._XLAC._get_xla_op_sharding(p), spec))
+    return found
+
+
+def _restore_shardings(shardings, optimizer) -> None:
+    """Loading through host copies leaves a tensor replicated, and a fresh optimizer state starts unsharded,
+    while in the run that saved, the moments carry their parameter's sharding (propagated from the step's
+    graph). Different shardings compile a different step graph, which sums in another order: put every
+    parameter and its moments back on the parameter's sharding, so the resumed run runs the same graphs."""
+    import torch_xla
+
+    for p, op, spec in shardings:
+        state = optimizer.state.get(p, {})
+        same_shape = [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+        for t in (p, *same_shape):
+            if t.device.type == "xla" and torch_xla._XLAC._get_xla_sharding_spec(t) != spec:
+                torch_xla._XLAC._xla_clear_sharding(t)
+                torch_xla._XLAC._xla_mark_sharding(t, op)
 
 
 def _to_host(tree):

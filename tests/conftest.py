@@ -30,6 +30,16 @@ def pytest_configure(config):
     )
 
 
+# The long lanes go first: with `-n 2 --dist loadfile` (scripts/test.sh) a worker takes a whole file, and
+# the XLA lane (one compiling process) and the Slurm lane (waiting on jobs) leave room for a 2-rank run beside
+# them; started last, they would run alone at the end.
+FIRST = ("test_xla.py", "test_slurm.py", "test_checkpoints.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+
+
 @pytest.fixture(autouse=True)
 def _environment_is_restored():
     """Whatever a test's in-process code writes into os.environ (a rank, a port) is gone after it: the
@@ -39,6 +49,15 @@ def _environment_is_restored():
     if dict(os.environ) != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A failed assertion must not leave a training run behind to slow every later test."""
+    yield
+    from recipe_runs import kill_leftovers
+
+    kill_leftovers()
 
 
 def free_port() -> int:

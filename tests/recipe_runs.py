@@ -4,6 +4,8 @@ torchrun job's workers. Runs compared step by step share one tokenizer (the `tok
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,9 +60,33 @@ def final_sums(out) -> list[float]:
     return [r["replica_param_sums"] for r in records if "replica_param_sums" in r][-1]
 
 
+_started: list[subprocess.Popen] = []
+
+
+def popen(cmd, **kwargs) -> subprocess.Popen:
+    """A background process the test owns: `kill_leftovers` ends it (and its workers) when the test is over,
+    whether or not the test got as far as stopping it."""
+    kwargs.setdefault("env", subprocess_env())
+    kwargs.setdefault("cwd", REPO)
+    proc = subprocess.Popen(cmd, **kwargs)
+    _started.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            for pid in [*workers_of(proc), proc.pid]:  # torchrun puts each worker in a session of its own
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(timeout=60)
+
+
 def start_and_wait_for_step(cmd, out, step):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=subprocess_env(), cwd=REPO, start_new_session=True)  # fmt: skip
+    proc = popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline:
         if (out / "metrics.jsonl").exists() and step in losses(out):

@@ -12,12 +12,12 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, subprocess_env
 from recipe_runs import (
     command,
     export_checkpoint,
     final_sums,
     losses,
+    popen,
     run,
     same_weights,
     start_and_wait_for_step,
@@ -93,14 +93,12 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     out = tmp_path / "run"
     big = ["--hidden-size", "256", "--num-layers", "4", "--num-heads", "4", "--intermediate-size", "1024"]
     cmd = command(out, tokenizer_dir, "--save-every", "2", *big, steps=400)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=REPO
-    )
+    proc = popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts, interrupted = out / "checkpoints", None
     deadline = time.time() + 240
     while time.time() < deadline and interrupted is None:
         partial = list(ckpts.glob(".tmp-step-*")) if ckpts.exists() else []
-        if partial and any(partial[0].rglob("*.distcp")) and list(ckpts.glob("step-*")):
+        if partial and _has_shards(partial[0]) and list(ckpts.glob("step-*")):
             for pid in [*workers_of(proc), proc.pid]:  # torchrun puts each worker in a session of its own
                 os.kill(pid, signal.SIGKILL)
             interrupted = partial[0]
@@ -114,6 +112,14 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     again = run(command(out, tokenizer_dir, *big, steps=int(latest[5:]) + 2))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {ckpts / latest}" in again.stdout
+
+
+def _has_shards(folder) -> bool:
+    """Some shard is written in `folder`, which may be renamed into place while we look."""
+    try:
+        return any(folder.rglob("*.distcp"))
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,7 @@ def test_ranks_from_slurm_variables(tmp_path):
     """What `srun --ntasks=2 python recipes/mlm_nsp.py` gives each task: only SLURM_* variables."""
     out, port = tmp_path / "srun", str(free_port())
     procs = [
-        subprocess.Popen(
+        recipe_runs.popen(
             [
                 sys.executable,
                 RECIPE,
@@ -167,7 +167,6 @@ def test_ranks_from_slurm_variables(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            cwd=REPO,
         )  # fmt: skip
         for r in (0, 1)
     ]
