@@ -122,28 +122,42 @@ def _has_shards(folder) -> bool:
         return False
 
 
+def _launch(tokenizer_dir, out, nproc, backend, steps, *extra):
+    """Global batch 32 either way (2 ranks x 16 or 1 x 32): the same samples follow a checkpoint."""
+    cmd = command(
+        out, tokenizer_dir, "--backend", backend, *extra, nproc=nproc, batch_size=32 // nproc, steps=steps
+    )
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory, tokenizer_dir):
+    """A 16-step run per (ranks, backend), made once: two cases below resume the same 2-rank DDP run."""
+    made = {}
+
+    def get(nproc, backend):
+        if (nproc, backend) not in made:
+            out = tmp_path_factory.mktemp(f"saved-{nproc}-{backend}") / "run"
+            _launch(tokenizer_dir, out, nproc, backend, 16)
+            made[nproc, backend] = out
+        return made[nproc, backend]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "saved_by, saved_backend, resumed_by, resumed_backend",
     [(2, "ddp", 1, "ddp"), (1, "ddp", 2, "ddp"), (2, "ddp", 2, "fsdp"), (2, "fsdp", 2, "ddp")],
 )
 def test_resharding_keeps_weights_exact_and_training_on_course(
-    tmp_path, tokenizer_dir, saved_by, saved_backend, resumed_by, resumed_backend
+    tmp_path, tokenizer_dir, saved_runs, saved_by, saved_backend, resumed_by, resumed_backend
 ):
-    """Global batch 32 either way (2 ranks x 16 or 1 x 32): the same samples follow the checkpoint."""
-
-    def launch(out, nproc, backend, steps, *extra):
-        cmd = command(
-            out, tokenizer_dir, "--backend", backend, *extra, nproc=nproc, batch_size=32 // nproc, steps=steps
-        )
-        proc = run(cmd)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
-
-    saved = tmp_path / "saved"
-    launch(saved, saved_by, saved_backend, 16)
+    saved = saved_runs(saved_by, saved_backend)
     ckpt = saved / "checkpoints" / "step-000008"
     # Zero further steps: the resumed model must be the saved one, bit for bit.
-    same = launch(tmp_path / "resumed", resumed_by, resumed_backend, 8, "--resume", str(ckpt))
+    same = _launch(tokenizer_dir, tmp_path / "resumed", resumed_by, resumed_backend, 8, "--resume", str(ckpt))
     if saved_by != resumed_by:
         assert f"saved by {saved_by} rank(s), resumed by {resumed_by}" in same.stdout
     exported = export_checkpoint(ckpt, tmp_path / "from_ckpt")
@@ -151,7 +165,7 @@ def test_resharding_keeps_weights_exact_and_training_on_course(
     # Eight more steps over the same batches; with another world size the masking draws differ, so the
     # loss agrees within noise; with the same world size and another backend, up to reduction order.
     cont = tmp_path / "continued"
-    launch(cont, resumed_by, resumed_backend, 16, "--resume", str(ckpt))
+    _launch(tokenizer_dir, cont, resumed_by, resumed_backend, 16, "--resume", str(ckpt))
     ref, got = losses(saved), losses(cont)
     assert sorted(got) == list(range(9, 17))
     if saved_by == resumed_by:
