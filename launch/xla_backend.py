@@ -230,9 +230,16 @@ def _buckets(cfg) -> list[int]:
     text = getattr(cfg, "xla_buckets", "")
     if text:
         try:
-            return parse_buckets(text)
+            buckets = parse_buckets(text)
         except ValueError as err:
             raise ConfigError(f"--xla-buckets: {err}") from None
+        longest = getattr(cfg, "max_length", 0)
+        if longest and buckets[-1] < longest:  # a batch that long would stop the run when it comes
+            raise ConfigError(
+                f"--xla-buckets {text}: the largest bucket ({buckets[-1]}) is shorter than --max-length "
+                f"{longest}; add a bucket of {longest} or lower --max-length to {buckets[-1]}"
+            )
+        return buckets
     if getattr(cfg, "pad_to_length", 0):
         return [cfg.pad_to_length]
     if getattr(cfg, "max_length", 0):
