@@ -50,7 +50,7 @@ forward_usr1() {
 }
 trap forward_usr1 USR1
 
-srun --kill-on-bad-exit=0 --export=ALL \
+srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=ALL \
   "$PYTHON" recipes/ner.py --backend xla --output-dir "$RUN_DIR" --requeue true "$@" &
 srun_pid=$!
 
