@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/env.sh
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -n "${RECIPEBOX_TEST_WORKERS:-2}" --dist loadfile "$@"
+.venv/bin/python -m pytest -n "${RECIPEBOX_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

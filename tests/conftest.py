@@ -30,9 +30,10 @@ def pytest_configure(config):
     )
 
 
-# The long lanes go first: with `-n 2 --dist loadfile` (scripts/test.sh) a worker takes a whole file, and
-# the XLA lane (one compiling process) and the Slurm lane (waiting on jobs) leave room for a 2-rank run beside
-# them; started last, they would run alone at the end.
+# The long lanes go first: with `-n 2 --dist loadfile --no-loadscope-reorder` (scripts/test.sh) a worker takes
+# a whole file in this order (xdist would otherwise start with the files that have the most tests), and the
+# XLA lane (one compiling process, and on a fresh clone the install of .venv-xla) and the Slurm lane
+# (waiting on jobs) leave room for a 2-rank run beside them; started last, they would run alone at the end.
 FIRST = ("test_xla.py", "test_slurm.py", "test_checkpoints.py")
 
 
