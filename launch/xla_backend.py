@@ -292,7 +292,7 @@ def _replicated(value: torch.Tensor, mesh) -> torch.Tensor:
     return value
 
 
-def _outputs_to_host_in_eval(module, _args, output, backend=None):
+def _outputs_to_host_in_eval(module, _args, output, *, backend: XLABackend):
     if module.training:
         return output
     import torch_xla

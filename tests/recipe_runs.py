@@ -73,15 +73,20 @@ def popen(cmd, **kwargs) -> subprocess.Popen:
     return proc
 
 
+def kill_tree(proc) -> None:
+    """SIGKILL a launcher and its workers (torchrun puts each worker in a session of its own)."""
+    for pid in [*workers_of(proc), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_leftovers() -> None:
     while _started:
         proc = _started.pop()
         if proc.poll() is None:
-            for pid in [*workers_of(proc), proc.pid]:  # torchrun puts each worker in a session of its own
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_tree(proc)
             proc.wait(timeout=60)
 
 

@@ -16,6 +16,7 @@ from recipe_runs import (
     command,
     export_checkpoint,
     final_sums,
+    kill_tree,
     losses,
     popen,
     run,
@@ -99,8 +100,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     while time.time() < deadline and interrupted is None:
         partial = list(ckpts.glob(".tmp-step-*")) if ckpts.exists() else []
         if partial and _has_shards(partial[0]) and list(ckpts.glob("step-*")):
-            for pid in [*workers_of(proc), proc.pid]:  # torchrun puts each worker in a session of its own
-                os.kill(pid, signal.SIGKILL)
+            kill_tree(proc)
             interrupted = partial[0]
         time.sleep(0.002)
     proc.wait(timeout=60)

@@ -249,6 +249,8 @@ def test_text_classification_trains_evaluates_and_exports_under_spmd(xla_python,
 
     from transformers import pipeline
 
+    from launch.tracking import read_metrics
+
     cmd = [str(xla_python), "recipes/text_classification.py", "--config", "recipes/configs/toxic.yaml",
            "--backend", "xla", "--model", str(tiny_encoder), "--output-dir", str(tmp_path),
            "--max-steps", str(STEPS), "--batch-size", "8", "--xla-buckets", "16,32,64", "--log-every", "1",
@@ -258,15 +260,11 @@ def test_text_classification_trains_evaluates_and_exports_under_spmd(xla_python,
     log = train_log(tmp_path)
     assert sorted(log) == list(range(1, STEPS + 1)) and all(r["train/loss"] > 0 for r in log.values())
     assert log[STEPS]["xla/compiles_after_warmup"] <= log[STEPS]["xla/batch_shapes"] <= 3
-    last = {
-        k: v
-        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-        for k, v in json.loads(line).items()
-    }
-    for split in ("validation", "test"):
+    last = {k: v for r in read_metrics(tmp_path) for k, v in r.items()}  # the last value of every metric
+    for prefix, split in (("eval", "validation"), ("test", "test")):
         with open(REPO / "data" / "toy" / "toxic" / f"{split}.csv", encoding="utf-8", newline="") as f:
             rows = sum(1 for _ in csv.DictReader(f))
-        assert last[f"{'eval' if split == 'validation' else 'test'}/examples"] == rows, split
+        assert last[f"{prefix}/examples"] == rows, split
     classify = pipeline("text-classification", model=str(tmp_path / "export"), device="cpu", top_k=None)
     scores = classify("you are a wonderful person")[0]
     assert {s["label"] for s in scores} == {
@@ -292,8 +290,12 @@ def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(xla_python, ti
     recipe = [a for a in recipe if a not in ("--output-dir", str(run_dir))]
     cmd = ["sbatch", "--wait", "--partition=local", "--cpus-per-task=1", "--time=20", f"--output={log}"]
     env = subprocess_env(
-        RUN_DIR=str(run_dir), PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", TF_CPP_MIN_LOG_LEVEL="2"
-    ) | {"XLA_FLAGS": FAST_COMPILE}
+        RUN_DIR=str(run_dir),
+        PJRT_DEVICE="CPU",
+        CPU_NUM_DEVICES="4",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        XLA_FLAGS=FAST_COMPILE,
+    )
     out = subprocess.run(
         [*cmd, "slurm/ner_tpu.sh", *recipe], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
     )
