@@ -57,7 +57,7 @@ class MLMNSPConfig(TrainConfig):
     random_replace_prob: float = 0.1  # ... by a random token (the rest stay as they are)
     pad_to_multiple_of: int = 8
     trust_remote_code: bool = False
-    epochs: float = 8.0
+    epochs: float = 6.0
     batch_size: int = 32
     lr: float = 1e-3
     eval_every: int = 100

@@ -207,7 +207,7 @@ def test_default_run_on_the_toy_corpus_beats_the_baselines(tmp_path):
           f"NSP accuracy {final['eval/nsp_accuracy']:.3f}")  # fmt: skip
     assert final["eval/mlm_accuracy"] > 2 * floor
     # About 800 held-out pairs, half true next: chance is 0.5 with a standard deviation of 0.018, so 0.58 is
-    # over 4 of them. Measured with seeds 42, 1 and 2: 0.76, 0.72 and 0.66.
+    # over 4 of them. Measured with seeds 42, 1 and 2: 0.63, 0.68 and 0.67.
     assert final["eval/nsp_accuracy"] > 0.58
 
 
