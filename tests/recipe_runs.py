@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,3 +121,31 @@ def same_weights(a_dir, b_dir) -> bool:
 
     a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
     return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+SLURM_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def sbatch(args: list[str], env: dict[str, str]) -> str:
+    """`sbatch --parsable ARGS` from the repository root; the job id."""
+    out = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def slurm_job_field(job_id: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+    match = re.search(rf"\b{name}=(\S+)", out.stdout)
+    return match.group(1) if match else ""
+
+
+def wait_for_job(job_id: str, timeout: float) -> str:
+    """The job's final JobState (COMPLETED when its script exited 0), looked up every 0.3 s. `sbatch --wait`
+    polls at 2, 10 and 42 s: a 12-second job came back after 42."""
+    deadline = time.monotonic() + timeout
+    while (state := slurm_job_field(job_id, "JobState")) not in SLURM_DONE:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Slurm job {job_id} still {state or 'unknown'} after {timeout:.0f}s")
+        time.sleep(0.3)
+    return state

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
+from recipe_runs import sbatch, slurm_job_field, wait_for_job
 
 from launch import submit
 from launch.tracking import read_metrics
@@ -56,22 +57,12 @@ def tokenizer(tmp_path_factory) -> str:
     return str(folder / "tok")
 
 
-def sbatch_command(script: str, log: Path, recipe_args: list[str], *, wait: bool) -> list[str]:
-    flags = [*LOCAL_SBATCH, f"--output={log}", "--wait" if wait else "--parsable"]
-    return ["sbatch", *flags, script, *recipe_args]
+def sbatch_args(script: str, log: Path, recipe_args: list[str]) -> list[str]:
+    return [*LOCAL_SBATCH, f"--output={log}", script, *recipe_args]
 
 
 def sbatch_env(run_dir: Path) -> dict[str, str]:
     return subprocess_env(RUN_DIR=str(run_dir), NPROC_PER_NODE="1", PYTHON=sys.executable)
-
-
-_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
-
-
-def job_field(job_id: str, name: str) -> str:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
-    match = re.search(rf"\b{name}=(\S+)", out.stdout)
-    return match.group(1) if match else ""
 
 
 def wait_for(what: str, condition, timeout: float, log: Path | None = None) -> None:
@@ -98,27 +89,24 @@ def final_eval(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def deepspeed_job(cluster, tokenizer, tmp_path_factory):
-    """`sbatch --wait slurm/mlm_nsp_deepspeed.sh`, started first so it shares the node with the runs below."""
+    """`sbatch slurm/mlm_nsp_deepspeed.sh`, submitted first so it shares the node with the runs below."""
     root = tmp_path_factory.mktemp("deepspeed")
     run_dir, log = root / "run", root / "job.out"
-    cmd = sbatch_command("slurm/mlm_nsp_deepspeed.sh", log, [*TINY, "--tokenizer", tokenizer], wait=True)
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=sbatch_env(run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    yield proc, run_dir, log
-    if proc.poll() is None:
-        proc.kill()
+    args = sbatch_args("slurm/mlm_nsp_deepspeed.sh", log, [*TINY, "--tokenizer", tokenizer])
+    job = sbatch(args, sbatch_env(run_dir))
+    yield job, run_dir, log
+    subprocess.run(["scancel", job], capture_output=True)  # a no-op once it has ended
 
 
 @pytest.fixture(scope="module")
 def reference(deepspeed_job, tokenizer, tmp_path_factory) -> dict:
-    """`sbatch --wait slurm/mlm_nsp.sh`, uninterrupted: the run the preempted ones are compared with."""
+    """`sbatch slurm/mlm_nsp.sh`, uninterrupted: the run the preempted ones are compared with."""
     root = tmp_path_factory.mktemp("sbatch")
     run_dir, log = root / "run", root / "job.out"
-    cmd = sbatch_command("slurm/mlm_nsp.sh", log, [*TINY, "--tokenizer", tokenizer], wait=True)
-    out = subprocess.run(cmd, cwd=REPO, env=sbatch_env(run_dir), capture_output=True, text=True, timeout=300)
+    job = sbatch(sbatch_args("slurm/mlm_nsp.sh", log, [*TINY, "--tokenizer", tokenizer]), sbatch_env(run_dir))
+    state = wait_for_job(job, 300)
     text = log.read_text() if log.exists() else ""
-    assert out.returncode == 0, f"sbatch --wait failed ({out.returncode}): {out.stderr}\n{text[-3000:]}"
+    assert state == "COMPLETED", f"job {job} {state}\n{text[-3000:]}"
     return {"run_dir": run_dir, "log": text, "final": final_eval(run_dir)}
 
 
@@ -137,11 +125,7 @@ def preempted(reference, tokenizer, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("preempted")
     args = [*TINY, "--tokenizer", tokenizer]
     run_dir, log = root / "sbatch-run", root / "sbatch.out"
-    out = subprocess.run(
-        sbatch_command("slurm/mlm_nsp.sh", log, args, wait=False),
-        cwd=REPO, env=sbatch_env(run_dir), capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    job = out.stdout.strip().split(";")[0]
+    job = sbatch(sbatch_args("slurm/mlm_nsp.sh", log, args), sbatch_env(run_dir))
     (task,) = submit.submit(
         RECIPE, args, root=root / "submitit", options=submit.SlurmOptions(timeout_min=10), check=False
     )
@@ -162,17 +146,15 @@ def preempted(reference, tokenizer, tmp_path_factory) -> dict:
             tail = entry[2].read_text()[-3000:] if entry[2].exists() else ""
             pytest.fail(f"no first checkpoint in {entry[0]} after 240s\n{tail}")
         time.sleep(0.3)
-    wait_for(
-        "the sbatch job to finish after its requeue", lambda: job_field(job, "JobState") in _DONE, 300, log
-    )
+    wait_for_job(job, 300)
     submit.wait([task], timeout_s=300)
     return {"job": job, "run_dir": run_dir, "log": log, "task": task}
 
 
 def test_usr1_to_batch_shell_saves_requeues_and_resumes(preempted, reference):
     job, run_dir, text = preempted["job"], preempted["run_dir"], preempted["log"].read_text()
-    assert job_field(job, "JobState") == "COMPLETED", text[-3000:]
-    assert job_field(job, "Restarts") == "1", text[-3000:]
+    assert slurm_job_field(job, "JobState") == "COMPLETED", text[-3000:]
+    assert slurm_job_field(job, "Restarts") == "1", text[-3000:]
     assert "USR1 received" in text and "resumed from" in text, text[-3000:]
     resumed_at = int(re.search(r"resumed from \S+step-(\d+) at step", text).group(1))
     assert 5 <= resumed_at < 40
@@ -185,7 +167,7 @@ def test_submitit_interrupt_checkpoints_requeues_and_resumes(preempted, referenc
     result = task.job.result()
     text = Path(task.job.paths.stdout).read_text()
     assert "requeueing" in text and "resumed from" in text, text[-3000:]
-    assert job_field(task.job.job_id, "Restarts") == "1"
+    assert slurm_job_field(task.job.job_id, "Restarts") == "1"
     assert result["step"] == 40
     assert final_eval(task.run_dir) == reference["final"]
 
@@ -220,10 +202,10 @@ def test_submitit_array_over_grid_writes_results_table(cluster, tokenizer, tmp_p
 
 
 def test_deepspeed_script_trains_zero2_and_exports(deepspeed_job):
-    proc, run_dir, log = deepspeed_job
-    _, err = proc.communicate(timeout=300)
+    job, run_dir, log = deepspeed_job
+    state = wait_for_job(job, 300)
     text = log.read_text() if log.exists() else ""
-    assert proc.returncode == 0, f"sbatch --wait failed ({proc.returncode}): {err.decode()}\n{text[-3000:]}"
+    assert state == "COMPLETED", f"job {job} {state}\n{text[-3000:]}"
     assert (run_dir / "export" / "model.safetensors").stat().st_size > 0
     newest = (run_dir / "checkpoints" / "latest").read_text().strip()
     manifest = json.loads((run_dir / "checkpoints" / newest / "manifest.json").read_text())

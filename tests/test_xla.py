@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
-from recipe_runs import popen, same_weights
+from recipe_runs import popen, same_weights, sbatch, wait_for_job
 
 pytestmark = pytest.mark.xla
 
@@ -288,7 +288,7 @@ def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(xla_python, ti
         4:
     ]  # after --backend xla
     recipe = [a for a in recipe if a not in ("--output-dir", str(run_dir))]
-    cmd = ["sbatch", "--wait", "--partition=local", "--cpus-per-task=1", "--time=20", f"--output={log}"]
+    flags = ["--partition=local", "--cpus-per-task=1", "--time=20", f"--output={log}"]
     env = subprocess_env(
         RUN_DIR=str(run_dir),
         PJRT_DEVICE="CPU",
@@ -296,11 +296,10 @@ def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(xla_python, ti
         TF_CPP_MIN_LOG_LEVEL="2",
         XLA_FLAGS=FAST_COMPILE,
     )
-    out = subprocess.run(
-        [*cmd, "slurm/ner_tpu.sh", *recipe], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
-    )
+    job = sbatch([*flags, "slurm/ner_tpu.sh", *recipe], env)
+    state = wait_for_job(job, 1200)
     text = log.read_text() if log.exists() else ""
-    assert out.returncode == 0, f"sbatch --wait failed ({out.returncode}): {out.stderr}\n{text[-3000:]}"
+    assert state == "COMPLETED", f"job {job} {state}\n{text[-3000:]}"
     assert "SPMD over 4 device(s)" in text and "training step ended with status 0" in text, text[-3000:]
     assert (run_dir / "export" / "model.safetensors").is_file()
     assert train_log(run_dir)[STEPS]["xla/batch_shapes"] >= 1
