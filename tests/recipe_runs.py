@@ -149,3 +149,11 @@ def wait_for_job(job_id: str, timeout: float) -> str:
             raise AssertionError(f"Slurm job {job_id} still {state or 'unknown'} after {timeout:.0f}s")
         time.sleep(0.3)
     return state
+
+
+def job_completes(job_id: str, log, timeout: float) -> str:
+    """Wait for the job, assert it COMPLETED (its script exited 0); the text of its --output log."""
+    state = wait_for_job(job_id, timeout)
+    text = log.read_text() if log.exists() else ""
+    assert state == "COMPLETED", f"job {job_id} {state}\n{text[-3000:]}"
+    return text

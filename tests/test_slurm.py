@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
-from recipe_runs import sbatch, slurm_job_field, wait_for_job
+from recipe_runs import job_completes, sbatch, slurm_job_field, wait_for_job
 
 from launch import submit
 from launch.tracking import read_metrics
@@ -65,15 +65,6 @@ def sbatch_env(run_dir: Path) -> dict[str, str]:
     return subprocess_env(RUN_DIR=str(run_dir), NPROC_PER_NODE="1", PYTHON=sys.executable)
 
 
-def wait_for(what: str, condition, timeout: float, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            tail = log.read_text()[-3000:] if log and log.exists() else ""
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
-        time.sleep(0.3)
-
-
 def final_eval(run_dir: Path) -> dict:
     """The last train loss and the final evaluation, the numbers an uninterrupted run must reproduce."""
     records = read_metrics(run_dir)
@@ -104,10 +95,7 @@ def reference(deepspeed_job, tokenizer, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sbatch")
     run_dir, log = root / "run", root / "job.out"
     job = sbatch(sbatch_args("slurm/mlm_nsp.sh", log, [*TINY, "--tokenizer", tokenizer]), sbatch_env(run_dir))
-    state = wait_for_job(job, 300)
-    text = log.read_text() if log.exists() else ""
-    assert state == "COMPLETED", f"job {job} {state}\n{text[-3000:]}"
-    return {"run_dir": run_dir, "log": text, "final": final_eval(run_dir)}
+    return {"run_dir": run_dir, "log": job_completes(job, log, 300), "final": final_eval(run_dir)}
 
 
 def test_sbatch_script_trains_and_exports(reference):
@@ -203,9 +191,7 @@ def test_submitit_array_over_grid_writes_results_table(cluster, tokenizer, tmp_p
 
 def test_deepspeed_script_trains_zero2_and_exports(deepspeed_job):
     job, run_dir, log = deepspeed_job
-    state = wait_for_job(job, 300)
-    text = log.read_text() if log.exists() else ""
-    assert state == "COMPLETED", f"job {job} {state}\n{text[-3000:]}"
+    job_completes(job, log, 300)
     assert (run_dir / "export" / "model.safetensors").stat().st_size > 0
     newest = (run_dir / "checkpoints" / "latest").read_text().strip()
     manifest = json.loads((run_dir / "checkpoints" / newest / "manifest.json").read_text())

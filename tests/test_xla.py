@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, subprocess_env
-from recipe_runs import popen, same_weights, sbatch, wait_for_job
+from recipe_runs import job_completes, popen, same_weights, sbatch
 
 pytestmark = pytest.mark.xla
 
@@ -297,9 +297,7 @@ def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(xla_python, ti
         XLA_FLAGS=FAST_COMPILE,
     )
     job = sbatch([*flags, "slurm/ner_tpu.sh", *recipe], env)
-    state = wait_for_job(job, 1200)
-    text = log.read_text() if log.exists() else ""
-    assert state == "COMPLETED", f"job {job} {state}\n{text[-3000:]}"
+    text = job_completes(job, log, 1200)
     assert "SPMD over 4 device(s)" in text and "training step ended with status 0" in text, text[-3000:]
     assert (run_dir / "export" / "model.safetensors").is_file()
     assert train_log(run_dir)[STEPS]["xla/batch_shapes"] >= 1
