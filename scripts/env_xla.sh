@@ -14,7 +14,8 @@ want=$( (cat setup.cfg scripts/env_xla.sh scripts/venv.sh; echo "$extra") | sha2
 venv_is_current "$venv" "$want" && exit 0
 ensure_venv "$venv"
 # --no-compile: no .pyc for the ~10,000 files of torch 2.9 and torch_xla up front (about 100 CPU-seconds
-# and 85 s of a 2-core machine); Python writes them for the modules a run imports, the first time it does.
+# and 85 s of a 2-core machine); Python writes them for the modules a run imports, the first time it does
+# (unless PYTHONDONTWRITEBYTECODE is set: then every run compiles its imports again; scripts/test.sh unsets it).
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
 "${pip[@]}" --upgrade pip
 constraints=$(mktemp)
