@@ -52,17 +52,18 @@ def test_sigkill_of_one_rank_then_the_same_command_continues_exactly(tmp_path, t
     assert final_sums(out) == final_sums(reference)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, tokenizer_dir, reference):
+def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, tokenizer_dir, saved_runs):
+    """One process, the same command as the uninterrupted 1-rank run of `saved_runs`, stopped by SIGTERM."""
+    reference_one = saved_runs(1, "ddp")
     out = tmp_path / "run"
-    cmd = command(out, tokenizer_dir, nproc=1)
+    cmd = command(out, tokenizer_dir, "--backend", "ddp", nproc=1, batch_size=32, steps=16)
     proc = start_and_wait_for_step(cmd, out, 6)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     stopped_at = max(losses(out))
+    assert stopped_at < 16
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:06d}"
     assert stopped_at % 4 != 0 or stopped_at >= 6  # a save made by the signal, not only the cadence
-    reference_one = tmp_path / "ref1"
-    assert run(command(reference_one, tokenizer_dir, nproc=1)).returncode == 0
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
     assert losses(out) == losses(reference_one)
@@ -147,12 +148,32 @@ def saved_runs(tmp_path_factory, tokenizer_dir):
     return get
 
 
+@pytest.fixture(scope="module")
+def checkpoint_exports(tmp_path_factory):
+    """`python -m checkpoints export` of a checkpoint, made once: two cases below read the same one."""
+    made = {}
+
+    def get(ckpt):
+        if ckpt not in made:
+            made[ckpt] = export_checkpoint(ckpt, tmp_path_factory.mktemp("exported") / "from_ckpt")
+        return made[ckpt]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "saved_by, saved_backend, resumed_by, resumed_backend",
     [(2, "ddp", 1, "ddp"), (1, "ddp", 2, "ddp"), (2, "ddp", 2, "fsdp"), (2, "fsdp", 2, "ddp")],
 )
 def test_resharding_keeps_weights_exact_and_training_on_course(
-    tmp_path, tokenizer_dir, saved_runs, saved_by, saved_backend, resumed_by, resumed_backend
+    tmp_path,
+    tokenizer_dir,
+    saved_runs,
+    checkpoint_exports,
+    saved_by,
+    saved_backend,
+    resumed_by,
+    resumed_backend,
 ):
     saved = saved_runs(saved_by, saved_backend)
     ckpt = saved / "checkpoints" / "step-000008"
@@ -160,8 +181,7 @@ def test_resharding_keeps_weights_exact_and_training_on_course(
     same = _launch(tokenizer_dir, tmp_path / "resumed", resumed_by, resumed_backend, 8, "--resume", str(ckpt))
     if saved_by != resumed_by:
         assert f"saved by {saved_by} rank(s), resumed by {resumed_by}" in same.stdout
-    exported = export_checkpoint(ckpt, tmp_path / "from_ckpt")
-    assert same_weights(exported, tmp_path / "resumed" / "export")
+    assert same_weights(checkpoint_exports(ckpt), tmp_path / "resumed" / "export")
     # Eight more steps over the same batches; with another world size the masking draws differ, so the
     # loss agrees within noise; with the same world size and another backend, up to reduction order.
     cont = tmp_path / "continued"

@@ -113,9 +113,8 @@ def test_sigkill_then_the_same_command_continues_exactly(stage, tmp_path, tokeni
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_two_rank_checkpoint_resumes_on_one_rank(stage, tmp_path, tokenizer_dir, ds_reference):
-    """DeepSpeed's universal checkpoint: the weights come back exactly, and training stays on course."""
+    """DeepSpeed's universal checkpoint: one rank continues a 2-rank run's step 8, and training stays on course."""
     ckpt = ds_reference(stage) / "checkpoints" / "step-000008"
-    export_checkpoint(ckpt, tmp_path / "from_ckpt")
     resumed = tmp_path / "resumed"
     proc = ok(run(ds_command(resumed, tokenizer_dir, stage, "--resume", str(ckpt), nproc=1), timeout=600))
     assert "saved by 2 rank(s), resumed by 1" in proc.stdout
