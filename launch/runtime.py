@@ -7,7 +7,6 @@ it down with a barrier first, because a process that exits with a live gloo grou
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import random
 import signal
@@ -62,24 +61,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
 
 
-def keep_freed_memory() -> None:
-    """On glibc, keep memory that tensors free for the next step instead of handing it back to the kernel.
-
-    By default glibc maps every block of 128 KiB or more (every activation, gradient and optimizer update
-    of a real model) fresh from the kernel and unmaps it when the tensor dies, so each training step pays
-    for zeroing the same pages again: on a CPU fine-tuning run that was millions of page faults and about a
-    fifth of its CPU time. Serving every block from the heap and never trimming it keeps the pages mapped;
-    the resident size stays at the run's peak, which is what it reaches each step anyway.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
 @dataclass
 class Runtime:
     rank: int = 0
@@ -102,8 +83,6 @@ class Runtime:
         if device == "auto":
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
-        if dev.type == "cpu":
-            keep_freed_memory()
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
