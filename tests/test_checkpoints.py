@@ -3,6 +3,7 @@ half-written checkpoints, resharding across world sizes, export from any checkpo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -151,14 +152,7 @@ def saved_runs(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def checkpoint_exports(tmp_path_factory):
     """`python -m checkpoints export` of a checkpoint, made once: two cases below read the same one."""
-    made = {}
-
-    def get(ckpt):
-        if ckpt not in made:
-            made[ckpt] = export_checkpoint(ckpt, tmp_path_factory.mktemp("exported") / "from_ckpt")
-        return made[ckpt]
-
-    return get
+    return functools.cache(lambda ckpt: export_checkpoint(ckpt, tmp_path_factory.mktemp("exported") / "out"))
 
 
 @pytest.mark.parametrize(
