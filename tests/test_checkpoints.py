@@ -42,33 +42,40 @@ def reference(tmp_path_factory, tokenizer_dir):
 def test_sigkill_of_one_rank_then_the_same_command_continues_exactly(tmp_path, tokenizer_dir, reference):
     out = tmp_path / "run"
     cmd = command(out, tokenizer_dir)
-    proc = start_and_wait_for_step(cmd, out, 10)
+    proc = start_and_wait_for_step(cmd, out, 5)
     os.kill(workers_of(proc)[1], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
-    assert (out / "checkpoints" / "latest").read_text() == "step-000008"
+    latest = (out / "checkpoints" / "latest").read_text()  # step 4, or later on a busy machine
+    assert latest in ("step-000004", "step-000008", "step-000012", "step-000016", "step-000020"), latest
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout and "step-000008" in again.stdout
+    assert "resumed from" in again.stdout and latest in again.stdout
     assert losses(out) == losses(reference)  # bitwise, every step from 1 to 24
     assert final_sums(out) == final_sums(reference)
 
 
 def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, tokenizer_dir, saved_runs):
-    """One process, the same command as the uninterrupted 1-rank run of `saved_runs`, stopped by SIGTERM."""
+    """One process, the same command as the uninterrupted 1-rank run of `saved_runs` but tracked with W&B
+    (offline), stopped by SIGTERM: the same command continues exactly, in the same W&B run."""
     reference_one = saved_runs(1, "ddp")
     out = tmp_path / "run"
-    cmd = command(out, tokenizer_dir, "--backend", "ddp", nproc=1, batch_size=32, steps=16)
-    proc = start_and_wait_for_step(cmd, out, 6)
+    cmd = command(
+        out, tokenizer_dir, "--backend", "ddp", "--tracker", "wandb", nproc=1, batch_size=32, steps=16
+    )
+    proc = start_and_wait_for_step(cmd, out, 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     stopped_at = max(losses(out))
     assert stopped_at < 16
+    assert f"stopped at step {stopped_at} on request; checkpoint saved" in proc.stdout.read()
     assert (out / "checkpoints" / "latest").read_text() == f"step-{stopped_at:06d}"
-    assert stopped_at % 4 != 0 or stopped_at >= 6  # a save made by the signal, not only the cadence
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
     assert losses(out) == losses(reference_one)
     assert final_sums(out) == final_sums(reference_one)
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    assert len(runs) == 2 and len(ids) == 1, runs  # one W&B run id across the stop
 
 
 def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, tokenizer_dir, reference):
@@ -211,17 +218,6 @@ def test_resuming_late_in_a_big_epoch_costs_no_more_than_early():
 
     early, late = first_index_time(32), first_index_time(1_999_000)
     assert late < early * 1.5 + 0.05
-
-
-def test_resumed_run_continues_the_same_wandb_run(tmp_path, tokenizer_dir):
-    out = tmp_path / "run"
-    first = run(command(out, tokenizer_dir, "--tracker", "wandb", nproc=1, steps=4))
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run(command(out, tokenizer_dir, "--tracker", "wandb", nproc=1, steps=8))
-    assert second.returncode == 0 and "resumed from" in second.stdout
-    runs = sorted((out / "wandb").glob("offline-run-*"))
-    ids = {p.name.rsplit("-", 1)[1] for p in runs}
-    assert len(runs) == 2 and len(ids) == 1, runs
 
 
 def test_minutes_cadence_saves_on_every_rank_together(tmp_path, tokenizer_dir):

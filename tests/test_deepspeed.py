@@ -101,12 +101,13 @@ def test_sigkill_then_the_same_command_continues_exactly(stage, tmp_path, tokeni
     reference = ds_reference(stage)
     out = tmp_path / "run"
     cmd = ds_command(out, tokenizer_dir, stage)
-    proc = start_and_wait_for_step(cmd, out, 10)
+    proc = start_and_wait_for_step(cmd, out, 5)
     os.kill(workers_of(proc)[1], signal.SIGKILL)
     assert proc.wait(timeout=120) != 0
-    assert (out / "checkpoints" / "latest").read_text() == "step-000008"
+    latest = (out / "checkpoints" / "latest").read_text()  # step 4, or later on a busy machine
+    assert latest in ("step-000004", "step-000008", "step-000012"), latest
     again = ok(run(cmd, timeout=600))
-    assert "resumed from" in again.stdout and "step-000008" in again.stdout
+    assert "resumed from" in again.stdout and latest in again.stdout
     assert losses(out) == losses(reference)  # every step, bitwise
     assert same_weights(out / "export", reference / "export")
 
