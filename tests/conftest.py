@@ -32,9 +32,10 @@ def pytest_configure(config):
 
 # Files run longest first, so that the last one to start is short and the two workers end together: with
 # `-n 2 --dist loadfile --no-loadscope-reorder` (scripts/test.sh) a worker takes a whole file in this order
-# (xdist would otherwise start with the files that have the most tests). The XLA lane leads because on a
-# fresh clone it also installs .venv-xla. Seconds per file on 2 cores, both workers busy: checkpoints
-# 320, deepspeed 230, mlm_nsp 165, xla 135, classification 150, slurm 80, ner 50, the rest under 10.
+# (xdist would otherwise start with the files that have the most tests). Wall / CPU seconds per file on 2
+# cores, both workers busy: checkpoints 320/324, deepspeed 279/263, mlm_nsp 261/249, classification
+# 186/194, xla 169/121, slurm 117/11 (its jobs run under Slurm), ner 74/73, the rest under 10 each. The XLA
+# lane leads: when pytest runs alone, its fixture installs .venv-xla.
 FIRST = (
     "test_xla.py",
     "test_checkpoints.py",

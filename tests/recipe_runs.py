@@ -28,7 +28,7 @@ def command(out, tokenizer_dir, *extra, nproc=2, batch_size=16, steps=24):
     return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", RECIPE, *args]
 
 
-def torchrun(recipe: str, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(recipe: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=N RECIPE ARGS` as a user types it, from the repository root."""
     cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", recipe, *args]
     return run(cmd, timeout=timeout)
@@ -39,7 +39,7 @@ def python(recipe: str, *args: str, timeout: int = 120) -> subprocess.CompletedP
     return run([sys.executable, recipe, *args], timeout=timeout)
 
 
-def run(cmd, timeout=300, **env):
+def run(cmd, timeout=600, **env):
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env), cwd=REPO
     )

@@ -226,7 +226,7 @@ def test_minutes_cadence_saves_on_every_rank_together(tmp_path, tokenizer_dir):
     cmd = command(
         out, tokenizer_dir, "--save-every", "0", "--save-every-minutes", "0.0005", "--keep-last", "0"
     )
-    proc = run(cmd, timeout=300)
+    proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
     assert len(saved) >= 4 and saved[-1] == 24, saved  # 30 ms apart: most steps save, the last always

@@ -14,7 +14,7 @@ from conftest import REPO, free_port, subprocess_env
 from launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
-torchrun = functools.partial(recipe_runs.torchrun, RECIPE, timeout=300)
+torchrun = functools.partial(recipe_runs.torchrun, RECIPE, timeout=600)
 python = functools.partial(recipe_runs.python, RECIPE, timeout=120)
 TINY = [
     "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
@@ -26,7 +26,7 @@ TINY = [
 def default_run(tmp_path_factory):
     """The quickstart's own command: defaults (bundled corpus, W&B offline), two ranks; several tests read it."""
     out = tmp_path_factory.mktemp("run") / "default"
-    proc = torchrun("--output-dir", str(out), timeout=600)
+    proc = torchrun("--output-dir", str(out), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
