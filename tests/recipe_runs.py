@@ -103,6 +103,15 @@ def start_and_wait_for_step(cmd, out, step):
     raise AssertionError(f"step {step} never came")
 
 
+def sigkill_one_rank_after(cmd, out, step) -> str:
+    """Start a torchrun job and SIGKILL its rank 1 once `step` is logged; the checkpoint named in `latest`
+    (the one before `step`, or a later one when a busy machine let the job run on before the kill landed)."""
+    proc = start_and_wait_for_step(cmd, out, step)
+    os.kill(workers_of(proc)[1], signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    return (out / "checkpoints" / "latest").read_text()
+
+
 def workers_of(proc) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,8 +21,8 @@ from recipe_runs import (
     popen,
     run,
     same_weights,
+    sigkill_one_rank_after,
     start_and_wait_for_step,
-    workers_of,
 )
 
 from data.sampler import ShardedSampler
@@ -42,10 +41,7 @@ def reference(tmp_path_factory, tokenizer_dir):
 def test_sigkill_of_one_rank_then_the_same_command_continues_exactly(tmp_path, tokenizer_dir, reference):
     out = tmp_path / "run"
     cmd = command(out, tokenizer_dir)
-    proc = start_and_wait_for_step(cmd, out, 5)
-    os.kill(workers_of(proc)[1], signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
-    latest = (out / "checkpoints" / "latest").read_text()  # step 4, or later on a busy machine
+    latest = sigkill_one_rank_after(cmd, out, 5)
     assert latest in ("step-000004", "step-000008", "step-000012", "step-000016", "step-000020"), latest
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -14,7 +14,7 @@ from conftest import REPO, free_port, subprocess_env
 from launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
-torchrun = functools.partial(recipe_runs.torchrun, RECIPE, timeout=600)
+torchrun = functools.partial(recipe_runs.torchrun, RECIPE)
 python = functools.partial(recipe_runs.python, RECIPE, timeout=120)
 TINY = [
     "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
