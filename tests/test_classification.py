@@ -20,8 +20,8 @@ torchrun = functools.partial(recipe_runs.torchrun, RECIPE, timeout=1200)
 python = functools.partial(recipe_runs.python, RECIPE, timeout=180)
 TOY = REPO / "data" / "toy"
 # Floors set below what these runs reach (see docs/classification_ner.md): news test accuracy 0.97 after
-# one epoch (chance 0.25); toxic test micro-F1 0.95 at the fitted thresholds, 0.93 at 0.5 ("toxic" alone on
-# every toxic row gives about 0.6), and every kind's F1 at least 0.69 (severe_toxic, the rarest).
+# one epoch (chance 0.25); toxic test micro-F1 0.94 at the fitted thresholds, 0.89 at 0.5 ("toxic" alone on
+# every toxic row gives about 0.6), and every kind's F1 at least 0.83 (identity_hate).
 NEWS_ACCURACY_FLOOR = 0.9
 TOXIC_MICRO_F1_FLOOR = 0.85
 TOXIC_LABEL_F1_FLOOR = 0.5
@@ -44,7 +44,7 @@ def news_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toxic_run(tmp_path_factory):
-    return train(tmp_path_factory, "toxic", "--epochs", "3", "--batch-size", "8", "--lr", "3e-4")
+    return train(tmp_path_factory, "toxic", "--lr", "3e-4")  # the config's 3 epochs of batch 16 per rank
 
 
 def rows(path):
