@@ -33,8 +33,8 @@ def pytest_configure(config):
 # Files run longest first, so that the last one to start is short and the two workers end together: with
 # `-n 2 --dist loadfile --no-loadscope-reorder` (scripts/test.sh) a worker takes a whole file in this order
 # (xdist would otherwise start with the files that have the most tests). Wall / CPU seconds per file on 2
-# cores, both workers busy: checkpoints 320/324, deepspeed 279/263, mlm_nsp 261/249, classification
-# 186/194, xla 169/121, slurm 117/11 (its jobs run under Slurm), ner 74/73, the rest under 10 each. The XLA
+# cores, both workers busy: checkpoints 250/254, deepspeed 225/214, mlm_nsp 205/199, xla 139/102,
+# classification 132/136, slurm 105/10 (its jobs run under Slurm), ner 57/51, the rest under 2 each. The XLA
 # lane leads: when pytest runs alone, its fixture installs .venv-xla.
 FIRST = (
     "test_xla.py",
