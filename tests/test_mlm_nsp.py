@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import subprocess
 import sys
 
@@ -21,11 +20,6 @@ TINY = [
     "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
     "--vocab-size", "600", "--max-length", "64", "--batch-size", "16", "--log-every", "5",
 ]  # fmt: skip
-
-
-def recipe_module():
-    """recipes/mlm_nsp.py imported in this process (torch and transformers with it, so only when needed)."""
-    return importlib.import_module("recipes.mlm_nsp")
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +90,10 @@ def test_demo_prints_predictions_from_held_out_documents(default_run):
 
 
 def test_help_lists_every_option(capsys):
+    from recipes.mlm_nsp import main
+
     with pytest.raises(SystemExit) as done:
-        recipe_module().main(["--help"])
+        main(["--help"])
     assert done.value.code == 0
     shown = capsys.readouterr().out
     for flag in ("--train-files", "--documents", "--max-steps", "--epochs", "--mlm-probability", "--output-dir",
@@ -122,16 +118,15 @@ def test_bad_config_stops_with_a_message(tmp_path):
     """Config mistakes raise before any process group or run folder; run_main (exercised by the bad-corpus
     test above) turns them into `error: ...` and exit 2."""
     from launch.config import ConfigError
+    from recipes.mlm_nsp import main
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("hidden_size: 30\nnum_heads: 4\n")
     with pytest.raises(ConfigError, match="--hidden-size 30 must be divisible by --num-heads 4"):
-        recipe_module().main(
-            ["--config", str(cfg), "--tracker", "none", "--output-dir", str(tmp_path / "run")]
-        )
+        main(["--config", str(cfg), "--tracker", "none", "--output-dir", str(tmp_path / "run")])
     cfg.write_text("hiden_size: 32\n")
     with pytest.raises(ConfigError, match="unknown option.s. hiden_size") as err:
-        recipe_module().main(["--config", str(cfg)])
+        main(["--config", str(cfg)])
     assert str(cfg) in str(err.value)
     assert not (tmp_path / "run").exists()
 
@@ -221,7 +216,8 @@ def test_static_shape_objective_matches_the_masked_positions_one():
     import torch
     from transformers import BertConfig, BertForPreTraining
 
-    mlm_nsp = recipe_module()
+    from recipes import mlm_nsp
+
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
