@@ -1,7 +1,7 @@
 """Command line for checkpoints: `python -m checkpoints export CHECKPOINT OUT` and `verify CHECKPOINT`.
 
 Export turns any complete checkpoint into a Hugging Face folder without the recipe that made it: the model
-config and tokenizer travel inside the checkpoint, the weights are read with torch.distributed.checkpoint
+config and the processor (tokenizer, feature extractor) travel inside the checkpoint, the weights are read with torch.distributed.checkpoint
 (no pickles), and the folder loads with `transformers.pipeline`.
 """
 
@@ -42,17 +42,27 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
         wanted = {"model": {prefix + k: v for k, v in own.items()}}
         dcp.load(wanted, checkpoint_id=path / "state", no_dist=True)
         model.load_state_dict({k[len(prefix) :]: v for k, v in wanted["model"].items()})
-    tokenizer = None
-    if (hf / "tokenizer").is_dir():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(hf / "tokenizer")
     return export_hf(
         model,
-        tokenizer,
+        load_processor(hf),
         out,
         title=f"{arch} from {path.name}",
         metrics={},
         config={"checkpoint": str(path), **meta},
     )
+
+
+def load_processor(hf: Path):
+    """The run's processor saved with the checkpoint (hf/processor; hf/tokenizer in older checkpoints)."""
+    import transformers
+
+    for name in ("processor", "tokenizer"):
+        folder = hf / name
+        if folder.is_dir():
+            if (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file():
+                return transformers.AutoProcessor.from_pretrained(folder)
+            return transformers.AutoTokenizer.from_pretrained(folder)
+    return None
 
 
 def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:
@@ -62,9 +72,9 @@ def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:
     again, and any other missing weight is an error rather than a silently random layer."""
     import torch
 
-    from launch.deepspeed_backend import TAG, _import_deepspeed
+    from checkpoints.deepspeed import TAG, import_deepspeed
 
-    _import_deepspeed()
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with torch.no_grad():

@@ -1,8 +1,10 @@
 """Named-entity data: word/tag files -> overlapping windows of word pieces with aligned labels, and back.
 
 Reads CoNLL-style files (token ... tag per line, blank line between sentences) or JSON lines with tokens and
-tags; checks IOB2 tags up front (file and line in the message). Sentences longer than the model's window
-are split with overlap (stride); predictions are merged back to one tag per word for metrics and output.
+tags. Tag schemes: IOB2, IOB1 (the original CoNLL-2003 release) and BIOES, detected per file or named with
+`tag_scheme`; tags are checked up front (file and line in the message) and always come back as IOB2.
+Sentences longer than the model's window are split with overlap (stride); predictions are merged back to
+one tag per word for metrics and output.
 """
 
 from __future__ import annotations
@@ -24,15 +26,25 @@ class TaggedSentences:
     tags: list[list[str]]
     where: list[str]  # "train.conll, line 12" of each sentence's first word
     source: str
+    scheme: str = "iob2"  # the scheme the file was read in ("iob1", "iob2" or "bioes"); tags are IOB2
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
+TAG_SCHEMES = ("auto", "iob1", "iob2", "bioes")
+
+
 def read_tagged(
-    path: str, *, tokens_key: str = "tokens", tags_key: str = "tags", names=None
+    path: str, *, tokens_key: str = "tokens", tags_key: str = "tags", names=None, tag_scheme: str = "auto"
 ) -> TaggedSentences:
-    """A CoNLL file (.conll/.txt/.iob/...) or JSON lines (.jsonl/.json); integer tags need `names`."""
+    """A CoNLL file (.conll/.txt/.iob/...) or JSON lines (.jsonl/.json); integer tags need `names`.
+
+    `tag_scheme` is "auto" (detect per file), "iob1", "iob2" or "bioes"; the tags come back as IOB2 with the
+    same entity spans, and `.scheme` says which scheme the file was read in.
+    """
+    if tag_scheme not in TAG_SCHEMES:
+        raise ValueError(f"tag_scheme must be one of {', '.join(TAG_SCHEMES)}; got {tag_scheme!r}")
     file = check_text_file(path)
     if file.suffix.lower() in (".jsonl", ".json"):
         sents = _read_json_lines(file, tokens_key, tags_key, names)
@@ -42,7 +54,8 @@ def read_tagged(
         raise DataError(
             f"{path}: no sentences found; give token/tag lines with a blank line between sentences"
         )
-    check_iob2(sents)
+    sents.scheme = detect_scheme(sents.tags) if tag_scheme == "auto" else tag_scheme
+    sents.tags = [to_iob2(tags, sents.scheme, where) for tags, where in zip(sents.tags, sents.where)]
     return sents
 
 
@@ -109,19 +122,72 @@ def _read_json_lines(path: Path, tokens_key: str, tags_key: str, names) -> Tagge
     return out
 
 
-def check_iob2(sents: TaggedSentences) -> None:
-    """Every tag is O, B-TYPE or I-TYPE, and I-TYPE continues a B-TYPE or I-TYPE of the same type."""
-    for tags, where in zip(sents.tags, sents.where):
-        prev = "O"
-        for i, tag in enumerate(tags):
-            if tag != "O" and (tag[:2] not in ("B-", "I-") or len(tag) < 3):
-                raise DataError(f"{where} (word {i + 1}): tag {tag!r} is not O, B-TYPE or I-TYPE (IOB2)")
-            if tag.startswith("I-") and prev[2:] != tag[2:]:
+def _opens_with_i(tag: str, prev: str) -> bool:
+    """An I-X after O, the sentence start or another type: it opens an entity, which IOB1 allows, IOB2 not."""
+    return tag.startswith("I-") and prev[2:] != tag[2:]
+
+
+def detect_scheme(sentences: list[list[str]]) -> str:
+    """BIOES if any tag has an S- or E- prefix; IOB1 if some entity opens with I-; else IOB2."""
+    if any(t[:2] in ("S-", "E-") for tags in sentences for t in tags):
+        return "bioes"
+    for tags in sentences:
+        if any(_opens_with_i(t, p) for p, t in zip(["O", *tags], tags)):
+            return "iob1"
+    return "iob2"
+
+
+def to_iob2(tags: list[str], scheme: str, where: str) -> list[str]:
+    """One sentence's tags read in `scheme`, as IOB2 with the same entity spans; DataError if they do not fit."""
+    _check_prefixes(tags, scheme, where)
+    if scheme == "bioes":
+        _check_bioes(tags, where)
+        return [{"S-": "B-", "E-": "I-"}.get(t[:2], t[:2]) + t[2:] for t in tags]
+    # IOB1 keeps B- for an entity right after one of the same type; a B- elsewhere still opens an entity,
+    # which is what it means in IOB2 as well, so it is accepted as is.
+    out = []
+    prev = "O"
+    for i, tag in enumerate(tags):
+        if _opens_with_i(tag, prev):
+            if scheme == "iob2":
                 raise DataError(
                     f"{where} (word {i + 1}): {tag!r} follows {prev!r}; in IOB2 an entity starts with B-. "
-                    f"Convert IOB1 data first (an I- that starts an entity becomes B-)"
+                    f"This looks like IOB1 (an I- that starts an entity): use --tag-scheme auto or iob1"
                 )
-            prev = tag
+            tag = "B-" + tag[2:]
+        out.append(tag)
+        prev = tag
+    return out
+
+
+def _check_prefixes(tags: list[str], scheme: str, where: str) -> None:
+    prefixes = ("B-", "I-", "E-", "S-") if scheme == "bioes" else ("B-", "I-")
+    for i, tag in enumerate(tags):
+        if tag == "O" or (tag[:2] in prefixes and len(tag) > 2):
+            continue
+        if tag[:2] in ("S-", "E-") and len(tag) > 2:
+            raise DataError(
+                f"{where} (word {i + 1}): tag {tag!r} is BIOES, but the file is read as {scheme.upper()}; "
+                f"use --tag-scheme auto or bioes"
+            )
+        if scheme == "bioes":
+            raise DataError(f"{where} (word {i + 1}): tag {tag!r} is not O, B-, I-, E- or S-TYPE (BIOES)")
+        raise DataError(f"{where} (word {i + 1}): tag {tag!r} is not O, B-TYPE or I-TYPE ({scheme.upper()})")
+
+
+def _check_bioes(tags: list[str], where: str) -> None:
+    """I-X and E-X continue a B-X or I-X; B-X and I-X are followed by I-X or E-X (S-X is a one-word entity)."""
+    for i, (prev, tag, nxt) in enumerate(zip(["O", *tags], tags, [*tags[1:], "O"])):
+        if tag[:2] in ("I-", "E-") and not (prev[:2] in ("B-", "I-") and prev[2:] == tag[2:]):
+            raise DataError(
+                f"{where} (word {i + 1}): {tag!r} follows {prev!r}; in BIOES an entity opens with B- "
+                f"(or is a single S- word). Fix the tags, or use --tag-scheme auto if the file is IOB1 or IOB2"
+            )
+        if tag[:2] in ("B-", "I-") and not (nxt[:2] in ("I-", "E-") and nxt[2:] == tag[2:]):
+            raise DataError(
+                f"{where} (word {i + 1}): {tag!r} is followed by {nxt!r}; in BIOES an entity ends with E- "
+                f"(a one-word entity is S-). Fix the tags, or use --tag-scheme auto if the file is IOB1 or IOB2"
+            )
 
 
 def tag_names(sents: TaggedSentences, fixed: list[str] | None = None) -> list[str]:

@@ -51,13 +51,14 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
 
 
 class BucketedCollate:
-    """`collate(features, pad_to_length=bucket)`, the bucket chosen by the batch's longest `key` sequence."""
+    """`collate(features, pad_to_length=bucket)`, the bucket chosen by the batch's longest sequence of any
+    field (token ids, labels, audio values): every sequence field is padded to it."""
 
-    def __init__(self, collate: Callable, buckets: Sequence[int], key: str = "input_ids"):
-        self.collate, self.buckets, self.key = collate, list(buckets), key
+    def __init__(self, collate: Callable, buckets: Sequence[int]):
+        self.collate, self.buckets = collate, list(buckets)
 
     def __call__(self, features: list[dict]) -> dict[str, Tensor]:
-        longest = max(len(f[self.key]) for f in features)
+        longest = max(len(v) for f in features for v in f.values() if isinstance(v, list | tuple | Tensor))
         return self.collate(features, pad_to_length=pick_bucket(longest, self.buckets))
 
 

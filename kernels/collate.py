@@ -1,4 +1,5 @@
-"""Batch collation: right-pad variable-length token lists into tensors without per-element Python work.
+"""Batch collation: right-pad variable-length sequences (token ids, audio) into tensors without per-element
+Python work.
 
 `pad_sequences` and `collate_padded` run in the data loader; `MLMCollator` adds host-side masking for
 benchmarks and users who do not mask on the device.
@@ -97,26 +98,28 @@ def _sequence_dtype(rows: list) -> torch.dtype:
     return torch.float32 if isinstance(first[0], float) else torch.long
 
 
+MASK_SOURCES = ("input_ids", "input_values")  # the field whose real length makes attention_mask
+
+
 def collate_padded(
     features: list[dict],
     *,
     pad_id: int,
     pad_to_multiple_of: int | None = None,
     pad_to_length: int | None = None,
-    pad_values: Mapping[str, int] | None = None,
+    pad_values: Mapping[str, int | float] | None = None,
     vectors: Collection[str] = (),
 ) -> dict[str, Tensor]:
-    """Batch dataset rows: pad every sequence feature to one common length and add attention_mask.
+    """Batch dataset rows of any modality: pad every sequence field to its own longest, add attention_mask.
 
-    input_ids pad with pad_id, labels with -100, other sequences with 0 unless `pad_values` names a key;
-    numbers become 1-D tensors. `vectors` are fixed-size per row (multi-hot labels): stacked, not padded.
-    `pad_to_length` gives every batch the same length (static shapes, e.g. XLA). attention_mask and
-    special_tokens_mask in the rows are ignored (the mask is rebuilt from input_ids).
+    input_ids pad with pad_id, labels with -100, other sequences (audio input_values, word ids) with 0 unless
+    `pad_values` names the field; numbers become 1-D tensors; `vectors` are fixed-size per row (multi-hot
+    labels): stacked, not padded. attention_mask is rebuilt from input_ids, else input_values. Fields of one
+    row with equal lengths (ids, tags) stay aligned; a seq2seq target pads to its own longest.
+    `pad_to_length` gives every sequence field that length (static shapes, e.g. XLA).
     """
     if not features:
         raise ValueError("collate_padded got an empty batch")
-    if "input_ids" not in features[0]:
-        raise ValueError(f"collate_padded needs an 'input_ids' feature; the rows have {sorted(features[0])}")
     keys = [k for k in features[0] if k not in _RECOMPUTED_KEYS]
     columns = {}
     for key in keys:
@@ -125,34 +128,31 @@ def collate_padded(
         except KeyError:
             missing = next(i for i, f in enumerate(features) if key not in f)
             raise ValueError(f"row {missing} of the batch has no {key!r} feature, but row 0 has") from None
-
-    flats = {}
-    for key in keys:
-        if key not in vectors and isinstance(columns[key][0], list | tuple | Tensor):
-            flats[key] = _flatten(columns[key], _sequence_dtype(columns[key]))
-    longest = max(max(lengths, default=0) for _, lengths in flats.values())
-    length = _padded_length(longest, pad_to_multiple_of)
-    if pad_to_length is not None:
-        if longest > pad_to_length:
-            raise ValueError(f"a row has {longest} tokens, more than pad_to_length={pad_to_length}")
-        length = pad_to_length
+    mask_source = next((k for k in MASK_SOURCES if k in columns), None)
     pad_values = pad_values or {}
 
     batch = {}
     for key in keys:
+        rows = columns[key]
         if key in vectors:
-            rows = columns[key]
             batch[key] = torch.stack([torch.as_tensor(r) for r in rows]).to(_sequence_dtype(rows))
-        elif key in flats:
-            flat, lengths = flats[key]
+        elif isinstance(rows[0], list | tuple | Tensor):
+            flat, lengths = _flatten(rows, _sequence_dtype(rows))
+            length = _padded_length(max(lengths, default=0), pad_to_multiple_of)
+            if pad_to_length is not None:
+                if max(lengths, default=0) > pad_to_length:
+                    raise ValueError(
+                        f"a row's {key!r} has {max(lengths)} items, more than pad_to_length={pad_to_length}"
+                    )
+                length = pad_to_length
             batch[key], mask = _scatter_padded(
                 flat, lengths, length, pad_values.get(key, _pad_value(key, pad_id))
             )
-            if key == "input_ids":
+            if key == mask_source:
                 batch["attention_mask"] = mask
         else:
-            dtype = torch.float32 if _is_float_column(key, columns[key]) else torch.long
-            batch[key] = torch.tensor(columns[key], dtype=dtype)
+            dtype = torch.float32 if _is_float_column(key, rows) else torch.long
+            batch[key] = torch.tensor(rows, dtype=dtype)
     return batch
 
 

@@ -1,21 +1,128 @@
-"""Backends: how a model, its optimizer and its schedule run across ranks, behind one small interface.
+"""Backends: how a model, its optimizer and its schedule run across ranks, behind one written protocol.
 
-The loop only calls `setup` (which also gets the run's config), `autocast`, `accumulating`, `backward`,
-`step`, `raw_model`, `checkpoint_state` and `full_state_dict`, so FSDP2, DeepSpeed or XLA slot in without a
-recipe changing. This file holds the plain/DDP and FSDP2 backends; DeepSpeed and XLA live beside it.
+`Backend` below is the whole contract: the loop calls these members and nothing else, so DDP, FSDP2,
+DeepSpeed ZeRO and XLA slot in without a recipe changing. A backend gets its own typed `BackendSettings`
+(never a recipe's config) and never changes the Runtime. `BACKENDS` is the one registry of names; the
+CLI's choices come from it. This file holds the plain/DDP and FSDP2 backends; DeepSpeed and XLA live
+beside it and are imported only when chosen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from launch.config import ConfigError
+from kernels.buckets import bucket_lengths, parse_buckets
+from launch.config import ConfigError, TrainConfig
 from launch.runtime import Runtime
+
+ADAM_BETAS = (0.9, 0.999)  # every backend's AdamW, DeepSpeed's CPU Adam under offload included
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class BackendSettings:
+    """What a backend may know of the run: the shared training options, typed, and the task's lengths."""
+
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (DeepSpeed on GPU)
+    seed: int = 42
+    batch_size: int = 32  # per rank and micro-step
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    zero_stage: int = 2
+    deepspeed_config: str = ""
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    xla_mode: str = "spmd"
+    buckets: list[int] = field(default_factory=list)  # XLA: the padded lengths every batch is cut to
+
+
+def backend_settings(cfg: TrainConfig, max_length: int) -> BackendSettings:
+    """The backend's share of a run's options; `max_length` is the task's longest sequence (XLA buckets)."""
+    shared = {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(BackendSettings) if hasattr(cfg, f.name)
+    }
+    buckets = xla_buckets(cfg.xla_buckets, max_length) if cfg.backend in STATIC_SHAPE_BACKENDS else []
+    return BackendSettings(**shared, buckets=buckets)
+
+
+def xla_buckets(text: str, max_length: int) -> list[int]:
+    """--xla-buckets, else powers of two up to the task's longest sequence (always the last bucket)."""
+    if not text:
+        return bucket_lengths(max_length)
+    try:
+        buckets = parse_buckets(text)
+    except ValueError as err:
+        raise ConfigError(f"--xla-buckets: {err}") from None
+    if buckets[-1] < max_length:  # a batch that long would stop the run when it comes
+        raise ConfigError(
+            f"--xla-buckets {text}: the largest bucket ({buckets[-1]}) is shorter than --max-length "
+            f"{max_length}; add a bucket of {max_length} or lower --max-length to {buckets[-1]}"
+        )
+    return buckets
+
+
+class Backend(Protocol):
+    """The members the loop uses; every backend defines all of them."""
+
+    name: str  # its --backend value
+    device: torch.device  # where the model, the loss and the optimizer live
+    data_device: torch.device  # where batches are prepared (the host for XLA, else `device`)
+    static_shapes: bool  # one compiled graph per shape: whole batches, bucketed lengths, no generate
+    model: nn.Module  # what training and evaluation call (DDP / engine / SPMD wrapper)
+    raw_model: nn.Module  # the module the recipe gave, unwrapped (its parameters, its generate)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # saved and restored through state_dict
+
+    def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
+        """Place and wrap the model, then build optimizer and schedule for what was wrapped."""
+
+    def wrap_collate(self, collate: Callable) -> Callable:
+        """The collate the loaders use (XLA: padded to a bucket)."""
+
+    def place_batch(self, batch: dict) -> dict:
+        """A prepared batch onto the compute devices (XLA: sharded over the mesh); others: as is."""
+
+    def autocast(self) -> ContextManager:
+        """The mixed-precision context of a forward (a no-op where the backend casts parameters itself)."""
+
+    def accumulating(self, sync: bool) -> ContextManager:
+        """Around one micro-step; gradients are reduced across ranks only when `sync`."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of an already normalised loss (no further scaling by accumulation)."""
+
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        """Clip (when > 0), optimizer step, schedule step, zero grads; the total gradient norm before clipping."""
+
+    def current_lr(self) -> float:
+        """The learning rate of the first parameter group."""
+
+    def generate(self, **inputs) -> torch.Tensor:
+        """Collective: `generate` on the raw model in lockstep on every rank (sharded weights gathered)."""
+
+    def checkpoint_state(self) -> Any:
+        """The object that writes and reads model + optimizer in a checkpoint (see checkpoints/)."""
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the whole model's fp32 state on every rank, under the raw model's names."""
+
+    def log_metrics(self) -> dict[str, float]:
+        """Backend figures for each training log line (XLA's compile counts); may be empty."""
+
+    def close(self) -> None:
+        """Release wrappers while the process group lives; print a closing summary if any."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -36,46 +143,55 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise ConfigError(f"unknown --precision {precision!r}; use auto, fp32 or bf16")
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups on every backend: no decay on biases and norm weights (the BERT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def grad_norm(parameters, max_grad_norm: float) -> torch.Tensor:
+    """Clip to `max_grad_norm` when it is positive; the total norm either way (for train/grad_norm)."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+
+
 class DDPBackend:
     """One process: the model as is. Several: DistributedDataParallel, gradients all-reduced in backward."""
 
     name = "ddp"
+    static_shapes = False
 
-    def __init__(self, runtime: Runtime, precision: str = "auto"):
-        self.rt = runtime
-        self.autocast_dtype = resolve_precision(precision, runtime.device)
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler = None
+    def __init__(self, runtime: Runtime, settings: BackendSettings):
+        self.rt, self.settings = runtime, settings
+        self.device = self.data_device = runtime.device
+        self.autocast_dtype = resolve_precision(settings.precision, runtime.device)
+        self.model = self.raw_model = self.optimizer = self.scheduler = None
 
-    def setup(
-        self,
-        model: nn.Module,
-        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-        make_scheduler: Callable[[torch.optim.Optimizer], object],
-        cfg=None,
-    ) -> None:
-        model = model.to(self.rt.device)
-        self._raw = model
-        if self.rt.world_size > 1:
-            model = DistributedDataParallel(
-                model, device_ids=[self.rt.device] if self.rt.device.type == "cuda" else None
-            )
+    def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
+        self.raw_model = model.to(self.device)
         self.model = model
-        self.optimizer = make_optimizer(self._raw)
+        if self.rt.world_size > 1:
+            self.model = DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+        self.optimizer = make_optimizer(self.raw_model)
         self.scheduler = make_scheduler(self.optimizer)
 
-    @property
-    def raw_model(self) -> nn.Module:
-        return self._raw
+    def wrap_collate(self, collate: Callable) -> Callable:
+        return collate
+
+    def place_batch(self, batch: dict) -> dict:
+        return batch
 
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.rt.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def accumulating(self, sync: bool):
-        """Skip the gradient all-reduce on micro-steps that are not the last of an accumulation."""
         if sync or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
@@ -83,59 +199,66 @@ class DDPBackend:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, max_grad_norm: float) -> torch.Tensor | None:
-        norm = None
-        if max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self._raw.parameters(), max_grad_norm)
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        norm = grad_norm(self.raw_model.parameters(), max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def generate(self, **inputs) -> torch.Tensor:
+        with self.autocast():
+            return generating_module(self.raw_model).generate(**inputs)
+
+    def checkpoint_state(self):
+        from checkpoints.sharded import DCPState
+
+        return DCPState(self.model, self.optimizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.raw_model.state_dict()
+
+    def log_metrics(self) -> dict[str, float]:
+        return {}
 
     def close(self) -> None:
         """Drop the DDP wrapper while the process group lives: its reducer, destroyed at interpreter exit
         after the group, can deadlock against gloo's worker thread (seen with torch 2.13 on CPU)."""
         self.model = None
 
-    def checkpoint_state(self):
-        """What writes and reads model + optimizer in a checkpoint (see checkpoints.sharded)."""
-        from checkpoints.sharded import DCPState
-
-        return DCPState(self.model, self.optimizer)
-
-    def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the whole model's state, complete on every rank (for export)."""
-        return self._raw.state_dict()
-
 
 class FSDPBackend(DDPBackend):
-    """FSDP2: every transformer layer and then the whole model `fully_shard`-ed over all ranks.
+    """FSDP2: each outermost transformer layer, then the whole model, `fully_shard`-ed over all ranks.
 
-    Parameters, gradients and optimizer state are split across ranks; each layer is gathered just before
-    it runs. The loop is unchanged: accumulation skips the reduce-scatter on inner micro-steps.
+    Parameters, gradients and optimizer state are split across ranks; each layer is gathered just before it
+    runs. Embeddings and heads stay in the root group, so tied weights are never split between groups.
     """
 
     name = "fsdp"
 
-    def setup(self, model, make_optimizer, make_scheduler, cfg=None) -> None:
+    def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         if self.rt.world_size < 2:
             raise ConfigError(
                 "--backend fsdp shards across ranks: launch with torchrun --nproc_per_node=2 or more"
             )
-        model = model.to(self.rt.device)
-        mesh = init_device_mesh(self.rt.device.type, (self.rt.world_size,))
+        model = model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.rt.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
-        for layers in _layer_lists(model):
+        for layers in layer_lists(model):
             for layer in layers:
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        self._raw = self.model = model
+        self.raw_model = self.model = model
+        if callable(
+            getattr(model, "generate", None)
+        ):  # FSDP2 gathers the root's parameters around forward only
+            register_fsdp_forward_method(model, "generate")
         self.optimizer = make_optimizer(model)
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -146,44 +269,55 @@ class FSDPBackend(DDPBackend):
         self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def close(self) -> None:
-        pass
+    def generate(self, **inputs) -> torch.Tensor:
+        # A rank that finishes early keeps joining the others' forwards, or their all-gathers would hang.
+        return generating_module(self.raw_model).generate(**inputs, synced_gpus=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(
-            self._raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.raw_model, options=options)
+
+    def close(self) -> None:
+        pass
 
 
-def _layer_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The repeated blocks (encoder layers, decoder blocks): the usual unit of FSDP sharding."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and sum(1 for _ in m[0].parameters())
-    ]
+def generating_module(model: nn.Module) -> nn.Module:
+    """The model itself, or the first module inside it that has `generate` (a recipe may wrap its model)."""
+    found = next((m for m in model.modules() if callable(getattr(m, "generate", None))), None)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} has no generate method; evaluate without generation")
+    return found
 
 
-BACKENDS = ("ddp", "fsdp", "deepspeed", "xla")
-# Backends that compile one graph per tensor shape: a recipe keeps its shapes independent of the data there
-# (no boolean-mask indexing whose size changes every batch).
-STATIC_SHAPE_BACKENDS = ("xla",)
+def layer_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The outermost lists of repeated blocks (encoder layers, decoder blocks, conv layers): the unit of
+    sharding. Lists nested inside a listed block (T5Block.layer) are left to their block: a parameter may
+    belong to one FSDP group only."""
+    found: list[nn.ModuleList] = []
+    inside: set[int] = set()
+    for m in model.modules():  # parents come before their children
+        if id(m) in inside:
+            continue
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and any(True for _ in m[0].parameters()):
+            found.append(m)
+            inside.update(id(sub) for sub in m.modules())
+    return found
 
 
-def make_backend(name: str, runtime: Runtime, precision: str):
-    """The backend named by --backend; DeepSpeed and torch_xla are imported only when asked for."""
-    if name == "ddp":
-        return DDPBackend(runtime, precision)
-    if name == "fsdp":
-        return FSDPBackend(runtime, precision)
-    if name == "deepspeed":
-        from launch.deepspeed_backend import DeepSpeedBackend
+# --backend NAME -> "module:class"; modules are imported only when their backend is chosen.
+BACKENDS = {
+    "ddp": "launch.backends:DDPBackend",
+    "fsdp": "launch.backends:FSDPBackend",
+    "deepspeed": "launch.deepspeed_backend:DeepSpeedBackend",
+    "xla": "launch.xla_backend:XLABackend",
+}
+STATIC_SHAPE_BACKENDS = ("xla",)  # backends whose `static_shapes` is true, known before one is built
 
-        return DeepSpeedBackend(runtime, precision)
-    if name == "xla":
-        from launch.xla_backend import XLABackend
 
-        return XLABackend(runtime, precision)
-    raise ConfigError(f"unknown --backend {name!r}; available: {', '.join(BACKENDS)}")
+def make_backend(name: str, runtime: Runtime, settings: BackendSettings) -> Backend:
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown --backend {name!r}; available: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(runtime, settings)

@@ -47,6 +47,7 @@ class TrainConfig:
     xla_mode: str = "spmd"  # --backend xla: spmd (one process drives all devices, FSDPv2) | replicas
     xla_buckets: str = ""  # --backend xla: padded lengths, e.g. 32,64,128; empty: powers of 2 to max_length
     eval_every: int = 0  # steps between evaluations; 0 means only at the end
+    eval_batch_size: int = 0  # per rank; 0 means --batch-size
     log_every: int = 10
     num_workers: int = 0  # DataLoader worker processes per rank
     save_every: int = 0  # steps between checkpoints; 0: only at the end and on a stop signal
@@ -57,6 +58,9 @@ class TrainConfig:
     requeue: bool = False  # under Slurm, requeue the job after a stop signal's save
     tracker: str = "wandb"  # wandb | none; wandb is offline unless WANDB_API_KEY or WANDB_MODE is set
     wandb_project: str = "recipebox"
+    check_replicas: bool = (
+        False  # log a per-rank fingerprint of the final weights (a test's check: gathers all)
+    )
 
 
 def _field_type(tp: Any) -> type:
@@ -126,6 +130,10 @@ def parse_config(cls: type, argv: list[str] | None = None, description: str | No
         kwargs["type"] = _parse_bool if tp is bool else tp
         if tp is bool:
             kwargs["metavar"] = "{true,false}"
+        if name == "backend":
+            from launch.backends import BACKENDS
+
+            kwargs["choices"] = list(BACKENDS)
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
     args = parser.parse_args(argv)
 
@@ -160,7 +168,9 @@ def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
 def validate_train_config(cfg: TrainConfig) -> None:
     check_choice(cfg, "precision", ("auto", "fp32", "bf16", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
-    check_choice(cfg, "backend", ("ddp", "fsdp", "deepspeed", "xla"))
+    from launch.backends import BACKENDS
+
+    check_choice(cfg, "backend", tuple(BACKENDS))
     check_choice(cfg, "xla_mode", ("spmd", "replicas"))
     if cfg.backend == "deepspeed":  # the JSON and the flags must agree before any process group starts
         import os
@@ -171,6 +181,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
         world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
         build_deepspeed_config(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.eval_batch_size < 0:
+        raise ConfigError(
+            f"--eval-batch-size must be 0 (same as --batch-size) or more, got {cfg.eval_batch_size}"
+        )
     for name in ("batch_size", "grad_accum", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

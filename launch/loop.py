@@ -1,57 +1,44 @@
-"""The train/eval loop every recipe shares.
+"""The train/eval loop every recipe shares, driven by a `launch.task.Task` and a `launch.backends.Backend`.
 
-Gradient accumulation, clipping, AdamW with warmup + linear decay, autocast, periodic evaluation with task
-metrics summed over ranks, throughput, and a step boundary where stop requests and checkpoints happen.
+Gradient accumulation with the step's loss normalised over every target of every micro-batch and rank,
+clipping, AdamW with warmup + linear decay, autocast, evaluation of any split with task metrics summed over
+ranks and records gathered to rank 0, throughput, and a step boundary where stop requests and checkpoints
+happen.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from checkpoints.sharded import latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from data.sampler import ShardedSampler
+from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from launch.config import ConfigError, TrainConfig
 from launch.runtime import Runtime
+from launch.task import Task
 from launch.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
-
-# A recipe's hooks: move task randomness (e.g. MLM masking) onto the device batch, and count task metrics
-# as {name: tensor([numerator, denominator])} so they sum exactly over batches and ranks.
-PrepareBatch = Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]
-CountMetrics = Callable[[object, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-# Metrics that do not sum (macro F1, entity F1 after merging windows): `collect` turns one eval batch into
-# one picklable record per sample; `summarize` gets every rank's records in eval-set order, on rank 0.
-Collect = Callable[[object, dict], list]
-Summarize = Callable[[list], dict[str, float]]
-
-
-def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    """What the model sees: a batch's keys that start with "_" (example ids, word ids) are for metrics."""
-    return {k: v for k, v in batch.items() if not k.startswith("_")}
+PREFIX = {"validation": "eval", "test": "test"}  # a split's metric prefix
 
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without decay on biases and norm weights (the BERT recipe), fused where the device has it."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One kernel for all parameters on CUDA and CPU (torch's default on CPU is a Python loop over tensors:
-    # about 30 % of a MiniLM fine-tuning step on one thread); XLA traces the plain update into its graph.
+    """AdamW over `param_groups`, fused where the device has it."""
+    # One kernel for all parameters on CUDA and CPU (torch's default on CPU is a Python loop over tensors);
+    # XLA traces the plain update into its graph.
     fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+    groups = param_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -63,6 +50,21 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def module_prefix(outer: nn.Module, inner: nn.Module) -> str:
+    """Where `inner` sits in `outer` ("" when they are the same module, "model." for a wrapper's field)."""
+    name = next((n for n, m in outer.named_modules() if m is inner), None)
+    if name is None:
+        raise ValueError(f"the task's model is not inside its trained module {type(outer).__name__}")
+    return name + "." if name else ""
+
+
+def whole_model(task: Task, state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    """A fresh copy of the task's model holding `state` (a backend's full state dict of `trained`)."""
+    whole = type(task.model)(task.model.config)
+    whole.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return whole
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps taken
@@ -72,47 +74,23 @@ class TrainState:
 
 class Trainer:
     def __init__(
-        self,
-        cfg: TrainConfig,
-        rt: Runtime,
-        backend,
-        model: nn.Module,
-        train_data,
-        eval_data,
-        collate: Callable,
-        *,
-        run_dir: Path | None = None,
-        export_files: dict[str, Path] | None = None,
-        export_prefix: str = "",
-        prepare_batch: PrepareBatch | None = None,
-        count_metrics: CountMetrics | None = None,
-        lengths: list[int] | None = None,
-        collect: Collect | None = None,
-        summarize: Summarize | None = None,
+        self, cfg: TrainConfig, rt: Runtime, backend: Backend, task: Task, *, run_dir: Path | None = None
     ):
-        self.cfg, self.rt, self.backend = cfg, rt, backend
+        self.cfg, self.rt, self.backend, self.task = cfg, rt, backend, task
         self.tracker: Tracker | None = None
-        self.run_dir, self.export_files = run_dir, export_files or {}
-        self.export_prefix = export_prefix  # where the exported model sits in the trained one ("model.")
+        self.run_dir = run_dir
+        self.export_prefix = module_prefix(task.trained, task.model)
         self.stopped = False  # a stop request (preemption) ended the run early
         self._last_save = (-1, time.monotonic())  # (step, time) of the last save or resume
-        self.train_data, self.eval_data, self.collate = train_data, eval_data, collate
-        self.prepare_batch = prepare_batch or (lambda batch, _g: batch)
-        self.count_metrics = count_metrics
-        self.collect, self.summarize = collect, summarize
+        train = task.splits["train"]
         self.sampler = ShardedSampler(
-            len(train_data),
-            rank=rt.rank,
-            world_size=rt.world_size,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            lengths=lengths,
-        )
-        # Backends that compile one graph per shape (XLA) train on whole batches only: a last partial batch
-        # of an epoch is dropped.
-        self.whole_batches = getattr(backend, "whole_batches", False)
+            len(train), rank=rt.rank, world_size=rt.world_size, batch_size=cfg.batch_size, seed=cfg.seed,
+            lengths=task.lengths,
+        )  # fmt: skip
+        # Backends that compile one graph per shape train on whole batches only: a last partial batch of an
+        # epoch is dropped.
         per_epoch = self.sampler.per_rank / cfg.batch_size
-        self.batches_per_epoch = math.floor(per_epoch) if self.whole_batches else math.ceil(per_epoch)
+        self.batches_per_epoch = math.floor(per_epoch) if backend.static_shapes else math.ceil(per_epoch)
         if self.batches_per_epoch == 0:
             raise ConfigError(
                 f"--backend {backend.name} trains on whole batches only, and {self.sampler.per_rank} training "
@@ -124,32 +102,27 @@ class Trainer:
             self.total_steps = max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         warmup = int(cfg.warmup_ratio * self.total_steps)
         backend.setup(
-            model,
+            task.trained,
             lambda m: make_adamw(m, cfg.lr, cfg.weight_decay),
             lambda opt: linear_schedule(opt, warmup, self.total_steps),
-            cfg=cfg,
         )
-        # XLA pads batches to a few bucket lengths, prepares them on the host (data_device) and places them
-        # on its devices itself; the other backends keep the recipe's collate and move batches here.
-        self.collate = getattr(backend, "wrap_collate", lambda c: c)(collate)
-        self.data_device = getattr(backend, "data_device", rt.device)
-        self.place_batch = getattr(backend, "place_batch", lambda b: b)
+        self.collate = backend.wrap_collate(task.collate)
         self.state = TrainState()
-        # Task randomness on the device (masking) draws from its own generator, so it is reproducible
-        # per rank and can be saved and restored with the checkpoint.
-        self.generator = torch.Generator(device=self.data_device).manual_seed(cfg.seed * 1000 + rt.rank)
+        # Task randomness on the device (masking) draws from its own generator, so it is reproducible per
+        # rank and can be saved and restored with the checkpoint.
+        self.generator = torch.Generator(device=backend.data_device).manual_seed(cfg.seed * 1000 + rt.rank)
         self._batches: Iterator | None = None
 
     # -- data ---------------------------------------------------------------------------------------------
-    def _loader(self, dataset, sampler, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, sampler, batch_size: int, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
             collate_fn=self.collate,
             num_workers=self.cfg.num_workers,
-            pin_memory=self.rt.device.type == "cuda",
+            pin_memory=self.backend.device.type == "cuda",
             # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every new
             # iterator, and a resumed run starts one mid-epoch, which would shift every dropout mask after.
             generator=torch.Generator().manual_seed(self.cfg.seed),
@@ -159,7 +132,9 @@ class Trainer:
         while True:
             if self._batches is None:
                 self.sampler.set_epoch(self.state.epoch, self.state.consumed)
-                self._batches = iter(self._loader(self.train_data, self.sampler, self.whole_batches))
+                train = self.task.splits["train"]
+                loader = self._loader(train, self.sampler, self.cfg.batch_size, self.backend.static_shapes)
+                self._batches = iter(loader)
             batch = next(self._batches, None)
             if batch is not None:
                 self.state.consumed += len(next(iter(batch.values())))
@@ -167,113 +142,117 @@ class Trainer:
             self.state.epoch, self.state.consumed, self._batches = self.state.epoch + 1, 0, None
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.backend.data_device
         return {
-            k: v.to(self.data_device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
         }
 
+    def _all_ranks_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.rt.distributed:
+            dist.all_reduce(t)
+        return t
+
     # -- phases -------------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[torch.Tensor, int, int]:
-        """One optimizer step over `grad_accum` micro-batches: (mean loss, samples, real tokens)."""
-        model, backend = self.backend.model, self.backend
-        model.train()
-        loss_sum = torch.zeros((), device=self.rt.device)
-        samples = tokens = 0
-        for micro in range(self.cfg.grad_accum):
-            batch = self.prepare_batch(self._to_device(self._next_batch()), self.generator)
-            samples += batch["input_ids"].shape[0]
-            tokens += (
-                int(batch["attention_mask"].sum())
-                if "attention_mask" in batch
-                else batch["input_ids"].numel()
-            )
-            batch = self.place_batch(batch)
-            with backend.accumulating(sync=micro == self.cfg.grad_accum - 1):
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """One optimizer step over `grad_accum` micro-batches: (this rank's share x world of the step's loss,
+        gradient norm, samples, real tokens)."""
+        task, backend = self.task, self.backend
+        backend.model.train()
+        micro, samples, tokens = [], 0, 0
+        for _ in range(self.cfg.grad_accum):
+            host = self._next_batch()
+            rows, real = task.sizes(host)
+            samples, tokens = samples + rows, tokens + real
+            micro.append(task.prepare(self._to_device(host), self.generator))
+        # Each term's targets over the whole step, every rank, before any backward: gradients (averaged over
+        # ranks by every backend, hence x world) are then those of sum / count over the step.
+        per_batch = [task.targets(b) for b in micro]
+        terms = sorted(per_batch[0])
+        counts = self._all_ranks_sum(torch.stack([sum(t[n] for t in per_batch).float() for n in terms]))
+        scale = (self.rt.world_size / counts.clamp(min=1)).to(backend.device)
+        step_loss = torch.zeros((), device=backend.device)
+        for i, batch in enumerate(micro):
+            with backend.accumulating(sync=i == len(micro) - 1):
                 with backend.autocast():
-                    loss = model(**model_inputs(batch)).loss / self.cfg.grad_accum
+                    sums, _ = task.loss(backend.model, backend.place_batch(batch))
+                loss = sum(sums[n].float() * scale[j] for j, n in enumerate(terms))
                 backend.backward(loss)
-            loss_sum += loss.detach()
-        backend.step(self.cfg.max_grad_norm)
+            step_loss += loss.detach()
+        norm = backend.step(self.cfg.max_grad_norm)
         self.state.step += 1
-        return loss_sum, samples, tokens
+        return step_loss, norm, samples, tokens
 
     @torch.no_grad()
     def replica_param_sums(self) -> list[float]:
-        """One float64 fingerprint of the parameters per rank; data-parallel replicas must agree exactly."""
-        mine = torch.zeros(1, dtype=torch.float64, device=self.rt.device)
-        gathered = getattr(self.backend, "gathered_parameters", None)  # ZeRO-3 partitions parameters
-        plain = contextlib.nullcontext(list(self.backend.raw_model.parameters()))
-        with gathered() if gathered else plain as params:
-            for i, p in enumerate(params):
-                p = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()  # FSDP shards
-                mine += p.double().sum() * (1 + i % 7) + p.double().square().sum()
+        """Collective: one float64 fingerprint of the trained weights per rank; replicas must agree exactly.
+        A check for tests (--check-replicas), not part of a run: it gathers the whole model on every rank."""
+        whole = whole_model(self.task, self.backend.full_state_dict(), self.export_prefix)
+        mine = torch.zeros(1, dtype=torch.float64)
+        for i, p in enumerate(whole.parameters()):
+            p = p.detach().double()
+            mine += p.sum() * (1 + i % 7) + p.square().sum()
         if not self.rt.distributed:
             return [mine.item()]
+        mine = mine.to(self.rt.device)
         every = [torch.zeros_like(mine) for _ in range(self.rt.world_size)]
-        torch.distributed.all_gather(every, mine)
+        dist.all_gather(every, mine)
         return [t.item() for t in every]
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss and task metrics over the whole eval split, each rank a disjoint share, summed exactly."""
-        if self.eval_data is None or len(self.eval_data) == 0:
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """Loss and task metrics over a whole split, each rank a disjoint share: counts summed exactly over
+        ranks, records gathered to rank 0, which alone adds the task's summary. Keys are PREFIX[split]/..."""
+        task, backend, rt = self.task, self.backend, self.rt
+        data = task.splits.get(split)
+        if data is None or len(data) == 0:
             return {}
-        model = self.backend.model
+        model = backend.model
         model.eval()
-        indices = list(range(self.rt.rank, len(self.eval_data), self.rt.world_size))
-        loader = self._loader(torch.utils.data.Subset(self.eval_data, indices), None)
+        indices = list(range(rt.rank, len(data), rt.world_size))
+        loader = self._loader(Subset(data, indices), None, self.cfg.eval_batch_size or self.cfg.batch_size)
         # The same masks at every evaluation, so successive numbers are comparable.
-        g = torch.Generator(device=self.data_device).manual_seed(self.cfg.seed + 7919 * (self.rt.rank + 1))
-        # Metrics are summed where batches are prepared (XLA: on the host, with outputs fetched there).
-        dev = self.data_device
-        sums: dict[str, torch.Tensor] = {"loss": torch.zeros(2, device=dev, dtype=torch.float64)}
-        # Every rank runs as many forwards as the busiest one (FSDP gathers layers collectively); the
-        # extra ones repeat a batch and are not counted.
-        batches = torch.tensor([len(loader)], device=dev)
-        if self.rt.distributed:
-            torch.distributed.all_reduce(batches, op=torch.distributed.ReduceOp.MAX)
+        g = torch.Generator(device=backend.data_device).manual_seed(self.cfg.seed + 7919 * (rt.rank + 1))
+        generate = None if backend.static_shapes else backend.generate
+        sums: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator], on the host
+        # Every rank runs as many batches as the busiest one (FSDP and ZeRO-3 gather layers collectively, in
+        # forward and in generate); the extra ones repeat a batch and are not counted.
+        batches = torch.tensor([len(loader)], device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(batches, op=dist.ReduceOp.MAX)
         it, batch, records = iter(loader), None, []
         for _ in range(int(batches.item())):
             fresh = next(it, None)
-            batch = self.prepare_batch(self._to_device(fresh), g) if fresh is not None else batch
-            with self.backend.autocast():
-                out = model(**model_inputs(self.place_batch(batch)))
+            batch = task.prepare(self._to_device(fresh), g) if fresh is not None else batch
+            with backend.autocast():
+                losses, outputs = task.loss(model, backend.place_batch(batch))
+            counts, rows = task.evaluate(model, batch, outputs, generate)
             if fresh is None:
                 continue
-            if self.collect is not None:
-                records.extend(self.collect(out, batch))
-            n = batch["input_ids"].shape[0]
-            sums["loss"] += torch.tensor([out.loss.item() * n, n], device=dev, dtype=torch.float64)
-            for name, pair in (self.count_metrics(out, batch) if self.count_metrics else {}).items():
-                sums.setdefault(name, torch.zeros(2, device=dev, dtype=torch.float64))
-                sums[name] += pair.to(torch.float64)
-        names = sorted(sums)
-        # Ranks may have different metric keys only if a shard is empty; the key list is fixed by rank 0's.
-        stacked = torch.stack([sums[n] for n in names])
-        if self.rt.distributed:
-            torch.distributed.all_reduce(stacked)
-        metrics = {
-            f"eval/{n}": (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names, stacked)
-        }
-        if self.summarize is not None:
-            metrics.update({f"eval/{k}": v for k, v in self._summarize(indices, records).items()})
-        return metrics
+            targets = task.targets(batch)
+            pairs = {f"loss/{n}": torch.stack([losses[n].float(), targets[n].float()]) for n in losses}
+            for name, pair in {**pairs, **counts}.items():
+                sums[name] = sums.get(name, 0) + pair.detach().double().cpu()
+            records.extend(rows)
+        names = sorted(sums)  # the same on every rank unless a shard is empty; rank 0's list is the one used
+        stacked = self._all_ranks_sum(torch.stack([sums[n] for n in names]).to(rt.device)).cpu()
+        means = {n: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names, stacked)}
+        terms = [n for n in means if n.startswith("loss/")]
+        means["loss"] = sum(means.pop(n) if len(terms) == 1 else means[n] for n in terms)
+        if records and len(records) != len(indices):
+            raise RuntimeError(f"evaluate gave {len(records)} records for {len(indices)} {split} rows")
+        every = self._gather_to_main(list(zip(indices, records)))
+        if rt.is_main:
+            ordered = [r for _, r in sorted(every, key=lambda p: p[0])]
+            means.update(task.summarize(ordered, dict(means), split))
+        return {f"{PREFIX.get(split, split)}/{k}": v for k, v in means.items()}
 
-    def _summarize(self, indices: list[int], records: list) -> dict[str, float]:
-        """Rank 0 puts every rank's records back in eval-set order and computes; all ranks get the result."""
-        if len(records) != len(indices):
-            raise RuntimeError(f"collect gave {len(records)} records for {len(indices)} eval samples")
-        mine = list(zip(indices, records))
-        if self.rt.distributed:
-            every = [None] * self.rt.world_size
-            torch.distributed.all_gather_object(every, mine)  # our own ranks' records, never a file
-            mine = [pair for part in every for pair in part]
-        result = (
-            [self.summarize([r for _, r in sorted(mine, key=lambda p: p[0])])] if self.rt.is_main else [None]
-        )
-        if self.rt.distributed:
-            torch.distributed.broadcast_object_list(result, src=0)
-        return result[0]
+    def _gather_to_main(self, mine: list) -> list:
+        """Every rank's (index, record) pairs on rank 0 (our own ranks' objects, never a file); [] elsewhere."""
+        if not self.rt.distributed:
+            return mine
+        every = [None] * self.rt.world_size if self.rt.is_main else None
+        dist.gather_object(mine, every, dst=0)
+        return [pair for part in every for pair in part] if self.rt.is_main else []
 
     # -- checkpoints --------------------------------------------------------------------------------------
     @property
@@ -293,6 +272,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "batch_size": self.cfg.batch_size,
             "backend": self.backend.name,
+            "scheduler": self.backend.scheduler.state_dict(),
             "tracker_run_id": self.tracker.run_id if self.tracker else None,
             "export": {"model_prefix": self.export_prefix},
         }
@@ -303,7 +283,7 @@ class Trainer:
             rank_state=rank_state,
             rank_meta=rank_meta,
             meta=meta,
-            extra_files=self.export_files,
+            extra_files={"hf": self.run_dir / "model_config", "hf/processor": self.run_dir / "processor"},
             keep_last=self.cfg.keep_last,
         )
         self._last_save = (self.state.step, time.monotonic())
@@ -325,8 +305,7 @@ class Trainer:
         meta, rank_state, rank_meta = load_checkpoint(path, state=self.backend.checkpoint_state())
         self.state.step = meta["step"]
         self.state.epoch = meta["epoch"]
-        self.backend.scheduler.last_epoch = self.state.step
-        self.backend.scheduler._step_count = self.state.step + 1
+        self.backend.scheduler.load_state_dict(meta["scheduler"])
         if rank_state is not None:  # same world size: continue exactly
             self.state.consumed = meta["consumed"]
             torch.set_rng_state(rank_state["rng/torch"])
@@ -361,18 +340,21 @@ class Trainer:
 
         self.tracker = tracker
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not rt.is_main, desc="train")
-        window_loss = torch.zeros((), device=rt.device)
+        window_loss = torch.zeros((), device=self.backend.device)
+        window_norm = torch.zeros((), device=self.backend.device)
         window = torch.zeros(3, dtype=torch.float64)  # steps, samples, tokens since the last log
         t0 = time.perf_counter()
         while self.state.step < self.total_steps:
-            loss, samples, tokens = self.train_step()
+            loss, norm, samples, tokens = self.train_step()
             window_loss += loss
+            window_norm += norm.detach().float().to(window_norm.device)
             window += torch.tensor([1, samples, tokens], dtype=torch.float64)
             bar.update(1)
             step = self.state.step
             if step % cfg.log_every == 0 or step == self.total_steps:
-                self._log_window(window_loss, window, time.perf_counter() - t0, bar)
+                self._log_window(window_loss, window_norm, window, time.perf_counter() - t0, bar)
                 window_loss.zero_()
+                window_norm.zero_()
                 window.zero_()
                 t0 = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
@@ -392,27 +374,29 @@ class Trainer:
         bar.close()
         if self.run_dir is not None and self._last_save[0] != self.state.step:
             self.save()
-        tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
+        if cfg.check_replicas:
+            tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
         final = self.evaluate()
         tracker.log(final, self.state.step)
         tracker.summary(final)
         return final
 
-    def _log_window(self, window_loss: torch.Tensor, window: torch.Tensor, elapsed: float, bar) -> None:
+    def _log_window(self, window_loss, window_norm, window: torch.Tensor, elapsed: float, bar) -> None:
         stats = torch.cat([window_loss.detach().double().reshape(1).cpu(), window])
-        if self.rt.distributed:
-            stats = stats.to(self.rt.device)
-            torch.distributed.all_reduce(stats)
-            stats = stats.cpu()
-        loss_mean = stats[0].item() / stats[1].item()  # summed over ranks and steps
+        stats = self._all_ranks_sum(stats.to(self.rt.device)).cpu()
+        steps = window[0].item()
+        loss_mean = (
+            stats[0].item() / stats[1].item()
+        )  # each rank's share x world, summed over ranks and steps
         metrics = {
             "train/loss": loss_mean,
+            "train/grad_norm": window_norm.item() / steps,  # the same on every rank
             "train/lr": self.backend.current_lr(),
             "train/samples_per_s": stats[2].item() / elapsed,
             "train/tokens_per_s": stats[3].item() / elapsed,
             "train/epoch": self.state.epoch + self.state.consumed / max(1, self.sampler.per_rank),
         }
-        metrics.update(getattr(self.backend, "log_metrics", dict)())  # e.g. XLA's compile count
+        metrics.update(self.backend.log_metrics())  # e.g. XLA's compile count
         self.tracker.log(metrics, self.state.step)
         bar.set_postfix(loss=f"{loss_mean:.4f}")
 

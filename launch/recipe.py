@@ -1,7 +1,9 @@
-"""What every recipe's main() does around its own setup: runtime, run folder, Trainer, resume, tracking,
-preemption exit, test-split evaluation, export on rank 0, and `error: ...` with exit code 2 on bad input.
+"""What every recipe's main() does around its task: runtime, run folder, processor, Trainer, resume,
+tracking, preemption exit, validation and test evaluation, export on rank 0, and `error: ...` with exit
+code 2 on bad input.
 
-A recipe parses its config, then hands `run_recipe` a `build(cfg, rt, run_dir) -> RecipeParts` function.
+A recipe parses its config, then hands `run_recipe` a `build(cfg, rt, run_dir) -> Task` function (see
+launch/task.py for what a Task holds).
 """
 
 from __future__ import annotations
@@ -11,45 +13,20 @@ import dataclasses
 import gc
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from torch import nn
-
 from checkpoints.sharded import CheckpointError
 from data.text import DataError
+from launch.backends import backend_settings, make_backend
 from launch.config import ConfigError, TrainConfig, save_config
-from launch.loop import EXIT_PREEMPTED, Collect, CountMetrics, PrepareBatch, Summarize, Trainer
+from launch.loop import EXIT_PREEMPTED, Trainer, whole_model
 from launch.runtime import Runtime
+from launch.task import Task
 from launch.tracking import Tracker
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-
-
-@dataclass
-class RecipeParts:
-    """A recipe's model, data and hooks; `run_recipe` does the rest."""
-
-    model: nn.Module  # the Hugging Face model that is exported (a PreTrainedModel)
-    tokenizer: object  # saved with the export; also expected under RUN/tokenizer for checkpoint exports
-    train_data: object
-    eval_data: object
-    collate: Callable
-    title: str  # the model card's title
-    trained: nn.Module | None = None  # what the Trainer runs when it wraps `model` (e.g. a cheaper loss)
-    export_prefix: str = ""  # where `model` sits inside `trained` ("model.")
-    lengths: list[int] | None = None
-    prepare_batch: PrepareBatch | None = None
-    count_metrics: CountMetrics | None = None
-    collect: Collect | None = None
-    summarize: Summarize | None = None
-    # Evaluated once after training with the final model, logged as test/<name>. `test_summarize` replaces
-    # `summarize` there (e.g. to apply thresholds fitted on the validation split instead of fitting anew).
-    test_data: object = None
-    test_summarize: Summarize | None = None
-    # Rank 0, just before saving: write what the training learnt besides weights (thresholds) into the model.
-    before_export: Callable[[nn.Module], None] | None = None
+PROCESSOR = "processor"  # RUN/processor: the tokenizer / feature extractor, saved once per run
 
 
 def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
@@ -64,38 +41,32 @@ def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
     return run_dir
 
 
+def saved_processor(rt: Runtime, run_dir: Path, make: Callable[[], object], load: Callable[[Path], object]):
+    """The run's processor: made once by rank 0 (`make()`, e.g. a tokenizer trained on the corpus) and saved
+    in RUN/processor; every rank, and every resumed run, loads that copy (`load(folder)`), so ids never
+    change under a model."""
+    folder = run_dir / PROCESSOR
+    with rt.main_process_first():
+        if rt.is_main and not any(folder.glob("*.json")):
+            make().save_pretrained(folder)
+    return load(folder)
+
+
 def run_recipe(
-    cfg: TrainConfig, build: Callable[[TrainConfig, Runtime, Path], RecipeParts], default_name: str
+    cfg: TrainConfig, build: Callable[[TrainConfig, Runtime, Path], Task], default_name: str
 ) -> int:
     """Train, evaluate and export one run; 0 when done, EXIT_PREEMPTED after a stop signal, 2 on bad input."""
-    from launch.backends import make_backend
-
     rt = Runtime.start(cfg.seed, stop_signals=cfg.stop_signals)
     tracker, trainer, clean = None, None, False
     try:
         run_dir = setup_run_dir(cfg, rt, default_name)
         with objects_kept_for_the_run():
-            parts = build(cfg, rt, run_dir)
+            task = build(cfg, rt, run_dir)
         if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
-            parts.model.config.architectures = [type(parts.model).__name__]
-            parts.model.config.save_pretrained(run_dir / "model_config")
-        trainer = Trainer(
-            cfg,
-            rt,
-            make_backend(cfg.backend, rt, cfg.precision),
-            parts.trained or parts.model,
-            parts.train_data,
-            parts.eval_data,
-            parts.collate,
-            prepare_batch=parts.prepare_batch,
-            count_metrics=parts.count_metrics,
-            collect=parts.collect,
-            summarize=parts.summarize,
-            lengths=parts.lengths,
-            run_dir=run_dir,
-            export_files={"hf": run_dir / "model_config", "hf/tokenizer": run_dir / "tokenizer"},
-            export_prefix=parts.export_prefix,
-        )
+            task.model.config.architectures = [type(task.model).__name__]
+            task.model.config.save_pretrained(run_dir / "model_config")
+        backend = make_backend(cfg.backend, rt, backend_settings(cfg, task.max_length))
+        trainer = Trainer(cfg, rt, backend, task, run_dir=run_dir)
         resumed = trainer.resume()
         tracker = Tracker(
             run_dir,
@@ -112,10 +83,13 @@ def run_recipe(
             if cfg.requeue:
                 rt.requeue_slurm_job()
             return EXIT_PREEMPTED
-        if parts.test_data is not None and len(parts.test_data):
-            metrics.update(evaluate_test_split(trainer, parts, tracker))
+        test = trainer.evaluate("test")
+        if test:
+            tracker.log(test, trainer.state.step)
+            tracker.summary(test)
+        metrics.update(test)
         rt.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if _is_headline(k)))
-        export(trainer, parts, cfg, run_dir / "export", metrics)
+        export(trainer, task, cfg, run_dir / "export", metrics)
         return 0
     except USER_ERRORS as err:  # the same on every rank: all stop here
         if rt.is_main:
@@ -149,30 +123,16 @@ def _is_headline(name: str) -> bool:
     return name.count("/") == 1
 
 
-def evaluate_test_split(trainer: Trainer, parts: RecipeParts, tracker: Tracker) -> dict[str, float]:
-    """The final model on the held-out test split, with the same sharding and gathering as validation."""
-    trainer.eval_data = parts.test_data
-    if parts.test_summarize is not None:
-        trainer.summarize = parts.test_summarize
-    result = {"test/" + k.removeprefix("eval/"): v for k, v in trainer.evaluate().items()}
-    tracker.log(result, trainer.state.step)
-    tracker.summary(result)
-    return result
-
-
-def export(trainer: Trainer, parts: RecipeParts, cfg: TrainConfig, out: Path, metrics: dict) -> None:
+def export(trainer: Trainer, task: Task, cfg: TrainConfig, out: Path, metrics: dict) -> None:
     """Collective (under FSDP every rank holds a shard); rank 0 writes the Hugging Face folder."""
     state = trainer.backend.full_state_dict()
     if not trainer.rt.is_main:
         return
     from checkpoints import export_hf
 
-    model = parts.model
-    whole = type(model)(model.config)
-    whole.load_state_dict({k.removeprefix(parts.export_prefix): v for k, v in state.items()})
-    if parts.before_export is not None:
-        parts.before_export(whole)
-    export_hf(whole, parts.tokenizer, out, title=parts.title, metrics=metrics, config=dataclasses.asdict(cfg))
+    whole = whole_model(task, state, trainer.export_prefix)
+    task.before_export(whole)
+    export_hf(whole, task.processor, out, title=task.title, metrics=metrics, config=dataclasses.asdict(cfg))
     trainer.rt.print(f"exported to {out}")
 
 
@@ -209,19 +169,17 @@ def load_labelled_model(auto_class, cfg, names: list[str], **extra):
         raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
 
 
-def save_pretrained_tokenizer(rt: Runtime, source: str, run_dir: Path, *, trust_remote_code: bool = False):
-    """The tokenizer of a pretrained model, saved once in RUN/tokenizer and always loaded from there."""
+def pretrained_tokenizer(rt: Runtime, source: str, run_dir: Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a pretrained model (--model), saved once as the run's processor."""
     from transformers import AutoTokenizer
 
-    saved = run_dir / "tokenizer"
-    with rt.main_process_first():
-        if rt.is_main and not (saved / "tokenizer_config.json").exists():
-            try:
-                tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"--model {source}: cannot load its tokenizer ({err})") from None
-            tok.save_pretrained(saved)
-    tok = AutoTokenizer.from_pretrained(saved)
+    def make():
+        try:
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--model {source}: cannot load its tokenizer ({err})") from None
+
+    tok = saved_processor(rt, run_dir, make, AutoTokenizer.from_pretrained)
     if not tok.is_fast:
         raise ConfigError(f"--model {source}: its tokenizer is not a fast (Rust) one; word ids need it")
     return tok

@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from checkpoints.sharded import DCPState
-from kernels.buckets import BucketedCollate, bucket_lengths, parse_buckets
-from launch.backends import _layer_lists
+from checkpoints.xla import XLAState, clean_name
+from kernels.buckets import BucketedCollate
+from launch.backends import BackendSettings, grad_norm, layer_lists
 from launch.config import ConfigError
 from launch.runtime import Runtime
-
-WRAPPER = "_orig_module."  # the attribute under which SpmdFullyShardedDataParallel keeps the module
 
 
 def _compile_count() -> int:
@@ -36,17 +32,21 @@ def _compile_count() -> int:
 
 class XLABackend:
     name = "xla"
-    whole_batches = True  # a last partial batch would be one more shape to compile
+    static_shapes = True  # whole batches only (a last partial one would be one more shape), no generate
     data_device = torch.device("cpu")  # batches are collated and prepared (masked) on the host
 
-    def __init__(self, runtime: Runtime, precision: str = "auto"):
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"--backend xla supports --precision auto, fp32 or bf16, not {precision!r}")
-        self.rt, self.precision = runtime, precision
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler = None
-        self.buckets: list[int] = []
+    def __init__(self, runtime: Runtime, settings: BackendSettings):
+        if settings.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(
+                f"--backend xla supports --precision auto, fp32 or bf16, not {settings.precision!r}"
+            )
+        if settings.xla_mode not in ("spmd", "replicas"):
+            raise ConfigError(f"--xla-mode must be spmd or replicas, got {settings.xla_mode!r}")
+        if not settings.buckets:
+            raise ConfigError("--backend xla pads batches to fixed lengths: give --xla-buckets, e.g. 64,128")
+        self.rt, self.settings, self.mode = runtime, settings, settings.xla_mode
+        self.precision, self.buckets = settings.precision, list(settings.buckets)
+        self.model = self.raw_model = self.optimizer = self.scheduler = self.device = None
         self.mesh = None  # the SPMD device mesh (--xla-mode spmd)
         self._shapes: set[tuple] = set()
         self._warm: int | None = None  # compile count after the first step
@@ -55,14 +55,10 @@ class XLABackend:
         self._last_micro = True
 
     # -- setup --------------------------------------------------------------------------------------------
-    def setup(self, model, make_optimizer, make_scheduler, cfg=None) -> None:
+    def setup(self, model, make_optimizer, make_scheduler) -> None:
         import torch_xla
         import torch_xla.runtime as xr
 
-        self.mode = getattr(cfg, "xla_mode", "spmd")
-        if self.mode not in ("spmd", "replicas"):
-            raise ConfigError(f"--xla-mode must be spmd or replicas, got {self.mode!r}")
-        self.buckets = _buckets(cfg)
         if self.mode == "spmd":
             if self.rt.world_size > 1:
                 raise ConfigError(
@@ -71,7 +67,6 @@ class XLABackend:
                 )
             xr.use_spmd()  # before any XLA tensor exists
         self.device = torch_xla.device()
-        self.rt.device = self.device
         self.on_cpu = xr.device_type() == "CPU"
         if self.mode == "replicas":
             self._start_replicas(xr)
@@ -82,14 +77,13 @@ class XLABackend:
         )
         # Dropout on the device draws from XLA's own RNG, reseeded from (seed, micro-step) before every
         # forward: a resumed run then draws the same masks without carrying XLA's running seed along.
-        self._seed = getattr(cfg, "seed", 0) * 1000 + self.rt.rank
-        self._grad_accum = getattr(cfg, "grad_accum", 1)
+        self._seed = self.settings.seed * 1000 + self.rt.rank
         self._micro = 0
         _no_mask_peeking()
         if self.mode == "spmd":
-            self._raw, self.model = self._wrap_fsdpv2(model)
+            self.raw_model, self.model = self._wrap_fsdpv2(model)
         else:
-            self._raw = self.model = model.to(self.device)
+            self.raw_model = self.model = model.to(self.device)
         # Evaluation hands outputs to metric code that indexes by data-dependent masks: on the device each
         # distinct mask would compile a graph, so outputs come to the host (one transfer per batch).
         self.model.register_forward_hook(functools.partial(_outputs_to_host_in_eval, backend=self))
@@ -97,20 +91,19 @@ class XLABackend:
         self.scheduler = make_scheduler(self.optimizer)
 
     def _start_replicas(self, xr) -> None:
+        """One process per chip, started by torchrun or srun: the Runtime's ranks are the replicas. Gradients
+        are averaged by XLA's own collectives (`reduce_gradients`); the loop's host-side sums stay on gloo."""
         world = xr.world_size()
         if world > 1 and self.on_cpu:
             raise ConfigError(
                 f"--xla-mode replicas with {world} replicas on CPU: torch_xla's collectives abort there "
                 "(pytorch/xla#9089); use --xla-mode spmd with CPU_NUM_DEVICES=N, or run on TPU"
             )
-        if world > 1:
-            # torchrun/srun started a gloo group on the host; the loop's collectives need XLA tensors.
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
-
-            dist.init_process_group("xla", init_method="xla://")
-            self.rt.rank, self.rt.world_size = xr.global_ordinal(), world
+        if (xr.global_ordinal(), world) != (self.rt.rank, self.rt.world_size):
+            raise ConfigError(
+                f"--xla-mode replicas: torch_xla sees replica {xr.global_ordinal()} of {world}, the launcher "
+                f"rank {self.rt.rank} of {self.rt.world_size}; start one process per chip with torchrun or srun"
+            )
 
     def _wrap_fsdpv2(self, model: nn.Module):
         import numpy as np
@@ -123,7 +116,7 @@ class XLABackend:
 
         n = xr.global_runtime_device_count()
         self.mesh = xs.Mesh(np.arange(n), (n,), ("fsdp",))
-        layer_types = {type(layers[0]) for layers in _layer_lists(model)}
+        layer_types = {type(layers[0]) for layers in layer_lists(model)}
         policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_types)
         wrapped = FSDPv2(model, mesh=self.mesh, shard_output=_shard_output, auto_wrap_policy=policy)
         self.rt.print(
@@ -138,7 +131,7 @@ class XLABackend:
     def place_batch(self, batch: dict) -> dict:
         """Host batch -> device; under SPMD each tensor is split along the batch over the fsdp axis."""
         if self.model.training:
-            self._shapes.add(tuple(batch["input_ids"].shape))
+            self._shapes.add(tuple(tuple(v.shape) for v in batch.values() if isinstance(v, torch.Tensor)))
         placed = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
@@ -151,10 +144,6 @@ class XLABackend:
         return placed
 
     # -- the step -----------------------------------------------------------------------------------------
-    @property
-    def raw_model(self) -> nn.Module:
-        return self._raw
-
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -175,15 +164,13 @@ class XLABackend:
         if not self._last_micro:
             torch_xla.sync()  # one graph per micro-step, not one per combination of micro-batch shapes
 
-    def step(self, max_grad_norm: float) -> torch.Tensor | None:
+    def step(self, max_grad_norm: float) -> torch.Tensor:
         import torch_xla
         import torch_xla.core.xla_model as xm
 
         if self.mode == "replicas" and self.rt.world_size > 1:
             xm.reduce_gradients(self.optimizer)
-        norm = None
-        if max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        norm = grad_norm(self.model.parameters(), max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,38 +203,25 @@ class XLABackend:
                 flush=True,
             )
 
-    # -- state --------------------------------------------------------------------------------------------
-    def checkpoint_state(self):
-        return XLAState(self)
-
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def generate(self, **inputs) -> torch.Tensor:
+        raise ConfigError(
+            "--backend xla evaluates loss and metrics from one forward; generation there recompiles per "
+            "token and falls back to the host: generate from the export instead"
+        )
+
+    # -- state --------------------------------------------------------------------------------------------
+    def checkpoint_state(self):
+        def after_load(meta: dict) -> None:  # the dropout seeds continue from the saved step
+            self._micro = meta["step"] * self.settings.grad_accum
+
+        return XLAState(self.model, self.optimizer, self.mode == "spmd", after_load)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on the host (SPMD shards gathered), names as in the unwrapped model."""
-        return {_clean(k): v.cpu() for k, v in self.model.state_dict().items()}
-
-
-def _buckets(cfg) -> list[int]:
-    """--xla-buckets, else one --pad-to-length, else powers of two up to the recipe's --max-length."""
-    text = getattr(cfg, "xla_buckets", "")
-    if text:
-        try:
-            buckets = parse_buckets(text)
-        except ValueError as err:
-            raise ConfigError(f"--xla-buckets: {err}") from None
-        longest = getattr(cfg, "max_length", 0)
-        if longest and buckets[-1] < longest:  # a batch that long would stop the run when it comes
-            raise ConfigError(
-                f"--xla-buckets {text}: the largest bucket ({buckets[-1]}) is shorter than --max-length "
-                f"{longest}; add a bucket of {longest} or lower --max-length to {buckets[-1]}"
-            )
-        return buckets
-    if getattr(cfg, "pad_to_length", 0):
-        return [cfg.pad_to_length]
-    if getattr(cfg, "max_length", 0):
-        return bucket_lengths(cfg.max_length)
-    raise ConfigError("--backend xla pads batches to fixed lengths: give --xla-buckets, e.g. 64,128,256")
+        return {clean_name(k): v.cpu() for k, v in self.model.state_dict().items()}
 
 
 def _no_mask_peeking() -> None:
@@ -304,165 +278,3 @@ def _outputs_to_host_in_eval(module, _args, output, *, backend: XLABackend):
     host = _map_tensors(output, torch.Tensor.cpu)
     backend._eval_compiles += _compile_count() - before
     return host
-
-
-def _clean(name: str) -> str:
-    return name.replace(WRAPPER, "")
-
-
-def _rename(sd: dict, rename) -> dict:
-    """A model or optimizer state dict from get_state_dict with its parameter names mapped (same tensors)."""
-    if "param_groups" in sd:  # optimizer: {"state": {fqn: ...}, "param_groups": [{"params": [fqn...]}]}
-        return {
-            "state": {rename(k): v for k, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in sd["param_groups"]],
-        }
-    return {rename(k): v for k, v in sd.items()}
-
-
-@contextlib.contextmanager
-def _one_process_group():
-    """DCP plans through torch.distributed; SPMD runs one process, so give it a gloo group of one."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-class XLAState(DCPState):
-    """Model + optimizer through DCP with the SPMD planners (each device's shard written as is), under the
-    unwrapped model's names, so the checkpoint reads like any other backend's."""
-
-    def __init__(self, backend: XLABackend):
-        planners = (None, None)
-        if backend.mode == "spmd":
-            from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
-
-            planners = (SPMDSavePlanner(), SPMDLoadPlanner())
-        super().__init__(backend.model, backend.optimizer, planners=planners)
-        self.backend = backend
-
-    def save(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        import torch_xla
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        torch_xla.sync()
-        with _one_process_group():
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-            state = {"model": _rename(model_sd, _clean), "optim": _rename(optim_sd, _clean)}
-            if self.backend.mode == "replicas":
-                state = _to_host(state)
-            dcp.save(state, checkpoint_id=path, planner=self.save_planner)
-
-    def load(self, path: Path, meta) -> None:
-        import torch.distributed.checkpoint as dcp
-        import torch_xla
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        shardings = _param_shardings(self.model)
-        with _one_process_group():
-            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-            wrapped = {_clean(k): k for k in model_sd}
-            state = {"model": _rename(model_sd, _clean), "optim": _rename(optim_sd, _clean)}
-            # SPMDLoadPlanner reads only tensors whose every local shard is a slice of the whole (it fails on
-            # some it classes as sharded but indexes with Ellipsis); the rest goes through host copies.
-            sharded, rest = _split(state, _spmd_loadable if self.backend.mode == "spmd" else lambda t: False)
-            if sharded:
-                dcp.load(sharded, checkpoint_id=path, planner=self.load_planner)
-            host = _to_host(rest)
-            dcp.load(host, checkpoint_id=path)
-            _merge(state, host)
-            set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=_rename(state["model"], wrapped.__getitem__),
-                optim_state_dict=_rename(state["optim"], lambda k: wrapped.get(k, k)),
-            )
-        _restore_shardings(shardings, self.optimizer)
-        self.backend._micro = meta["step"] * self.backend._grad_accum
-        torch_xla.sync()
-
-
-def _param_shardings(model) -> list[tuple[torch.Tensor, object, str]]:
-    """Each parameter with its SPMD sharding (op sharding and spec text), as the mesh wrapper placed it."""
-    import torch_xla
-
-    found = []
-    for p in model.parameters():
-        if p.device.type == "xla":
-            spec = torch_xla._XLAC._get_xla_sharding_spec(p)
-            if spec:
-                found.append((p, torch_xla._XLAC._get_xla_op_sharding(p), spec))
-    return found
-
-
-def _restore_shardings(shardings, optimizer) -> None:
-    """Loading through host copies leaves a tensor replicated, and a fresh optimizer state starts unsharded,
-    while in the run that saved, the moments carry their parameter's sharding (propagated from the step's
-    graph). Different shardings compile a different step graph, which sums in another order: put every
-    parameter and its moments back on the parameter's sharding, so the resumed run runs the same graphs."""
-    import torch_xla
-
-    for p, op, spec in shardings:
-        state = optimizer.state.get(p, {})
-        same_shape = [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
-        for t in (p, *same_shape):
-            if t.device.type == "xla" and torch_xla._XLAC._get_xla_sharding_spec(t) != spec:
-                torch_xla._XLAC._xla_clear_sharding(t)
-                torch_xla._XLAC._xla_mark_sharding(t, op)
-
-
-def _to_host(tree):
-    if isinstance(tree, dict):
-        return {k: _to_host(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_to_host(v) for v in tree]
-    return tree.cpu() if isinstance(tree, torch.Tensor) else tree
-
-
-def _spmd_loadable(t) -> bool:
-    import torch_xla
-
-    if not isinstance(t, torch.Tensor) or t.device.type != "xla":
-        return False
-    if torch_xla._XLAC._get_xla_sharding_spec(t) in ("", "{replicated}"):
-        return False
-    shards = torch_xla._XLAC._get_local_shard_replica_and_indices([t])[0]
-    return all(indices is not Ellipsis for _, indices in shards)
-
-
-def _split(tree: dict, take) -> tuple[dict, dict]:
-    """Two nested dicts with the same keys: the tensor leaves `take` accepts, and everything else."""
-    taken, rest = {}, {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            a, b = _split(value, take)
-            if a:
-                taken[key] = a
-            if b:
-                rest[key] = b
-        elif take(value):
-            taken[key] = value
-        else:
-            rest[key] = value
-    return taken, rest
-
-
-def _merge(tree, loaded) -> None:
-    """Write what DCP loaded into host copies back into `tree`: tensors in place, other values replaced."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for key, value in list(items):
-        if isinstance(loaded, dict) and key not in loaded:
-            continue
-        new = loaded[key]
-        if isinstance(value, torch.Tensor):
-            value.copy_(new.to(value.device))
-        elif isinstance(value, dict | list):
-            _merge(value, new)
-        else:
-            tree[key] = new

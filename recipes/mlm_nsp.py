@@ -30,8 +30,9 @@ from data.tokenizer import load_tokenizer, train_wordpiece
 from kernels import collate_padded, mask_tokens
 from launch.backends import STATIC_SHAPE_BACKENDS
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.recipe import RecipeParts, run_main, run_recipe
+from launch.recipe import run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
+from launch.task import label_targets, model_inputs, text_sizes
 
 TOY_CORPUS = Path(__file__).resolve().parent.parent / "data" / "toy" / "mlm_nsp" / "corpus.txt"
 
@@ -73,20 +74,22 @@ def _validate(cfg: MLMNSPConfig) -> None:
 
 
 def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: list[list[str]]):
-    """The tokenizer is saved with the run; a resumed run reuses it, so ids never change under a model."""
-    saved = run_dir / "tokenizer"
-    with rt.main_process_first():
-        if rt.is_main and not (saved / "tokenizer.json").exists():
-            if cfg.tokenizer:
-                tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
-            else:
-                texts = (s for doc in documents for s in doc)
-                tok = train_wordpiece(texts, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
-            tok.model_max_length = cfg.max_length
-            tok.save_pretrained(saved)
-    tok = load_tokenizer(str(saved))
+    """--tokenizer, or a WordPiece trained on the training documents; saved once as the run's processor."""
+
+    def make():
+        if cfg.tokenizer:
+            tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+        else:
+            texts = (s for doc in documents for s in doc)
+            tok = train_wordpiece(texts, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
+        tok.model_max_length = cfg.max_length
+        return tok
+
+    tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)))
     if tok.mask_token_id is None or tok.pad_token_id is None:
-        raise ConfigError(f"tokenizer {cfg.tokenizer or saved} has no [MASK] or [PAD] token; MLM needs both")
+        raise ConfigError(
+            f"tokenizer {cfg.tokenizer or run_dir} has no [MASK] or [PAD] token; MLM needs both"
+        )
     return tok
 
 
@@ -107,10 +110,8 @@ def _setup_data(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path):
     rt.print(
         f"data: {len(train)} training pairs from {len(train_docs)} documents, {len(evals or [])} eval pairs"
     )
-    lengths = train["length"]
-    train = train.remove_columns("length")
-    evals = evals.remove_columns("length") if evals is not None else None
-    return tok, train, evals, list(lengths)
+    splits = {"train": train} if evals is None else {"train": train, "validation": evals}
+    return tok, {k: d.remove_columns("length") for k, d in splits.items()}, list(train["length"])
 
 
 def _setup_model(cfg: MLMNSPConfig, tok):
@@ -133,7 +134,7 @@ def _setup_model(cfg: MLMNSPConfig, tok):
 
 
 class PretrainingObjective(nn.Module):
-    """BertForPreTraining's loss, with the MLM head run on the masked positions only.
+    """BertForPreTraining's two losses as sums, with the MLM head run on the masked positions only.
 
     The head (a d x d transform and a d x vocab projection) on every position is most of a small BERT's
     step; only the ~15 % masked positions have a label, so the loss is the same and the step far cheaper.
@@ -157,32 +158,19 @@ class PretrainingObjective(nn.Module):
         mlm_labels = labels if self.static_shapes else labels[chosen]
         mlm_logits = self.model.cls.predictions(hidden if self.static_shapes else hidden[chosen])
         nsp_logits = self.model.cls.seq_relationship(pooled)
-        # A sum over the chosen positions divided by their count: the mean HF computes, without a host sync.
-        mlm_loss = F.cross_entropy(
+        # Sums: the loop divides each by its targets over the whole step (masked tokens, pairs).
+        mlm_sum = F.cross_entropy(
             mlm_logits.flatten(0, -2).float(), mlm_labels.flatten(), ignore_index=-100, reduction="sum"
-        ) / chosen.sum().clamp(min=1)
-        nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label)
+        )
+        nsp_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
         # The static path's labels are the batch's own (no copy of an input to fetch back from the device).
         return SimpleNamespace(
-            loss=mlm_loss + nsp_loss,
+            mlm_sum=mlm_sum,
+            nsp_sum=nsp_sum,
             mlm_logits=mlm_logits,
             mlm_labels=None if self.static_shapes else mlm_labels,
             nsp_logits=nsp_logits,
         )
-
-
-def _mask_on_device(batch, generator, *, tok, cfg: MLMNSPConfig, special_ids: torch.Tensor):
-    ids, labels = mask_tokens(
-        batch["input_ids"],
-        mask_token_id=tok.mask_token_id,
-        vocab_size=len(tok),
-        special_ids=special_ids.to(batch["input_ids"].device),
-        mlm_probability=cfg.mlm_probability,
-        mask_replace_prob=cfg.mask_replace_prob,
-        random_replace_prob=cfg.random_replace_prob,
-        generator=generator,
-    )
-    return {**batch, "input_ids": ids, "labels": labels}
 
 
 def _count_metrics(out, batch):
@@ -198,25 +186,58 @@ def _count_metrics(out, batch):
     }
 
 
-def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
-    tok, train, evals, lengths = _setup_data(cfg, rt, run_dir)
-    model = _setup_model(cfg, tok)
-    special_ids = torch.tensor(tok.all_special_ids)
-    return RecipeParts(
-        model=model,
-        tokenizer=tok,
-        train_data=train,
-        eval_data=evals,
-        collate=functools.partial(
+class MLMNSPTask:
+    """Masked-language modelling plus next-sentence prediction: two loss terms, accuracies that sum."""
+
+    def __init__(self, cfg: MLMNSPConfig, tok, splits: dict, lengths: list[int], model):
+        self.title = f"BERT MLM+NSP ({cfg.name})"
+        self.model, self.processor, self.splits, self.lengths = model, tok, splits, lengths
+        self.trained = PretrainingObjective(model, static_shapes=cfg.backend in STATIC_SHAPE_BACKENDS)
+        self.max_length = cfg.max_length
+        self.collate = functools.partial(
             collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
-        ),
-        title=f"BERT MLM+NSP ({cfg.name})",
-        trained=PretrainingObjective(model, static_shapes=cfg.backend in STATIC_SHAPE_BACKENDS),
-        export_prefix="model.",  # PretrainingObjective.model
-        lengths=lengths,
-        prepare_batch=functools.partial(_mask_on_device, tok=tok, cfg=cfg, special_ids=special_ids),
-        count_metrics=_count_metrics,
-    )
+        )
+        self.mask_options = dict(
+            mask_token_id=tok.mask_token_id,
+            vocab_size=len(tok),
+            special_ids=torch.tensor(tok.all_special_ids),
+            mlm_probability=cfg.mlm_probability,
+            mask_replace_prob=cfg.mask_replace_prob,
+            random_replace_prob=cfg.random_replace_prob,
+        )
+
+    sizes = staticmethod(text_sizes)
+
+    def prepare(self, batch, generator):
+        """MLM masking on the batch's device, fused into one pass (kernels.mask_tokens)."""
+        options = {
+            **self.mask_options,
+            "special_ids": self.mask_options["special_ids"].to(batch["input_ids"].device),
+        }
+        ids, labels = mask_tokens(batch["input_ids"], generator=generator, **options)
+        return {**batch, "input_ids": ids, "labels": labels}
+
+    def targets(self, batch):
+        pairs = batch["next_sentence_label"]
+        return {"mlm": label_targets(batch["labels"]), "nsp": pairs.new_tensor(pairs.shape[0])}
+
+    def loss(self, model, batch):
+        out = model(**model_inputs(batch))
+        return {"mlm": out.mlm_sum, "nsp": out.nsp_sum}, out
+
+    def evaluate(self, model, batch, outputs, generate):
+        return _count_metrics(outputs, batch), []
+
+    def summarize(self, records, means, split):
+        return {}
+
+    def before_export(self, model):
+        pass
+
+
+def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> MLMNSPTask:
+    tok, splits, lengths = _setup_data(cfg, rt, run_dir)
+    return MLMNSPTask(cfg, tok, splits, lengths, _setup_model(cfg, tok))
 
 
 def main(argv: list[str] | None = None) -> int:

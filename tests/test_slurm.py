@@ -1,4 +1,5 @@
-"""The Slurm lane: real jobs on the local single-node cluster (slurm/local_cluster.sh, started when down).
+"""The Slurm lane: real jobs on the local single-node cluster (slurm/local_cluster.sh; a cluster the tests
+start is taken down when they end).
 
 The sbatch script and submitit arrays train a tiny BERT; preemption (USR1 to the batch shell, submitit's
 interrupt) must save, requeue, resume, and end with the same final metrics as an uninterrupted run.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,16 +32,6 @@ TINY = [
     "--max-steps", "40", "--save-every", "5", "--tracker", "none", "--num-workers", "0",
 ]  # fmt: skip
 LOCAL_SBATCH = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=local", "--time=10"]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster runs as root (slurm/local_cluster.sh up)")
-    t0 = time.monotonic()
-    out = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0, f"slurm/local_cluster.sh up failed:\n{out.stdout}\n{out.stderr}"
-    print(f"\nlocal cluster up in {time.monotonic() - t0:.1f}s")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +69,7 @@ def final_eval(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def deepspeed_job(cluster, tokenizer, tmp_path_factory):
+def deepspeed_job(local_cluster, tokenizer, tmp_path_factory):
     """`sbatch slurm/mlm_nsp_deepspeed.sh`, submitted first so it shares the node with the runs below."""
     root = tmp_path_factory.mktemp("deepspeed")
     run_dir, log = root / "run", root / "job.out"
@@ -160,7 +150,7 @@ def test_submitit_interrupt_checkpoints_requeues_and_resumes(preempted, referenc
     assert final_eval(task.run_dir) == reference["final"]
 
 
-def test_submitit_array_over_grid_writes_results_table(cluster, tokenizer, tmp_path):
+def test_submitit_array_over_grid_writes_results_table(local_cluster, tokenizer, tmp_path):
     cmd = [sys.executable, "-m", "launch.submit", "--grid", "lr=1e-3,2e-3", "--grid", "seed=1,2"]
     cmd += ["--root", str(tmp_path), "--time", "10", RECIPE, *TINY, "--max-steps", "8", "--save-every", "0"]
     out = subprocess.run(
@@ -198,7 +188,7 @@ def test_deepspeed_script_trains_zero2_and_exports(deepspeed_job):
     assert manifest["meta"]["deepspeed"] == {"zero_stage": 2} and manifest["meta"]["step"] == 40
 
 
-def test_failed_task_is_a_row_with_its_log(cluster, tmp_path):
+def test_failed_task_is_a_row_with_its_log(local_cluster, tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text('import sys\nsys.exit("error: broken.py cannot train")\n')
     tasks = submit.submit(broken, root=tmp_path, options=submit.SlurmOptions(timeout_min=5), check=False)
@@ -235,7 +225,7 @@ def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch):
     assert cli.returncode == 2 and "error: grid entry 'lr' is malformed" in cli.stderr
 
 
-def test_local_cluster_status_names_each_daemon(cluster):
+def test_local_cluster_status_names_each_daemon(local_cluster):
     out = subprocess.run(
         ["bash", "slurm/local_cluster.sh", "status"], cwd=REPO, capture_output=True, text=True
     )

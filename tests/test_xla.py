@@ -278,11 +278,9 @@ def test_text_classification_trains_evaluates_and_exports_under_spmd(xla_python,
 
 
 @pytest.mark.slurm
-def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(xla_python, tiny_encoder, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster runs as root (slurm/local_cluster.sh up)")
-    up = subprocess.run(["bash", "slurm/local_cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
-    assert up.returncode == 0, f"slurm/local_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(
+    local_cluster, xla_python, tiny_encoder, tmp_path
+):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     recipe = ner_command(xla_python, tiny_encoder, run_dir, "--validation-file", "")[
         4:

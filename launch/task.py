@@ -1,0 +1,95 @@
+"""The task interface: what a recipe hands the shared loop. A new recipe's author reads this first.
+
+A recipe builds one object with the members of `Task` below (a plain class of its own; no base class, no
+registration) and passes a function that builds it to `launch.recipe.run_recipe`. Everything else is the
+loop's: data order and sharding, accumulation, loss normalisation, clipping, the schedule, precision,
+evaluation across ranks, checkpoints, preemption, logging and the export.
+
+Losses are sums. `targets(batch)` counts the targets of each loss term in a batch (masked tokens, label
+tokens, sentences), from the batch alone; `loss(model, batch)` sums each term over them. The loop adds the
+counts of every micro-batch of a step on every rank before the first backward, so a step's loss is
+sum / count over the whole step, whatever the lengths (torchtune normalises the same way), and the eval
+loss is the split's total over its count. Several terms (MLM + NSP) each get their own mean, then add up.
+
+Batches are dicts of tensors that the recipe's `collate` made from dataset rows. Keys that start with "_"
+are metadata for metrics (example ids, word ids): `model_inputs(batch)` leaves them out of the model call.
+
+The processor (tokenizer, feature extractor, or a processor holding both) lives in RUN/processor: build it
+with `launch.recipe.saved_processor`, so a resumed run reuses it; it travels with every checkpoint and
+export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+# Per batch: {name: tensor([numerator, denominator])}; summed over batches and ranks, logged as num / den.
+Counts = dict[str, torch.Tensor]
+# generate(**model_inputs) -> token ids: the backend's lockstep generate, or None where shapes are static.
+Generate = Callable[..., torch.Tensor] | None
+
+
+class Task(Protocol):
+    """What one recipe provides. Members without a default must all be there; the loop probes for none."""
+
+    title: str  # the model card's title
+    model: nn.Module  # the Hugging Face model that is exported (a PreTrainedModel)
+    trained: nn.Module  # what the backend wraps and trains: `model`, or a module holding it (cheaper loss)
+    processor: Any  # tokenizer / feature extractor / processor, loaded from RUN/processor
+    splits: dict[str, Any]  # "train" (required), "validation", "test": map-style datasets of rows
+    lengths: list[int] | None  # per training row, for length-grouped batches; None: plain shuffling
+    max_length: int  # the longest sequence a batch can hold; static-shape backends bucket up to it
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Rows -> one padded batch (see kernels.collate_padded); takes `pad_to_length=` on XLA."""
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> dict:
+        """The batch on its device, with task randomness drawn from `generator` (MLM masking); or as is."""
+
+    def sizes(self, batch: dict) -> tuple[int, int]:
+        """(samples, real tokens or frames) of a host batch, for throughput."""
+
+    def targets(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{loss term: number of its targets in the batch}, from the batch alone (before any forward)."""
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
+        """({loss term: sum over its targets}, the forward's outputs for `evaluate`)."""
+
+    def evaluate(
+        self, model: nn.Module, batch: dict, outputs: Any, generate: Generate
+    ) -> tuple[Counts, list]:
+        """One eval batch: summable counts, and one picklable record per row (e.g. generated ids and gold)."""
+
+    def summarize(self, records: list, means: dict[str, float], split: str) -> dict[str, float]:
+        """Rank 0: every rank's records in split order, plus the summed means ("loss", counts) -> metrics."""
+
+    def before_export(self, model: nn.Module) -> None:
+        """Rank 0, on the whole model about to be saved: write what training learnt besides weights."""
+
+
+def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """What the model sees: a batch's keys that start with "_" are metadata for metrics."""
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+def text_sizes(batch: dict) -> tuple[int, int]:
+    """(rows, non-pad tokens) of a batch with input_ids and attention_mask."""
+    rows = batch["input_ids"].shape[0]
+    mask = batch.get("attention_mask")
+    return rows, int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def label_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Targets of a token-level loss: labels that are not -100."""
+    return (labels != -100).sum()
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over every label that is not -100 (fp32 logits, as HF's mean does)."""
+    return nn.functional.cross_entropy(
+        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
