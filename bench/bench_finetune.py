@@ -61,7 +61,7 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
 
     # The recipe's saved config and tokenizer, so a change to the recipe cannot skew the comparison.
     cfg = load_yaml(recipe_dir / "config.yaml")
-    tok = AutoTokenizer.from_pretrained(recipe_dir / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(recipe_dir / "processor")
     table = read_table(cfg["train_file"])
     label_cols = cfg["label_columns"].split(",")
     names = label_names(table, label_cols, cfg["task"], cfg["label_separator"], [])

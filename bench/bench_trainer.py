@@ -70,7 +70,7 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
 
     # The recipe's saved config, not our own defaults, so a change to the recipe cannot skew the comparison.
     cfg = load_yaml(recipe_dir / "config.yaml")
-    tok = load_tokenizer(str(recipe_dir / "tokenizer"))
+    tok = load_tokenizer(str(recipe_dir / "processor"))
     args = TrainingArguments(
         output_dir=str(out / "run"),
         per_device_train_batch_size=cfg["batch_size"],

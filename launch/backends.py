@@ -109,6 +109,9 @@ class Backend(Protocol):
     def current_lr(self) -> float:
         """The learning rate of the first parameter group."""
 
+    def to_data_device(self, tree: Any) -> Any:
+        """Eval losses and outputs (tensors in any nesting) to `data_device`, where metrics are counted."""
+
     def generate(self, **inputs) -> torch.Tensor:
         """Collective: `generate` on the raw model in lockstep on every rank (sharded weights gathered)."""
 
@@ -209,6 +212,9 @@ class DDPBackend:
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def to_data_device(self, tree):
+        return tree
+
     def generate(self, **inputs) -> torch.Tensor:
         with self.autocast():
             return generating_module(self.raw_model).generate(**inputs)
@@ -276,8 +282,9 @@ class FSDPBackend(DDPBackend):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(self.raw_model, options=options)
+        # Gathered on every rank (cpu_offload would give rank 0 alone the state), then moved to the host.
+        state = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.cpu() for k, v in state.items()}
 
     def close(self) -> None:
         pass

@@ -93,6 +93,9 @@ class DeepSpeedBackend:
     def current_lr(self) -> float:
         return self.model.get_lr()[0]
 
+    def to_data_device(self, tree):
+        return tree
+
     def generate(self, **inputs) -> torch.Tensor:
         # ZeRO-3 gathers each layer's parameters collectively: every rank runs every forward of the longest.
         synced = self.zero_stage == 3 and self.rt.world_size > 1

@@ -224,7 +224,7 @@ class Trainer:
             fresh = next(it, None)
             batch = task.prepare(self._to_device(fresh), g) if fresh is not None else batch
             with backend.autocast():
-                losses, outputs = task.loss(model, backend.place_batch(batch))
+                losses, outputs = backend.to_data_device(task.loss(model, backend.place_batch(batch)))
             counts, rows = task.evaluate(model, batch, outputs, generate)
             if fresh is None:
                 continue

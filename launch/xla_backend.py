@@ -84,9 +84,6 @@ class XLABackend:
             self.raw_model, self.model = self._wrap_fsdpv2(model)
         else:
             self.raw_model = self.model = model.to(self.device)
-        # Evaluation hands outputs to metric code that indexes by data-dependent masks: on the device each
-        # distinct mask would compile a graph, so outputs come to the host (one transfer per batch).
-        self.model.register_forward_hook(functools.partial(_outputs_to_host_in_eval, backend=self))
         self.optimizer = make_optimizer(self.model)
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -206,6 +203,19 @@ class XLABackend:
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def to_data_device(self, tree):
+        """Eval losses and outputs to the host, one transfer per batch: metric code indexes by data-dependent
+        masks, and on the device each distinct mask would compile a graph of its own."""
+        import torch_xla
+
+        before = _compile_count()
+        if self.mesh is not None:  # gathered inside the graph: fetching a sharded tensor compiles per call
+            _map_tensors(tree, functools.partial(_replicated, mesh=self.mesh))
+        torch_xla.sync()
+        host = _map_tensors(tree, torch.Tensor.cpu)
+        self._eval_compiles += _compile_count() - before
+        return host
+
     def generate(self, **inputs) -> torch.Tensor:
         raise ConfigError(
             "--backend xla evaluates loss and metrics from one forward; generation there recompiles per "
@@ -244,17 +254,19 @@ def _shard_output(output, mesh) -> None:
         xs.mark_sharding(first, mesh, ("fsdp",) + (None,) * (first.ndim - 1))
 
 
-def _map_tensors(output, fn):
-    """`output` (a tensor, a tuple, a ModelOutput or a recipe's namespace) with `fn` applied to its tensors."""
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, tuple):
-        return type(output)(fn(v) if isinstance(v, torch.Tensor) else v for v in output)
-    fields = output if hasattr(output, "keys") else vars(output)  # ModelOutput mirrors items as attributes
-    for key, value in list(fields.items()):
-        if isinstance(value, torch.Tensor):
-            fields[key] = fn(value)
-    return output
+def _map_tensors(tree, fn):
+    """`tree` (tensors in tuples, lists, dicts, ModelOutputs or namespaces) with `fn` applied to its tensors."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple | list):
+        return type(tree)(_map_tensors(v, fn) for v in tree)
+    if isinstance(tree, dict) and not hasattr(tree, "to_tuple"):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if hasattr(tree, "keys") or hasattr(tree, "__dict__"):  # ModelOutput mirrors items as attributes
+        fields = tree if hasattr(tree, "keys") else vars(tree)
+        for key, value in list(fields.items()):
+            fields[key] = _map_tensors(value, fn)
+    return tree
 
 
 def _replicated(value: torch.Tensor, mesh) -> torch.Tensor:
@@ -264,17 +276,3 @@ def _replicated(value: torch.Tensor, mesh) -> torch.Tensor:
         xs.clear_sharding(value)
         xs.mark_sharding(value, mesh, (None,) * value.ndim)
     return value
-
-
-def _outputs_to_host_in_eval(module, _args, output, *, backend: XLABackend):
-    if module.training:
-        return output
-    import torch_xla
-
-    before = _compile_count()
-    if backend.mesh is not None:  # gathered inside the graph: fetching a sharded tensor compiles per call
-        _map_tensors(output, functools.partial(_replicated, mesh=backend.mesh))
-    torch_xla.sync()
-    host = _map_tensors(output, torch.Tensor.cpu)
-    backend._eval_compiles += _compile_count() - before
-    return host

@@ -16,7 +16,7 @@ from conftest import BIN, REPO, free_port, subprocess_env
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
 TINY = [
     "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
-    "--max-length", "64", "--log-every", "1", "--eval-every", "0", "--tracker", "none",
+    "--max-length", "64", "--log-every", "1", "--eval-every", "0", "--tracker", "none", "--check-replicas", "true",
 ]  # fmt: skip
 
 

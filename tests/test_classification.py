@@ -32,7 +32,7 @@ SENTIMENT_ACCURACY_FLOOR = 0.7
 def train(tmp_path_factory, config: str, *extra: str):
     out = tmp_path_factory.mktemp(config) / "run"
     proc = torchrun("--config", f"recipes/configs/{config}.yaml", "--output-dir", str(out), "--tracker", "none",
-                    "--log-every", "5", *extra)  # fmt: skip
+                    "--log-every", "5", "--check-replicas", "true", *extra)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, {k: v for r in read_metrics(out) for k, v in r.items()}  # the last value of every metric
 

@@ -18,15 +18,16 @@ torchrun = functools.partial(recipe_runs.torchrun, RECIPE)
 python = functools.partial(recipe_runs.python, RECIPE, timeout=120)
 TINY = [
     "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "64",
-    "--vocab-size", "600", "--max-length", "64", "--batch-size", "16", "--log-every", "5",
+    "--vocab-size", "600", "--max-length", "64", "--batch-size", "16", "--log-every", "5", "--check-replicas", "true",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The quickstart's own command: defaults (bundled corpus, W&B offline), two ranks; several tests read it."""
+    """The quickstart's own command: defaults (bundled corpus, W&B offline), two ranks, plus the replica check;
+    several tests read it."""
     out = tmp_path_factory.mktemp("run") / "default"
-    proc = torchrun("--output-dir", str(out), timeout=1200)
+    proc = torchrun("--output-dir", str(out), "--check-replicas", "true", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -52,7 +53,7 @@ def test_run_folder_has_config_tokenizer_tracking_and_export(default_run):
     out = default_run
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["epochs"] == 6 and cfg["hidden_size"] == 128 and cfg["output_dir"] == str(out)
-    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "processor" / "tokenizer.json").is_file()
     assert list((out / "wandb").glob("offline-run-*")), "W&B should have written an offline run"
     export = out / "export"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
@@ -190,7 +191,7 @@ def most_frequent_token_rate(run_dir) -> float:
     from data.text import read_documents
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(run_dir / "processor")
     _, held = split_documents(
         read_documents(cfg["train_files"].split(",")), cfg["eval_fraction"], cfg["seed"]
     )
@@ -237,7 +238,12 @@ def test_static_shape_objective_matches_the_masked_positions_one():
         dynamic = mlm_nsp.PretrainingObjective(model)(**batch)
         static = mlm_nsp.PretrainingObjective(model, static_shapes=True)(**batch)
     assert static.mlm_logits.shape[:2] == ids.shape  # independent of how many positions are masked
-    torch.testing.assert_close(static.loss, dynamic.loss)
+    torch.testing.assert_close(static.mlm_sum, dynamic.mlm_sum)
+    torch.testing.assert_close(static.nsp_sum, dynamic.nsp_sum)
+    # The same loss BertForPreTraining computes: each sum over its targets, then added.
+    reference = model(**batch).loss
+    task = mlm_nsp.MLMNSPTask.targets(None, batch)
+    torch.testing.assert_close(dynamic.mlm_sum / task["mlm"] + dynamic.nsp_sum / task["nsp"], reference)
     counts = mlm_nsp._count_metrics(dynamic, batch)
     assert counts["mlm_accuracy"][1] == (labels != -100).sum()
     for name, pair in mlm_nsp._count_metrics(static, batch).items():

@@ -26,7 +26,7 @@ def ner_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ner") / "run"
     proc = recipe_runs.torchrun(
         RECIPE, "--config", "recipes/configs/ner.yaml", "--output-dir", str(out), "--tracker", "none",
-        "--max-length", str(WINDOW), "--stride", "8", "--batch-size", "8", "--epochs", "1", "--log-every", "5",
+        "--max-length", str(WINDOW), "--stride", "8", "--batch-size", "8", "--epochs", "1", "--log-every", "5", "--check-replicas", "true",
         timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

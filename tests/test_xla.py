@@ -72,6 +72,7 @@ def ner_command(python: Path, model: Path, out: Path, *flags: str) -> list[str]:
         "--xla-buckets", ",".join(map(str, BUCKETS)),
         "--log-every", "1",
         "--tracker", "none",
+        "--check-replicas", "true",
         "--lr", "5e-3",
         "--test-file", "",
         *flags,
@@ -299,3 +300,22 @@ def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(
     assert "SPMD over 4 device(s)" in text and "training step ended with status 0" in text, text[-3000:]
     assert (run_dir / "export" / "model.safetensors").is_file()
     assert train_log(run_dir)[STEPS]["xla/batch_shapes"] >= 1
+
+
+def test_the_backend_contract_holds_and_evaluation_skips_generation(xla_python, tmp_path):
+    """tests/backend_checks.py's contract under SPMD on 2 devices; generation is refused with the reason, and
+    the loop's evaluation of a generating task gives its loss-only metrics (generation is for the export)."""
+    proc = subprocess.run(
+        [str(xla_python), str(REPO / "tests" / "backend_checks.py"), str(tmp_path), "xla"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=subprocess_env(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="2"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    r = results["contract/xla"]
+    assert r["changed"] and r["grad_norm"] > 0 and r["lr_after_1"] == pytest.approx(r["lr_expected_after_1"])
+    assert r["accumulation_equals_bigger_batch"] and r["resumed_loss_equal"] and r["resumed_weights_equal"]
+    assert r["full_state_keys_match"]
+    gen = results["generate/xla"]
+    assert gen["static_shapes"] and "generate from the export" in gen["refused"]
+    assert gen["metrics"] == ["eval/loss", "eval/perplexity"]
