@@ -21,8 +21,8 @@ TAG = "ds"  # the one tag inside a checkpoint's state/ folder
 
 
 def import_deepspeed():
-    """deepspeed, kept from compiling its shared-memory op on CPU (40 s, and fatal without a compiler):
-    gloo does the same job."""
+    """deepspeed, kept from compiling its shared-memory op on CPU (slow, and fatal without a compiler): gloo
+    does the same job."""
     import deepspeed
     import deepspeed.ops
 

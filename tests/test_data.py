@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections import Counter
+
 import pytest
 import torch
+from conftest import REPO, subprocess_env
 
 from data.nsp import IS_NEXT, NOT_NEXT, build_nsp_pairs, split_documents, tokenize_pairs
 from data.sampler import ShardedSampler
 from data.text import DataError, read_documents, split_sentences
-from data.tokenizer import train_wordpiece
+from data.tokenizer import _count_words, train_wordpiece
 
 TOPICS = ["bees", "ships", "bread", "trains", "stars", "clocks"]
 
@@ -146,6 +151,68 @@ def test_tokenised_pairs_are_cached(tokenizer, tmp_path):
     again = tokenize_pairs(pairs, tokenizer, 32, cache_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == files and len(files) == 1
     assert again.cache_files and again.cache_files[0]["filename"].endswith(files[0])
+
+
+TOY_CORPUS = REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"
+TRAIN_AND_SAVE = """
+import sys
+from data.tokenizer import train_wordpiece
+lines = [line.strip() for line in open(sys.argv[1], encoding="utf-8") if line.strip()]
+train_wordpiece(lines, vocab_size=2000).save_pretrained(sys.argv[2])
+"""
+
+
+def test_wordpiece_is_byte_identical_across_processes(tmp_path):
+    # Other hash seeds and thread counts per process: the Rust trainer's ties differed run to run.
+    saved = []
+    for run, (seed, threads) in enumerate([("1", "1"), ("2", "2")]):
+        out = tmp_path / f"run{run}"
+        env = subprocess_env(PYTHONHASHSEED=seed, RAYON_NUM_THREADS=threads, PYTHONPATH=str(REPO))
+        proc = subprocess.run(
+            [sys.executable, "-c", TRAIN_AND_SAVE, str(TOY_CORPUS), str(out)],
+            capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        saved.append((out / "tokenizer.json").read_bytes())
+    assert saved[0] == saved[1]
+
+
+def test_wordpiece_vocabulary_is_sensible_and_independent_of_text_order():
+    lines = [line.strip() for line in TOY_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train, held_out = [t for i, t in enumerate(lines) if i % 10], lines[::10]
+    tok = train_wordpiece(train, vocab_size=2000)
+    vocab = tok.get_vocab()
+    assert [vocab[t] for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]] == [0, 1, 2, 3, 4]
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    assert train_wordpiece(train[::-1], vocab_size=2000).get_vocab() == vocab
+
+    words = Counter(w.lower().strip(".,!?") for t in train for w in t.split())
+    assert all(w in vocab for w, _ in words.most_common(100))  # frequent words are one piece each
+    assert 500 < len(vocab) < 2000  # the toy corpus runs out of merges before 2,000: every word is whole
+    assert all(w in vocab for w in words)
+    ids = [i for t in held_out for i in tok(t, add_special_tokens=False)["input_ids"]]
+    assert ids.count(tok.unk_token_id) / len(ids) < 0.01
+
+    small = train_wordpiece(train, vocab_size=300)
+    assert len(small.get_vocab()) == 300
+    assert set(small.get_vocab()) <= set(vocab)  # the same merges, fewer of them
+    pieces = small.tokenize("Elif trimmed the spare logbook.")
+    assert "[UNK]" not in pieces
+    assert small.convert_tokens_to_string(pieces) == "elif trimmed the spare logbook."
+
+
+def test_wordpiece_counts_words_exactly_as_its_normalizer_and_pre_tokenizer_split_them():
+    from tokenizers import normalizers, pre_tokenizers
+
+    texts = [
+        "Héllo\u00a0wörld, naïve café!", "ab\x1fcd ef\x0bgh\x85ij", "中文字符 and 日本語", "e\u0301 \u0301a",
+        "tab\there\r\nnew  double   spaces", "", "   ", "İstanbul ǅ ﬁne", "a\x00b\ufffdc", "$5 — “quotes” ¿qué?",
+    ] * 3  # fmt: skip
+    for lowercase in (True, False):
+        norm, pre = normalizers.BertNormalizer(lowercase=lowercase), pre_tokenizers.BertPreTokenizer()
+        one_by_one = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+        assert _count_words(texts, norm, pre) == one_by_one
+        assert _count_words(texts, norm, pre, chunk_chars=20) == one_by_one
 
 
 # -- sampler ----------------------------------------------------------------------------------------------

@@ -171,3 +171,40 @@ def test_config_mistakes_stop_before_any_process_group(tmp_path, tokenizer_dir):
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 32
     assert ds["zero_optimization"] == {"stage": 3, "contiguous_gradients": False}
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # auto on a GPU
+
+
+def test_offload_trains_with_the_same_groups_betas_and_decay_as_every_backend(monkeypatch):
+    """Under offload DeepSpeed builds its CPU Adam from the config; it gets the loop's parameter groups (no
+    decay on biases and norms), betas, eps and lr. (Offload runs on GPUs only: deepspeed.initialize is
+    replaced here by a recorder, the rest of setup runs as is.)"""
+    import deepspeed
+    from transformers import BertConfig, BertForMaskedLM
+
+    from launch.backends import BackendSettings
+    from launch.deepspeed_backend import DeepSpeedBackend
+    from launch.loop import make_adamw
+    from launch.runtime import Runtime
+
+    seen = {}
+
+    def initialize(**kwargs):
+        seen.update(kwargs)
+        engine = type("Engine", (), {"module": kwargs["model"]})()
+        return engine, None, None, None
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    model = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=16))  # fmt: skip
+    backend = DeepSpeedBackend(Runtime(), BackendSettings(lr=3e-4, weight_decay=0.05))
+    backend.ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}  # as on a GPU
+    backend.setup(model, lambda m: make_adamw(m, 3e-4, 0.05), lambda opt: None)
+    loop_groups = make_adamw(model, 3e-4, 0.05).param_groups
+    ds_groups = seen["model_parameters"]
+    assert seen["optimizer"] is None and seen["config"]["optimizer"]["type"] == "AdamW"
+    assert [[id(p) for p in g["params"]] for g in ds_groups] == [
+        [id(p) for p in g["params"]] for g in loop_groups
+    ]
+    assert [g["weight_decay"] for g in ds_groups] == [g["weight_decay"] for g in loop_groups] == [0.05, 0.0]
+    params = seen["config"]["optimizer"]["params"]
+    assert tuple(params["betas"]) == loop_groups[0]["betas"] and params["eps"] == loop_groups[0]["eps"]
+    assert params["lr"] == loop_groups[0]["lr"] == 3e-4

@@ -123,13 +123,14 @@ class Regression(nn.Module):
 
 
 class RegressionTask:
-    """The smallest Task: squared error summed over rows, one target per row."""
+    """The smallest Task: squared error summed over rows whose `valid` is 1, one target per such row."""
 
     title, processor, lengths, max_length = "regression", None, None, 4
 
     def __init__(self, train, validation=None):
         self.model = self.trained = Regression()
         self.splits = {"train": train} if validation is None else {"train": train, "validation": validation}
+        self.counted: list[int] = []  # targets per training micro-batch, as the loop asked for them
 
     def collate(self, rows):
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
@@ -141,11 +142,12 @@ class RegressionTask:
         return batch["input_ids"].shape[0], batch["input_ids"].shape[0]
 
     def targets(self, batch):
-        return {"mse": torch.tensor(batch["target"].shape[0])}
+        self.counted.append(int(batch["valid"].sum()))
+        return {"mse": batch["valid"].sum()}
 
     def loss(self, model, batch):
         pred = model(batch["input_ids"])
-        return {"mse": ((pred - batch["target"]) ** 2).sum()}, pred
+        return {"mse": (((pred - batch["target"]) ** 2) * batch["valid"]).sum()}, pred
 
     def evaluate(self, model, batch, pred, generate):
         return {
@@ -159,11 +161,14 @@ class RegressionTask:
         pass
 
 
-def regression_data(n=64):
+def regression_data(n=64, every: int = 1):
+    """Rows of y = w.x + b; with `every` > 1 only every such row counts (a target), like labelled tokens."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 4, generator=g)
     y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
-    return [{"input_ids": x[i], "target": y[i]} for i in range(n)]
+    return [
+        {"input_ids": x[i], "target": y[i], "valid": torch.tensor(float(i % every == 0))} for i in range(n)
+    ]
 
 
 def trainer_for(cfg, task):
@@ -171,11 +176,11 @@ def trainer_for(cfg, task):
     return Trainer(cfg, rt, DDPBackend(rt, BackendSettings(precision=cfg.precision)), task)
 
 
-def run_regression(tmp_path, **overrides):
+def run_regression(tmp_path, every=1, **overrides):
     options = dict(max_steps=40, batch_size=8, lr=0.1, warmup_ratio=0.0, weight_decay=0.0, log_every=1)
     cfg = TrainConfig(**{**options, **overrides})
     tracker = Tracker(tmp_path, enabled=True, use_wandb=False, project="t", name="t", config={})
-    trainer = trainer_for(cfg, RegressionTask(regression_data(), regression_data(16)))
+    trainer = trainer_for(cfg, RegressionTask(regression_data(every=every), regression_data(16)))
     final = trainer.fit(tracker)
     tracker.finish()
     return trainer, final, read_metrics(tmp_path)
@@ -197,6 +202,19 @@ def test_loop_trains_logs_and_evaluates(tmp_path):
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
     big, _, _ = run_regression(tmp_path / "a", batch_size=8)
     acc, _, _ = run_regression(tmp_path / "b", batch_size=4, grad_accum=2)
+    for p, q in zip(big.backend.raw_model.parameters(), acc.backend.raw_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_loss_is_normalised_over_every_target_of_the_step(tmp_path):
+    """Micro-batches with different numbers of targets (a third of the rows count) still give the gradient of
+    the whole step's sum over its count: a mean per micro-batch, averaged, would weigh targets unequally."""
+    big, _, _ = run_regression(tmp_path / "a", every=3, batch_size=8, max_grad_norm=0.0)
+    acc, _, _ = run_regression(tmp_path / "b", every=3, batch_size=4, grad_accum=2, max_grad_norm=0.0)
+    pairs = list(zip(acc.task.counted[::2], acc.task.counted[1::2]))
+    assert any(a != b for a, b in pairs), (
+        "every step's micro-batches had equal counts: the check proves nothing"
+    )
     for p, q in zip(big.backend.raw_model.parameters(), acc.backend.raw_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

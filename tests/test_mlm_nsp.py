@@ -248,3 +248,26 @@ def test_static_shape_objective_matches_the_masked_positions_one():
     assert counts["mlm_accuracy"][1] == (labels != -100).sum()
     for name, pair in mlm_nsp._count_metrics(static, batch).items():
         assert torch.equal(pair, counts[name]), name
+
+
+@pytest.mark.slow
+def test_the_same_command_twice_is_the_same_run(tmp_path):
+    """From scratch, twice, in two folders: the WordPiece trained on the corpus, every logged loss and the
+    exported weights are bitwise the same (2 ranks, dropout and masking on)."""
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        proc = torchrun(
+            *TINY, "--output-dir", str(out), "--max-steps", "20", "--eval-every", "10", "--log-every", "1"
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(out)
+    a, b = runs
+    assert (a / "processor" / "tokenizer.json").read_bytes() == (
+        b / "processor" / "tokenizer.json"
+    ).read_bytes()
+    losses_a, losses_b = recipe_runs.losses(a), recipe_runs.losses(b)
+    assert sorted(losses_a) == list(range(1, 21)) and losses_a == losses_b
+    evals = [[r for r in read_metrics(run) if "eval/loss" in r] for run in runs]
+    assert len(evals[0]) == 2 and evals[0] == [{**r, "time": e["time"]} for r, e in zip(evals[1], evals[0])]
+    assert recipe_runs.same_weights(a / "export", b / "export")
