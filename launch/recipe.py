@@ -169,19 +169,23 @@ def load_labelled_model(auto_class, cfg, names: list[str], **extra):
         raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
 
 
-def pretrained_tokenizer(rt: Runtime, source: str, run_dir: Path, *, trust_remote_code: bool = False):
-    """The tokenizer of a pretrained model (--model), saved once as the run's processor."""
+def pretrained_tokenizer(rt: Runtime, cfg, run_dir: Path):
+    """The tokenizer of the pretrained model (--model, --trust-remote-code), saved once as the run's processor,
+    with --max-length as its model_max_length."""
     from transformers import AutoTokenizer
+
+    source = pretrained_source(cfg.model)
 
     def make():
         try:
-            return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise ConfigError(f"--model {source}: cannot load its tokenizer ({err})") from None
 
     tok = saved_processor(rt, run_dir, make, AutoTokenizer.from_pretrained)
     if not tok.is_fast:
         raise ConfigError(f"--model {source}: its tokenizer is not a fast (Rust) one; word ids need it")
+    tok.model_max_length = cfg.max_length
     return tok
 
 

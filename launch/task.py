@@ -71,6 +71,21 @@ class Task(Protocol):
         """Rank 0, on the whole model about to be saved: write what training learnt besides weights."""
 
 
+# Members a task often has nothing to do in: assign them, e.g. `prepare = staticmethod(as_is)`.
+def as_is(batch: dict, generator: torch.Generator) -> dict:
+    """`prepare` of a task without randomness of its own."""
+    return batch
+
+
+def no_summary(records: list, means: dict[str, float], split: str) -> dict[str, float]:
+    """`summarize` of a task whose metrics all sum (the loop's means are all there is)."""
+    return {}
+
+
+def nothing_to_export(model: nn.Module) -> None:
+    """`before_export` of a task whose training learns weights only."""
+
+
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
     """What the model sees: a batch's keys that start with "_" are metadata for metrics."""
     return {k: v for k, v in batch.items() if not k.startswith("_")}

@@ -32,7 +32,7 @@ from launch.backends import STATIC_SHAPE_BACKENDS
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.recipe import run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
-from launch.task import label_targets, model_inputs, text_sizes
+from launch.task import label_targets, model_inputs, no_summary, nothing_to_export, text_sizes, token_loss_sum
 
 TOY_CORPUS = Path(__file__).resolve().parent.parent / "data" / "toy" / "mlm_nsp" / "corpus.txt"
 
@@ -108,7 +108,7 @@ def _setup_data(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path):
         train = tokenize_pairs(train_pairs, tok, cfg.max_length, cache)
         evals = tokenize_pairs(eval_pairs, tok, cfg.max_length, cache) if eval_pairs else None
     rt.print(
-        f"data: {len(train)} training pairs from {len(train_docs)} documents, {len(evals or [])} eval pairs"
+        f"data: {len(train)} training pairs of {len(train_docs)} documents, {len(evals or [])} eval pairs"
     )
     splits = {"train": train} if evals is None else {"train": train, "validation": evals}
     return tok, {k: d.remove_columns("length") for k, d in splits.items()}, list(train["length"])
@@ -144,8 +144,7 @@ class PretrainingObjective(nn.Module):
 
     def __init__(self, model, static_shapes: bool = False):
         super().__init__()
-        self.model = model
-        self.static_shapes = static_shapes
+        self.model, self.static_shapes = model, static_shapes
 
     def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
         hidden, pooled = self.model.bert(
@@ -159,9 +158,7 @@ class PretrainingObjective(nn.Module):
         mlm_logits = self.model.cls.predictions(hidden if self.static_shapes else hidden[chosen])
         nsp_logits = self.model.cls.seq_relationship(pooled)
         # Sums: the loop divides each by its targets over the whole step (masked tokens, pairs).
-        mlm_sum = F.cross_entropy(
-            mlm_logits.flatten(0, -2).float(), mlm_labels.flatten(), ignore_index=-100, reduction="sum"
-        )
+        mlm_sum = token_loss_sum(mlm_logits, mlm_labels)
         nsp_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
         # The static path's labels are the batch's own (no copy of an input to fetch back from the device).
         return SimpleNamespace(
@@ -171,19 +168,6 @@ class PretrainingObjective(nn.Module):
             mlm_labels=None if self.static_shapes else mlm_labels,
             nsp_logits=nsp_logits,
         )
-
-
-def _count_metrics(out, batch):
-    mlm_labels = batch["labels"] if out.mlm_labels is None else out.mlm_labels
-    labelled = mlm_labels != -100  # all of them, except on the static-shape path
-    mlm_hits = ((out.mlm_logits.argmax(-1) == mlm_labels) & labelled).sum()
-    mlm_total = labelled.sum()
-    nsp_hits = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
-    nsp_total = torch.tensor(out.nsp_logits.shape[0], device=nsp_hits.device)
-    return {
-        "mlm_accuracy": torch.stack([mlm_hits, mlm_total]),
-        "nsp_accuracy": torch.stack([nsp_hits, nsp_total]),
-    }
 
 
 class MLMNSPTask:
@@ -197,24 +181,19 @@ class MLMNSPTask:
         self.collate = functools.partial(
             collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
         )
-        self.mask_options = dict(
-            mask_token_id=tok.mask_token_id,
-            vocab_size=len(tok),
-            special_ids=torch.tensor(tok.all_special_ids),
-            mlm_probability=cfg.mlm_probability,
-            mask_replace_prob=cfg.mask_replace_prob,
-            random_replace_prob=cfg.random_replace_prob,
-        )
+        self.special_ids = torch.tensor(tok.all_special_ids)
+        self.mask_options = dict(mask_token_id=tok.mask_token_id, vocab_size=len(tok), mlm_probability=cfg.mlm_probability,
+                                 mask_replace_prob=cfg.mask_replace_prob, random_replace_prob=cfg.random_replace_prob)  # fmt: skip
 
     sizes = staticmethod(text_sizes)
+    summarize = staticmethod(no_summary)
+    before_export = staticmethod(nothing_to_export)
 
     def prepare(self, batch, generator):
         """MLM masking on the batch's device, fused into one pass (kernels.mask_tokens)."""
-        options = {
-            **self.mask_options,
-            "special_ids": self.mask_options["special_ids"].to(batch["input_ids"].device),
-        }
-        ids, labels = mask_tokens(batch["input_ids"], generator=generator, **options)
+        ids = batch["input_ids"]
+        special = self.special_ids.to(ids.device)
+        ids, labels = mask_tokens(ids, special_ids=special, generator=generator, **self.mask_options)
         return {**batch, "input_ids": ids, "labels": labels}
 
     def targets(self, batch):
@@ -225,14 +204,14 @@ class MLMNSPTask:
         out = model(**model_inputs(batch))
         return {"mlm": out.mlm_sum, "nsp": out.nsp_sum}, out
 
-    def evaluate(self, model, batch, outputs, generate):
-        return _count_metrics(outputs, batch), []
-
-    def summarize(self, records, means, split):
-        return {}
-
-    def before_export(self, model):
-        pass
+    def evaluate(self, model, batch, out, generate):
+        mlm_labels = batch["labels"] if out.mlm_labels is None else out.mlm_labels
+        labelled = mlm_labels != -100  # all of them, except on the static-shape path
+        mlm_hits = ((out.mlm_logits.argmax(-1) == mlm_labels) & labelled).sum()
+        nsp_hits = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
+        nsp_total = torch.tensor(out.nsp_logits.shape[0], device=nsp_hits.device)
+        counts = {"mlm_accuracy": torch.stack([mlm_hits, labelled.sum()])}
+        return {**counts, "nsp_accuracy": torch.stack([nsp_hits, nsp_total])}, []
 
 
 def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> MLMNSPTask:

@@ -38,9 +38,9 @@ from data.ner import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.recipe import load_labelled_model, pretrained_source, pretrained_tokenizer, run_main, run_recipe
+from launch.recipe import load_labelled_model, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
-from launch.task import label_targets, model_inputs, text_sizes, token_loss_sum
+from launch.task import as_is, label_targets, model_inputs, nothing_to_export, text_sizes, token_loss_sum
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "ner"
 
@@ -60,9 +60,7 @@ class NERConfig(TrainConfig):
     max_length: int = 64  # word pieces per window; longer sentences become several windows
     stride: int = 16  # pieces shared by consecutive windows of one sentence
     pad_to_multiple_of: int = 8
-    pad_to_length: int = (
-        0  # pad every batch to this many pieces (static shapes, e.g. XLA); 0: the batch's longest
-    )
+    pad_to_length: int = 0  # pad every batch to this many pieces (static shapes); 0: the batch's longest
     epochs: float = 3.0
     batch_size: int = 16
     lr: float = 3e-4
@@ -88,33 +86,20 @@ def _setup_data(cfg: NERConfig, rt: Runtime, run_dir: Path, tok):
     """Read and check every split before any training, then cut it into windows (rank 0 first)."""
     fixed = [t.strip() for t in cfg.labels.split(",") if t.strip()]
     files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
-    sents = {
-        k: read_tagged(
-            f, tokens_key=cfg.tokens_key, tags_key=cfg.tags_key, names=fixed, tag_scheme=cfg.tag_scheme
-        )
-        for k, f in files.items()
-        if f
-    }
+    options = dict(tokens_key=cfg.tokens_key, tags_key=cfg.tags_key, names=fixed, tag_scheme=cfg.tag_scheme)
+    sents = {k: read_tagged(f, **options) for k, f in files.items() if f}
     for s in sents.values():
-        if s.scheme != "iob2":
+        if s.scheme != "iob2":  # the same entity spans: scores do not change
             rt.print(
-                f"{s.source}: read as {s.scheme.upper()}, converted to IOB2 (entity scores do not change; "
-                "predictions come out in IOB2)"
+                f"{s.source}: read as {s.scheme.upper()}, converted to IOB2 (predictions come out in IOB2)"
             )
     names = tag_names(sents["train"], fixed)
     for split in sents.values():
         check_known(split, names)
+    cache = run_dir / "cache" / "tokenised"
     with rt.main_process_first():
         windows = {
-            k: tokenize_windows(
-                s,
-                names,
-                tok,
-                cfg.max_length,
-                cfg.stride,
-                cfg.label_all_tokens,
-                run_dir / "cache" / "tokenised",
-            )
+            k: tokenize_windows(s, names, tok, cfg.max_length, cfg.stride, cfg.label_all_tokens, cache)
             for k, s in sents.items()
         }
     rt.print(
@@ -145,9 +130,7 @@ def window_records(logits: torch.Tensor, examples, word_ids: torch.Tensor) -> li
 class NERTask:
     """A tag per word piece, scored per entity after the windows of each sentence are merged back."""
 
-    def __init__(
-        self, cfg: NERConfig, tok, names: list[str], sents: dict, data: dict, lengths: list[int], model
-    ):
+    def __init__(self, cfg: NERConfig, tok, names: list[str], sents: dict, data: dict, lengths: list, model):
         self.title = f"Named-entity recognition ({cfg.name})"
         self.model = self.trained = model
         self.processor, self.splits, self.lengths = tok, data, lengths
@@ -162,9 +145,8 @@ class NERTask:
         )
 
     sizes = staticmethod(text_sizes)
-
-    def prepare(self, batch, generator):
-        return batch
+    prepare = staticmethod(as_is)
+    before_export = staticmethod(nothing_to_export)
 
     def targets(self, batch):
         return {"loss": label_targets(batch["labels"])}
@@ -187,15 +169,9 @@ class NERTask:
             raise RuntimeError(f"{split} windows cover {windows_seen} of {len(sents)} sentences")
         return entity_metrics(sents.tags, [[self.names[i] for i in p] for p in pred_ids])
 
-    def before_export(self, model):
-        pass
-
 
 def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> NERTask:
-    tok = pretrained_tokenizer(
-        rt, pretrained_source(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
-    )
-    tok.model_max_length = cfg.max_length
+    tok = pretrained_tokenizer(rt, cfg, run_dir)
     names, sents, lengths, data = _setup_data(cfg, rt, run_dir, tok)
     return NERTask(cfg, tok, names, sents, data, lengths, _setup_model(cfg, names))
 

@@ -42,9 +42,9 @@ from data.classification import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.recipe import load_labelled_model, pretrained_source, pretrained_tokenizer, run_main, run_recipe
+from launch.recipe import load_labelled_model, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
-from launch.task import model_inputs, text_sizes
+from launch.task import as_is, model_inputs, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
 
@@ -137,37 +137,9 @@ def init_prior_bias(model, golds: list[list[float]]) -> bool:
     return True
 
 
-class Scorer:
-    """Turns gathered records into metrics on rank 0; for multi-label it also fits and keeps thresholds."""
-
-    def __init__(self, task: str, names: list[str]):
-        self.task, self.names = task, names
-        self.thresholds = [DEFAULT_THRESHOLD] * len(names)
-
-    def __call__(self, records: list, split: str) -> dict[str, float]:
-        """Thresholds are fitted on the validation split and applied as they are to the test split."""
-        if self.task == MULTI_CLASS:
-            preds, golds = zip(*records)
-            return multi_class_metrics(list(preds), list(golds), len(self.names))
-        probs, golds = zip(*records)
-        if split == "validation":
-            self.thresholds = fit_thresholds(probs, golds)
-        return self._multi_label(probs, golds)
-
-    def _multi_label(self, probs, golds) -> dict[str, float]:
-        """At 0.5, and as tuned/<metric> at the fitted thresholds (fitted on validation, applied to test)."""
-        result = multi_label_metrics(probs, golds, self.names, [DEFAULT_THRESHOLD] * len(self.names))
-        tuned = multi_label_metrics(probs, golds, self.names, self.thresholds)
-        result.update({f"tuned/{k}": v for k, v in tuned.items() if k != "examples"})
-        result.update({f"threshold/{n}": t for n, t in zip(self.names, self.thresholds)})
-        return result
-
-    def save_thresholds(self, model) -> None:
-        model.config.label_thresholds = dict(zip(self.names, self.thresholds))
-
-
 class ClassificationTask:
-    """One softmax over the labels (multi-class) or one sigmoid per label (multi-label); a loss per text."""
+    """One softmax over the labels (multi-class) or one sigmoid per label (multi-label, with thresholds fitted
+    on the validation split, applied as they are to the test split and saved in the export); a loss per text."""
 
     def __init__(
         self, cfg: ClassificationConfig, tok, names: list[str], data: dict, lengths: list[int], model
@@ -175,8 +147,8 @@ class ClassificationTask:
         self.title = f"{cfg.task.replace('_', '-')} text classification ({cfg.name})"
         self.model = self.trained = model
         self.processor, self.splits, self.lengths, self.max_length = tok, data, lengths, cfg.max_length
-        self.multi_label = cfg.task == MULTI_LABEL
-        self.scorer = Scorer(cfg.task, names)
+        self.names, self.multi_label = names, cfg.task == MULTI_LABEL
+        self.thresholds = [DEFAULT_THRESHOLD] * len(names)
         self.collate = functools.partial(
             collate_padded,
             pad_id=tok.pad_token_id,
@@ -185,9 +157,7 @@ class ClassificationTask:
         )
 
     sizes = staticmethod(text_sizes)
-
-    def prepare(self, batch, generator):
-        return batch
+    prepare = staticmethod(as_is)
 
     def targets(self, batch):
         labels = batch["labels"]
@@ -210,18 +180,26 @@ class ClassificationTask:
         return {}, list(zip(logits.argmax(-1).tolist(), gold))
 
     def summarize(self, records, means, split):
-        return self.scorer(records, split)
+        """Multi-label: at 0.5, and as tuned/<metric> at the thresholds (fitted here on validation)."""
+        if not self.multi_label:
+            preds, golds = zip(*records)
+            return multi_class_metrics(list(preds), list(golds), len(self.names))
+        probs, golds = zip(*records)
+        if split == "validation":
+            self.thresholds = fit_thresholds(probs, golds)
+        result = multi_label_metrics(probs, golds, self.names, [DEFAULT_THRESHOLD] * len(self.names))
+        tuned = multi_label_metrics(probs, golds, self.names, self.thresholds)
+        result.update({f"tuned/{k}": v for k, v in tuned.items() if k != "examples"})
+        result.update({f"threshold/{n}": t for n, t in zip(self.names, self.thresholds)})
+        return result
 
     def before_export(self, model):
         if self.multi_label:
-            self.scorer.save_thresholds(model)
+            model.config.label_thresholds = dict(zip(self.names, self.thresholds))
 
 
 def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> ClassificationTask:
-    tok = pretrained_tokenizer(
-        rt, pretrained_source(cfg.model), run_dir, trust_remote_code=cfg.trust_remote_code
-    )
-    tok.model_max_length = cfg.max_length
+    tok = pretrained_tokenizer(rt, cfg, run_dir)
     names, lengths, data = _setup_data(cfg, rt, run_dir, tok)
     model = _setup_model(cfg, names)
     if cfg.task == MULTI_LABEL and cfg.prior_bias and not init_prior_bias(model, data["train"]["labels"]):

@@ -244,9 +244,9 @@ def test_static_shape_objective_matches_the_masked_positions_one():
     reference = model(**batch).loss
     task = mlm_nsp.MLMNSPTask.targets(None, batch)
     torch.testing.assert_close(dynamic.mlm_sum / task["mlm"] + dynamic.nsp_sum / task["nsp"], reference)
-    counts = mlm_nsp._count_metrics(dynamic, batch)
+    counts, _ = mlm_nsp.MLMNSPTask.evaluate(None, None, batch, dynamic, None)
     assert counts["mlm_accuracy"][1] == (labels != -100).sum()
-    for name, pair in mlm_nsp._count_metrics(static, batch).items():
+    for name, pair in mlm_nsp.MLMNSPTask.evaluate(None, None, batch, static, None)[0].items():
         assert torch.equal(pair, counts[name]), name
 
 
