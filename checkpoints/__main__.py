@@ -59,7 +59,7 @@ def load_processor(hf: Path):
     for name in ("processor", "tokenizer"):
         folder = hf / name
         if folder.is_dir():
-            if (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file():
+            if any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
                 return transformers.AutoProcessor.from_pretrained(folder)
             return transformers.AutoTokenizer.from_pretrained(folder)
     return None

@@ -213,7 +213,7 @@ class Trainer:
         # The same masks at every evaluation, so successive numbers are comparable.
         g = torch.Generator(device=backend.data_device).manual_seed(self.cfg.seed + 7919 * (rt.rank + 1))
         generate = None if backend.static_shapes else backend.generate
-        sums: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator], on the host
+        sums: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator]
         # Every rank runs as many batches as the busiest one (FSDP and ZeRO-3 gather layers collectively, in
         # forward and in generate); the extra ones repeat a batch and are not counted.
         batches = torch.tensor([len(loader)], device=rt.device)
@@ -231,10 +231,10 @@ class Trainer:
             targets = task.targets(batch)
             pairs = {f"loss/{n}": torch.stack([losses[n].float(), targets[n].float()]) for n in losses}
             for name, pair in {**pairs, **counts}.items():
-                sums[name] = sums.get(name, 0) + pair.detach().double().cpu()
+                sums[name] = sums.get(name, 0) + pair.detach().double().to(rt.device)
             records.extend(rows)
         names = sorted(sums)  # the same on every rank unless a shard is empty; rank 0's list is the one used
-        stacked = self._all_ranks_sum(torch.stack([sums[n] for n in names]).to(rt.device)).cpu()
+        stacked = self._all_ranks_sum(torch.stack([sums[n] for n in names])).cpu()
         means = {n: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names, stacked)}
         terms = [n for n in means if n.startswith("loss/")]
         means["loss"] = sum(means.pop(n) if len(terms) == 1 else means[n] for n in terms)
