@@ -52,6 +52,9 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     )
 
 
+PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")  # a feature extractor is in it
+
+
 def load_processor(hf: Path):
     """The run's processor saved with the checkpoint (hf/processor; hf/tokenizer in older checkpoints)."""
     import transformers
@@ -59,7 +62,7 @@ def load_processor(hf: Path):
     for name in ("processor", "tokenizer"):
         folder = hf / name
         if folder.is_dir():
-            if any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+            if any((folder / name).is_file() for name in PROCESSOR_CONFIGS):
                 return transformers.AutoProcessor.from_pretrained(folder)
             return transformers.AutoTokenizer.from_pretrained(folder)
     return None
