@@ -53,7 +53,7 @@ def backend_settings(cfg: TrainConfig, max_length: int) -> BackendSettings:
     shared = {
         f.name: getattr(cfg, f.name) for f in dataclasses.fields(BackendSettings) if hasattr(cfg, f.name)
     }
-    buckets = xla_buckets(cfg.xla_buckets, max_length) if cfg.backend in STATIC_SHAPE_BACKENDS else []
+    buckets = xla_buckets(cfg.xla_buckets, max_length) if backend_class(cfg.backend).static_shapes else []
     return BackendSettings(**shared, buckets=buckets)
 
 
@@ -320,11 +320,15 @@ BACKENDS = {
     "deepspeed": "launch.deepspeed_backend:DeepSpeedBackend",
     "xla": "launch.xla_backend:XLABackend",
 }
-STATIC_SHAPE_BACKENDS = ("xla",)  # backends whose `static_shapes` is true, known before one is built
 
 
-def make_backend(name: str, runtime: Runtime, settings: BackendSettings) -> Backend:
+def backend_class(name: str) -> type:
+    """The class registered for --backend `name` (its module imports neither deepspeed nor torch_xla)."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown --backend {name!r}; available: {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(runtime, settings)
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_backend(name: str, runtime: Runtime, settings: BackendSettings) -> Backend:
+    return backend_class(name)(runtime, settings)

@@ -28,7 +28,7 @@ from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
 from data.text import read_documents
 from data.tokenizer import load_tokenizer, train_wordpiece
 from kernels import collate_padded, mask_tokens
-from launch.backends import STATIC_SHAPE_BACKENDS
+from launch.backends import backend_class
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.recipe import run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
@@ -108,7 +108,7 @@ def _setup_data(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path):
         train = tokenize_pairs(train_pairs, tok, cfg.max_length, cache)
         evals = tokenize_pairs(eval_pairs, tok, cfg.max_length, cache) if eval_pairs else None
     rt.print(
-        f"data: {len(train)} training pairs of {len(train_docs)} documents, {len(evals or [])} eval pairs"
+        f"data: {len(train)} training pairs from {len(train_docs)} documents, {len(evals or [])} eval pairs"
     )
     splits = {"train": train} if evals is None else {"train": train, "validation": evals}
     return tok, {k: d.remove_columns("length") for k, d in splits.items()}, list(train["length"])
@@ -176,7 +176,7 @@ class MLMNSPTask:
     def __init__(self, cfg: MLMNSPConfig, tok, splits: dict, lengths: list[int], model):
         self.title = f"BERT MLM+NSP ({cfg.name})"
         self.model, self.processor, self.splits, self.lengths = model, tok, splits, lengths
-        self.trained = PretrainingObjective(model, static_shapes=cfg.backend in STATIC_SHAPE_BACKENDS)
+        self.trained = PretrainingObjective(model, static_shapes=backend_class(cfg.backend).static_shapes)
         self.max_length = cfg.max_length
         self.collate = functools.partial(
             collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of

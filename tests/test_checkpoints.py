@@ -228,3 +228,42 @@ def test_minutes_cadence_saves_on_every_rank_together(tmp_path, tokenizer_dir):
     for step in saved:
         manifest = json.loads((out / "checkpoints" / f"step-{step:06d}" / "manifest.json").read_text())
         assert manifest["meta"]["world_size"] == 2
+
+
+def test_export_carries_any_processor_tokenizer_or_feature_extractor(tmp_path):
+    """`python -m checkpoints export` takes the run's processor from hf/processor: a tokenizer alone, or a
+    processor holding a feature extractor and a tokenizer (speech); hf/tokenizer of older checkpoints too."""
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2Processor,
+    )  # fmt: skip
+
+    from checkpoints.__main__ import load_processor
+    from data.tokenizer import train_wordpiece
+
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({"<pad>": 0, "<unk>": 1, "|": 2, "a": 3, "b": 4}))
+    speech = Wav2Vec2Processor(
+        feature_extractor=Wav2Vec2FeatureExtractor(
+            feature_size=1, sampling_rate=16000, return_attention_mask=True
+        ),
+        tokenizer=Wav2Vec2CTCTokenizer(
+            str(vocab), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|"
+        ),
+    )
+    speech.save_pretrained(tmp_path / "speech" / "hf" / "processor")
+    loaded = load_processor(tmp_path / "speech" / "hf")
+    assert isinstance(loaded, Wav2Vec2Processor) and loaded.feature_extractor.sampling_rate == 16000
+    assert loaded.tokenizer.convert_tokens_to_ids(["a", "b"]) == [3, 4]
+
+    text = train_wordpiece(["a cat sat on the mat", "the dog sat"], vocab_size=60)
+    for name in ("processor", "tokenizer"):  # today's folder and the older checkpoints' one
+        text.save_pretrained(tmp_path / name / "hf" / name)
+        loaded = load_processor(tmp_path / name / "hf")
+        assert (
+            isinstance(loaded, PreTrainedTokenizerFast)
+            and loaded("the cat").input_ids == text("the cat").input_ids
+        )
+    assert load_processor(tmp_path / "none") is None
