@@ -25,7 +25,7 @@ from data.sampler import ShardedSampler
 from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from launch.config import ConfigError, TrainConfig
 from launch.runtime import Runtime
-from launch.task import Task
+from launch.task import PROCESSOR, Task
 from launch.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
@@ -209,7 +209,10 @@ class Trainer:
         model = backend.model
         model.eval()
         indices = list(range(rt.rank, len(data), rt.world_size))
-        loader = self._loader(Subset(data, indices), None, self.cfg.eval_batch_size or self.cfg.batch_size)
+        # A rank without rows (a split smaller than the world) still joins every collective forward, with row
+        # 0, counting nothing.
+        shard = Subset(data, indices or [0])
+        loader = self._loader(shard, None, self.cfg.eval_batch_size or self.cfg.batch_size)
         # The same masks at every evaluation, so successive numbers are comparable.
         g = torch.Generator(device=backend.data_device).manual_seed(self.cfg.seed + 7919 * (rt.rank + 1))
         generate = None if backend.static_shapes else backend.generate
@@ -226,16 +229,19 @@ class Trainer:
             with backend.autocast():
                 losses, outputs = backend.to_data_device(task.loss(model, backend.place_batch(batch)))
             counts, rows = task.evaluate(model, batch, outputs, generate)
-            if fresh is None:
+            if fresh is None or not indices:
                 continue
             targets = task.targets(batch)
             pairs = {f"loss/{n}": torch.stack([losses[n].float(), targets[n].float()]) for n in losses}
             for name, pair in {**pairs, **counts}.items():
                 sums[name] = sums.get(name, 0) + pair.detach().double().to(rt.device)
             records.extend(rows)
-        names = sorted(sums)  # the same on every rank unless a shard is empty; rank 0's list is the one used
-        stacked = self._all_ranks_sum(torch.stack([sums[n] for n in names])).cpu()
-        means = {n: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names, stacked)}
+        names = [sorted(sums)]  # rank 0's: it always has rows
+        if rt.distributed:
+            dist.broadcast_object_list(names, src=0)
+        zero = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        stacked = self._all_ranks_sum(torch.stack([sums.get(n, zero) for n in names[0]])).cpu()
+        means = {n: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names[0], stacked)}
         terms = [n for n in means if n.startswith("loss/")]
         means["loss"] = sum(means.pop(n) if len(terms) == 1 else means[n] for n in terms)
         if records and len(records) != len(indices):
@@ -283,7 +289,7 @@ class Trainer:
             rank_state=rank_state,
             rank_meta=rank_meta,
             meta=meta,
-            extra_files={"hf": self.run_dir / "model_config", "hf/processor": self.run_dir / "processor"},
+            extra_files={"hf": self.run_dir / "model_config", f"hf/{PROCESSOR}": self.run_dir / PROCESSOR},
             keep_last=self.cfg.keep_last,
         )
         self._last_save = (self.state.step, time.monotonic())

@@ -22,11 +22,10 @@ from launch.backends import backend_settings, make_backend
 from launch.config import ConfigError, TrainConfig, save_config
 from launch.loop import EXIT_PREEMPTED, Trainer, whole_model
 from launch.runtime import Runtime
-from launch.task import Task
+from launch.task import PROCESSOR, Task
 from launch.tracking import Tracker
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-PROCESSOR = "processor"  # RUN/processor: the tokenizer / feature extractor, saved once per run
 
 
 def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+PROCESSOR = "processor"  # RUN/processor, and hf/processor in every checkpoint
 # Per batch: {name: tensor([numerator, denominator])}; summed over batches and ranks, logged as num / den.
 Counts = dict[str, torch.Tensor]
 # generate(**model_inputs) -> token ids: the backend's lockstep generate, or None where shapes are static.

@@ -200,6 +200,12 @@ def generation(rt, backend: str, **cfg) -> dict:
         metrics = t.evaluate()
         out[name] = {"generated": task.generated, "perplexity": metrics.get("eval/perplexity")}
         t.backend.close()
+    # One eval row over every rank: a rank with nothing to evaluate still joins the collective forwards.
+    task = LMTask(tiny_gpt2(), seq2seq=False, n_eval=1)
+    t = trainer(rt, backend, task, **cfg)
+    metrics = t.evaluate()
+    out["one_row"] = {"generated": task.generated, "perplexity": metrics.get("eval/perplexity")}
+    t.backend.close()
     return out
 
 

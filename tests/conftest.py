@@ -91,6 +91,7 @@ FIRST = (
     "test_deepspeed.py",
     "test_mlm_nsp.py",
     "test_classification.py",
+    "test_backends.py",
     "test_slurm.py",
     "test_ner.py",
 )

@@ -67,6 +67,17 @@ def test_generation_in_evaluation_is_the_same_everywhere(two_ranks, one_process)
         assert perplexities[1] == pytest.approx(perplexities[0], rel=1e-5)
 
 
+def test_a_split_smaller_than_the_world_is_evaluated_without_a_hang(two_ranks, one_process):
+    """One eval row on 2 ranks: rank 1 has none, joins every collective forward and generate, counts nothing."""
+    reference = one_process["generate/ddp"]["one_row"]
+    assert len(reference["generated"]) == 1
+    for run_name in ("generate/ddp", "generate/fsdp", "generate/deepspeed3"):
+        assert two_ranks[run_name]["one_row"]["generated"] == reference["generated"], run_name
+        assert two_ranks[run_name]["one_row"]["perplexity"] == pytest.approx(
+            reference["perplexity"], rel=1e-5
+        )
+
+
 @pytest.mark.parametrize(
     "family, wrapped",
     [
