@@ -25,7 +25,7 @@ from data.sampler import ShardedSampler
 from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from launch.config import ConfigError, TrainConfig
 from launch.runtime import Runtime
-from launch.task import PROCESSOR, Task
+from launch.task import PROCESSOR, Task, processor_folder
 from launch.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
@@ -289,7 +289,10 @@ class Trainer:
             rank_state=rank_state,
             rank_meta=rank_meta,
             meta=meta,
-            extra_files={"hf": self.run_dir / "model_config", f"hf/{PROCESSOR}": self.run_dir / PROCESSOR},
+            extra_files={
+                "hf": self.run_dir / "model_config",
+                f"hf/{PROCESSOR}": processor_folder(self.run_dir),
+            },
             keep_last=self.cfg.keep_last,
         )
         self._last_save = (self.state.step, time.monotonic())
@@ -311,7 +314,9 @@ class Trainer:
         meta, rank_state, rank_meta = load_checkpoint(path, state=self.backend.checkpoint_state())
         self.state.step = meta["step"]
         self.state.epoch = meta["epoch"]
-        self.backend.scheduler.load_state_dict(meta["scheduler"])
+        # Checkpoints from before the schedule was saved: its position is the step.
+        schedule = meta.get("scheduler") or {"last_epoch": meta["step"], "_step_count": meta["step"] + 1}
+        self.backend.scheduler.load_state_dict({**self.backend.scheduler.state_dict(), **schedule})
         if rank_state is not None:  # same world size: continue exactly
             self.state.consumed = meta["consumed"]
             torch.set_rng_state(rank_state["rng/torch"])

@@ -22,7 +22,7 @@ from launch.backends import backend_settings, make_backend
 from launch.config import ConfigError, TrainConfig, save_config
 from launch.loop import EXIT_PREEMPTED, Trainer, whole_model
 from launch.runtime import Runtime
-from launch.task import PROCESSOR, Task
+from launch.task import Task, processor_folder
 from launch.tracking import Tracker
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -44,7 +44,7 @@ def saved_processor(rt: Runtime, run_dir: Path, make: Callable[[], object], load
     """The run's processor: made once by rank 0 (`make()`, e.g. a tokenizer trained on the corpus) and saved
     in RUN/processor; every rank, and every resumed run, loads that copy (`load(folder)`), so ids never
     change under a model."""
-    folder = run_dir / PROCESSOR
+    folder = processor_folder(run_dir)
     with rt.main_process_first():
         if rt.is_main and not any(folder.glob("*.json")):
             make().save_pretrained(folder)

@@ -22,6 +22,7 @@ export.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -85,6 +86,12 @@ def no_summary(records: list, means: dict[str, float], split: str) -> dict[str, 
 
 def nothing_to_export(model: nn.Module) -> None:
     """`before_export` of a task whose training learns weights only."""
+
+
+def processor_folder(run_dir: Path) -> Path:
+    """RUN/processor (RUN/tokenizer in run folders written before it existed)."""
+    folder, older = run_dir / PROCESSOR, run_dir / "tokenizer"
+    return older if not folder.is_dir() and older.is_dir() else folder
 
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
