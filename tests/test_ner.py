@@ -127,3 +127,27 @@ def test_bad_input_stops_before_training_naming_the_file(tmp_path):
     assert "tag 'B-PER' does not occur in the training data" in proc.stderr and str(dev) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_original_conll_2003_iob1_trains_with_a_notice(tmp_path, capsys):
+    """The original CoNLL-2003 English release tags in IOB1 (an entity opens with I-, B- only between two
+    entities of one type): the recipe reads it as it is, says so in one line, and trains on IOB2 tags."""
+    from recipes.ner import main
+
+    train = tmp_path / "eng.train"
+    train.write_text(
+        "-DOCSTART- -X- -X- O\n\n"
+        "EU NNP B-NP I-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP I-MISC\ncall NN I-NP O\n. . O O\n\n"
+        "Peter NNP B-NP I-PER\nBlackburn NNP I-NP I-PER\nmet VBD B-VP O\nAnna NNP B-NP I-PER\nBerg NNP I-NP I-PER\n"
+        "Karl NNP I-NP B-PER\nin IN B-PP O\nBrussels NNP B-NP I-LOC\n. . O O\n"
+    )
+    out = tmp_path / "run"
+    code = main(["--train-file", str(train), "--validation-file", "", "--test-file", "", "--max-steps", "1",
+                 "--output-dir", str(out), "--tracker", "none", "--batch-size", "2"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"{train}: read as IOB1, converted to IOB2" in printed
+    from transformers import AutoConfig
+
+    tags = set(AutoConfig.from_pretrained(out / "export").id2label.values())
+    assert tags == {"O", "B-ORG", "I-ORG", "B-MISC", "I-MISC", "B-PER", "I-PER", "B-LOC", "I-LOC"}
