@@ -2,7 +2,8 @@
 
 `Backend` below is the whole contract: the loop calls these members and nothing else, so DDP, FSDP2,
 DeepSpeed ZeRO and XLA slot in without a recipe changing. A backend gets its own typed `BackendSettings`
-(never a recipe's config) and never changes the Runtime. `BACKENDS` is the one registry of names; the
+(never a recipe's config) and never changes the Runtime's ranks or device (DeepSpeed run alone starts a
+process group of one, which DeepSpeed needs). `BACKENDS` is the one registry of names; the
 CLI's choices come from it. This file holds the plain/DDP and FSDP2 backends; DeepSpeed and XLA live
 beside it and are imported only when chosen.
 """
@@ -35,7 +36,7 @@ class BackendSettings:
 
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (DeepSpeed on GPU)
     seed: int = 42
-    batch_size: int = 32  # per rank and micro-step
+    batch_size: int = 32  # per process and micro-step (XLA SPMD: one process, so the global batch)
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     lr: float = 5e-4
@@ -98,13 +99,14 @@ class Backend(Protocol):
         """The mixed-precision context of a forward (a no-op where the backend casts parameters itself)."""
 
     def accumulating(self, sync: bool) -> ContextManager:
-        """Around one micro-step; gradients are reduced across ranks only when `sync`."""
+        """Around one micro-step; `sync` marks the last of a step, when gradients must be whole across ranks."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of an already normalised loss (no further scaling by accumulation)."""
 
     def step(self, max_grad_norm: float) -> torch.Tensor:
-        """Clip (when > 0), optimizer step, schedule step, zero grads; the total gradient norm before clipping."""
+        """Clip (when > 0; DeepSpeed clips to the same value from its config), optimizer and schedule step,
+        zero grads; the total gradient norm before clipping."""
 
     def current_lr(self) -> float:
         """The learning rate of the first parameter group."""
@@ -118,8 +120,9 @@ class Backend(Protocol):
     def checkpoint_state(self) -> Any:
         """The object that writes and reads model + optimizer in a checkpoint (see checkpoints/)."""
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the whole model's fp32 state on every rank, under the raw model's names."""
+    def full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """Collective: the whole model's fp32 state under the raw model's names, on the host of rank 0 (the
+        export); on every rank's with `every_rank` (the replica check). Other ranks may get {} otherwise."""
 
     def log_metrics(self) -> dict[str, float]:
         """Backend figures for each training log line (XLA's compile counts); may be empty."""
@@ -224,7 +227,7 @@ class DDPBackend:
 
         return DCPState(self.model, self.optimizer)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
         return self.raw_model.state_dict()
 
     def log_metrics(self) -> dict[str, float]:
@@ -259,12 +262,15 @@ class FSDPBackend(DDPBackend):
         for layers in layer_lists(model):
             for layer in layers:
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
+        generating = next((m for m in model.modules() if callable(getattr(m, "generate", None))), None)
+        if generating is not None and generating is not model:  # a task's wrapper around its HF model
+            fully_shard(generating, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
+        if generating is not None:  # FSDP2 gathers a module's parameters around forward only
+            register_fsdp_forward_method(generating, "generate")
+        for m in model.modules():  # transformers then keeps ranks in step where a model skips layers
+            m._is_fsdp_managed_module = True  # (layerdrop), as for a model it wrapped itself
         self.raw_model = self.model = model
-        if callable(
-            getattr(model, "generate", None)
-        ):  # FSDP2 gathers the root's parameters around forward only
-            register_fsdp_forward_method(model, "generate")
         self.optimizer = make_optimizer(model)
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -279,12 +285,13 @@ class FSDPBackend(DDPBackend):
         # A rank that finishes early keeps joining the others' forwards, or their all-gathers would hang.
         return generating_module(self.raw_model).generate(**inputs, synced_gpus=True)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        # Gathered on every rank (cpu_offload would give rank 0 alone the state), then moved to the host.
-        state = get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True))
-        return {k: v.cpu() for k, v in state.items()}
+        # cpu_offload gathers layer by layer into rank 0's host memory alone; every rank holding the whole
+        # model (on its device first) is for the replica check only.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+        return {k: v.cpu() for k, v in get_model_state_dict(self.raw_model, options=options).items()}
 
     def close(self) -> None:
         pass

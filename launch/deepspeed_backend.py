@@ -37,6 +37,8 @@ class DeepSpeedBackend:
         self.model = self.raw_model = self.optimizer = self.scheduler = None
         self.ds_config = build_deepspeed_config(settings, runtime.world_size, runtime.device.type)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        enabled = [p for p in ("bf16", "fp16") if self.ds_config[p]["enabled"]]
+        self.precision_name = enabled[0] if enabled else "fp32"
 
     def setup(self, model, make_optimizer, make_scheduler) -> None:
         deepspeed = import_deepspeed()
@@ -72,13 +74,19 @@ class DeepSpeedBackend:
         return collate
 
     def place_batch(self, batch: dict) -> dict:
-        return batch
+        """Float inputs (audio values) in the module's 16-bit dtype under bf16/fp16: DeepSpeed casts the weights,
+        not keyword inputs. Labels and metadata keep theirs."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision_name)
+        if dtype is None:
+            return batch
+        return {k: v.to(dtype) if _model_float_input(k, v) else v for k, v in batch.items()}
 
     def autocast(self):
         return contextlib.nullcontext()  # bf16/fp16 are DeepSpeed's: the module itself runs in that dtype
 
     def accumulating(self, sync: bool):
-        # ZeRO reduces (and partitions) gradients only at the boundary the loop marks.
+        # The boundary the loop marks: ZeRO-1 reduces there only; ZeRO-2/3 reduce-scatter every micro-step
+        # into their partitions and step at the boundary.
         self.model.set_gradient_accumulation_boundary(sync)
         return contextlib.nullcontext()
 
@@ -99,6 +107,7 @@ class DeepSpeedBackend:
     def generate(self, **inputs) -> torch.Tensor:
         # ZeRO-3 gathers each layer's parameters collectively: every rank runs every forward of the longest.
         synced = self.zero_stage == 3 and self.rt.world_size > 1
+        inputs = self.place_batch(inputs)
         return generating_module(self.raw_model).generate(**inputs, synced_gpus=synced)
 
     def checkpoint_state(self):
@@ -115,8 +124,9 @@ class DeepSpeedBackend:
         else:
             yield
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the fp32 weights of the whole model on every rank (for export), tied ones included."""
+    def full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """Collective: the fp32 weights of the whole model on every rank, tied ones included (ZeRO-3 gathers
+        every parameter on every rank: DeepSpeed has no gather to one rank)."""
         masters = self._fp32_masters()
         with self.gathered_parameters():
             state = {k: v.detach().float().cpu().clone() for k, v in self.raw_model.state_dict().items()}
@@ -147,3 +157,9 @@ class DeepSpeedBackend:
 
     def close(self) -> None:
         self.model = None
+
+
+def _model_float_input(key: str, value) -> bool:
+    return (
+        isinstance(value, torch.Tensor) and value.is_floating_point() and key != "labels" and key[:1] != "_"
+    )

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -186,7 +187,7 @@ class Trainer:
     def replica_param_sums(self) -> list[float]:
         """Collective: one float64 fingerprint of the trained weights per rank; replicas must agree exactly.
         A check for tests (--check-replicas), not part of a run: it gathers the whole model on every rank."""
-        whole = whole_model(self.task, self.backend.full_state_dict(), self.export_prefix)
+        whole = whole_model(self.task, self.backend.full_state_dict(every_rank=True), self.export_prefix)
         mine = torch.zeros(1, dtype=torch.float64)
         for i, p in enumerate(whole.parameters()):
             p = p.detach().double()
@@ -243,7 +244,10 @@ class Trainer:
         stacked = self._all_ranks_sum(torch.stack([sums.get(n, zero) for n in names[0]])).cpu()
         means = {n: (v[0] / v[1]).item() if v[1] > 0 else float("nan") for n, v in zip(names[0], stacked)}
         terms = [n for n in means if n.startswith("loss/")]
-        means["loss"] = sum(means.pop(n) if len(terms) == 1 else means[n] for n in terms)
+        if len(terms) == 1:  # one term: it is the loss
+            means["loss"] = means.pop(terms[0])
+        elif terms:  # several: each has its mean (eval/loss/<term>), the loss is their sum
+            means["loss"] = sum(means[n] for n in terms)
         if records and len(records) != len(indices):
             raise RuntimeError(f"evaluate gave {len(records)} records for {len(indices)} {split} rows")
         every = self._gather_to_main(list(zip(indices, records)))
@@ -270,7 +274,11 @@ class Trainer:
         rank_state = {"rng/torch": torch.get_rng_state(), "rng/task": self.generator.get_state()}
         if self.rt.device.type == "cuda":
             rank_state["rng/cuda"] = torch.cuda.get_rng_state(self.rt.device)
-        rank_meta = {"python_random": _jsonable_random_state(random.getstate())}
+        numpy_state = np.random.get_state()  # e.g. wav2vec2's SpecAugment masks draw from numpy
+        rank_meta = {
+            "python_random": _jsonable_random_state(random.getstate()),
+            "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        }
         meta = {
             "step": self.state.step,
             "epoch": self.state.epoch,
@@ -324,6 +332,9 @@ class Trainer:
             if "rng/cuda" in rank_state:
                 torch.cuda.set_rng_state(rank_state["rng/cuda"], self.rt.device)
             random.setstate(_random_state_from_json(rank_meta["python_random"]))
+            if "numpy_random" in rank_meta:  # checkpoints before it was saved: numpy starts from the seed
+                name, keys, *rest = rank_meta["numpy_random"]
+                np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
         else:
             # Another world size: keep the global position (samples of the epoch already seen by all ranks);
             # with the same global batch the same samples come next. RNG streams start anew per rank.

@@ -124,7 +124,7 @@ def _is_headline(name: str) -> bool:
 
 def export(trainer: Trainer, task: Task, cfg: TrainConfig, out: Path, metrics: dict) -> None:
     """Collective (under FSDP every rank holds a shard); rank 0 writes the Hugging Face folder."""
-    state = trainer.backend.full_state_dict()
+    state = trainer.backend.full_state_dict()  # complete on rank 0
     if not trainer.rt.is_main:
         return
     from checkpoints import export_hf

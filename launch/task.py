@@ -14,6 +14,10 @@ loss is the split's total over its count. Several terms (MLM + NSP) each get the
 Batches are dicts of tensors that the recipe's `collate` made from dataset rows. Keys that start with "_"
 are metadata for metrics (example ids, word ids): `model_inputs(batch)` leaves them out of the model call.
 
+Models that skip layers at random (wav2vec2's `layerdrop`) keep ranks in step under FSDP2 only; give them
+`layerdrop=0` for DDP and ZeRO-3. Decoder-only generation in batches wants left padding (collate_padded pads
+on the right).
+
 The processor (tokenizer, feature extractor, or a processor holding both) lives in RUN/processor: build it
 with `launch.recipe.saved_processor`, so a resumed run reuses it; it travels with every checkpoint and
 export.
@@ -36,7 +40,8 @@ Generate = Callable[..., torch.Tensor] | None
 
 
 class Task(Protocol):
-    """What one recipe provides. Members without a default must all be there; the loop probes for none."""
+    """What one recipe provides: every member, none optional (the loop probes for none); `as_is`, `no_summary`
+    and `nothing_to_export` below fill the ones a task has nothing to do in."""
 
     title: str  # the model card's title
     model: nn.Module  # the Hugging Face model that is exported (a PreTrainedModel)
@@ -106,13 +111,17 @@ def text_sizes(batch: dict) -> tuple[int, int]:
     return rows, int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def label_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Targets of a token-level loss: labels that are not -100."""
-    return (labels != -100).sum()
+def label_targets(labels: torch.Tensor, shift: bool = False) -> torch.Tensor:
+    """Targets of a token-level loss: labels that are not -100 (with `shift`, a causal LM's: all but the
+    first position, which nothing predicts)."""
+    return ((labels[..., 1:] if shift else labels) != -100).sum()
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over every label that is not -100 (fp32 logits, as HF's mean does)."""
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> torch.Tensor:
+    """Cross-entropy summed over every label that is not -100 (fp32 logits, as HF's mean does); with `shift`,
+    position i's logits predict label i + 1 (a causal LM)."""
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
     return nn.functional.cross_entropy(
         logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum"
     )

@@ -229,7 +229,7 @@ class XLABackend:
 
         return XLAState(self.model, self.optimizer, self.mode == "spmd", after_load)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
         """The whole model on the host (SPMD shards gathered), names as in the unwrapped model."""
         return {clean_name(k): v.cpu() for k, v in self.model.state_dict().items()}
 

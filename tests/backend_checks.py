@@ -65,13 +65,24 @@ def rows(n: int, seed: int, seq2seq: bool) -> list[dict]:
     return out
 
 
+class Wrapper(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs):
+        return self.inner(**inputs)
+
+
 class LMTask:
     """A causal or seq2seq LM: token cross-entropy sums; evaluation records greedy continuations."""
 
     title, processor, lengths, max_length = "lm", None, None, 16
 
-    def __init__(self, model, seq2seq: bool, n_train: int = 16, n_eval: int = 5):
+    def __init__(self, model, seq2seq: bool, n_train: int = 16, n_eval: int = 5, wrapped: bool = False):
         self.model = self.trained = model
+        if wrapped:  # a task's own module around the HF model (as mlm_nsp's PretrainingObjective)
+            self.trained = Wrapper(model)
         self.seq2seq = seq2seq
         self.splits = {"train": rows(n_train, 1, seq2seq), "validation": rows(n_eval, 2, seq2seq)}
         self.generated: list = []
@@ -143,9 +154,9 @@ def same_on_every_rank(value: float) -> bool:
 def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
     """The members of launch.backends.Backend that the loop relies on, checked by what they must do."""
     t = trainer(rt, backend, LMTask(tiny_gpt2(), seq2seq=False), **cfg)
-    before = fingerprint(t.backend.full_state_dict())
+    before = fingerprint(t.backend.full_state_dict(every_rank=True))
     loss, norm, samples, tokens = t.train_step()
-    after = fingerprint(t.backend.full_state_dict())
+    after = fingerprint(t.backend.full_state_dict(every_rank=True))
     lrs = [t.backend.current_lr()]
     expected = linear_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.cfg.lr), 1, 4)
     expected.optimizer.step()
@@ -153,8 +164,8 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
     # Two micro-batches of 2 with the reduction only on the last equal one step on batches of 4.
     acc = trainer(rt, backend, LMTask(tiny_gpt2(), seq2seq=False), batch_size=2, grad_accum=2, **cfg)
     acc.train_step()
-    acc_state = {k: v.float() for k, v in acc.backend.full_state_dict().items()}
-    one_state = {k: v.float() for k, v in t.backend.full_state_dict().items()}
+    acc_state = {k: v.float() for k, v in acc.backend.full_state_dict(every_rank=True).items()}
+    one_state = {k: v.float() for k, v in t.backend.full_state_dict(every_rank=True).items()}
     accumulation_ok = all(torch.allclose(acc_state[k], one_state[k], rtol=1e-4, atol=1e-6) for k in one_state)
     # Save after step 1, take step 2; a fresh trainer loads the checkpoint and takes step 2 again.
     root = workdir / backend / f"zero{cfg.get('zero_stage', '')}"
@@ -163,7 +174,7 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
                     meta=meta)  # fmt: skip
     state = torch.get_rng_state()
     second, _, _, _ = t.train_step()
-    continued = fingerprint(t.backend.full_state_dict())
+    continued = fingerprint(t.backend.full_state_dict(every_rank=True))
     lrs.append(t.backend.current_lr())
     again = trainer(rt, backend, LMTask(tiny_gpt2(), seq2seq=False), **cfg)
     again.train_step()  # moves the fresh trainer's data position to where the saved one was
@@ -171,7 +182,8 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
     again.backend.scheduler.load_state_dict(loaded_meta["scheduler"])
     torch.set_rng_state(state)
     second_again, _, _, _ = again.train_step()
-    full = t.backend.full_state_dict()
+    full = t.backend.full_state_dict(every_rank=True)
+    export_state = t.backend.full_state_dict()  # what the export reads: complete on rank 0
     result = {
         "loss": float(loss),
         "grad_norm": float(norm),
@@ -182,8 +194,9 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
         "lr_expected_after_1": expected.get_last_lr()[0],
         "accumulation_equals_bigger_batch": accumulation_ok,
         "resumed_loss_equal": float(second) == float(second_again),
-        "resumed_weights_equal": continued == fingerprint(again.backend.full_state_dict()),
+        "resumed_weights_equal": continued == fingerprint(again.backend.full_state_dict(every_rank=True)),
         "full_state_keys_match": sorted(full) == sorted(tiny_gpt2().state_dict()),
+        "export_state_on_rank_0": sorted(export_state) == sorted(full) if rt.is_main else True,
         "full_state_same_on_every_rank": same_on_every_rank(fingerprint(full)),
     }
     for tr in (t, acc, again):
@@ -194,8 +207,13 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
 def generation(rt, backend: str, **cfg) -> dict:
     """The loop's evaluate with generation in it; uneven shards (5 rows over 2 ranks, eval batches of 2)."""
     out = {}
-    for name, model, seq2seq in (("gpt2", tiny_gpt2(), False), ("t5", tiny_t5(), True)):
-        task = LMTask(model, seq2seq)
+    families = (
+        ("gpt2", tiny_gpt2(), False, False),
+        ("t5", tiny_t5(), True, False),
+        ("gpt2_wrapped", tiny_gpt2(), False, True),
+    )
+    for name, model, seq2seq, wrapped in families:
+        task = LMTask(model, seq2seq, wrapped=wrapped)
         t = trainer(rt, backend, task, **cfg)
         metrics = t.evaluate()
         out[name] = {"generated": task.generated, "perplexity": metrics.get("eval/perplexity")}
@@ -243,12 +261,12 @@ def shard(rt) -> dict:
         backend = make_backend("fsdp", rt, settings)
         wrapped = [type(layers[0]).__name__ for layers in layer_lists(model)]
         backend.setup(model, lambda m: make_adamw(m, 1e-2, 0.0), lambda o: linear_schedule(o, 0, 10))
-        before = fingerprint(backend.full_state_dict())
+        before = fingerprint(backend.full_state_dict(every_rank=True))
         loss = backend.model(**batch).loss
         backend.backward(loss)
         norm = backend.step(1.0)
         out[name] = {"wrapped": wrapped, "loss": float(loss), "grad_norm": float(norm),
-                     "changed": fingerprint(backend.full_state_dict()) != before}  # fmt: skip
+                     "changed": fingerprint(backend.full_state_dict(every_rank=True)) != before}  # fmt: skip
     return out
 
 

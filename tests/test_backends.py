@@ -43,7 +43,7 @@ def test_backend_keeps_the_contract_on_two_ranks(two_ranks, backend):
     assert r["lr_after_1"] == pytest.approx(r["lr_expected_after_1"])
     assert r["accumulation_equals_bigger_batch"], "2 micro-batches without sync differ from one batch of 4"
     assert r["resumed_loss_equal"] and r["resumed_weights_equal"], "the checkpoint did not continue exactly"
-    assert r["full_state_keys_match"] and r["full_state_same_on_every_rank"]
+    assert r["full_state_keys_match"] and r["full_state_same_on_every_rank"] and r["export_state_on_rank_0"]
 
 
 def test_every_backend_takes_the_same_first_step(two_ranks):
@@ -61,6 +61,10 @@ def test_generation_in_evaluation_is_the_same_everywhere(two_ranks, one_process)
         assert len(ids) == 5 and len({tuple(row) for row in ids}) > 1, ids  # rows differ: a real check
         for run_name in ("generate/ddp", "generate/fsdp", "generate/deepspeed3"):
             assert two_ranks[run_name][family]["generated"] == ids, (run_name, family)
+            wrapped = two_ranks[run_name]["gpt2_wrapped"]["generated"]
+            assert family != "gpt2" or wrapped == ids, (
+                f"{run_name}: the model inside a task's module generates"
+            )
         assert one_process["generate/deepspeed3"][family]["generated"] == ids
         perplexities = [two_ranks[n][family]["perplexity"] for n in ("generate/ddp", "generate/fsdp")]
         assert perplexities[0] == pytest.approx(reference[family]["perplexity"], rel=1e-5)

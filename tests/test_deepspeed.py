@@ -208,3 +208,21 @@ def test_offload_trains_with_the_same_groups_betas_and_decay_as_every_backend(mo
     params = seen["config"]["optimizer"]["params"]
     assert tuple(params["betas"]) == loop_groups[0]["betas"] and params["eps"] == loop_groups[0]["eps"]
     assert params["lr"] == loop_groups[0]["lr"] == 3e-4
+
+
+def test_bf16_casts_float_model_inputs_and_leaves_labels_and_metadata():
+    """DeepSpeed casts the module's weights, not keyword inputs: audio values must come in its dtype."""
+    from launch.backends import BackendSettings
+    from launch.deepspeed_backend import DeepSpeedBackend
+    from launch.runtime import Runtime
+
+    batch = {
+        "input_values": torch.randn(2, 8),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+        "labels": torch.rand(2, 3),
+        "_scores": torch.rand(2),
+    }
+    placed = DeepSpeedBackend(Runtime(), BackendSettings(precision="bf16")).place_batch(batch)
+    assert placed["input_values"].dtype == torch.bfloat16 and placed["attention_mask"].dtype == torch.long
+    assert placed["labels"].dtype == placed["_scores"].dtype == torch.float32
+    assert DeepSpeedBackend(Runtime(), BackendSettings(precision="fp32")).place_batch(batch) is batch
