@@ -26,7 +26,7 @@ from data.sampler import ShardedSampler
 from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from launch.config import ConfigError, TrainConfig
 from launch.runtime import Runtime
-from launch.task import PROCESSOR, Task, processor_folder
+from launch.task import PROCESSOR, Task, module_prefix, processor_folder, whole_model
 from launch.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
@@ -49,21 +49,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def module_prefix(outer: nn.Module, inner: nn.Module) -> str:
-    """Where `inner` sits in `outer` ("" when they are the same module, "model." for a wrapper's field)."""
-    name = next((n for n, m in outer.named_modules() if m is inner), None)
-    if name is None:
-        raise ValueError(f"the task's model is not inside its trained module {type(outer).__name__}")
-    return name + "." if name else ""
-
-
-def whole_model(task: Task, state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
-    """A fresh copy of the task's model holding `state` (a backend's full state dict of `trained`)."""
-    whole = type(task.model)(task.model.config)
-    whole.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-    return whole
 
 
 @dataclass

@@ -125,3 +125,18 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = Fal
     return nn.functional.cross_entropy(
         logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum"
     )
+
+
+def module_prefix(outer: nn.Module, inner: nn.Module) -> str:
+    """Where `inner` sits in `outer` ("" when they are the same module, "model." for a wrapper's field)."""
+    name = next((n for n, m in outer.named_modules() if m is inner), None)
+    if name is None:
+        raise ValueError(f"the task's model is not inside its trained module {type(outer).__name__}")
+    return name + "." if name else ""
+
+
+def whole_model(task: Task, state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    """A fresh copy of the task's model holding `state` (a backend's full state dict of `trained`)."""
+    whole = type(task.model)(task.model.config)
+    whole.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return whole
