@@ -15,14 +15,14 @@ from pathlib import Path
 from checkpoints.sharded import CheckpointError, verify_checkpoint
 
 
-def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True) -> Path:
     import torch.distributed.checkpoint as dcp
     import transformers
 
     from checkpoints.export import export_hf
 
     path = Path(path)
-    meta = verify_checkpoint(path)["meta"]
+    meta = verify_checkpoint(path, checksums=checksums, report=print)["meta"]
     hf = path / "hf"
     if not (hf / "config.json").is_file():
         raise CheckpointError(
@@ -109,15 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     exp = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
     exp.add_argument("checkpoint")
     exp.add_argument("out")
-    ver = sub.add_parser("verify", help="check that every shard of a checkpoint is present and whole")
+    ver = sub.add_parser(
+        "verify", help="check that every file of a checkpoint is present, whole and unaltered"
+    )
     ver.add_argument("checkpoint")
+    for p in (exp, ver):
+        p.add_argument("--sizes-only", action="store_true", help="skip the content hashes (reads no file)")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            print(f"exported to {export_checkpoint(args.checkpoint, args.out)}")
+            print(f"exported to {export_checkpoint(args.checkpoint, args.out, not args.sizes_only)}")
         else:
-            manifest = verify_checkpoint(args.checkpoint)
-            print(f"{args.checkpoint}: complete, step {manifest['step']}, {len(manifest['files'])} files")
+            manifest = verify_checkpoint(args.checkpoint, checksums=not args.sizes_only, report=print)
+            checked = (
+                "sizes" if args.sizes_only or "hashes" not in manifest else f"sizes and {manifest['hash']}"
+            )
+            print(
+                f"{args.checkpoint}: complete, step {manifest['step']}, {len(manifest['files'])} files ({checked})"
+            )
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

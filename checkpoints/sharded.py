@@ -1,9 +1,10 @@
 """Sharded checkpoints: model and optimizer through torch.distributed.checkpoint, each rank's train state
 (RNG states, data position) in its own safetensors file, and a manifest that makes the folder count.
 
-A checkpoint is written under a hidden temporary name; after every rank has finished, rank 0 records each
-file's size in `manifest.json`, renames the folder into place and moves the `latest` pointer. A folder
-without a manifest, or whose files do not match it, is never loaded.
+A checkpoint is written under a hidden temporary name; after every rank has finished, each rank hashes a
+share of the files (xxh3-64), and rank 0 records every file's size and hash in `manifest.json`, renames the
+folder into place and moves the `latest` pointer. A folder without a manifest, or whose files do not match
+it (missing, truncated, or the same size with other bytes: a bad sector, a faulty copy), is never loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+HASH = "xxh3_64"  # fast enough that reading the files, not hashing them, is the cost
+CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +43,27 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def file_hash(path: Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_shares(folder: Path, names: list[str]) -> dict[str, str]:
+    """Collective: each rank hashes every world-size-th file; every rank gets all the hashes."""
+    rank, world = _rank(), dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    mine = {name: file_hash(folder / name) for name in names[rank::world]}
+    if world == 1:
+        return mine
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return {k: v for part in every for k, v in part.items()}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -91,11 +115,13 @@ def save_checkpoint(
     meta: dict[str, Any],
     extra_files: dict[str, Path] | None = None,
     keep_last: int = 0,
+    checksums: bool = True,
 ) -> Path:
     """Collective: every rank calls it. Returns the committed folder.
 
     `state` writes model and optimizer into a folder (`DCPState` by default; a backend with its own format,
-    such as DeepSpeed's, passes its own object with the same `format`, `save` and `load`)."""
+    such as DeepSpeed's, passes its own object with the same `format`, `save` and `load`). Without
+    `checksums` the manifest records sizes only."""
     root, rank = Path(root), _rank()
     state = state or DCPState(model, optimizer)
     meta = {**meta, "state_format": state.format, **getattr(state, "meta", {})}
@@ -119,8 +145,15 @@ def save_checkpoint(
             else:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "meta": meta, "files": files}, indent=1))
+    _barrier()
+    names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    hashes = _hash_shares(tmp, names) if checksums else {}
+    if rank == 0:
+        files = {name: (tmp / name).stat().st_size for name in names}
+        manifest = {"step": step, "meta": meta, "files": files}
+        if checksums:
+            manifest.update(hash=HASH, hashes=hashes)
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # the same step saved again (e.g. at the end right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -137,8 +170,10 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint; CheckpointError naming what is missing or truncated."""
+def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError naming the file that is missing, truncated or
+    altered. `checksums=False` checks sizes only (no file is read); a checkpoint written without hashes
+    (before they existed, or with checksums off) is checked by size, and `report` says so."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -157,16 +192,26 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: shard {name} is truncated or altered ({f.stat().st_size} bytes, expected {size})"
             )
+    if checksums and "hashes" not in manifest:
+        if report is not None:
+            report(f"{path}: its manifest has sizes only (no content hashes); checked by size")
+    elif checksums:
+        for name, expected in manifest["hashes"].items():
+            if file_hash(path / name) != expected:
+                raise CheckpointError(
+                    f"{path}: shard {name} is corrupt: same size, other content ({HASH} does not match the "
+                    f"manifest); this checkpoint cannot be used"
+                )
     return manifest
 
 
-def latest_complete_checkpoint(root: str | Path, report=print) -> Path | None:
+def latest_complete_checkpoint(root: str | Path, report=print, checksums: bool = True) -> Path | None:
     """The newest checkpoint under `root` that verifies; broken newer ones are named and skipped."""
     root = Path(root)
     candidates = sorted(root.glob("step-*"), reverse=True)
     for path in candidates:
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, checksums=checksums, report=report)
             return path
         except CheckpointError as err:
             report(f"skipping checkpoint: {err}")
@@ -179,11 +224,13 @@ def load_checkpoint(
     model: torch.nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     state=None,
+    checksums: bool = True,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any] | None]:
     """Collective. Restores model and optimizer in place (any world size, any backend); returns the
-    manifest's meta and this rank's saved state, or None for both when the rank did not exist then."""
+    manifest's meta and this rank's saved state, or None for both when the rank did not exist then.
+    `checksums=False` when the caller has just verified the folder's content (sizes are checked still)."""
     path = Path(path)
-    manifest = verify_checkpoint(path)
+    manifest = verify_checkpoint(path, checksums=checksums)
     state = state or DCPState(model, optimizer)
     saved_format = manifest["meta"].get("state_format", "dcp")
     if saved_format != state.format:

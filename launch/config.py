@@ -53,6 +53,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints; 0: only at the end and on a stop signal
     save_every_minutes: float = 0.0  # also save when this much time has passed since the last save
     keep_last: int = 3  # checkpoints kept; 0 keeps all
+    checkpoint_checksums: bool = True  # hash every checkpoint file on save, check on load; false: sizes only
     resume: str = "auto"  # auto: the newest complete checkpoint of this run | never | a checkpoint folder
     stop_signals: str = "SIGTERM,SIGUSR1"  # save at the next step boundary and exit 75
     requeue: bool = False  # under Slurm, requeue the job after a stop signal's save

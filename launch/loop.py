@@ -287,6 +287,7 @@ class Trainer:
                 f"hf/{PROCESSOR}": processor_folder(self.run_dir),
             },
             keep_last=self.cfg.keep_last,
+            checksums=self.cfg.checkpoint_checksums,
         )
         self._last_save = (self.state.step, time.monotonic())
         return path
@@ -301,10 +302,17 @@ class Trainer:
                     f"use --resume auto to continue that run or another --output-dir to start afresh"
                 )
             return None
-        path = latest_complete_checkpoint(root, report=self.rt.print) if mode == "auto" else Path(mode)
+        checksums = self.cfg.checkpoint_checksums
+        if mode == "auto":  # verified here, content included, so loading checks sizes only
+            path = latest_complete_checkpoint(root, report=self.rt.print, checksums=checksums)
+        else:
+            path = Path(mode)
         if path is None:
             return None
-        meta, rank_state, rank_meta = load_checkpoint(path, state=self.backend.checkpoint_state())
+        state = self.backend.checkpoint_state()
+        meta, rank_state, rank_meta = load_checkpoint(
+            path, state=state, checksums=checksums and mode != "auto"
+        )
         self.state.step = meta["step"]
         self.state.epoch = meta["epoch"]
         # Checkpoints from before the schedule was saved: its position is the step.

@@ -80,14 +80,18 @@ def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, to
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000016", "step-000020", "step-000024"]
     shard = next((ckpts / "step-000024" / "state").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    overwrite_middle(shard)  # same size, other bytes: a bad sector or a faulty copy
     (ckpts / "step-000020" / "rank-00001.safetensors").unlink()  # deleted
     verify = run([sys.executable, "-m", "checkpoints", "verify", str(ckpts / "step-000024")])
-    assert verify.returncode == 2 and "truncated" in verify.stderr and "step-000024" in verify.stderr
+    assert verify.returncode == 2 and f"shard state/{shard.name} is corrupt" in verify.stderr
+    sizes_only = run(
+        [sys.executable, "-m", "checkpoints", "verify", "--sizes-only", str(ckpts / "step-000024")]
+    )
+    assert sizes_only.returncode == 0 and "(sizes)" in sizes_only.stdout  # the documented blind spot
     (out / "metrics.jsonl").unlink()
     again = run(command(out, tokenizer_dir))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "step-000024: shard" in again.stdout and "truncated" in again.stdout
+    assert f"step-000024: shard state/{shard.name} is corrupt" in again.stdout
     assert "step-000020: shard rank-00001.safetensors is missing" in again.stdout
     assert "resumed from" in again.stdout and "step-000016" in again.stdout
     ref = losses(reference)
@@ -267,3 +271,79 @@ def test_export_carries_any_processor_tokenizer_or_feature_extractor(tmp_path):
             and loaded("the cat").input_ids == text("the cat").input_ids
         )
     assert load_processor(tmp_path / "none") is None
+
+
+def overwrite_middle(path, size=4096):
+    """4 KB in the middle of a file overwritten with other bytes; its size stays the same."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - size // 2)
+    data[start : start + size] = bytes(255 - b for b in data[start : start + size])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    """A one-process checkpoint of a tiny model and its optimizer, as the loop writes it."""
+    import torch
+
+    from checkpoints.sharded import save_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    rank_state = {"rng/torch": torch.get_rng_state()}
+    meta = {"step": 3, "world_size": 1}
+    path = save_checkpoint(tmp_path / "ckpts", 3, model=model, optimizer=optimizer, rank_state=rank_state,
+                           rank_meta={}, meta=meta, extra_files={"hf/config.json": tmp_path / "hf" / "config.json"})  # fmt: skip
+    return path, model, optimizer
+
+
+@pytest.mark.parametrize("which", ["model and optimizer shard", "rank state", "metadata", "hf config"])
+def test_same_size_corruption_of_any_file_is_caught(small_checkpoint, which):
+    from checkpoints.__main__ import export_checkpoint
+    from checkpoints.sharded import (
+        CheckpointError,
+        latest_complete_checkpoint,
+        load_checkpoint,
+        verify_checkpoint,
+    )
+
+    path, model, optimizer = small_checkpoint
+    manifest = verify_checkpoint(path)
+    assert manifest["hash"] == "xxh3_64" and set(manifest["hashes"]) == set(manifest["files"])
+    target = {
+        "model and optimizer shard": next((path / "state").glob("*.distcp")),
+        "rank state": path / "rank-00000.safetensors",
+        "metadata": path / "state" / ".metadata",
+        "hf config": path / "hf" / "config.json",
+    }[which]
+    overwrite_middle(target, size=2)
+    name = str(target.relative_to(path))
+    with pytest.raises(CheckpointError, match=f"shard {name} is corrupt: same size"):
+        verify_checkpoint(path)
+    with pytest.raises(CheckpointError, match=f"shard {name} is corrupt"):
+        export_checkpoint(path, path.parent / "export")
+    with pytest.raises(CheckpointError, match=f"shard {name} is corrupt"):
+        load_checkpoint(path, model=model, optimizer=optimizer)
+    skipped = []
+    assert latest_complete_checkpoint(path.parent, report=skipped.append) is None
+    assert f"shard {name} is corrupt" in skipped[0]
+    verify_checkpoint(path, checksums=False)  # sizes only: the switch's documented blind spot
+
+
+def test_checkpoints_without_hashes_still_load_with_a_notice(small_checkpoint):
+    """Checkpoints written before content hashes (or with --checkpoint-checksums false) have sizes only."""
+    from checkpoints.sharded import MANIFEST, load_checkpoint, verify_checkpoint
+
+    path, model, optimizer = small_checkpoint
+    manifest = json.loads((path / MANIFEST).read_text())
+    del manifest["hash"], manifest["hashes"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    notices = []
+    assert verify_checkpoint(path, report=notices.append)["step"] == 3
+    assert notices == [f"{path}: its manifest has sizes only (no content hashes); checked by size"]
+    meta, rank_state, _ = load_checkpoint(path, model=model, optimizer=optimizer)
+    assert meta["step"] == 3 and "rng/torch" in rank_state
