@@ -12,6 +12,7 @@ import gc
 import sys
 from pathlib import Path
 
+from checkpoints.export import processor_folder
 from checkpoints.sharded import CheckpointError, verify_checkpoint
 
 
@@ -59,13 +60,12 @@ def load_processor(hf: Path):
     """The run's processor saved with the checkpoint (hf/processor; hf/tokenizer in older checkpoints)."""
     import transformers
 
-    for name in ("processor", "tokenizer"):
-        folder = hf / name
-        if folder.is_dir():
-            if any((folder / name).is_file() for name in PROCESSOR_CONFIGS):
-                return transformers.AutoProcessor.from_pretrained(folder)
-            return transformers.AutoTokenizer.from_pretrained(folder)
-    return None
+    folder = processor_folder(hf)
+    if not folder.is_dir():
+        return None
+    if any((folder / config).is_file() for config in PROCESSOR_CONFIGS):
+        return transformers.AutoProcessor.from_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:

@@ -10,6 +10,14 @@ import json
 import shutil
 from pathlib import Path
 
+PROCESSOR = "processor"  # RUN/processor, and hf/processor in every checkpoint
+
+
+def processor_folder(parent: Path) -> Path:
+    """parent/processor (parent/tokenizer in run folders and checkpoints written before it existed)."""
+    folder, older = parent / PROCESSOR, parent / "tokenizer"
+    return older if not folder.is_dir() and older.is_dir() else folder
+
 
 def model_card(title: str, metrics: dict[str, float], config: dict) -> str:
     lines = [f"# {title}", "", "Trained with recipebox.", "", "## Evaluation", ""]

@@ -262,7 +262,7 @@ class FSDPBackend(DDPBackend):
         for layers in layer_lists(model):
             for layer in layers:
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
-        generating = next((m for m in model.modules() if callable(getattr(m, "generate", None))), None)
+        generating = _find_generating(model)
         if generating is not None and generating is not model:  # a task's wrapper around its HF model
             fully_shard(generating, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -297,9 +297,14 @@ class FSDPBackend(DDPBackend):
         pass
 
 
-def generating_module(model: nn.Module) -> nn.Module:
+def _find_generating(model: nn.Module) -> nn.Module | None:
     """The model itself, or the first module inside it that has `generate` (a recipe may wrap its model)."""
-    found = next((m for m in model.modules() if callable(getattr(m, "generate", None))), None)
+    return next((m for m in model.modules() if callable(getattr(m, "generate", None))), None)
+
+
+def generating_module(model: nn.Module) -> nn.Module:
+    """`_find_generating`, or a TypeError naming the model."""
+    found = _find_generating(model)
     if found is None:
         raise TypeError(f"{type(model).__name__} has no generate method; evaluate without generation")
     return found

@@ -27,6 +27,9 @@ def offload_optimizer_config(settings: BackendSettings) -> dict:
     return {"type": "AdamW", "params": params}
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # DeepSpeed config section -> the module's dtype
+
+
 class DeepSpeedBackend:
     name = "deepspeed"
     static_shapes = False
@@ -37,8 +40,9 @@ class DeepSpeedBackend:
         self.model = self.raw_model = self.optimizer = self.scheduler = None
         self.ds_config = build_deepspeed_config(settings, runtime.world_size, runtime.device.type)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
-        enabled = [p for p in ("bf16", "fp16") if self.ds_config[p]["enabled"]]
-        self.precision_name = enabled[0] if enabled else "fp32"
+        # The module's dtype under bf16/fp16 (DeepSpeed casts the weights), None under fp32.
+        half = [dtype for key, dtype in HALF.items() if self.ds_config[key]["enabled"]]
+        self.half_dtype = half[0] if half else None
 
     def setup(self, model, make_optimizer, make_scheduler) -> None:
         deepspeed = import_deepspeed()
@@ -76,10 +80,9 @@ class DeepSpeedBackend:
     def place_batch(self, batch: dict) -> dict:
         """Float inputs (audio values) in the module's 16-bit dtype under bf16/fp16: DeepSpeed casts the weights,
         not keyword inputs. Labels and metadata keep theirs."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision_name)
-        if dtype is None:
+        if self.half_dtype is None:
             return batch
-        return {k: v.to(dtype) if _model_float_input(k, v) else v for k, v in batch.items()}
+        return {k: v.to(self.half_dtype) if _model_float_input(k, v) else v for k, v in batch.items()}
 
     def autocast(self):
         return contextlib.nullcontext()  # bf16/fp16 are DeepSpeed's: the module itself runs in that dtype
@@ -141,7 +144,7 @@ class DeepSpeedBackend:
 
     def _fp32_masters(self) -> dict[str, torch.Tensor]:
         """Under bf16/fp16 the module holds 16-bit copies; the optimizer's fp32 masters are the weights."""
-        if not (self.ds_config["bf16"]["enabled"] or self.ds_config["fp16"]["enabled"]):
+        if self.half_dtype is None:
             return {}
         from deepspeed.utils import safe_get_full_fp32_param
 

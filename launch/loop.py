@@ -21,12 +21,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from checkpoints.export import PROCESSOR, processor_folder
 from checkpoints.sharded import latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from data.sampler import ShardedSampler
 from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from launch.config import ConfigError, TrainConfig
 from launch.runtime import Runtime
-from launch.task import PROCESSOR, Task, module_prefix, processor_folder, whole_model
+from launch.task import Task, module_prefix, whole_model
 from launch.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue

@@ -16,13 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from checkpoints.export import processor_folder
 from checkpoints.sharded import CheckpointError
 from data.text import DataError
 from launch.backends import backend_settings, make_backend
 from launch.config import ConfigError, TrainConfig, save_config
 from launch.loop import EXIT_PREEMPTED, Trainer
 from launch.runtime import Runtime
-from launch.task import Task, processor_folder, whole_model
+from launch.task import Task, whole_model
 from launch.tracking import Tracker
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)

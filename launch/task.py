@@ -26,13 +26,11 @@ export.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-PROCESSOR = "processor"  # RUN/processor, and hf/processor in every checkpoint
 # Per batch: {name: tensor([numerator, denominator])}; summed over batches and ranks, logged as num / den.
 Counts = dict[str, torch.Tensor]
 # generate(**model_inputs) -> token ids: the backend's lockstep generate, or None where shapes are static.
@@ -91,12 +89,6 @@ def no_summary(records: list, means: dict[str, float], split: str) -> dict[str, 
 
 def nothing_to_export(model: nn.Module) -> None:
     """`before_export` of a task whose training learns weights only."""
-
-
-def processor_folder(run_dir: Path) -> Path:
-    """RUN/processor (RUN/tokenizer in run folders written before it existed)."""
-    folder, older = run_dir / PROCESSOR, run_dir / "tokenizer"
-    return older if not folder.is_dir() and older.is_dir() else folder
 
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
