@@ -43,6 +43,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
         wanted = {"model": {prefix + k: v for k, v in own.items()}}
         dcp.load(wanted, checkpoint_id=path / "state", no_dist=True)
         model.load_state_dict({k[len(prefix) :]: v for k, v in wanted["model"].items()})
+    metrics = path.parent.parent / "metrics.jsonl"  # RUN/checkpoints/step-N: the run's curves, if it is there
     return export_hf(
         model,
         load_processor(hf),
@@ -50,6 +51,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
         title=f"{arch} from {path.name}",
         metrics={},
         config={"checkpoint": str(path), **meta},
+        metrics_file=metrics if metrics.is_file() else None,
     )
 
 

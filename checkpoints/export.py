@@ -1,5 +1,9 @@
 """Export: a Hugging Face folder (safetensors, config, tokenizer, model card) that `pipeline` loads.
 
+The model card (README.md) embeds the run's training curves (curves.png, drawn from its metrics.jsonl) when
+there are any, so a run that never reached Weights & Biases still shows how it went; examples.json holds the
+demo apps' example inputs when the task gives some.
+
 The folder is written under a temporary name and renamed into place, so a crash mid-export never leaves a
 half-written folder where a previous good export stood.
 """
@@ -10,7 +14,10 @@ import json
 import shutil
 from pathlib import Path
 
+from checkpoints.curves import plot_curves
+
 PROCESSOR = "processor"  # RUN/processor, and hf/processor in every checkpoint
+CURVES = "curves.png"  # beside the model card, which embeds it
 
 
 def processor_folder(parent: Path) -> Path:
@@ -19,9 +26,12 @@ def processor_folder(parent: Path) -> Path:
     return older if not folder.is_dir() and older.is_dir() else folder
 
 
-def model_card(title: str, metrics: dict[str, float], config: dict) -> str:
+def model_card(title: str, metrics: dict[str, float], config: dict, curves: bool = False) -> str:
+    """README.md: the final metrics, the training curves (curves.png beside it) if drawn, the config."""
     lines = [f"# {title}", "", "Trained with recipebox.", "", "## Evaluation", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in sorted(metrics.items())] or ["- (no evaluation)"]
+    if curves:
+        lines += ["", "## Training curves", "", f"![Training curves]({CURVES})"]
     lines += [
         "",
         "## Training configuration",
@@ -34,15 +44,30 @@ def model_card(title: str, metrics: dict[str, float], config: dict) -> str:
     return "\n".join(lines)
 
 
-def export_hf(model, tokenizer, out_dir: str | Path, *, title: str, metrics: dict, config: dict) -> Path:
+def export_hf(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    title: str,
+    metrics: dict,
+    config: dict,
+    metrics_file: Path | None = None,
+    examples: dict | None = None,
+) -> Path:
+    """Writes out_dir: the model, its tokenizer (if any), the model card with the curves of metrics_file
+    (a run's metrics.jsonl, if given and plottable), eval_results.json and examples.json (if given)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(model_card(title, metrics, config), encoding="utf-8")
+    curves = metrics_file is not None and plot_curves(metrics_file, tmp / CURVES)
+    (tmp / "README.md").write_text(model_card(title, metrics, config, curves), encoding="utf-8")
     (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    if examples is not None:
+        (tmp / "examples.json").write_text(json.dumps(examples, indent=2), encoding="utf-8")
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -1,95 +1,66 @@
-"""Show what an exported MLM+NSP model predicts: a fill-mask example and an is-next / not-next pair.
-
-    python demos/mlm_nsp.py runs/quickstart                      # examples from the run's held-out documents
-    python demos/mlm_nsp.py runs/quickstart/export --text "The bees made [MASK] all summer." \
-        --pair "Martha opened the hive." "The queen was laying eggs."
-"""
+"""BERT MLM+NSP: fill the mask with the top-k tokens, and check whether B is the sentence after A."""
 
 from __future__ import annotations
 
-import argparse
-import gc
-import os
-import random
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import gradio as gr
+
+from demos.common import examples
+from recipes import mlm_nsp
 
 
-def held_out_examples(run_dir: Path) -> tuple[str, tuple[str, str], tuple[str, str]]:
-    """A sentence to fill in and two pairs (true next, random) from documents the run never trained on."""
-    import yaml
-
-    from data.nsp import split_documents
-    from data.text import read_documents
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    files = [f for f in cfg["train_files"].split(",") if f]
-    docs = read_documents(files, documents=cfg["documents"], cache_dir=str(run_dir / "cache" / "text"))
-    _, held = split_documents(docs, cfg["eval_fraction"], cfg["seed"])
-    held = [d for d in held if len(d) >= 2] or [d for d in docs if len(d) >= 2]
-    rng = random.Random(0)
-    doc = rng.choice(held)
-    others = [d for d in held if d is not doc] or [d for d in docs if d is not doc]
-    return doc[0], (doc[0], doc[1]), (doc[0], rng.choice(rng.choice(others)))
-
-
-def mask_a_word(sentence: str, mask_token: str) -> str:
-    """Mask the longest word: it carries the most meaning, so the guess says more about the model."""
-    words = sentence.split()
-    target = max(range(len(words)), key=lambda i: len(words[i].strip(".,;:!?\"'")))
-    core = words[target].strip(".,;:!?\"'")
-    words[target] = words[target].replace(core, mask_token)
-    return " ".join(words)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def fill(export: Path, text: str, top_k: int) -> tuple[list[list], str]:
+    """The top-k (token, probability) rows, and a note when the text is cut to the model's window."""
+    tok = mlm_nsp.load(str(export))[0]
+    try:
+        guesses = mlm_nsp.fill_mask(str(export), text, int(top_k))
+    except ValueError as err:
+        return [], f"**{err}**"
+    n = len(tok(text)["input_ids"])
+    note = (
+        f"The text has {n} tokens; the model reads the first {tok.model_max_length}."
+        if n > tok.model_max_length
+        else ""
     )
-    parser.add_argument("path", help="a run folder (uses its export/) or an export folder")
-    parser.add_argument("--text", help="a sentence with the tokenizer's mask token, e.g. [MASK]")
-    parser.add_argument(
-        "--pair", nargs=2, metavar=("A", "B"), help="two sentences: is B the next one after A?"
+    return [[token, round(score, 4)] for token, score in guesses], note
+
+
+def check(export: Path, a: str, b: str) -> tuple[dict, str]:
+    """{"is next": p, "not next": 1 - p} and a one-line verdict (with a note when the pair is cut)."""
+    if not a.strip() or not b.strip():
+        return {}, "**Type both sentences.**"
+    tok = mlm_nsp.load(str(export))[0]
+    p = mlm_nsp.next_sentence(str(export), a, b)
+    verdict = (
+        f"p(B follows A) = {p:.4f}: {'B is the next sentence' if p >= 0.5 else 'B is not the next sentence'}"
     )
-    args = parser.parse_args(argv)
-
-    import torch
-    import transformers
-    from transformers import AutoTokenizer, BertForNextSentencePrediction, pipeline
-
-    transformers.logging.set_verbosity_error()  # the NSP model skips the MLM head by design: no load report
-
-    path = Path(args.path)
-    export = path / "export" if (path / "export" / "config.json").exists() else path
-    if not (export / "config.json").exists():
-        print(f"error: {path} holds no exported model (config.json); train first or pass the export folder")
-        return 2
-    tok = AutoTokenizer.from_pretrained(export)
-    if args.text or args.pair:
-        text = args.text or f"The {tok.mask_token} is here."
-        pairs = [tuple(args.pair)] if args.pair else []
-    else:
-        sentence, true_pair, random_pair = held_out_examples(path)
-        text, pairs = mask_a_word(sentence, tok.mask_token), [true_pair, random_pair]
-
-    fill = pipeline("fill-mask", model=str(export), tokenizer=tok, top_k=5)
-    print(f"fill-mask: {text}")
-    for guess in fill(text):
-        print(f"  {guess['token_str']:>15s}  {guess['score']:.3f}")
-
-    nsp = BertForNextSentencePrediction.from_pretrained(export).eval()
-    for a, b in pairs:
-        enc = tok(a, b, return_tensors="pt", return_token_type_ids=True, truncation=True)
-        with torch.no_grad():
-            p_next = nsp(**enc).logits.softmax(-1)[0, 0].item()
-        verdict = "is next" if p_next >= 0.5 else "not next"
-        print(f"next sentence? p={p_next:.3f} -> {verdict}\n  A: {a}\n  B: {b}")
-    return 0
+    n = len(tok(a, b)["input_ids"])
+    if n > tok.model_max_length:
+        verdict += f" (the pair has {n} tokens; the longer sentence was cut to fit {tok.model_max_length})"
+    return {"is next": p, "not next": 1 - p}, verdict
 
 
-if __name__ == "__main__":
-    code = main()
-    gc.freeze()  # spares the exit's garbage collections a walk over torch's objects (about a second)
-    sys.exit(code)
+def build(export: Path) -> gr.Blocks:
+    mask = mlm_nsp.load(str(export))[0].mask_token
+    with gr.Blocks(title="recipebox: BERT MLM+NSP") as blocks:
+        gr.Markdown(f"# BERT MLM+NSP\n`{export}`")
+        with gr.Tab("Fill the mask"):
+            text = gr.Textbox(label=f"Text with one {mask}", elem_id="fill-text")
+            top_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
+            run = gr.Button("Fill", variant="primary")
+            table = gr.Dataframe(headers=["token", "probability"], label="Guesses", elem_id="fill-out")
+            note = gr.Markdown(elem_id="fill-note")
+            run.click(lambda t, k: fill(export, t, k), [text, top_k], [table, note], api_name="fill_mask")
+            if found := examples(export, "fill_mask"):
+                gr.Examples(found, [text], label="Held-out sentences")
+        with gr.Tab("Next sentence?"):
+            a = gr.Textbox(label="Sentence A", elem_id="nsp-a")
+            b = gr.Textbox(label="Sentence B", elem_id="nsp-b")
+            run = gr.Button("Check", variant="primary")
+            label = gr.Label(label="Is B the next sentence after A?", elem_id="nsp-label")
+            verdict = gr.Markdown(elem_id="nsp-verdict")
+            run.click(lambda x, y: check(export, x, y), [a, b], [label, verdict], api_name="next_sentence")
+            if found := examples(export, "next_sentence"):
+                gr.Examples(found, [a, b], label="Held-out pairs (true next, then random)")
+    return blocks

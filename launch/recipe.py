@@ -132,7 +132,9 @@ def export(trainer: Trainer, task: Task, cfg: TrainConfig, out: Path, metrics: d
 
     whole = whole_model(task, state, trainer.export_prefix)
     task.before_export(whole)
-    export_hf(whole, task.processor, out, title=task.title, metrics=metrics, config=dataclasses.asdict(cfg))
+    config, curves = dataclasses.asdict(cfg), out.parent / "metrics.jsonl"
+    export_hf(whole, task.processor, out, title=task.title, metrics=metrics, config=config,
+              metrics_file=curves, examples=task.examples)  # fmt: skip
     trainer.rt.print(f"exported to {out}")
 
 

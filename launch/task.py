@@ -18,6 +18,8 @@ Models that skip layers at random (wav2vec2's `layerdrop`) keep ranks in step un
 `layerdrop=0` for DDP and ZeRO-3. Decoder-only generation in batches wants left padding (collate_padded pads
 on the right).
 
+`examples` travel with the export (examples.json) and fill the demo app's example list (demos/); {} is fine.
+
 The processor (tokenizer, feature extractor, or a processor holding both) lives in RUN/processor: build it
 with `launch.recipe.saved_processor`, so a resumed run reuses it; it travels with every checkpoint and
 export.
@@ -48,6 +50,7 @@ class Task(Protocol):
     splits: dict[str, Any]  # "train" (required), "validation", "test": map-style datasets of rows
     lengths: list[int] | None  # per training row, for length-grouped batches; None: plain shuffling
     max_length: int  # the longest sequence a batch can hold; static-shape backends bucket up to it
+    examples: dict[str, list[list]]  # demo inputs from held-out data: {app endpoint: [[input, ...], ...]}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Rows -> one padded batch (see kernels.collate_padded); takes `pad_to_length=` on XLA."""

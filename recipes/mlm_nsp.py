@@ -11,11 +11,17 @@ Launch:
     torchrun --nproc_per_node=8 recipes/mlm_nsp.py --config recipes/configs/mlm_nsp.yaml
     srun --ntasks=4 python recipes/mlm_nsp.py                   # ranks from Slurm's variables
     python recipes/mlm_nsp.py --train-files ../shared/data/meditations.txt --documents line
+    python recipes/mlm_nsp.py predict runs/mlm_nsp/export       # fill-mask and is-next on held-out examples
+    python recipes/mlm_nsp.py predict EXPORT --text "The bees made [MASK] all summer." --pair "A." "B."
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,7 +117,27 @@ def _setup_data(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path):
         f"data: {len(train)} training pairs from {len(train_docs)} documents, {len(evals or [])} eval pairs"
     )
     splits = {"train": train} if evals is None else {"train": train, "validation": evals}
-    return tok, {k: d.remove_columns("length") for k, d in splits.items()}, list(train["length"])
+    examples = demo_examples(eval_docs or train_docs, tok.mask_token, cfg.seed)
+    return tok, {k: d.remove_columns("length") for k, d in splits.items()}, list(train["length"]), examples
+
+
+def demo_examples(docs: list[list[str]], mask_token: str, seed: int, n: int = 3) -> dict:
+    """Demo inputs from held-out documents: first sentences with their longest word masked (it carries the
+    most meaning, so the guess says the most), and each with its true next sentence and a random one."""
+    rng = random.Random(seed)
+    docs = [d for d in docs if len(d) >= 2]
+    if len(docs) < 2:
+        return {}
+    chosen = rng.sample(docs, min(n, len(docs) - 1))
+    others = [rng.choice([d for d in docs if d is not doc]) for doc in chosen]
+    masked = []
+    for doc in chosen:
+        words = doc[0].split()
+        i = max(range(len(words)), key=lambda j: len(words[j].strip(".,;:!?\"'")))
+        words[i] = words[i].replace(words[i].strip(".,;:!?\"'"), mask_token)
+        masked.append([" ".join(words)])
+    pairs = [[d[0], d[1]] for d in chosen] + [[d[0], rng.choice(o)] for d, o in zip(chosen, others)]
+    return {"fill_mask": masked, "next_sentence": pairs}
 
 
 def _setup_model(cfg: MLMNSPConfig, tok):
@@ -173,9 +199,10 @@ class PretrainingObjective(nn.Module):
 class MLMNSPTask:
     """Masked-language modelling plus next-sentence prediction: two loss terms, accuracies that sum."""
 
-    def __init__(self, cfg: MLMNSPConfig, tok, splits: dict, lengths: list[int], model):
+    def __init__(self, cfg: MLMNSPConfig, tok, splits: dict, lengths: list[int], examples: dict, model):
         self.title = f"BERT MLM+NSP ({cfg.name})"
         self.model, self.processor, self.splits, self.lengths = model, tok, splits, lengths
+        self.examples = examples
         self.trained = PretrainingObjective(model, static_shapes=backend_class(cfg.backend).static_shapes)
         self.max_length = cfg.max_length
         self.collate = functools.partial(
@@ -215,11 +242,73 @@ class MLMNSPTask:
 
 
 def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> MLMNSPTask:
-    tok, splits, lengths = _setup_data(cfg, rt, run_dir)
-    return MLMNSPTask(cfg, tok, splits, lengths, _setup_model(cfg, tok))
+    tok, splits, lengths, examples = _setup_data(cfg, rt, run_dir)
+    return MLMNSPTask(cfg, tok, splits, lengths, examples, _setup_model(cfg, tok))
+
+
+@functools.lru_cache(maxsize=4)
+def load(export_dir: str):
+    """The export's fill-mask pipeline and next-sentence model, loaded once per folder (demo apps reuse them)."""
+    import transformers
+    from transformers import AutoTokenizer, BertForNextSentencePrediction, pipeline
+
+    transformers.logging.set_verbosity_error()  # the NSP model skips the MLM head by design: no load report
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    fill = pipeline("fill-mask", model=export_dir, tokenizer=tok)
+    return tok, fill, BertForNextSentencePrediction.from_pretrained(export_dir, use_safetensors=True).eval()
+
+
+def fill_mask(export_dir: str, text: str, top_k: int = 5) -> list[tuple[str, float]]:
+    """The top-k tokens for the one mask token in `text`, with their probabilities. Text longer than the
+    model's window is cut to it; a mask that falls outside, or none or several, is a ValueError that says so."""
+    tok, fill, _ = load(str(export_dir))
+    ids = tok(text, truncation=True, max_length=tok.model_max_length)["input_ids"]
+    if text.count(tok.mask_token) != 1 or ids.count(tok.mask_token_id) != 1:
+        where = f"within the first {tok.model_max_length} tokens " if text.count(tok.mask_token) == 1 else ""
+        raise ValueError(f"put exactly one {tok.mask_token} in the text {where}(the model fills one token)")
+    options = {"truncation": True, "max_length": tok.model_max_length}
+    return [(g["token_str"], g["score"]) for g in fill(text, top_k=top_k, tokenizer_kwargs=options)]
+
+
+def next_sentence(export_dir: str, a: str, b: str) -> float:
+    """The probability that B is the sentence after A (pairs longer than the window lose their longest ends)."""
+    tok, _, nsp = load(str(export_dir))
+    enc = tok(a, b, truncation="longest_first", max_length=tok.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        return nsp(**enc).logits.softmax(-1)[0, 0].item()  # label 0: B follows A
+
+
+def predict(argv: list[str]) -> int:
+    """The terminal view: fill-mask and is-next for given inputs, or for the examples saved with the export."""
+    parser = argparse.ArgumentParser(prog="mlm_nsp.py predict")
+    parser.add_argument("export", help="an export folder (RUN/export)")
+    parser.add_argument("--text", help="a sentence with the tokenizer's mask token, e.g. [MASK]")
+    parser.add_argument(
+        "--pair", nargs=2, metavar=("A", "B"), help="two sentences: is B the next one after A?"
+    )
+    args = parser.parse_args(argv)
+    saved = Path(args.export) / "examples.json"
+    examples = json.loads(saved.read_text()) if saved.is_file() else {}
+    texts = [args.text] if args.text else [t for (t,) in examples.get("fill_mask", [])]
+    pairs = [args.pair] if args.pair else examples.get("next_sentence", [])
+    if not texts and not pairs:
+        raise ConfigError(f"{saved} is missing: give --text and/or --pair")
+    for text in texts:
+        print(f"fill-mask: {text}")
+        for token, score in fill_mask(args.export, text):
+            print(f"  {token:>15s}  {score:.3f}")
+    for a, b in pairs:
+        p_next = next_sentence(args.export, a, b)
+        print(
+            f"next sentence? p={p_next:.3f} -> {'is next' if p_next >= 0.5 else 'not next'}\n  A: {a}\n  B: {b}"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        return predict(argv[1:])
     cfg = parse_config(MLMNSPConfig, argv, description=__doc__)
     _validate(cfg)
     return run_recipe(cfg, _build, "mlm_nsp")

@@ -107,8 +107,10 @@ def _setup_data(cfg: NERConfig, rt: Runtime, run_dir: Path, tok):
         + ", ".join(f"{len(s)} {k} sentences ({len(windows[k])} windows)" for k, s in sents.items())
         + f", tags {' '.join(names)}"
     )
+    held = sents.get("test", sents.get("validation", sents["train"])).tokens
+    examples = {"tag": [[" ".join(words)] for words in held[:4]]}  # demo inputs
     lengths = list(windows["train"]["length"])
-    return names, sents, lengths, {k: w.remove_columns("length") for k, w in windows.items()}
+    return names, sents, lengths, {k: w.remove_columns("length") for k, w in windows.items()}, examples
 
 
 def _setup_model(cfg: NERConfig, names: list[str]):
@@ -130,12 +132,14 @@ def window_records(logits: torch.Tensor, examples, word_ids: torch.Tensor) -> li
 class NERTask:
     """A tag per word piece, scored per entity after the windows of each sentence are merged back."""
 
-    def __init__(self, cfg: NERConfig, tok, names: list[str], sents: dict, data: dict, lengths: list, model):
+    def __init__(
+        self, cfg: NERConfig, tok, names: list[str], sents, data: dict, lengths: list, examples, model
+    ):
         self.title = f"Named-entity recognition ({cfg.name})"
         self.model = self.trained = model
         self.processor, self.splits, self.lengths = tok, data, lengths
         self.max_length = cfg.pad_to_length or cfg.max_length
-        self.names, self.sents = names, sents
+        self.names, self.sents, self.examples = names, sents, examples
         self.collate = functools.partial(
             collate_padded,
             pad_id=tok.pad_token_id,
@@ -172,8 +176,17 @@ class NERTask:
 
 def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> NERTask:
     tok = pretrained_tokenizer(rt, cfg, run_dir)
-    names, sents, lengths, data = _setup_data(cfg, rt, run_dir, tok)
-    return NERTask(cfg, tok, names, sents, data, lengths, _setup_model(cfg, names))
+    names, sents, lengths, data, examples = _setup_data(cfg, rt, run_dir, tok)
+    return NERTask(cfg, tok, names, sents, data, lengths, examples, _setup_model(cfg, names))
+
+
+@functools.lru_cache(maxsize=4)
+def load(export_dir: str):
+    """The export's tokenizer and model, loaded once per folder (demo apps reuse them)."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    model = AutoModelForTokenClassification.from_pretrained(export_dir, use_safetensors=True).eval()
+    return AutoTokenizer.from_pretrained(export_dir), model
 
 
 def predict(export_dir: str, text: str, stride: int = 16) -> list[tuple[str, str]]:
@@ -181,10 +194,7 @@ def predict(export_dir: str, text: str, stride: int = 16) -> list[tuple[str, str
 
     Words and punctuation are split apart first, as in CoNLL files ("Oslo." is two words).
     """
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(export_dir)
-    model = AutoModelForTokenClassification.from_pretrained(export_dir, use_safetensors=True).eval()
+    tok, model = load(str(export_dir))
     words = re.findall(r"\w+(?:[-'.]\w+)*|[^\w\s]", text)  # words and punctuation, as CoNLL splits them
     cols = encode_windows(
         [words], None, tok, tok.model_max_length, min(stride, tok.model_max_length // 4), False, None

@@ -113,8 +113,10 @@ def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
             for k, (cols, labels) in columns.items()
         }
     rt.print(f"data: {', '.join(f'{len(d)} {k}' for k, d in data.items())} examples, {len(names)} labels")
+    held = columns.get("test", columns.get("validation", columns["train"]))[0]  # demo inputs: single texts
+    examples = {"classify": [[t] for t in held[0][:4]]} if len(held) == 1 else {}
     lengths = list(data["train"]["length"])
-    return names, lengths, {k: d.remove_columns("length") for k, d in data.items()}
+    return names, lengths, {k: d.remove_columns("length") for k, d in data.items()}, examples
 
 
 def _setup_model(cfg: ClassificationConfig, names: list[str]):
@@ -142,12 +144,19 @@ class ClassificationTask:
     on the validation split, applied as they are to the test split and saved in the export); a loss per text."""
 
     def __init__(
-        self, cfg: ClassificationConfig, tok, names: list[str], data: dict, lengths: list[int], model
+        self,
+        cfg: ClassificationConfig,
+        tok,
+        names: list[str],
+        data: dict,
+        lengths: list[int],
+        examples,
+        model,
     ):
         self.title = f"{cfg.task.replace('_', '-')} text classification ({cfg.name})"
         self.model = self.trained = model
         self.processor, self.splits, self.lengths, self.max_length = tok, data, lengths, cfg.max_length
-        self.names, self.multi_label = names, cfg.task == MULTI_LABEL
+        self.names, self.multi_label, self.examples = names, cfg.task == MULTI_LABEL, examples
         self.thresholds = [DEFAULT_THRESHOLD] * len(names)
         self.collate = functools.partial(
             collate_padded,
@@ -200,19 +209,26 @@ class ClassificationTask:
 
 def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> ClassificationTask:
     tok = pretrained_tokenizer(rt, cfg, run_dir)
-    names, lengths, data = _setup_data(cfg, rt, run_dir, tok)
+    names, lengths, data, examples = _setup_data(cfg, rt, run_dir, tok)
     model = _setup_model(cfg, names)
     if cfg.task == MULTI_LABEL and cfg.prior_bias and not init_prior_bias(model, data["train"]["labels"]):
         rt.print("--prior-bias: no output layer with one output per label found; the head keeps its init")
-    return ClassificationTask(cfg, tok, names, data, lengths, model)
+    return ClassificationTask(cfg, tok, names, data, lengths, examples, model)
+
+
+@functools.lru_cache(maxsize=4)
+def load(export_dir: str):
+    """The export's tokenizer and model, loaded once per folder (demo apps reuse them)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(export_dir, use_safetensors=True).eval()
+    return AutoTokenizer.from_pretrained(export_dir), model
 
 
 def predict(export_dir: str, inputs: list[str]) -> list[dict]:
-    """Scores per text; multi-label applies the thresholds saved in the export (0.5 where none was fitted)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(export_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(export_dir, use_safetensors=True).eval()
+    """Per text: every label's score; the top label (multi-class), or the labels at or over the thresholds saved
+    in the export (multi-label; 0.5 where none was fitted). Texts longer than the model's window are cut to it."""
+    tok, model = load(str(export_dir))
     cfg = model.config
     enc = tok(inputs, truncation=True, padding=True, max_length=tok.model_max_length, return_tensors="pt")
     with torch.no_grad():
@@ -225,8 +241,9 @@ def predict(export_dir: str, inputs: list[str]) -> list[dict]:
             chosen = [n for n, p in scores.items() if p >= thresholds.get(n, DEFAULT_THRESHOLD)]
             results.append({"labels": chosen, "scores": scores})
         else:
-            probs = torch.softmax(row, -1)
-            results.append({"label": cfg.id2label[int(probs.argmax())], "score": float(probs.max())})
+            scores = {cfg.id2label[i]: p for i, p in enumerate(torch.softmax(row, -1).tolist())}
+            top = max(scores, key=scores.get)
+            results.append({"label": top, "score": scores[top], "scores": scores})
     return results
 
 

@@ -13,6 +13,6 @@ ensure_venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
 constraints=$(mktemp)
 echo "torch==2.13.0" >"$constraints"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e ".[test,deepspeed,slurm]"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$constraints" -e ".[test,deepspeed,slurm,demo]"
 rm -f "$constraints"
 echo "$want" >"$venv/.recipebox-stamp"

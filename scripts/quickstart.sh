@@ -7,4 +7,5 @@ bash scripts/env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 run=${RUN_DIR:-runs/quickstart}
 .venv/bin/torchrun --nproc_per_node=2 recipes/mlm_nsp.py --output-dir "$run" "$@"
-.venv/bin/python demos/mlm_nsp.py "$run"
+.venv/bin/python recipes/mlm_nsp.py predict "$run/export"
+echo "try it in the browser: .venv/bin/python demos/app.py $run/export"

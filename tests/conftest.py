@@ -93,6 +93,7 @@ FIRST = (
     "test_classification.py",
     "test_backends.py",
     "test_slurm.py",
+    "test_demos.py",
     "test_ner.py",
 )
 

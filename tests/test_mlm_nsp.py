@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 
@@ -81,13 +82,22 @@ def test_export_answers_through_pipeline_and_nsp_head(default_run):
 
 
 @pytest.mark.slow
-def test_demo_prints_predictions_from_held_out_documents(default_run):
+def test_predict_prints_predictions_for_held_out_documents(default_run):
+    """The terminal view of the export: the examples the run saved come from documents it never trained on."""
+    from data.nsp import split_documents
+    from data.text import read_documents
+
     proc = subprocess.run(
-        [sys.executable, str(REPO / "demos" / "mlm_nsp.py"), str(default_run)],
+        [sys.executable, str(REPO / "recipes" / "mlm_nsp.py"), "predict", str(default_run / "export")],
         capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "fill-mask:" in proc.stdout and proc.stdout.count("next sentence? p=") == 2
+    assert proc.stdout.count("fill-mask:") == 3 and proc.stdout.count("next sentence? p=") == 6
+    docs = read_documents([REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"])
+    train, _ = split_documents(docs, 0.15, 42)
+    trained = {s for d in train for s in d}
+    for a, b in json.loads((default_run / "export" / "examples.json").read_text())["next_sentence"]:
+        assert a not in trained and b not in trained
 
 
 def test_help_lists_every_option(capsys):

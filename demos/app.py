@@ -1,0 +1,62 @@
+"""Try an exported model in the browser: a Gradio app chosen from the export's model class.
+
+    python demos/app.py runs/ner/export                   # prints the local URL (http://127.0.0.1:7860)
+    python demos/app.py runs/toxic/export --port 7861
+    python demos/app.py runs/quickstart                   # a run folder: its export/
+    python demos/app.py EXPORT --host 0.0.0.0             # every interface (anyone who reaches the machine)
+
+Apps: BERT MLM+NSP (fill-mask, is-next), text classification (scores, fitted thresholds), NER (entities
+highlighted). Each button is also an API endpoint: see the page's "Use via API" link, or
+`gradio_client.Client(URL).predict(TEXT, api_name="/tag")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from demos.common import APPS, DemoError, app_for, find_export, launch, quiet_environment  # noqa: E402
+
+
+def main(argv: list[str] | None = None, block: bool = True):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("export", help="an export folder (RUN/export) or a run folder")
+    parser.add_argument(
+        "--app", choices=sorted(set(APPS.values())), help="the app (default: from the export)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (default: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=None, help="default: the first free one from 7860")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--concurrency", type=int, default=2, help="predictions run at once (default 2)")
+    args = parser.parse_args(argv)
+    try:
+        export = find_export(args.export)
+        name = args.app or app_for(export)
+    except DemoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    quiet_environment()  # before gradio is imported
+    app = importlib.import_module(f"demos.{name}")
+    blocks = app.build(export)
+    try:
+        return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,
+                      block=block)  # fmt: skip
+    except OSError as err:  # the port is taken, or the host is not an address of this machine
+        print(
+            f"error: cannot serve on {args.host}:{args.port}: {err}; pick another --port or --host",
+            file=sys.stderr,
+        )
+        return 2
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.exit(code if isinstance(code, int) else 0)

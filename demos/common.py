@@ -1,0 +1,97 @@
+"""What every demo app shares: safe settings, finding the export and its app, examples, and the launch.
+
+An app is a module in demos/ with `build(export: Path) -> gradio.Blocks`; every button's
+function is a module-level function with a named API endpoint (`api_name`), so the page, `gradio_client` and
+a test all call the same thing. The inference itself is the recipe's own (`recipes/<task>.py`: `predict`
+and friends, which use `transformers.pipeline` where transformers 5 has one for the task).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Set before gradio (or huggingface_hub) is imported: no analytics or telemetry threads (they can keep the
+# process alive on a network that accepts and never answers), no hub downloads, localhost never proxied.
+QUIET = {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+# The app for an export, by the suffix of its model class (config.json "architectures").
+APPS = {
+    "ForPreTraining": "mlm_nsp",
+    "ForSequenceClassification": "text_classification",
+    "ForTokenClassification": "ner",
+}
+
+
+class DemoError(Exception):
+    """A problem the user fixes (wrong folder, unknown model class): printed as `error: ...`, exit code 2."""
+
+
+def quiet_environment() -> None:
+    os.environ.update(QUIET)
+    local = "127.0.0.1,localhost"
+    for key in ("NO_PROXY", "no_proxy"):
+        os.environ[key] = f"{os.environ[key]},{local}" if os.environ.get(key) else local
+    if str(REPO) not in sys.path:
+        sys.path.insert(
+            0, str(REPO)
+        )  # the recipes' inference functions (`python demos/app.py` runs from demos/)
+
+
+def find_export(path: str | Path) -> Path:
+    """An export folder (config.json and safetensors weights), or a run folder holding one in export/."""
+    path = Path(path)
+    if not path.exists():
+        raise DemoError(f"{path} does not exist; pass an export folder (RUN/export) or a run folder")
+    export = path / "export" if (path / "export" / "config.json").is_file() else path
+    if not (export / "config.json").is_file():
+        raise DemoError(f"{path} holds no exported model (no config.json); train first or pass RUN/export")
+    if not any(export.glob("*.safetensors")) and not (export / "model.safetensors.index.json").is_file():
+        raise DemoError(f"{export} has a config.json but no safetensors weights; export it again")
+    return export
+
+
+def app_for(export: Path) -> str:
+    """The app name for an export, from its model class."""
+    try:
+        config = json.loads((export / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DemoError(
+            f"{export / 'config.json'} is not readable JSON ({err}); export the model again"
+        ) from err
+    archs = config.get("architectures") or []
+    for arch in archs:
+        for suffix, app in APPS.items():
+            if arch.endswith(suffix):
+                return app
+    known = ", ".join(f"*{s}" for s in APPS)
+    raise DemoError(f"{export}: no demo app for model class {archs or '(none)'}; apps exist for {known}")
+
+
+def examples(export: Path, endpoint: str) -> list[list]:
+    """The held-out inputs the recipe saved with the export for one endpoint (none for other exports)."""
+    path = export / "examples.json"
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(endpoint, [])
+    except ValueError:
+        return []
+
+
+def launch(blocks, *, host: str, port: int | None, share: bool, concurrency: int, block: bool = True):
+    """Serve on host:port (127.0.0.1 unless asked): at most `concurrency` predictions at once, 64 waiting."""
+    blocks.queue(default_concurrency_limit=concurrency, max_size=64)
+    blocks.launch(
+        server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=False
+    )
+    return blocks

@@ -1,0 +1,90 @@
+"""Screenshots of the demo apps for the docs: each app served from an export, its first saved example run,
+the page captured by the same headless Chromium the browser tests drive.
+
+    python demos/screenshots.py runs/quickstart/export runs/toxic/export runs/ner/export   # -> docs/demos/*.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from demos.common import REPO, app_for, find_export, quiet_environment  # noqa: E402
+
+# Per app, per picture: (tab to open, endpoint whose first example fills the inputs, input elem ids, button,
+# output elem id to wait for).
+SCENES = {
+    "mlm_nsp": [
+        ("Fill the mask", "fill_mask", ["fill-text"], "Fill", "fill-out"),
+        ("Next sentence?", "next_sentence", ["nsp-a", "nsp-b"], "Check", "nsp-verdict"),
+    ],
+    "text_classification": [(None, "classify", ["cls-text"], "Classify", "cls-decision")],
+    "ner": [(None, "tag", ["ner-text"], "Tag", "ner-table")],
+}
+FILLED = """([id, table]) => { const e = document.getElementById(id);
+  return table ? !!e.querySelector('[data-testid="cell-0-0"]')?.innerText.trim() : e.innerText.trim().length > 0; }"""
+
+
+def shoot(export: Path, out_dir: Path, browser) -> list[Path]:
+    import importlib
+
+    from PIL import Image
+
+    from demos.common import launch
+
+    name = app_for(export)
+    blocks = launch(importlib.import_module(f"demos.{name}").build(export), host="127.0.0.1", port=None,
+                    share=False, concurrency=1, block=False)  # fmt: skip
+    examples = json.loads((export / "examples.json").read_text(encoding="utf-8"))
+    saved = []
+    try:
+        for i, (tab, endpoint, inputs, button, output) in enumerate(SCENES[name]):
+            page = browser.new_page(viewport={"width": 960, "height": 640})
+            page.goto(blocks.local_url)
+            if tab:
+                page.get_by_role("tab", name=tab).click()
+            for elem_id, value in zip(inputs, examples[endpoint][0]):
+                page.locator(f"#{elem_id} textarea").fill(value)
+            page.get_by_role("button", name=button, exact=True).click()
+            page.wait_for_function(FILLED, arg=[output, output.endswith(("out", "table"))], timeout=60_000)
+            png = page.screenshot(full_page=True)
+            path = out_dir / f"{name}{'' if i == 0 else f'_{endpoint}'}.png"
+            Image.open(io.BytesIO(png)).convert("RGB").quantize(64).save(path, optimize=True)  # small files
+            saved.append(path)
+            page.close()
+    finally:
+        blocks.close()
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("exports", nargs="+", help="export folders (RUN/export) or run folders")
+    parser.add_argument("--out", default=str(REPO / "docs" / "demos"), help="where the PNGs go")
+    args = parser.parse_args(argv)
+    exports = [find_export(e) for e in args.exports]
+    quiet_environment()
+    from playwright.sync_api import sync_playwright
+
+    from demos import browser as chromium
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = chromium.launch(playwright)
+        for export in exports:
+            for path in shoot(export, out, browser):
+                print(f"{path} ({path.stat().st_size // 1024} KB)")
+        browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The demo apps, as a user meets them: `python demos/app.py EXPORT` in its own process, driven in a real
+headless Chromium. Every page check compares what the page shows with what the recipe's own inference
+function returns for the same export and input, so a wrong answer on the page fails the test.
+
+The exports are made here by the recipes themselves (a few steps each, one process), so they carry what a
+real export carries: examples.json from held-out data, curves.png in the model card, fitted thresholds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import REPO, free_port, subprocess_env
+from recipe_runs import RECIPE, TINY, python, run
+
+APP = str(REPO / "demos" / "app.py")
+NER_TEXT = "Anna Berg flew from Oslo to meet Contoso staff in Paris ."
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer_dir):
+    """{app: export folder}: MLM+NSP (tiny BERT), multi-label toxic comments (MiniLM, fitted thresholds),
+    NER (MiniLM, enough steps to tag the toy entities), trained side by side."""
+    root = tmp_path_factory.mktemp("demo_runs")
+    common = ["--tracker", "none", "--log-every", "1"]
+    commands = {
+        "mlm_nsp": [RECIPE, "--tokenizer", str(tokenizer_dir), *TINY, "--max-steps", "20", "--eval-every", "10"],
+        "text_classification": [str(REPO / "recipes" / "text_classification.py"), "--config",
+                                str(REPO / "recipes" / "configs" / "toxic.yaml"), "--max-steps", "3"],
+        "ner": [str(REPO / "recipes" / "ner.py"), "--max-steps", "40", "--eval-every", "20"],
+    }  # fmt: skip
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, *cmd, *common, "--output-dir", str(root / name)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(),
+            cwd=REPO,
+        )  # fmt: skip
+        for name, cmd in commands.items()
+    }
+    for name, proc in procs.items():
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, f"{name}:\n{out[-3000:]}"
+    return {name: root / name / "export" for name in commands}
+
+
+def wait_for_server(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as page:
+                if page.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} never answered")
+
+
+@pytest.fixture(scope="module")
+def servers(exports):
+    """{app: URL}: `python demos/app.py EXPORT --port P` for each export, started together; stopped after."""
+    started = {}
+    try:
+        for name, export in exports.items():
+            port = free_port()
+            proc = subprocess.Popen(
+                [sys.executable, APP, str(export), "--port", str(port)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO,
+            )  # fmt: skip
+            started[name] = (proc, f"http://127.0.0.1:{port}/", port)
+        for proc, url, _ in started.values():
+            wait_for_server(proc, url)
+        yield {name: url for name, (_, url, _) in started.items()} | {
+            f"{name}_port": port for name, (_, _, port) in started.items()
+        }
+    finally:
+        for proc, _, _ in started.values():
+            proc.terminate()
+        for proc, _, _ in started.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    from demos import browser as chromium
+
+    with sync_playwright() as playwright:
+        b = chromium.launch(playwright)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    yield context.new_page()
+    context.close()
+
+
+def grid(page, elem_id: str, columns: int) -> list[list[str]]:
+    """The rows a Dataframe shows (its cells, read in order)."""
+    cells = page.locator(f"#{elem_id}").get_by_role("gridcell").all_inner_texts()
+    return [[c.strip() for c in cells[i : i + columns]] for i in range(0, len(cells), columns)]
+
+
+def wait_for_text(page, elem_id: str, needle: str) -> str:
+    page.locator(f"#{elem_id}").get_by_text(needle).first.wait_for(timeout=60_000)
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def test_exports_carry_examples_and_curves(exports):
+    for name, export in exports.items():
+        examples = json.loads((export / "examples.json").read_text())
+        assert examples and all(rows for rows in examples.values()), name
+        assert (export / "curves.png").stat().st_size > 1000, name
+        assert "![Training curves](curves.png)" in (export / "README.md").read_text(), name
+
+
+def test_fill_mask_page_shows_the_pipelines_top_k(servers, exports, page):
+    from playwright.sync_api import expect
+
+    from recipes.mlm_nsp import fill_mask
+
+    example = json.loads((exports["mlm_nsp"] / "examples.json").read_text())["fill_mask"][0][0]
+    page.goto(servers["mlm_nsp"])
+    page.get_by_text(example[:40]).first.click()  # the held-out example fills the text box
+    expect(page.locator("#fill-text textarea")).to_have_value(example)
+    page.get_by_role("button", name="Fill", exact=True).click()
+    page.locator("#fill-out").get_by_role("gridcell").nth(9).wait_for(timeout=60_000)
+    shown = grid(page, "fill-out", 2)
+    expected = fill_mask(str(exports["mlm_nsp"]), example, 5)
+    assert [(t, float(p)) for t, p in shown] == [(t, round(p, 4)) for t, p in expected]
+
+
+def test_next_sentence_page_shows_the_nsp_probability(servers, exports, page):
+    from recipes.mlm_nsp import next_sentence
+
+    a, b = json.loads((exports["mlm_nsp"] / "examples.json").read_text())["next_sentence"][-1]
+    page.goto(servers["mlm_nsp"])
+    page.get_by_role("tab", name="Next sentence?").click()
+    page.locator("#nsp-a textarea").fill(a)
+    page.locator("#nsp-b textarea").fill(b)
+    page.get_by_role("button", name="Check", exact=True).click()
+    shown = wait_for_text(page, "nsp-verdict", "p(B follows A)")
+    p = next_sentence(str(exports["mlm_nsp"]), a, b)
+    assert f"p(B follows A) = {p:.4f}" in shown
+    assert ("B is the next sentence" if p >= 0.5 else "B is not the next sentence") in shown
+
+
+def test_classification_page_applies_the_fitted_thresholds(servers, exports, page):
+    from transformers import AutoConfig
+
+    from recipes.text_classification import predict
+
+    text = "You brainless clown, thanks for nothing."
+    page.goto(servers["text_classification"])
+    page.locator("#cls-text textarea").fill(text)
+    page.get_by_role("button", name="Classify", exact=True).click()
+    wait_for_text(page, "cls-decision", "Labels:")
+    (result,) = predict(str(exports["text_classification"]), [text])
+    fitted = AutoConfig.from_pretrained(exports["text_classification"]).label_thresholds
+    rows = [r.locator("td").all_inner_texts() for r in page.locator("#cls-decision table tbody tr").all()]
+    assert rows == [
+        [n, f"{p:.4f}", f"{fitted[n]:.2f}", "yes" if n in result["labels"] else "no"]
+        for n, p in result["scores"].items()
+    ]
+    chosen = ", ".join(result["labels"]) or "none"
+    assert f"Labels: {chosen}" in page.locator("#cls-decision").inner_text()
+    top = max(result["scores"], key=result["scores"].get)
+    assert page.locator("#cls-scores").inner_text().split("\n")[1] == top  # the label output's heading
+
+
+def test_ner_page_highlights_the_recipes_entities(servers, exports, page):
+    from demos.ner import spans
+    from recipes.ner import predict
+
+    expected = predict(str(exports["ner"]), NER_TEXT)
+    assert any(tag != "O" for _, tag in expected), "the NER export found no entity: train it longer"
+    page.goto(servers["ner"])
+    page.locator("#ner-text textarea").fill(NER_TEXT)
+    page.get_by_role("button", name="Tag", exact=True).click()
+    page.locator("#ner-table").get_by_role("gridcell").nth(2 * len(expected) - 1).wait_for(timeout=60_000)
+    assert grid(page, "ner-table", 2) == [list(pair) for pair in expected]
+    # Each entity is one highlighted piece followed by its type; words outside entities stay unlabelled.
+    pieces = page.locator("#ner-entities .token")
+    shown = [(pieces.nth(i).locator(".text").inner_text().strip(), pieces.nth(i).locator(".label").all_inner_texts())
+             for i in range(pieces.count())]  # fmt: skip
+    assert shown == [(text.strip(), [kind] if kind else []) for text, kind in spans(expected)]
+
+
+def test_api_answers_by_name_and_long_input_is_windowed(servers, exports):
+    from gradio_client import Client
+
+    from recipes.ner import load, predict
+
+    client = Client(servers["ner"], verbose=False)
+    long_text = " ".join([NER_TEXT] * 40)
+    tok = load(str(exports["ner"]))[0]
+    assert len(tok(long_text)["input_ids"]) > tok.model_max_length
+    highlighted, table, note = client.predict(long_text, api_name="/tag")
+    assert [tuple(row) for row in table["data"]] == predict(str(exports["ner"]), long_text)
+    assert "windows" in note
+
+
+def test_eight_concurrent_requests_are_all_answered_correctly(servers, exports):
+    from gradio_client import Client
+
+    from recipes.text_classification import predict
+
+    client = Client(servers["text_classification"], verbose=False)
+    texts = [
+        f"Comment number {i}: {'you idiot' if i % 2 else 'thanks for the fix'}" * (i + 1) for i in range(8)
+    ]
+    jobs = [client.submit(t, api_name="/classify") for t in texts]
+    done, _ = concurrent.futures.wait(jobs, timeout=180)
+    assert len(done) == 8
+    expected = predict(str(exports["text_classification"]), texts)
+    for job, text, want in zip(jobs, texts, expected):
+        scores, decision = job.result()
+        got = {c["label"]: c["confidence"] for c in scores["confidences"]}
+        assert got.keys() == want["scores"].keys(), text
+        assert all(abs(got[k] - v) < 1e-5 for k, v in want["scores"].items()), text
+        assert f"Labels: **{', '.join(want['labels']) or 'none'}**" in decision, text
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port` (Linux /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_apps_listen_on_localhost_only(servers):
+    loopback = "0100007F"  # 127.0.0.1, little-endian hex as the kernel writes it
+    for name in ("mlm_nsp", "text_classification", "ner"):
+        assert listening_addresses(servers[f"{name}_port"]) == {loopback}, name
+
+
+@pytest.mark.parametrize("target", ["missing", "not_an_export"])
+def test_a_folder_without_an_export_stops_with_exit_2(tmp_path, target):
+    folder = tmp_path / target
+    if target == "not_an_export":
+        folder.mkdir()
+        (folder / "notes.txt").write_text("no model here")
+    proc = python(APP, str(folder), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {folder}") and "Running on" not in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_predict_entry_prints_the_saved_examples(exports):
+    proc = run([sys.executable, RECIPE, "predict", str(exports["mlm_nsp"])], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("fill-mask:") == 3 and proc.stdout.count("next sentence? p=") == 6

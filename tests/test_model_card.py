@@ -1,0 +1,155 @@
+"""The model card: training curves drawn from metrics.jsonl (resumed runs, torn lines, nothing to plot),
+embedded in an export's README.md, and the demo examples written beside it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from checkpoints.curves import COUNTERS, DPI, PANEL_INCHES, panels, plot_curves, read_curves
+from checkpoints.export import export_hf
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IMAGE_LINE = "![Training curves](curves.png)"
+
+
+def write_metrics(path, records, tail: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail, encoding="utf-8")
+
+
+def train(step: int, loss: float) -> dict:
+    return {"step": step, "time": 1.0 + step, "train/loss": loss, "train/lr": 1e-3 / step, "train/epoch": 0.1}
+
+
+RUN = [
+    train(1, 2.0),
+    train(2, 1.7),
+    {"step": 2, "time": 3.5, "eval/loss": 1.8, "eval/accuracy": 0.4, "eval/examples": 200.0},
+    {"step": 2, "time": 3.6, "eval/f1/LOC": 0.3, "eval/loss/mlm": 1.2, "replica_param_sums": [1.0, 1.0]},
+    train(3, 1.5),
+    train(3, 1.4),  # the run resumed from step 2 and logged step 3 again
+    train(4, 1.2),
+    {"step": 4, "time": 5.5, "eval/loss": 1.3, "eval/accuracy": 0.6, "eval/examples": 200.0},
+    {"step": 4, "time": 5.6, "test/loss": 1.35, "test/accuracy": 0.55, "test/examples": 300.0},
+]
+TORN = '{"step": 5, "time": 6.0, "train/lo'  # a crash mid-write
+
+
+@pytest.fixture
+def metrics_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, RUN, TORN)
+    return path
+
+
+def test_the_later_line_of_a_step_wins_and_torn_lines_are_skipped(metrics_file):
+    curves = read_curves(metrics_file)
+    assert curves["train/loss"] == {1: 2.0, 2: 1.7, 3: 1.4, 4: 1.2}
+    assert curves["eval/accuracy"] == {2: 0.4, 4: 0.6}
+    assert "replica_param_sums" not in curves and "time" not in curves and "step" not in curves
+
+
+def test_panels_are_training_loss_lr_then_headline_metrics_with_test_beside_eval(metrics_file):
+    chosen = panels(read_curves(metrics_file))
+    titles = [title for title, _ in chosen]
+    assert titles == ["train loss", "learning rate", "eval & test loss", "eval & test accuracy"]
+    assert chosen[3][1] == {"eval": {2: 0.4, 4: 0.6}, "test": {4: 0.55}}
+    assert "examples" in COUNTERS  # eval/examples is a count, not a score, so it has no panel
+
+
+def test_panels_are_at_most_eight(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, [train(1, 1.0), {"step": 1, **{f"eval/m{i}": i / 10 for i in range(10)}}])
+    assert len(panels(read_curves(path))) == 8
+
+
+def test_plot_curves_draws_a_small_png_of_the_grid(metrics_file, tmp_path):
+    out = tmp_path / "curves.png"
+    assert plot_curves(metrics_file, out)
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    assert len(data) < 200_000
+    with Image.open(out) as image:
+        image.verify()
+    with Image.open(out) as image:
+        # 4 panels: one row of 4 at PANEL_INCHES each
+        want = (4 * PANEL_INCHES[0] * DPI, PANEL_INCHES[1] * DPI)
+        assert image.size == pytest.approx(want, abs=2)
+        colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
+    assert len(colours) > 10  # lines, markers and text on white, not a blank canvas
+    blue = [n for n, rgb in colours if rgb[2] > 150 and rgb[0] < 80]  # the "C0" curves
+    red = [n for n, rgb in colours if rgb[0] > 180 and rgb[1] < 80 and rgb[2] < 80]  # the test points
+    assert sum(blue) > 50 and sum(red) > 10
+
+
+def test_five_panels_fill_a_grid_of_three_columns(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, [train(1, 1.0), train(2, 0.9), {"step": 2, "eval/a": 1, "eval/b": 2, "eval/c": 3}])
+    assert plot_curves(path, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.size == pytest.approx((3 * PANEL_INCHES[0] * DPI, 2 * PANEL_INCHES[1] * DPI), abs=2)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,  # no file at all
+        "",
+        "\n\n",
+        TORN,
+        '{"step": 1, "time": 2.0, "train/epoch": 0.5, "eval/examples": 10, "eval/f1/LOC": 0.5}\n',
+        '[1, 2]\n"text"\n{"time": 1.0, "train/loss": 1.0}\n{"step": 1, "train/loss": NaN, "train/lr": "x"}\n',
+    ],
+)
+def test_nothing_to_plot_returns_false_and_writes_nothing(tmp_path, content):
+    path = tmp_path / "metrics.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    out = tmp_path / "curves.png"
+    assert plot_curves(path, out) is False
+    assert not out.exists()
+
+
+def tiny_bert():
+    import transformers
+
+    config = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_export_embeds_the_curves_and_writes_the_examples(metrics_file, tmp_path):
+    examples = {"predict": [["a fine day"], ["a dreadful day"]]}
+    out = export_hf(
+        tiny_bert(),
+        None,
+        tmp_path / "export",
+        title="Tiny",
+        metrics={"eval/accuracy": 0.6},
+        config={"lr": 1e-3},
+        metrics_file=metrics_file,
+        examples=examples,
+    )
+    assert out == tmp_path / "export" and not (tmp_path / "export.tmp").exists()
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "## Training curves" in card and IMAGE_LINE in card
+    assert card.index("## Evaluation") < card.index(IMAGE_LINE) < card.index("## Training configuration")
+    assert (out / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((out / "examples.json").read_text(encoding="utf-8")) == examples
+    assert (out / "model.safetensors").is_file()
+
+
+def test_export_without_curves_says_nothing_of_them(tmp_path):
+    out = export_hf(tiny_bert(), None, tmp_path / "export", title="Tiny", metrics={}, config={})
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "curves" not in card.lower()
+    assert not (out / "curves.png").exists() and not (out / "examples.json").exists()
+    # a metrics file with nothing to plot: the same card
+    empty = tmp_path / "metrics.jsonl"
+    empty.write_text(TORN, encoding="utf-8")
+    out = export_hf(tiny_bert(), None, out, title="Tiny", metrics={}, config={}, metrics_file=empty)
+    assert "curves" not in (out / "README.md").read_text(encoding="utf-8").lower()
+    assert not (out / "curves.png").exists()
