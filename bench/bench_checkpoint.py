@@ -1,7 +1,11 @@
-"""Checkpoint save/load speed: checkpoints.sharded vs a rank-0 torch.save, plus DCP async_save blocking time.
+"""Checkpoint save/load speed: checkpoints.sharded vs a rank-0 torch.save, what --async-save blocks, and
+where a save's time goes.
 
 A BERT-base BertForPreTraining under DDP (2 CPU ranks, gloo) with AdamW state from one real step; each
-measurement is the median of 3. Usage:
+measurement is the median of 3. Rows: the recipes' save (content hashes on, then sizes only), torch.save of
+the same state on rank 0, the recipes' background save (what it blocks, and until the commit), the loads;
+then the parts of one save: collecting the state dict, DCP's write with and without fsync, hashing, the
+manifest and rename. Usage:
     python bench/bench_checkpoint.py            # BERT-base (~110M params), a few minutes
     python bench/bench_checkpoint.py --quick    # 4 layers, smoke test
 """
@@ -88,33 +92,61 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def _async_save(state, folder: Path, group) -> tuple[float, float]:
+def _background_save(save, background) -> tuple[float, float]:
+    """(seconds until save() returns, seconds until the checkpoint is committed on every rank)."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     dist.barrier()
     start = time.perf_counter()
-    pending = dcp.async_save(state, checkpoint_id=folder, process_group=group)
+    save()
     blocked = time.perf_counter() - start
-    # Newer stagers return an AsyncSaveResponse; the upload future is what "saved" means.
-    getattr(pending, "upload_completion", pending).result()
+    background.wait()
     dist.barrier()
     return blocked, time.perf_counter() - start
+
+
+def measure_parts(model, opt, out: Path) -> dict:
+    """One save taken apart, each part timed on its own (seconds, slowest rank's view via barriers)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from checkpoints.sharded import _hash_shares, _write_atomic
+
+    r = {}
+    state, r["part_state_dict"] = _timed(lambda: get_state_dict(model, opt))
+    state = {"model": state[0], "optim": state[1]}
+    for sync in (True, False):
+        folder = out / f"parts-{sync}"
+        writer = dcp.FileSystemWriter(folder, sync_files=sync)
+        r[f"part_dcp_write_fsync_{sync}"] = _timed(lambda w=writer: dcp.save(state, storage_writer=w))[1]
+    folder = out / "parts-True"
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    r["part_hash"] = _timed(lambda: _hash_shares(folder, names))[1]
+
+    def manifest_and_rename():
+        if dist.get_rank() == 0:
+            _write_atomic(folder / "manifest.json", json.dumps({"files": names}))
+            folder.rename(out / "parts-renamed")
+
+    r["part_manifest_rename"] = _timed(manifest_and_rename)[1]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for name in ("parts-False", "parts-renamed"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    return r
 
 
 def measure_saves(model, opt, out: Path) -> dict:
     """Seconds per repeat for each save, sizes in bytes; leaves the last sharded folder and .pt file."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from checkpoints.sharded import save_checkpoint
+    from checkpoints.sharded import BackgroundSaves, save_checkpoint
 
     rank = dist.get_rank()
-    # async_save's thread runs collectives while the caller goes on; a group of its own keeps them from
-    # interleaving with the training loop's on the default group, as the DCP docs advise.
-    async_group = dist.new_group(backend="gloo")
-    r = {"sharded_save": [], "torch_save": [], "async_blocked": [], "async_total": [], "async_error": None}
+    background = BackgroundSaves()  # what --async-save uses: its own gloo group, one save in flight
+    r = {"sharded_save": [], "sizes_only_save": [], "torch_save": [], "async_blocked": [], "async_total": []}
     r["baseline"] = out / "torch_save.pt"
     for rep in range(REPEATS):
         # Each repeat writes anew; the previous output is removed untimed, so every repeat starts from the
@@ -123,38 +155,38 @@ def measure_saves(model, opt, out: Path) -> dict:
             shutil.rmtree(out / "sharded", ignore_errors=True)
             r["baseline"].unlink(missing_ok=True)
         dist.barrier()
-        r["sharded"], seconds = _timed(
-            lambda rep=rep: save_checkpoint(
-                out / "sharded",
+
+        def ours(root, checksums=True, background=None, rep=rep):
+            return save_checkpoint(
+                root,
                 rep,
                 model=model,
                 optimizer=opt,
                 rank_state={"rng": torch.get_rng_state(), "position": torch.tensor([rep])},
                 rank_meta={},
                 meta={"world_size": 2},
+                checksums=checksums,
+                background=background,
             )
-        )
+
+        r["sharded"], seconds = _timed(lambda: ours(out / "sharded"))
         r["sharded_save"].append(seconds)
+        r["sizes_only_save"].append(_timed(lambda: ours(out / "sizes-only", checksums=False))[1])
 
         def plain_save():
             if rank == 0:
                 torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, r["baseline"])
 
         r["torch_save"].append(_timed(plain_save)[1])
-
-        if r["async_error"] is None:
-            folder = out / "async"
-            try:
-                model_sd, optim_sd = get_state_dict(model, opt)
-                blocked, total = _async_save({"model": model_sd, "optim": optim_sd}, folder, async_group)
-                r["async_blocked"].append(blocked)
-                r["async_total"].append(total)
-                r["async_bytes"] = _folder_bytes(folder)
-            except Exception as err:  # the row is optional: report why it is missing and go on
-                r["async_error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-            dist.barrier()
-            if rank == 0:
-                shutil.rmtree(folder, ignore_errors=True)
+        blocked, total = _background_save(lambda: ours(out / "async", background=background), background)
+        r["async_blocked"].append(blocked)
+        r["async_total"].append(total)
+        r["async_bytes"] = _folder_bytes(out / "async")
+        dist.barrier()
+        if rank == 0:
+            for name in ("async", "sizes-only"):
+                shutil.rmtree(out / name, ignore_errors=True)
+    background.close()
     return r
 
 
@@ -193,6 +225,7 @@ def worker(out: Path, quick: bool) -> None:
     model, opt = _build(quick, seed=0, step=True)
     params = sum(p.numel() for p in model.parameters())
     saves = measure_saves(model, opt, out)
+    saves.update(measure_parts(model, opt, out))
     saved = _fingerprint(model, opt)
     del model, opt  # the digests stand in for them from here on
     loads = measure_loads(saves["sharded"], saves["baseline"], saved, quick)
@@ -200,10 +233,10 @@ def worker(out: Path, quick: bool) -> None:
     if dist.get_rank() == 0:
         timings = {k: v for k, v in {**saves, **loads}.items() if isinstance(v, list) and v}
         result = {k: statistics.median(v) for k, v in timings.items()}
+        result.update({k: v for k, v in saves.items() if k.startswith("part_")})
         result.update(
             params=params,
             threads=torch.get_num_threads(),
-            async_error=saves["async_error"],
             sizes={
                 "sharded": _folder_bytes(saves["sharded"]),
                 "torch_save": saves["baseline"].stat().st_size,
@@ -223,21 +256,29 @@ def print_table(r: dict, quick: bool) -> None:
     print(f"{'method':<34} {'MB':>8} {'seconds':>8} {'MB/s':>8}")
     rows = [
         ("save  recipebox sharded", mb["sharded"], r["sharded_save"]),
+        ("save  recipebox, sizes only", mb["sharded"], r["sizes_only_save"]),
         ("save  torch.save (rank 0)", mb["torch_save"], r["torch_save"]),
         ("load  recipebox sharded", mb["sharded"], r["sharded_load"]),
         ("load  torch.load+load_state_dict", mb["torch_save"], r["torch_load"]),
     ]
     for name, size, secs in rows:
         print(f"{name:<34} {size:>8.0f} {secs:>8.2f} {size / secs:>8.0f}")
-    if "async_blocked" in r:
-        print(f"{'async_save':<34} {mb['async']:>8.0f} {'blocked':>8} {'total':>8}")
-        print(f"{'':<34} {'':>8} {r['async_blocked']:>8.2f} {r['async_total']:>8.2f}")
-    else:
-        print(f"async_save skipped: {r['async_error']}")
+    print(f"{'save  recipebox --async-save':<34} {mb['async']:>8.0f} {'blocked':>8} {'total':>8}")
+    print(f"{'':<34} {'':>8} {r['async_blocked']:>8.2f} {r['async_total']:>8.2f}")
+    print("one save, part by part (seconds):")
+    parts = [
+        ("get_state_dict", "part_state_dict"),
+        ("DCP write with fsync (as saved)", "part_dcp_write_fsync_True"),
+        ("DCP write without fsync", "part_dcp_write_fsync_False"),
+        ("xxh3-64 of every file, in shares", "part_hash"),
+        ("manifest + rename", "part_manifest_rename"),
+    ]
+    for name, key in parts:
+        print(f"  {name:<40} {r[key]:>6.2f}")
     print(f"save: recipebox sharded vs torch.save: {r['sharded_save'] / r['torch_save']:.2f}x time")
+    print(f"save: content hashes cost {r['sharded_save'] - r['sizes_only_save']:+.2f} s over sizes only")
     print(f"load: recipebox sharded vs torch.load: {r['sharded_load'] / r['torch_load']:.2f}x time")
-    if "async_blocked" in r:
-        print(f"async save blocks the loop for {r['async_blocked']:.2f} s of {r['async_total']:.2f} s")
+    print(f"async save blocks the loop for {r['async_blocked']:.2f} s of {r['async_total']:.2f} s")
 
 
 def main() -> None:

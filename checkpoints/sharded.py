@@ -5,6 +5,10 @@ A checkpoint is written under a hidden temporary name; after every rank has fini
 share of the files (xxh3-64), and rank 0 records every file's size and hash in `manifest.json`, renames the
 folder into place and moves the `latest` pointer. A folder without a manifest, or whose files do not match
 it (missing, truncated, or the same size with other bytes: a bad sector, a faulty copy), is never loaded.
+
+With `BackgroundSaves` (--async-save) training waits only while model and optimizer are copied to host
+memory (pinned on GPUs); the write, the hashes and the commit above run in a background thread on a gloo
+process group of their own, one checkpoint at a time. Until that commit the previous checkpoint is `latest`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +41,9 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:06d}"
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _rank() -> int:
@@ -55,14 +60,14 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _hash_shares(folder: Path, names: list[str]) -> dict[str, str]:
+def _hash_shares(folder: Path, names: list[str], group=None) -> dict[str, str]:
     """Collective: each rank hashes every world-size-th file; every rank gets all the hashes."""
     rank, world = _rank(), dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     mine = {name: file_hash(folder / name) for name in names[rank::world]}
     if world == 1:
         return mine
     every = [None] * world
-    dist.all_gather_object(every, mine)
+    dist.all_gather_object(every, mine, group=group)
     return {k: v for part in every for k, v in part.items()}
 
 
@@ -94,6 +99,18 @@ class DCPState:
             no_dist=not dist.is_initialized(),
         )
 
+    def save_async(self, path: Path, background: BackgroundSaves) -> Future:
+        """Returns once model and optimizer are copied to host memory; the future ends with the write."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return dcp.async_save(
+            {"model": model_sd, "optim": optim_sd},
+            checkpoint_id=path,
+            planner=self.save_planner,
+            process_group=background.group,
+            async_stager=background.stager,
+            no_dist=not dist.is_initialized(),
+        )
+
     def load(self, path: Path, meta: dict[str, Any]) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
@@ -101,6 +118,36 @@ class DCPState:
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
+
+
+class BackgroundSaves:
+    """--async-save: at most one checkpoint in flight. Collective to create (a process group of its own, so
+    the background thread's collectives never meet the training's); `wait` before anything that needs the
+    checkpoint committed (the next save, a stop, the end of the run); it raises what the save raised."""
+
+    def __init__(self, pinned: bool = False):
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+        # On GPUs, one set of pinned host buffers, reused by every save; on CPU DCP copies into fresh tensors.
+        self.stager = DefaultStager(StagingOptions(True, False, False, False)) if pinned else None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.in_flight: Future | None = None
+
+    def submit(self, fn) -> None:
+        self.wait()
+        self.in_flight = self.pool.submit(fn)
+
+    def wait(self) -> None:
+        if self.in_flight is not None:
+            in_flight, self.in_flight = self.in_flight, None
+            in_flight.result()
+
+    def close(self) -> None:
+        self.wait()
+        self.pool.shutdown()
+        if self.stager is not None:
+            self.stager.close()
 
 
 def save_checkpoint(
@@ -116,27 +163,30 @@ def save_checkpoint(
     extra_files: dict[str, Path] | None = None,
     keep_last: int = 0,
     checksums: bool = True,
+    background: BackgroundSaves | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the committed folder.
+    """Collective: every rank calls it. Returns the folder the checkpoint is (or, in the background, will be)
+    committed to.
 
     `state` writes model and optimizer into a folder (`DCPState` by default; a backend with its own format,
     such as DeepSpeed's, passes its own object with the same `format`, `save` and `load`). Without
-    `checksums` the manifest records sizes only."""
+    `checksums` the manifest records sizes only. With `background` (a `DCPState` only) it returns once the
+    state is in host memory; the write and the commit finish in `background`."""
     root, rank = Path(root), _rank()
     state = state or DCPState(model, optimizer)
     meta = {**meta, "state_format": state.format, **getattr(state, "meta", {})}
     final, tmp = step_dir(root, step), root / f".tmp-step-{step:06d}"
+    if background is not None:
+        background.wait()  # one in flight: its commit may still use the folder names below
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state.save(tmp / "state")
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in rank_state.items()},
         tmp / f"rank-{rank:05d}.safetensors",
         metadata={"json": json.dumps(rank_meta)},
     )
-    _barrier()
     if rank == 0:
         for name, src in (extra_files or {}).items():
             dst = tmp / name
@@ -145,10 +195,25 @@ def save_checkpoint(
             else:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
-    _barrier()
+    commit = dict(
+        root=root, step=step, tmp=tmp, final=final, meta=meta, keep_last=keep_last, checksums=checksums
+    )
+    if background is None:
+        state.save(tmp / "state")
+        _commit(**commit)
+    else:
+        written = state.save_async(tmp / "state", background)
+        background.submit(lambda: (written.result(), _commit(**commit, group=background.group)))
+    return final
+
+
+def _commit(root, step, tmp, final, meta, keep_last, checksums, group=None) -> None:
+    """Collective, once every rank's files are written: hashes in shares, then rank 0 writes the manifest,
+    renames the folder into place and moves `latest`."""
+    _barrier(group)
     names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    hashes = _hash_shares(tmp, names) if checksums else {}
-    if rank == 0:
+    hashes = _hash_shares(tmp, names, group) if checksums else {}
+    if _rank() == 0:
         files = {name: (tmp / name).stat().st_size for name in names}
         manifest = {"step": step, "meta": meta, "files": files}
         if checksums:
@@ -159,8 +224,7 @@ def save_checkpoint(
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name)
         _prune(root, keep_last)
-    _barrier()
-    return final
+    _barrier(group)
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -44,7 +44,15 @@ def main(argv: list[str] | None = None, block: bool = True):
         print(f"error: {err}", file=sys.stderr)
         return 2
     quiet_environment()  # before gradio is imported
-    app = importlib.import_module(f"demos.{name}")
+    try:
+        app = importlib.import_module(f"demos.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        print(
+            'error: gradio is not installed: pip install -e ".[demo]" (scripts/env.sh does)', file=sys.stderr
+        )
+        return 2
     blocks = app.build(export)
     try:
         return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,

@@ -54,6 +54,9 @@ class TrainConfig:
     save_every_minutes: float = 0.0  # also save when this much time has passed since the last save
     keep_last: int = 3  # checkpoints kept; 0 keeps all
     checkpoint_checksums: bool = True  # hash every checkpoint file on save, check on load; false: sizes only
+    async_save: bool = (
+        False  # write checkpoints in the background; training waits for the copy to host memory
+    )
     resume: str = "auto"  # auto: the newest complete checkpoint of this run | never | a checkpoint folder
     stop_signals: str = "SIGTERM,SIGUSR1"  # save at the next step boundary and exit 75
     requeue: bool = False  # under Slurm, requeue the job after a stop signal's save
@@ -182,6 +185,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
         world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
         build_deepspeed_config(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.async_save and cfg.backend in ("deepspeed", "xla"):
+        raise ConfigError(
+            f"--async-save works with --backend ddp or fsdp (torch.distributed.checkpoint); {cfg.backend} "
+            "writes its own checkpoint format synchronously: drop --async-save"
+        )
     if cfg.eval_batch_size < 0:
         raise ConfigError(
             f"--eval-batch-size must be 0 (same as --batch-size) or more, got {cfg.eval_batch_size}"

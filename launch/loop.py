@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from checkpoints.export import PROCESSOR, processor_folder
-from checkpoints.sharded import latest_complete_checkpoint, load_checkpoint, save_checkpoint
+from checkpoints.sharded import BackgroundSaves, latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from data.sampler import ShardedSampler
 from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from launch.config import ConfigError, TrainConfig
@@ -69,6 +69,8 @@ class Trainer:
         self.export_prefix = module_prefix(task.trained, task.model)
         self.stopped = False  # a stop request (preemption) ended the run early
         self._last_save = (-1, time.monotonic())  # (step, time) of the last save or resume
+        pinned = rt.device.type == "cuda"
+        self.background = BackgroundSaves(pinned) if cfg.async_save and run_dir is not None else None
         train = task.splits["train"]
         self.sampler = ShardedSampler(
             len(train), rank=rt.rank, world_size=rt.world_size, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -289,9 +291,15 @@ class Trainer:
             },
             keep_last=self.cfg.keep_last,
             checksums=self.cfg.checkpoint_checksums,
+            background=self.background,
         )
         self._last_save = (self.state.step, time.monotonic())
         return path
+
+    def finish_saves(self) -> None:
+        """Wait for a checkpoint still being written in the background (--async-save) to be committed."""
+        if self.background is not None:
+            self.background.wait()
 
     def resume(self) -> dict | None:
         """Restore from --resume (auto: the newest complete checkpoint of this run, if any); the saved meta."""
@@ -381,6 +389,7 @@ class Trainer:
                 self.save()
                 t0 = time.perf_counter()
             if stop:
+                self.finish_saves()
                 rt.print(
                     f"stopped at step {step} on request; checkpoint saved" if self.run_dir else "stopped"
                 )
@@ -392,7 +401,8 @@ class Trainer:
             self.save()
         if cfg.check_replicas:
             tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
-        final = self.evaluate()
+        final = self.evaluate()  # overlaps the last checkpoint's write (--async-save)
+        self.finish_saves()
         tracker.log(final, self.state.step)
         tracker.summary(final)
         return final

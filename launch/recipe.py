@@ -100,6 +100,8 @@ def run_recipe(
         if tracker is not None:
             tracker.finish()
         if trainer is not None:
+            if trainer.background is not None:
+                trainer.background.close()
             trainer.backend.close()
         rt.close(clean)
 

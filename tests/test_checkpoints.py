@@ -347,3 +347,63 @@ def test_checkpoints_without_hashes_still_load_with_a_notice(small_checkpoint):
     assert notices == [f"{path}: its manifest has sizes only (no content hashes); checked by size"]
     meta, rank_state, _ = load_checkpoint(path, model=model, optimizer=optimizer)
     assert meta["step"] == 3 and "rng/torch" in rank_state
+
+
+def test_async_save_sigkill_then_the_same_command_continues_exactly(tmp_path, tokenizer_dir, reference):
+    """--async-save: the same run as `reference`, killed mid-training; every committed checkpoint verifies
+    (content included), none is left half-committed, and the same command continues bit for bit."""
+    out = tmp_path / "run"
+    cmd = command(out, tokenizer_dir, "--async-save", "true")
+    latest = sigkill_one_rank_after(cmd, out, 9)
+    for ckpt in sorted((out / "checkpoints").glob("step-*")):
+        verify = run([sys.executable, "-m", "checkpoints", "verify", str(ckpt)])
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / latest}" in again.stdout
+    assert losses(out) == losses(reference)
+    assert final_sums(out) == final_sums(reference)
+    assert not list((out / "checkpoints").glob(".tmp-*")) and (
+        out / "checkpoints" / "latest"
+    ).read_text() == ("step-000024")
+
+
+def test_async_save_under_fsdp_writes_the_same_checkpoint(
+    tmp_path, tokenizer_dir, saved_runs, checkpoint_exports
+):
+    """FSDP2's sharded state through the background save: the same losses and the same weights at step 8
+    as the synchronous run of `saved_runs`."""
+    sync = saved_runs(2, "fsdp")
+    out = tmp_path / "run"
+    _launch(tokenizer_dir, out, 2, "fsdp", 16, "--async-save", "true")
+    assert losses(out) == losses(sync)
+    ckpt = "step-000008"
+    mine = export_checkpoint(out / "checkpoints" / ckpt, tmp_path / "exported")
+    assert same_weights(mine, checkpoint_exports(sync / "checkpoints" / ckpt))
+
+
+def test_async_save_copies_the_state_before_training_goes_on(tmp_path):
+    """The background save writes the weights as they were when save_checkpoint returned, whatever the
+    training does to them while the write is in flight."""
+    import torch
+
+    from checkpoints.sharded import BackgroundSaves, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 256)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    background = BackgroundSaves()
+    args = dict(rank_state={"x": torch.zeros(1)}, rank_meta={}, meta={"world_size": 1})
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, background=background, **args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what the next step would do, while the write may still be running
+    background.close()
+    assert (tmp_path / "latest").read_text() == path.name
+    fresh = torch.nn.Linear(256, 256)
+    load_checkpoint(path, model=fresh, optimizer=torch.optim.AdamW(fresh.parameters()))
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -49,6 +49,15 @@ def test_bad_config_files_are_named(tmp_path, text, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("backend", ["deepspeed", "xla"])
+def test_async_save_is_refused_where_the_backend_saves_its_own_format(backend):
+    from launch.config import validate_train_config
+
+    cfg = parse_config(DemoConfig, ["--async-save", "true", "--backend", backend])
+    with pytest.raises(ConfigError, match=f"--async-save works with --backend ddp or fsdp.*{backend}"):
+        validate_train_config(cfg)
+
+
 def test_missing_config_file_and_help(tmp_path, capsys):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(DemoConfig, ["--config", str(tmp_path / "nope.yaml")])
