@@ -32,17 +32,14 @@ def classify(export: Path, text: str) -> tuple[dict, str]:
 
 
 def build(export: Path) -> gr.Blocks:
-    config = recipe.load(str(export))[1].config
-    kind = (
-        "multi-label, fitted thresholds"
-        if config.problem_type == "multi_label_classification"
-        else "multi-class"
-    )
+    multi = recipe.load(str(export))[1].config.problem_type == "multi_label_classification"
+    kind = "multi-label, fitted thresholds" if multi else "multi-class"
     with gr.Blocks(title="recipebox: text classification") as blocks:
         gr.Markdown(f"# Text classification ({kind})\n`{export}`")
         text = gr.Textbox(label="Text", lines=3, elem_id="cls-text")
         run = gr.Button("Classify", variant="primary")
-        scores = gr.Label(label="Scores", num_top_classes=10, elem_id="cls-scores")
+        # Multi-label: no single winner to headline; the decision below says which labels apply.
+        scores = gr.Label(label="Scores", num_top_classes=10, show_heading=not multi, elem_id="cls-scores")
         decision = gr.Markdown(elem_id="cls-decision")
         run.click(lambda t: classify(export, t), [text], [scores, decision], api_name="classify")
         if found := examples(export, "classify"):

@@ -114,7 +114,7 @@ def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
         }
     rt.print(f"data: {', '.join(f'{len(d)} {k}' for k, d in data.items())} examples, {len(names)} labels")
     held = columns.get("test", columns.get("validation", columns["train"]))[0]  # demo inputs: single texts
-    examples = {"classify": [[t] for t in held[0][:4]]} if len(held) == 1 else {}
+    examples = {"classify": [[t] for t in list(dict.fromkeys(held[0]))[:4]]} if len(held) == 1 else {}
     lengths = list(data["train"]["length"])
     return names, lengths, {k: d.remove_columns("length") for k, d in data.items()}, examples
 

@@ -181,8 +181,10 @@ def test_classification_page_applies_the_fitted_thresholds(servers, exports, pag
     ]
     chosen = ", ".join(result["labels"]) or "none"
     assert f"Labels: {chosen}" in page.locator("#cls-decision").inner_text()
-    top = max(result["scores"], key=result["scores"].get)
-    assert page.locator("#cls-scores").inner_text().split("\n")[1] == top  # the label output's heading
+    # The label output: every label with its score in percent, highest first, and no single headline.
+    shown = page.locator("#cls-scores").inner_text().split("\n")[1:]
+    ranked = sorted(result["scores"].items(), key=lambda kv: -kv[1])
+    assert shown == [x for name, p in ranked for x in (name, f"{round(p * 100)}%")]
 
 
 def test_ner_page_highlights_the_recipes_entities(servers, exports, page):
