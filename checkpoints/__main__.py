@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from checkpoints.export import processor_folder
-from checkpoints.sharded import CheckpointError, verify_checkpoint
+from checkpoints.sharded import CheckpointError, tied_aliases, verify_checkpoint
 
 
 def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True) -> Path:
@@ -40,9 +40,11 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
         _load_deepspeed_weights(model, path, prefix)
     else:
         own = model.state_dict()
-        wanted = {"model": {prefix + k: v for k, v in own.items()}}
+        aliases = tied_aliases(own)  # written once (older and XLA checkpoints hold them twice: not read)
+        wanted = {"model": {prefix + k: v for k, v in own.items() if k not in aliases}}
         dcp.load(wanted, checkpoint_id=path / "state", no_dist=True)
-        model.load_state_dict({k[len(prefix) :]: v for k, v in wanted["model"].items()})
+        loaded = {k[len(prefix) :]: v for k, v in wanted["model"].items()}
+        model.load_state_dict({**loaded, **{alias: loaded[key] for alias, key in aliases.items()}})
     metrics = path.parent.parent / "metrics.jsonl"  # RUN/checkpoints/step-N: the run's curves, if it is there
     return export_hf(
         model,

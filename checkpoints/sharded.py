@@ -80,6 +80,25 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def tied_aliases(state: dict[str, Any]) -> dict[str, str]:
+    """{key: the earlier key it shares its tensor with} in a model state dict. Tied weights (BERT's MLM
+    decoder and its word embeddings, GPT-2's and T5's output layer) are written and read once."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for key, value in state.items():
+        local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor's shard (FSDP2)
+        try:
+            ptr = local.untyped_storage().data_ptr()
+        except (AttributeError, RuntimeError, NotImplementedError):  # not a plain tensor: keep it
+            continue
+        ident = (ptr, local.storage_offset(), tuple(local.shape), local.dtype)
+        if ptr and ident in seen:
+            aliases[key] = seen[ident]
+        elif ptr:
+            seen[ident] = key
+    return aliases
+
+
 class DCPState:
     """Model and optimizer through torch.distributed.checkpoint: loads under any world size and any backend
     whose parameters DCP understands (plain, DDP, FSDP2 DTensors; SPMD with its planners)."""
@@ -90,20 +109,21 @@ class DCPState:
         self.model, self.optimizer = model, optimizer
         self.save_planner, self.load_planner = planners
 
-    def save(self, path: Path) -> None:
+    def _state(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """What is written (tied weights once) and the aliases left out of it."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        aliases = tied_aliases(model_sd)
+        return {"model": {k: v for k, v in model_sd.items() if k not in aliases}, "optim": optim_sd}, aliases
+
+    def save(self, path: Path) -> None:
         dcp.save(
-            {"model": model_sd, "optim": optim_sd},
-            checkpoint_id=path,
-            planner=self.save_planner,
-            no_dist=not dist.is_initialized(),
+            self._state()[0], checkpoint_id=path, planner=self.save_planner, no_dist=not dist.is_initialized()
         )
 
     def save_async(self, path: Path, background: BackgroundSaves) -> Future:
         """Returns once model and optimizer are copied to host memory; the future ends with the write."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return dcp.async_save(
-            {"model": model_sd, "optim": optim_sd},
+            self._state()[0],
             checkpoint_id=path,
             planner=self.save_planner,
             process_group=background.group,
@@ -112,12 +132,10 @@ class DCPState:
         )
 
     def load(self, path: Path, meta: dict[str, Any]) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state, aliases = self._state()  # checkpoints that hold the aliases too load the same way
         dcp.load(state, checkpoint_id=path, planner=self.load_planner, no_dist=not dist.is_initialized())
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
+        model_sd = {**state["model"], **{alias: state["model"][key] for alias, key in aliases.items()}}
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=state["optim"])
 
 
 class BackgroundSaves:
