@@ -29,6 +29,7 @@ APPS = {
     "ForPreTraining": "mlm_nsp",
     "ForSequenceClassification": "text_classification",
     "ForTokenClassification": "ner",
+    "ForQuestionAnswering": "qa",
 }
 
 

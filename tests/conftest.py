@@ -90,6 +90,7 @@ FIRST = (
     "test_checkpoints.py",
     "test_deepspeed.py",
     "test_mlm_nsp.py",
+    "test_qa.py",
     "test_classification.py",
     "test_backends.py",
     "test_slurm.py",
@@ -158,3 +159,23 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok")
     train_wordpiece((s for d in docs for s in d), vocab_size=600).save_pretrained(path)
     return path
+
+
+# The browser lane (tests/test_demos.py and each recipe's app test): one headless Chromium per module.
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    from demos import browser as chromium
+
+    with sync_playwright() as playwright:
+        b = chromium.launch(playwright)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    yield context.new_page()
+    context.close()

@@ -12,11 +12,10 @@ import concurrent.futures
 import json
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, subprocess_env
+from demo_pages import grid, start_app, stop_apps, wait_for_server, wait_for_text
 from recipe_runs import RECIPE, TINY, python, run
 
 APP = str(REPO / "demos" / "app.py")
@@ -52,75 +51,20 @@ def exports(tmp_path_factory, tokenizer_dir):
     return {name: root / name / "export" for name in commands}
 
 
-def wait_for_server(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the app exited ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as page:
-                if page.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} never answered")
-
-
 @pytest.fixture(scope="module")
 def servers(exports):
     """{app: URL}: `python demos/app.py EXPORT --port P` for each export, started together; stopped after."""
     started = {}
     try:
         for name, export in exports.items():
-            port = free_port()
-            proc = subprocess.Popen(
-                [sys.executable, APP, str(export), "--port", str(port)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO,
-            )  # fmt: skip
-            started[name] = (proc, f"http://127.0.0.1:{port}/", port)
+            started[name] = start_app(export)
         for proc, url, _ in started.values():
             wait_for_server(proc, url)
         yield {name: url for name, (_, url, _) in started.items()} | {
             f"{name}_port": port for name, (_, _, port) in started.items()
         }
     finally:
-        for proc, _, _ in started.values():
-            proc.terminate()
-        for proc, _, _ in started.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    from demos import browser as chromium
-
-    with sync_playwright() as playwright:
-        b = chromium.launch(playwright)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    yield context.new_page()
-    context.close()
-
-
-def grid(page, elem_id: str, columns: int) -> list[list[str]]:
-    """The rows a Dataframe shows (its cells, read in order)."""
-    cells = page.locator(f"#{elem_id}").get_by_role("gridcell").all_inner_texts()
-    return [[c.strip() for c in cells[i : i + columns]] for i in range(0, len(cells), columns)]
-
-
-def wait_for_text(page, elem_id: str, needle: str) -> str:
-    page.locator(f"#{elem_id}").get_by_text(needle).first.wait_for(timeout=60_000)
-    return page.locator(f"#{elem_id}").inner_text()
+        stop_apps([proc for proc, _, _ in started.values()])
 
 
 def test_exports_carry_examples_and_curves(exports):
