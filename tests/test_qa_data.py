@@ -425,3 +425,32 @@ def test_squad_v2_metrics_split_answerable_and_unanswerable():
     assert m["NoAns_exact"] == m["NoAns_f1"] == pytest.approx(50.0)
     assert m["HasAns_total"] == m["NoAns_total"] == 2.0 and m["total"] == 4.0
     assert m["exact"] == pytest.approx(50.0) and m["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 4)
+
+
+def test_fitted_null_threshold_has_the_best_f1_of_every_threshold():
+    """Against a brute force over every threshold that changes a prediction: the same best F1, and the
+    threshold found gives that F1."""
+    import random
+
+    from data.qa import QAExamples, fit_null_threshold, squad_metrics
+
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "tall", "small", "river", "town"]
+    n = 60
+    golds = [[] if rng.random() < 0.3 else [" ".join(rng.sample(words, 2))] for _ in range(n)]
+    examples = QAExamples("mem", [f"q{i}" for i in range(n)], [""] * n, ["c"] * n, ["q"] * n,
+                          [{"text": g, "answer_start": [0] * len(g)} for g in golds])  # fmt: skip
+    nbest = []
+    for g in golds:
+        span = g[0] if g and rng.random() < 0.6 else " ".join(rng.sample(words, 2))
+        nbest.append([{"text": span, "score": rng.gauss(0, 2)}, {"text": "", "score": rng.gauss(0, 2)}])
+    diffs = [e[1]["score"] - e[0]["score"] for e in nbest]
+
+    def f1_at(t: float) -> float:
+        preds = {f"q{i}": "" if d > t else e[0]["text"] for i, (d, e) in enumerate(zip(diffs, nbest))}
+        return squad_metrics(preds, examples)["f1"]
+
+    brute = max(f1_at(t) for t in [min(diffs) - 1, *diffs])
+    threshold, f1 = fit_null_threshold(nbest, examples)
+    assert f1 == pytest.approx(brute) and f1_at(threshold) == pytest.approx(brute)
+    assert brute > f1_at(0.0)  # the fit matters on this data

@@ -278,6 +278,33 @@ def test_text_classification_trains_evaluates_and_exports_under_spmd(xla_python,
     }
 
 
+def test_qa_trains_evaluates_and_exports_under_spmd(xla_python, tiny_encoder, tmp_path):
+    """The QA recipe on 2 devices with static shapes (every window padded to one bucket): every validation
+    question scored once from the top-n-best candidates the sharded outputs bring back, an export the main
+    environment answers with."""
+    from launch.tracking import read_metrics
+    from recipes.qa import answer
+
+    lines = (REPO / "data" / "toy" / "qa" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("\n".join(lines[:24]) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    cmd = [str(xla_python), "recipes/qa.py", "--backend", "xla", "--model", str(tiny_encoder), "--output-dir",
+           str(out), "--max-steps", str(STEPS), "--batch-size", "8", "--max-length", "64", "--doc-stride", "16",
+           "--xla-buckets", "64", "--validation-file", str(validation), "--test-file", "", "--log-every", "1",
+           "--tracker", "none", "--lr", "5e-3"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=xla_env(2), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    log = train_log(out)
+    assert sorted(log) == list(range(1, STEPS + 1)) and all(r["train/loss"] > 0 for r in log.values())
+    assert log[STEPS]["xla/batch_shapes"] == 1
+    last = {k: v for r in read_metrics(out) for k, v in r.items()}
+    assert last["eval/total"] == 24
+    context = json.loads(lines[0])["context"]
+    found = answer(str(out / "export"), "Who founded it?", context)
+    assert found["answer"] == "" or context[found["start"] : found["end"]] == found["answer"]
+
+
 @pytest.mark.slurm
 def test_sbatch_ner_tpu_runs_on_the_local_cluster_with_xla_on_cpu(
     local_cluster, xla_python, tiny_encoder, tmp_path
