@@ -278,20 +278,32 @@ def test_text_classification_trains_evaluates_and_exports_under_spmd(xla_python,
     }
 
 
-def test_qa_trains_evaluates_and_exports_under_spmd(xla_python, tiny_encoder, tmp_path):
+def test_qa_trains_evaluates_and_exports_under_spmd(xla_python, tmp_path):
     """The QA recipe on 2 devices with static shapes (every window padded to one bucket): every validation
     question scored once from the top-n-best candidates the sharded outputs bring back, an export the main
     environment answers with."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from data.tokenizer import train_wordpiece
     from launch.tracking import read_metrics
     from recipes.qa import answer
 
+    encoder = tmp_path / "encoder"  # a one-layer BERT whose WordPiece knows the toy articles' words
+    rows = [json.loads(x) for x in (REPO / "data" / "toy" / "qa" / "train.jsonl").read_text().splitlines()]
+    tok = train_wordpiece((r["question"] + " " + r["context"] for r in rows), vocab_size=800)
+    tok.save_pretrained(encoder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+              ).save_pretrained(encoder)  # fmt: skip
     lines = (REPO / "data" / "toy" / "qa" / "validation.jsonl").read_text(encoding="utf-8").splitlines()
     validation = tmp_path / "validation.jsonl"
     validation.write_text("\n".join(lines[:24]) + "\n", encoding="utf-8")
     out = tmp_path / "run"
-    cmd = [str(xla_python), "recipes/qa.py", "--backend", "xla", "--model", str(tiny_encoder), "--output-dir",
-           str(out), "--max-steps", str(STEPS), "--batch-size", "8", "--max-length", "64", "--doc-stride", "16",
-           "--xla-buckets", "64", "--validation-file", str(validation), "--test-file", "", "--log-every", "1",
+    cmd = [str(xla_python), "recipes/qa.py", "--backend", "xla", "--model", str(encoder), "--output-dir",
+           str(out), "--max-steps", str(STEPS), "--batch-size", "8", "--max-length", "128", "--doc-stride", "32",
+           "--xla-buckets", "128", "--validation-file", str(validation), "--test-file", "", "--log-every", "1",
            "--tracker", "none", "--lr", "5e-3"]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=xla_env(2), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
