@@ -30,6 +30,8 @@ APPS = {
     "ForSequenceClassification": "text_classification",
     "ForTokenClassification": "ner",
     "ForQuestionAnswering": "qa",
+    "ForCausalLM": "causal_lm",
+    "LMHeadModel": "causal_lm",  # GPT2LMHeadModel
 }
 
 

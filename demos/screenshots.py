@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from demos.common import REPO, app_for, find_export, quiet_environment  # noqa: E402
 
 # Per app, per picture: (tab to open, endpoint whose first example fills the inputs, input elem ids, button,
-# output elem id, and what it shows once answered: "table" (a first cell), else a regular expression).
+# output elem id, and what it shows once answered: "table" (a first cell), "value" (a filled text box), else a
+# regular expression).
 SCENES = {
     "mlm_nsp": [
         ("Fill the mask", "fill_mask", ["fill-text"], "Fill", "fill-out", "table"),
@@ -27,9 +28,11 @@ SCENES = {
     "text_classification": [(None, "classify", ["cls-text"], "Classify", "cls-decision", "Labels?:")],
     "ner": [(None, "tag", ["ner-text"], "Tag", "ner-table", "table")],
     "qa": [(None, "answer", ["qa-context", "qa-question"], "Answer", "qa-note", "Answer:|No answer")],
+    "causal_lm": [(None, "generate", ["lm-prompt"], "Generate", "lm-out", "value")],
 }
 ANSWERED = """([id, ready]) => { const e = document.getElementById(id);
   if (ready === "table") return !!e.querySelector('[data-testid="cell-0-0"]')?.innerText.trim();
+  if (ready === "value") return e.querySelector("textarea").value.length > 0;
   return new RegExp(ready).test(e.innerText); }"""
 
 
@@ -51,8 +54,8 @@ def shoot(export: Path, out_dir: Path, browser) -> list[Path]:
             page.goto(blocks.local_url)
             if tab:
                 page.get_by_role("tab", name=tab).click()
-            for elem_id, value in zip(inputs, examples[endpoint][0]):
-                page.locator(f"#{elem_id} textarea").fill(value)
+            for elem_id, value in zip(inputs, examples[endpoint][0]):  # text inputs come first
+                page.locator(f"#{elem_id} textarea").fill(str(value))
             page.get_by_role("button", name=button, exact=True).click()
             page.wait_for_function(ANSWERED, arg=[output, ready], timeout=60_000)
             png = page.screenshot(full_page=True)

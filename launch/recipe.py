@@ -24,7 +24,7 @@ from launch.config import ConfigError, TrainConfig, save_config
 from launch.loop import EXIT_PREEMPTED, Trainer
 from launch.runtime import Runtime
 from launch.task import Task, whole_model
-from launch.tracking import Tracker
+from launch.tracking import Tracker, scalars
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -88,7 +88,9 @@ def run_recipe(
             tracker.log(test, trainer.state.step)
             tracker.summary(test)
         metrics.update(test)
-        rt.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if _is_headline(k)))
+        rt.print(
+            "final: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items() if _is_headline(k))
+        )
         export(trainer, task, cfg, run_dir / "export", metrics)
         return 0
     except USER_ERRORS as err:  # the same on every rank: all stop here
@@ -135,7 +137,7 @@ def export(trainer: Trainer, task: Task, cfg: TrainConfig, out: Path, metrics: d
     whole = whole_model(task, state, trainer.export_prefix)
     task.before_export(whole)
     config, curves = dataclasses.asdict(cfg), out.parent / "metrics.jsonl"
-    export_hf(whole, task.processor, out, title=task.title, metrics=metrics, config=config,
+    export_hf(whole, task.processor, out, title=task.title, metrics=scalars(metrics), config=config,
               metrics_file=curves, examples=task.examples)  # fmt: skip
     trainer.rt.print(f"exported to {out}")
 

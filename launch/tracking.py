@@ -56,11 +56,20 @@ class Tracker:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log({k: self._wandb_value(v) for k, v in metrics.items()}, step=step)
+
+    @staticmethod
+    def _wandb_value(value):
+        """Rows of text (a causal LM's generated samples: [prompt, continuation]) become a W&B table."""
+        if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+            import wandb
+
+            return wandb.Table(columns=["prompt", "continuation"][: len(value[0])], data=value)
+        return value
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.summary.update(metrics)
+            self.run.summary.update(scalars(metrics))
 
     def finish(self) -> None:
         if self._file is not None:
@@ -74,3 +83,9 @@ class Tracker:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics dict (what a console line, a summary or a model card shows); text rows such as
+    generated samples stay in metrics.jsonl and W&B."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
