@@ -138,6 +138,18 @@ def test_demo_page_shows_the_continuation(lm_run, browser):
         stop_apps([proc])
 
 
+@pytest.mark.slow
+def test_meditations_one_paragraph_per_line_trains_and_evaluates(meditations, tmp_path):
+    """The realistic corpus (shared data, skipped when absent): one document per line, a few steps."""
+    out = tmp_path / "run"
+    proc = python("--train-files", str(meditations), "--documents", "line", "--output-dir", str(out),
+                  "--max-steps", "8", "--tracker", "none")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training documents" in proc.stdout and "remainder tokens dropped" in proc.stdout
+    m = last(read_metrics(out))
+    assert math.isfinite(m["eval/perplexity"]) and len(m["eval/samples"]) == 3
+
+
 def test_the_loss_shifts_once_and_weights_every_token(tmp_path):
     """The recipe's loss (labels = inputs, shifted once inside the sum) over an uneven padded batch: its sum
     over its target count equals the model's own mean loss over the same tokens, and the count is every
