@@ -7,7 +7,7 @@ nothing is held out and no evaluation happens), labels = input_ids, and the same
 rate, warmup, weight decay, clipping and step count. tokens/s counts the steps after step 5 (one logging
 window) and is total tokens over total time: the recipe's logging windows weighted by their duration, the
 Trainer's a step clock around the same steps. Usage:
-    python bench/bench_causal_lm.py                 # 60 steps each, about 5 minutes
+    python bench/bench_causal_lm.py                 # 60 steps each, about 3 minutes
     python bench/bench_causal_lm.py --quick         # 15 steps each, smoke test
 """
 
@@ -87,7 +87,7 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
     train = train.add_column("attention_mask", [[1] * cfg["block_size"]] * len(train))
     config = GPT2Config.from_pretrained(recipe_dir / "model_config")
     assert config.vocab_size == len(tok), "the model config does not match the recipe's tokenizer"
-    set_seed(cfg["seed"])  # the recipe's rank 0 builds its model right after seeding with the same seed
+    set_seed(cfg["seed"])  # the seed of the recipe's rank 0, whose initial weights DDP broadcasts
     model = GPT2LMHeadModel(config)
 
     args = TrainingArguments(
