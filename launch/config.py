@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
+    peak_tflops: float = 0.0  # the device's dense peak for train/mfu; 0: from launch.flops' table (GPUs)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deepspeed on GPU); auto: bf16 on GPUs, else fp32
     backend: str = "ddp"  # ddp (one process: plain) | fsdp (FSDP2, 2+ ranks) | deepspeed | xla
     zero_stage: int = 2  # --backend deepspeed: ZeRO stage 1, 2 or 3

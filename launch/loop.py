@@ -69,6 +69,7 @@ class Trainer:
         self.export_prefix = module_prefix(task.trained, task.model)
         self.stopped = False  # a stop request (preemption) ended the run early
         self._last_save = (-1, time.monotonic())  # (step, time) of the last save or resume
+        self.peak_tflops = cfg.peak_tflops or _device_peak(rt.device, cfg.precision)
         pinned = rt.device.type == "cuda"
         self.background = BackgroundSaves(pinned) if cfg.async_save and run_dir is not None else None
         train = task.splits["train"]
@@ -422,9 +423,24 @@ class Trainer:
             "train/tokens_per_s": stats[3].item() / elapsed,
             "train/epoch": self.state.epoch + self.state.consumed / max(1, self.sampler.per_rank),
         }
+        if self.task.flops_per_token:  # achieved model FLOP/s per device, and its share of the peak
+            metrics["train/tflops"] = self.task.flops_per_token * metrics["train/tokens_per_s"] / 1e12
+            metrics["train/tflops"] /= self.rt.world_size
+            if self.peak_tflops:
+                metrics["train/mfu"] = metrics["train/tflops"] / self.peak_tflops
         metrics.update(self.backend.log_metrics())  # e.g. XLA's compile count
         self.tracker.log(metrics, self.state.step)
         bar.set_postfix(loss=f"{loss_mean:.4f}")
+
+
+def _device_peak(device: torch.device, precision: str) -> float | None:
+    """The dense peak TFLOPS of this GPU at the run's precision (launch.flops' table); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    from launch.flops import device_peak_tflops
+
+    dtype = "bf16" if precision == "auto" else precision
+    return device_peak_tflops(torch.cuda.get_device_name(device), dtype)
 
 
 def _jsonable_random_state(state) -> list:

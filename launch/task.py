@@ -51,6 +51,7 @@ class Task(Protocol):
     lengths: list[int] | None  # per training row, for length-grouped batches; None: plain shuffling
     max_length: int  # the longest sequence a batch can hold; static-shape backends bucket up to it
     examples: dict[str, list[list]]  # demo inputs from held-out data: {app endpoint: [[input, ...], ...]}
+    flops_per_token: float  # training FLOPs per real token (launch.flops); 0.0: unknown, no train/tflops
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Rows -> one padded batch (see kernels.collate_padded); takes `pad_to_length=` on XLA."""

@@ -33,6 +33,7 @@ from data.lm import read_corpus, tokenize_corpus
 from data.tokenizer import load_tokenizer, train_byte_bpe
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.flops import flops_per_token_or_zero
 from launch.recipe import run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import as_is, label_targets, model_inputs, text_sizes, token_loss_sum
@@ -181,6 +182,7 @@ class CausalLMTask:
         self.cfg, self.prompts = cfg, [p for p in cfg.prompts.split(PROMPT_SEPARATOR) if p.strip()]
         self.examples = {"generate": [[p, cfg.max_new_tokens] for p in self.prompts]}
         self.samples: list[list[str]] = []
+        self.flops_per_token = flops_per_token_or_zero(model.config, seq_len=cfg.block_size)
         self._generate_next_eval = True  # set by every training step: one round of samples per evaluation
         self.collate = functools.partial(collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=8)
 

@@ -36,6 +36,7 @@ from data.tokenizer import load_tokenizer, train_wordpiece
 from kernels import collate_padded, mask_tokens
 from launch.backends import backend_class
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.flops import flops_per_token_or_zero
 from launch.recipe import run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import label_targets, model_inputs, no_summary, nothing_to_export, text_sizes, token_loss_sum
@@ -203,6 +204,12 @@ class MLMNSPTask:
         self.title = f"BERT MLM+NSP ({cfg.name})"
         self.model, self.processor, self.splits, self.lengths = model, tok, splits, lengths
         self.examples = examples
+        static = backend_class(
+            cfg.backend
+        ).static_shapes  # the MLM head runs on every position, else the masked
+        self.flops_per_token = flops_per_token_or_zero(
+            model.config, seq_len=cfg.max_length, head_fraction=1.0 if static else cfg.mlm_probability
+        )
         self.trained = PretrainingObjective(model, static_shapes=backend_class(cfg.backend).static_shapes)
         self.max_length = cfg.max_length
         self.collate = functools.partial(

@@ -38,6 +38,7 @@ from data.ner import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.flops import flops_per_token_or_zero
 from launch.recipe import load_labelled_model, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
 from launch.task import as_is, label_targets, model_inputs, nothing_to_export, text_sizes, token_loss_sum
@@ -140,6 +141,9 @@ class NERTask:
         self.processor, self.splits, self.lengths = tok, data, lengths
         self.max_length = cfg.pad_to_length or cfg.max_length
         self.names, self.sents, self.examples = names, sents, examples
+        self.flops_per_token = flops_per_token_or_zero(
+            model.config, seq_len=self.max_length, head_fraction=0.0
+        )
         self.collate = functools.partial(
             collate_padded,
             pad_id=tok.pad_token_id,

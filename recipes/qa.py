@@ -39,6 +39,7 @@ from data.qa import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.flops import flops_per_token_or_zero
 from launch.recipe import pretrained_source, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
 from launch.task import as_is, model_inputs, text_sizes
@@ -180,6 +181,9 @@ class QATask:
         self.max_length = cfg.pad_to_length or cfg.max_length
         self.questions, self.windows, self.version_2, self.cfg = examples, windows, version_2, cfg
         self.null_threshold = cfg.null_score_diff_threshold
+        self.flops_per_token = flops_per_token_or_zero(
+            model.config, seq_len=cfg.max_length, head_fraction=0.0
+        )
         self.predictions_dir = run_dir / "predictions"
         held = examples.get("test", examples.get("validation", examples["train"]))
         self.examples = demo_examples(held)

@@ -42,6 +42,7 @@ from data.classification import (
 )
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.flops import flops_per_token_or_zero
 from launch.recipe import load_labelled_model, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
 from launch.task import as_is, model_inputs, text_sizes
@@ -157,6 +158,9 @@ class ClassificationTask:
         self.model = self.trained = model
         self.processor, self.splits, self.lengths, self.max_length = tok, data, lengths, cfg.max_length
         self.names, self.multi_label, self.examples = names, cfg.task == MULTI_LABEL, examples
+        self.flops_per_token = flops_per_token_or_zero(
+            model.config, seq_len=cfg.max_length, head_fraction=0.0
+        )
         self.thresholds = [DEFAULT_THRESHOLD] * len(names)
         self.collate = functools.partial(
             collate_padded,

@@ -77,7 +77,7 @@ class Wrapper(torch.nn.Module):
 class LMTask:
     """A causal or seq2seq LM: token cross-entropy sums; evaluation records greedy continuations."""
 
-    title, processor, lengths, max_length, examples = "lm", None, None, 16, {}
+    title, processor, lengths, max_length, examples, flops_per_token = "lm", None, None, 16, {}, 0.0
 
     def __init__(self, model, seq2seq: bool, n_train: int = 16, n_eval: int = 5, wrapped: bool = False):
         self.model = self.trained = model

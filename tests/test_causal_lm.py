@@ -47,9 +47,10 @@ def unigram_perplexity(train_rows, eval_rows) -> float:
 
 @pytest.mark.slow
 def test_held_out_perplexity_is_far_below_a_unigram_models(lm_run):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GPT2Config
 
     from data.lm import read_corpus, tokenize_corpus
+    from launch.flops import train_flops_per_token
 
     out, records = lm_run
     m = last(records)
@@ -73,6 +74,10 @@ def test_held_out_perplexity_is_far_below_a_unigram_models(lm_run):
     assert [p for p, _ in samples] == ["Then,", "One morning at the", "Later, the"]
     assert all(isinstance(t, str) and t.strip() for _, t in samples)
     assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
+    # Model FLOP/s per device from the tokens/s; no MFU without a known peak (a CPU).
+    flops = train_flops_per_token(GPT2Config.from_pretrained(out / "export"), seq_len=128)
+    assert m["train/tflops"] == pytest.approx(flops * m["train/tokens_per_s"] / 1e12 / 2)
+    assert "train/mfu" not in m
 
 
 @pytest.mark.slow

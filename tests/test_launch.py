@@ -134,7 +134,7 @@ class Regression(nn.Module):
 class RegressionTask:
     """The smallest Task: squared error summed over rows whose `valid` is 1, one target per such row."""
 
-    title, processor, lengths, max_length, examples = "regression", None, None, 4, {}
+    title, processor, lengths, max_length, examples, flops_per_token = "regression", None, None, 4, {}, 0.0
 
     def __init__(self, train, validation=None):
         self.model = self.trained = Regression()
