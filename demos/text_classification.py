@@ -14,7 +14,8 @@ def classify(export: Path, text: str) -> tuple[dict, str]:
     """The label scores, and what the model decides: the top label, or each label against its threshold."""
     if not text.strip():
         return {}, "**Type a text.**"
-    tok, model = recipe.load(str(export))
+    classify = recipe.load(str(export))
+    tok, model = classify.tokenizer, classify.model
     (result,) = recipe.predict(str(export), [text])
     if "label" in result:
         lines = [f"Label: **{result['label']}** (p = {result['score']:.4f})"]
@@ -32,7 +33,7 @@ def classify(export: Path, text: str) -> tuple[dict, str]:
 
 
 def build(export: Path) -> gr.Blocks:
-    multi = recipe.load(str(export))[1].config.problem_type == "multi_label_classification"
+    multi = recipe.load(str(export)).model.config.problem_type == "multi_label_classification"
     kind = "multi-label, fitted thresholds" if multi else "multi-class"
     with gr.Blocks(title="recipebox: text classification") as blocks:
         gr.Markdown(f"# Text classification ({kind})\n`{export}`")

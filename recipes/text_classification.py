@@ -222,30 +222,30 @@ def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> Classificat
 
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
-    """The export's tokenizer and model, loaded once per folder (demo apps reuse them)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """The export's text-classification pipeline, loaded once per folder (demo apps reuse it)."""
+    from transformers import pipeline
 
-    model = AutoModelForSequenceClassification.from_pretrained(export_dir, use_safetensors=True).eval()
-    return AutoTokenizer.from_pretrained(export_dir), model
+    return pipeline("text-classification", model=export_dir, top_k=None)
 
 
 def predict(export_dir: str, inputs: list[str]) -> list[dict]:
-    """Per text: every label's score; the top label (multi-class), or the labels at or over the thresholds saved
-    in the export (multi-label; 0.5 where none was fitted). Texts longer than the model's window are cut to it."""
-    tok, model = load(str(export_dir))
-    cfg = model.config
-    enc = tok(inputs, truncation=True, padding=True, max_length=tok.model_max_length, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**enc).logits
+    """Per text: every label's score (the export's `pipeline("text-classification")`); the top label
+    (multi-class), or the labels at or over the thresholds saved in the export (multi-label; 0.5 where none
+    was fitted). Texts longer than the model's window are cut to it."""
+    classify = load(str(export_dir))
+    cfg = classify.model.config
+    multi = cfg.problem_type == "multi_label_classification"
+    outputs = classify(list(inputs), function_to_apply="sigmoid" if multi else "softmax", truncation=True,
+                       max_length=classify.tokenizer.model_max_length)  # fmt: skip
     results = []
-    for row in logits:
-        if cfg.problem_type == "multi_label_classification":
+    for found in outputs:
+        by_label = {entry["label"]: entry["score"] for entry in found}
+        scores = {cfg.id2label[i]: by_label[cfg.id2label[i]] for i in range(cfg.num_labels)}  # id order
+        if multi:
             thresholds = getattr(cfg, "label_thresholds", None) or {}
-            scores = {cfg.id2label[i]: p for i, p in enumerate(torch.sigmoid(row).tolist())}
             chosen = [n for n, p in scores.items() if p >= thresholds.get(n, DEFAULT_THRESHOLD)]
             results.append({"labels": chosen, "scores": scores})
         else:
-            scores = {cfg.id2label[i]: p for i, p in enumerate(torch.softmax(row, -1).tolist())}
             top = max(scores, key=scores.get)
             results.append({"label": top, "score": scores[top], "scores": scores})
     return results
