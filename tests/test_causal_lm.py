@@ -194,3 +194,36 @@ def test_bad_corpus_stops_before_training_naming_the_file(tmp_path, problem):
     assert last_line.startswith("error: ") and str(corpus) in last_line
     assert "Traceback" not in proc.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_run_continues_with_the_same_losses(tmp_path):
+    """SIGTERM mid-run: exit 75 after a checkpoint; the same command continues over the same packed blocks
+    and gives, step for step, the losses of an uninterrupted run."""
+    import signal
+    import sys
+
+    args = [
+        "--max-steps",
+        "12",
+        "--save-every",
+        "4",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--tracker",
+        "none",
+    ]
+    reference = tmp_path / "reference"
+    proc = python("--output-dir", str(reference), *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, RECIPE, "--output-dir", str(out), *args]
+    running = recipe_runs.start_and_wait_for_step(cmd, out, 2)
+    running.send_signal(signal.SIGTERM)
+    assert running.wait(timeout=120) == 75
+    assert max(recipe_runs.losses(out)) < 12
+    again = recipe_runs.run(cmd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert recipe_runs.losses(out) == recipe_runs.losses(reference)

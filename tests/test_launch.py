@@ -278,3 +278,31 @@ def test_a_model_path_that_does_not_exist_is_named_before_anything_loads(tmp_pat
         pretrained_source(str(missing))
     assert pretrained_source("bert-base-cased") == "bert-base-cased"  # a hub name is left to the hub
     assert pretrained_source(str(tmp_path)) == str(tmp_path)
+
+
+def test_text_rows_go_to_metrics_jsonl_and_a_wandb_table_but_not_to_summaries(tmp_path, monkeypatch):
+    """A causal LM's generated samples ([prompt, continuation] rows) next to numbers: metrics.jsonl keeps
+    them as rows, W&B (offline) gets a table, and the summary and `scalars` keep the numbers only."""
+    import json
+
+    import wandb
+
+    from launch.tracking import Tracker, scalars
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logged = []
+    tracker = Tracker(tmp_path, enabled=True, use_wandb=True, project="t", name="t", config={})
+    monkeypatch.setattr(tracker.run, "log", lambda metrics, step: logged.append(metrics))
+    rows = [["Then,", " the bright signal."], ["Later, the", " old mug."]]
+    tracker.log({"eval/perplexity": 9.5, "eval/samples": rows}, step=3)
+    tracker.summary({"eval/perplexity": 9.5, "eval/samples": rows})
+    summary = tracker.run.summary
+    assert summary.get("eval/perplexity") == 9.5 and "eval/samples" not in summary.keys()
+    tracker.finish()
+    table = logged[0]["eval/samples"]
+    assert (
+        isinstance(table, wandb.Table) and table.columns == ["prompt", "continuation"] and table.data == rows
+    )
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["eval/samples"] == rows and record["eval/perplexity"] == 9.5
+    assert scalars(record) == {"step": 3, "time": record["time"], "eval/perplexity": 9.5}
