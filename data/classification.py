@@ -59,7 +59,8 @@ def _read_csv(path: Path, delimiter: str) -> Table:
 
 def _read_json_lines(path: Path) -> Table:
     rows, where = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # Lines end at "\n" only: JSON strings may hold U+2028 or U+0085, which str.splitlines would cut at.
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -72,29 +72,20 @@ def _read_text(path: Path, documents: str) -> list[str]:
 
 
 def _read_json_lines(path: Path, text_key: str) -> list[str]:
+    from data.classification import _read_json_lines as read_rows  # one JSON object per line, checked
+
     docs: list[str] = []
-    for number, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}, line {number}: not valid JSON ({err.msg}); one object per line"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path}, line {number}: expected a JSON object, got {type(row).__name__}; one object per line"
-            )
+    table = read_rows(path)
+    for row, where in zip(table.rows, table.where):
         if text_key not in row:
             raise DataError(
-                f"{path}, line {number}: no {text_key!r} field (it has {', '.join(row) or 'none'}); "
+                f"{where}: no {text_key!r} field (it has {', '.join(row) or 'none'}); "
                 f"set --text-key to the field that holds the text"
             )
         text = row[text_key]
         if not isinstance(text, str):
             raise DataError(
-                f"{path}, line {number}: field {text_key!r} is {type(text).__name__}, not text; "
+                f"{where}: field {text_key!r} is {type(text).__name__}, not text; "
                 f"make it a string or set --text-key to the field that holds the text"
             )
         if text.strip():

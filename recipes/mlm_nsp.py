@@ -204,13 +204,12 @@ class MLMNSPTask:
         self.title = f"BERT MLM+NSP ({cfg.name})"
         self.model, self.processor, self.splits, self.lengths = model, tok, splits, lengths
         self.examples = examples
-        static = backend_class(
-            cfg.backend
-        ).static_shapes  # the MLM head runs on every position, else the masked
+        static = backend_class(cfg.backend).static_shapes
+        self.trained = PretrainingObjective(model, static_shapes=static)
+        # The MLM head runs on the masked positions only, or on every position where shapes are static.
         self.flops_per_token = flops_per_token_or_zero(
             model.config, seq_len=cfg.max_length, head_fraction=1.0 if static else cfg.mlm_probability
         )
-        self.trained = PretrainingObjective(model, static_shapes=backend_class(cfg.backend).static_shapes)
         self.max_length = cfg.max_length
         self.collate = functools.partial(
             collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
