@@ -2,7 +2,8 @@
 
 The model card (README.md) embeds the run's training curves (curves.png, drawn from its metrics.jsonl) when
 there are any, so a run that never reached Weights & Biases still shows how it went; examples.json holds the
-demo apps' example inputs when the task gives some.
+demo apps' example inputs when the task gives some; inputs that are files (a `pathlib.Path`, e.g. an audio
+clip) are copied into examples/ and named relative to the export, so the folder carries them.
 
 The folder is written under a temporary name and renamed into place, so a crash mid-export never leaves a
 half-written folder where a previous good export stood.
@@ -67,6 +68,7 @@ def export_hf(
     (tmp / "README.md").write_text(model_card(title, metrics, config, curves), encoding="utf-8")
     (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     if examples is not None:
+        examples = _with_files(examples, tmp)
         (tmp / "examples.json").write_text(json.dumps(examples, indent=2), encoding="utf-8")
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
@@ -75,3 +77,22 @@ def export_hf(
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _with_files(examples: dict, folder: Path) -> dict:
+    """Example inputs that are paths: copied into folder/examples/ (numbered, suffix kept), the relative name
+    in their place."""
+    out, count = {}, 0
+    for endpoint, rows in examples.items():
+        out[endpoint] = []
+        for row in rows:
+            values = []
+            for value in row:
+                if isinstance(value, Path):
+                    (folder / "examples").mkdir(exist_ok=True)
+                    name = f"examples/{count:02d}-{value.name}"
+                    shutil.copyfile(value, folder / name)
+                    value, count = name, count + 1
+                values.append(value)
+            out[endpoint].append(values)
+    return out

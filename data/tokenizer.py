@@ -78,19 +78,7 @@ def train_byte_bpe(
     (the WordPiece trainer gives its "##" characters ids in hash order, which is why train_wordpiece learns
     its vocabulary in Python). A ~1 MB corpus trains in well under a second.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no tokens
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok = _byte_bpe(texts, [EOT], vocab_size)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOT,
@@ -100,6 +88,63 @@ def train_byte_bpe(
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,  # keep decode(encode(text)) == text
         model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+# Special tokens of the encoder-decoder families, in id order from 0, as their released tokenizers number them;
+# with the template that wraps every sequence (source and target alike).
+SEQ2SEQ_SPECIAL = {
+    "t5": (["<pad>", "</s>", "<unk>"], "$A </s>"),
+    "bart": (["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<s> $A </s>"),
+    "pegasus": (["<pad>", "</s>", "<mask_1>", "<mask_2>", "<unk>"], "$A </s>"),
+}
+
+
+def _byte_bpe(texts: Iterable[str], special: list[str], vocab_size: int):
+    """A byte-level BPE (`tokenizers.Tokenizer`) with `special` as ids 0, 1, ...: see train_byte_bpe."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; adds no tokens
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def train_seq2seq_bpe(
+    texts: Iterable[str], family: str, *, vocab_size: int = 4000, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE for a T5, BART or Pegasus built from scratch, with that family's special tokens at
+    the family's ids (T5: pad 0, eos 1, unk 2; BART: bos 0, pad 1, eos 2, unk 3, mask 4; Pegasus: pad 0,
+    eos 1, unk 4) and its wrapping of every sequence (T5 and Pegasus append </s>; BART adds <s> ... </s>),
+    so labels end in eos and the model's decoder start token is the family's. Deterministic, as
+    train_byte_bpe."""
+    from tokenizers import processors
+
+    if family not in SEQ2SEQ_SPECIAL:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(SEQ2SEQ_SPECIAL)}")
+    special, template = SEQ2SEQ_SPECIAL[family]
+    tok = _byte_bpe(texts, special, vocab_size)
+    used = [t for t in special if t in template.split()]
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, special.index(t)) for t in used]
+    )
+    named = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if family == "bart":
+        named.update(bos_token="<s>", mask_token="<mask>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+        **named,
     )
 
 

@@ -3,10 +3,12 @@
     python demos/app.py runs/ner/export                   # prints the local URL (http://127.0.0.1:7860)
     python demos/app.py runs/toxic/export --port 7861
     python demos/app.py runs/quickstart                   # a run folder: its export/
+    python demos/app.py runs/t5/export runs/bart/export   # summarisation: up to 3 models side by side
     python demos/app.py EXPORT --host 0.0.0.0             # every interface (anyone who reaches the machine)
 
 Apps: BERT MLM+NSP (fill-mask, is-next), text classification (scores, fitted thresholds), NER (entities
-highlighted). Each button is also an API endpoint: see the page's "Use via API" link, or
+highlighted), extractive QA, text generation, summarisation (several exports side by side). Each button is
+also an API endpoint: see the page's "Use via API" link, or
 `gradio_client.Client(URL).predict(TEXT, api_name="/tag")`.
 """
 
@@ -26,7 +28,9 @@ def main(argv: list[str] | None = None, block: bool = True):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("export", help="an export folder (RUN/export) or a run folder")
+    parser.add_argument(
+        "export", nargs="+", help="an export folder (RUN/export) or a run folder; summarisation: 1 to 3"
+    )
     parser.add_argument(
         "--app", choices=sorted(set(APPS.values())), help="the app (default: from the export)"
     )
@@ -38,8 +42,15 @@ def main(argv: list[str] | None = None, block: bool = True):
     parser.add_argument("--concurrency", type=int, default=2, help="predictions run at once (default 2)")
     args = parser.parse_args(argv)
     try:
-        export = find_export(args.export)
-        name = args.app or app_for(export)
+        exports = [find_export(e) for e in args.export]
+        names = {args.app or app_for(e) for e in exports}
+        if len(names) > 1:
+            raise DemoError(f"the exports need different apps ({', '.join(sorted(names))}); pass one kind")
+        name = names.pop()
+        if len(exports) > 1 and name != "summarization":
+            raise DemoError(
+                f"the {name} app shows one export; pass one (only summarisation compares several)"
+            )
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None, block: bool = True):
             'error: gradio is not installed: pip install -e ".[demo]" (scripts/env.sh does)', file=sys.stderr
         )
         return 2
-    blocks = app.build(export)
+    blocks = app.build(*exports)
     try:
         return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,
                       block=block)  # fmt: skip

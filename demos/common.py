@@ -32,6 +32,8 @@ APPS = {
     "ForQuestionAnswering": "qa",
     "ForCausalLM": "causal_lm",
     "LMHeadModel": "causal_lm",  # GPT2LMHeadModel
+    "ForConditionalGeneration": "summarization",  # T5, BART, Pegasus
+    "ForCTC": "asr_ctc",  # Wav2Vec2ForCTC
 }
 
 

@@ -3,6 +3,7 @@ the page captured by the same headless Chromium the browser tests drive.
 
     python demos/screenshots.py runs/quickstart/export runs/toxic/export runs/ner/export runs/qa/export
                                                                   # -> docs/demos/*.png
+Summarisation exports given together share one page, side by side (as `demos/app.py` serves them).
 """
 
 from __future__ import annotations
@@ -29,22 +30,25 @@ SCENES = {
     "ner": [(None, "tag", ["ner-text"], "Tag", "ner-table", "table")],
     "qa": [(None, "answer", ["qa-context", "qa-question"], "Answer", "qa-note", "Answer:|No answer")],
     "causal_lm": [(None, "generate", ["lm-prompt"], "Generate", "lm-out", "value")],
+    "summarization": [(None, "summarize", ["sum-text"], "Summarise", "sum-out-0", "value")],
+    "asr_ctc": [(None, "transcribe", [], "Transcribe", "asr-out", "value")],
 }
+FILES = {"asr_ctc": ["asr-audio"]}  # per app: file inputs (paths relative to the export), after the text ones
 ANSWERED = """([id, ready]) => { const e = document.getElementById(id);
   if (ready === "table") return !!e.querySelector('[data-testid="cell-0-0"]')?.innerText.trim();
   if (ready === "value") return e.querySelector("textarea").value.length > 0;
   return new RegExp(ready).test(e.innerText); }"""
 
 
-def shoot(export: Path, out_dir: Path, browser) -> list[Path]:
+def shoot(exports: list[Path], out_dir: Path, browser) -> list[Path]:
     import importlib
 
     from PIL import Image
 
     from demos.common import launch
 
-    name = app_for(export)
-    blocks = launch(importlib.import_module(f"demos.{name}").build(export), host="127.0.0.1", port=None,
+    export, name = exports[0], app_for(exports[0])
+    blocks = launch(importlib.import_module(f"demos.{name}").build(*exports), host="127.0.0.1", port=None,
                     share=False, concurrency=1, block=False)  # fmt: skip
     examples = json.loads((export / "examples.json").read_text(encoding="utf-8"))
     saved = []
@@ -54,8 +58,11 @@ def shoot(export: Path, out_dir: Path, browser) -> list[Path]:
             page.goto(blocks.local_url)
             if tab:
                 page.get_by_role("tab", name=tab).click()
-            for elem_id, value in zip(inputs, examples[endpoint][0]):  # text inputs come first
+            example = examples[endpoint][0]
+            for elem_id, value in zip(inputs, example):  # text inputs come first
                 page.locator(f"#{elem_id} textarea").fill(str(value))
+            for elem_id, value in zip(FILES.get(name, []), example[len(inputs) :]):
+                page.locator(f"#{elem_id} input[type=file]").set_input_files(str(export / value))
             page.get_by_role("button", name=button, exact=True).click()
             page.wait_for_function(ANSWERED, arg=[output, ready], timeout=60_000)
             png = page.screenshot(full_page=True)
@@ -85,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = chromium.launch(playwright)
-        for export in exports:
-            for path in shoot(export, out, browser):
+        together = [e for e in exports if app_for(e) == "summarization"]
+        groups = [[e] for e in exports if e not in together] + ([together] if together else [])
+        for group in groups:
+            for path in shoot(group, out, browser):
                 print(f"{path} ({path.stat().st_size // 1024} KB)")
         browser.close()
     return 0

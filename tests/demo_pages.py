@@ -13,11 +13,11 @@ from conftest import REPO, free_port, subprocess_env
 APP = str(REPO / "demos" / "app.py")
 
 
-def start_app(export) -> tuple[subprocess.Popen, str, int]:
-    """(process, URL, port) of `python demos/app.py EXPORT --port P`; wait_for_server before use."""
+def start_app(*exports) -> tuple[subprocess.Popen, str, int]:
+    """(process, URL, port) of `python demos/app.py EXPORT... --port P`; wait_for_server before use."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, APP, str(export), "--port", str(port)],
+        [sys.executable, APP, *map(str, exports), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO,
     )  # fmt: skip
     return proc, f"http://127.0.0.1:{port}/", port

@@ -1,0 +1,334 @@
+"""Fine-tune (or train from scratch) a wav2vec2 model for speech recognition with CTC; score WER and CER.
+
+Features: a manifest (CSV/TSV/JSON lines: an audio path relative to the manifest, a transcript) or a folder of
+audio files with same-named .txt transcripts; audio read with soundfile (wav, flac, ogg), mixed to mono and
+resampled to 16 kHz with scipy, every clip checked before training (missing, unreadable, corrupt, empty, an
+empty transcript, longer than --max-seconds: `error: ...` naming the file, or --skip-long); transcripts
+lowercased with --chars-to-ignore removed; a character vocabulary (a word delimiter, [UNK], [PAD] = the CTC
+blank) in a Wav2Vec2Processor saved with the run, every checkpoint and the export; any `AutoModelForCTC`
+(--model, its CTC head sized to the vocabulary, --freeze-feature-encoder) or a small wav2vec2 from the size
+flags; batches grouped by audio length with attention masks; the CTC loss summed over the batch and divided
+by the step's transcript characters over every rank; evaluation decodes greedily (each row cut at its real
+frames) and reports WER and CER as summed edits over summed reference lengths, exact over ranks, with
+RUN/predictions/<split>.jsonl and a table of samples; any backend (under --backend xla torch_xla does not
+lower the CTC loss: it runs on the host, slowly; evaluation decodes the same way); an export that
+`pipeline("automatic-speech-recognition")` loads; a `predict` entry.
+
+Launch:
+    python recipes/asr_ctc.py                                          # toy speech, small wav2vec2, 1 process
+    torchrun --nproc_per_node=2 recipes/asr_ctc.py
+    torchrun --nproc_per_node=8 recipes/asr_ctc.py --model facebook/wav2vec2-base --train-manifest train.csv \
+        --validation-manifest dev.csv --test-manifest "" --freeze-feature-encoder true
+    python recipes/asr_ctc.py predict runs/asr_ctc/export clip.flac
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.speech import (
+    SAMPLE_RATE,
+    build_vocab,
+    check_durations,
+    error_counts,
+    make_processor,
+    normalize_transcript,
+    read_audio,
+    read_manifest,
+)
+from data.text import DataError
+from kernels import collate_padded
+from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.flops import train_flops_per_token
+from launch.recipe import run_main, run_recipe, saved_processor
+from launch.runtime import Runtime
+from launch.task import as_is, label_targets, model_inputs
+
+TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "speech"
+FRAMES_PER_SECOND = 50  # wav2vec2's feature encoder: one frame per 320 samples at 16 kHz
+
+
+@dataclass
+class ASRConfig(TrainConfig):
+    train_manifest: str = str(TOY / "train.csv")  # .csv/.tsv/.jsonl, or a folder of clips + .txt
+    validation_manifest: str = str(TOY / "validation.csv")  # empty: no validation
+    test_manifest: str = str(TOY / "test.csv")  # empty: none; evaluated once after training
+    audio_column: str = "audio"
+    text_column: str = "text"
+    chars_to_ignore: str = ",?.!-;:\"%'“”‘’"  # removed from transcripts (after lowercasing)
+    max_seconds: float = 20.0  # longer clips stop the run before training (or --skip-long)
+    skip_long: bool = False  # drop clips over --max-seconds (counted) instead of stopping
+    check_audio: str = "full"  # full: decode every clip before training | header: headers only (faster)
+    model: str = ""  # folder or hub name of a wav2vec2-style CTC model; empty: one from the sizes below
+    trust_remote_code: bool = False
+    freeze_feature_encoder: bool = False  # pretrained models: no gradient through the conv front end
+    conv_channels: int = 32  # 7 conv layers (strides 5,2,2,2,2,2,2: 20 ms frames)
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 256
+    dropout: float = 0.0
+    layerdrop: float = 0.0  # > 0 only under --backend fsdp (other backends need every layer on every rank)
+    mask_time_prob: float = 0.05  # SpecAugment; masks never longer than the shortest clip
+    mask_time_length: int = 4
+    epochs: float = 20.0
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_ratio: float = 0.1
+    samples: int = 6  # evaluation transcripts shown in metrics.jsonl and the W&B table
+
+
+def _validate(cfg: ASRConfig) -> None:
+    validate_train_config(cfg)
+    check_choice(cfg, "check_audio", ("full", "header"))
+    if cfg.max_seconds <= 0:
+        raise ConfigError(f"--max-seconds must be positive, got {cfg.max_seconds}")
+    if not cfg.model and cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"--hidden-size {cfg.hidden_size} must be divisible by --num-heads {cfg.num_heads}")
+    if cfg.layerdrop > 0 and cfg.backend != "fsdp":
+        raise ConfigError(
+            f"--layerdrop {cfg.layerdrop} needs --backend fsdp (DDP, DeepSpeed and XLA need every layer on "
+            "every rank); use --layerdrop 0"
+        )
+
+
+def _read_splits(cfg: ASRConfig, rt: Runtime) -> dict:
+    """Every split's clips and transcripts, checked before training; long clips stop the run or are dropped."""
+    manifests = {
+        "train": cfg.train_manifest,
+        "validation": cfg.validation_manifest,
+        "test": cfg.test_manifest,
+    }
+    splits = {}
+    for name, path in manifests.items():
+        if not path:
+            continue
+        utts = read_manifest(path, cfg.audio_column, cfg.text_column)
+        utts, dropped = check_durations(utts, cfg.max_seconds, skip=cfg.skip_long)
+        texts = [normalize_transcript(u.text, cfg.chars_to_ignore) for u in utts]
+        for u, t in zip(utts, texts):
+            if not t:
+                raise DataError(
+                    f"{u.where}: the transcript is empty once --chars-to-ignore is removed; fix it"
+                )
+        if cfg.check_audio == "full":
+            for u in utts:
+                read_audio(u.audio)  # decodes: a corrupt body stops the run here, not mid-training
+        splits[name] = (utts, texts)
+        rt.print(f"data: {len(utts)} {name} clips, {sum(u.seconds for u in utts) / 60:.1f} minutes"
+                 + (f" ({dropped} over {cfg.max_seconds} s skipped)" if dropped else ""))  # fmt: skip
+    return splits
+
+
+class AudioRows(torch.utils.data.Dataset):
+    """Rows of one split, read from disk when asked: normalised 16 kHz samples, label ids, the row index."""
+
+    def __init__(self, utts, texts, processor, offset: int):
+        self.utts, self.processor, self.offset = utts, processor, offset
+        self.labels = [processor.tokenizer(t).input_ids for t in texts]
+
+    def __len__(self):
+        return len(self.utts)
+
+    def __getitem__(self, i):
+        audio = read_audio(self.utts[i].audio)
+        values = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE).input_values[0]
+        return {"input_values": torch.as_tensor(values), "labels": self.labels[i], "_ref": self.offset + i}
+
+
+def _setup_processor(cfg: ASRConfig, rt: Runtime, run_dir: Path, train_texts: list[str]):
+    """A character vocabulary from the training transcripts in a Wav2Vec2Processor, saved with the run; a
+    pretrained model's feature-extractor settings are kept."""
+    from transformers import AutoFeatureExtractor, Wav2Vec2Processor
+
+    def make():
+        processor = make_processor(build_vocab(train_texts), run_dir / "cache" / "processor")
+        if cfg.model:
+            try:
+                extractor = AutoFeatureExtractor.from_pretrained(
+                    cfg.model, trust_remote_code=cfg.trust_remote_code
+                )
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"--model {cfg.model}: cannot load its feature extractor ({err})") from None
+            if extractor.sampling_rate != SAMPLE_RATE:
+                raise ConfigError(f"--model {cfg.model}: it expects {extractor.sampling_rate} Hz; this recipe "
+                                  f"resamples to {SAMPLE_RATE}")  # fmt: skip
+            processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=processor.tokenizer)
+        return processor
+
+    return saved_processor(rt, run_dir, make, Wav2Vec2Processor.from_pretrained)
+
+
+def _setup_model(cfg: ASRConfig, processor, shortest_frames: int):
+    from transformers import AutoModelForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
+
+    tok = processor.tokenizer
+    head = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, ctc_zero_infinity=True,
+                ctc_loss_reduction="sum", layerdrop=cfg.layerdrop)  # fmt: skip
+    # SpecAugment never asks for a span longer than the shortest clip has frames.
+    mask = dict(
+        mask_time_prob=cfg.mask_time_prob, mask_time_length=max(1, min(cfg.mask_time_length, shortest_frames))
+    )
+    if cfg.model:
+        try:
+            model = AutoModelForCTC.from_pretrained(
+                cfg.model, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+                ignore_mismatched_sizes=True, **head, **mask,
+            )  # fmt: skip
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--model {cfg.model}: cannot load a safetensors CTC model ({err})") from None
+        if cfg.freeze_feature_encoder:
+            model.freeze_feature_encoder()
+        return model
+    config = Wav2Vec2Config(
+        conv_dim=(cfg.conv_channels,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        feat_extract_norm="layer", do_stable_layer_norm=True, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size, hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
+        activation_dropout=cfg.dropout, feat_proj_dropout=cfg.dropout, final_dropout=cfg.dropout,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, **head, **mask,
+    )  # fmt: skip
+    return Wav2Vec2ForCTC(config)
+
+
+def greedy_decode(processor, logits: torch.Tensor, frames: torch.Tensor) -> list[str]:
+    """Best path per row, cut at the row's real frames (padding decodes to junk), repeats merged, blanks
+    dropped, the word delimiter turned into spaces."""
+    ids = logits.argmax(-1).cpu()
+    return [processor.tokenizer.decode(row[:n]) for row, n in zip(ids, frames.tolist())]
+
+
+class ASRTask:
+    """CTC on characters; evaluation decodes greedily and counts word and character edits per row."""
+
+    def __init__(self, cfg: ASRConfig, processor, splits: dict, model, run_dir: Path):
+        self.title = f"Speech recognition ({cfg.name})"
+        self.model = self.trained = model
+        self.processor, self.cfg, self.predictions_dir = processor, cfg, run_dir / "predictions"
+        self.references, self.clips, self.splits, offset = [], [], {}, 0
+        for name, (utts, texts) in splits.items():
+            self.splits[name] = AudioRows(utts, texts, processor, offset)
+            self.references += texts
+            self.clips += [u.audio for u in utts]
+            offset += len(utts)
+        train = splits["train"][0]
+        self.lengths = [round(u.seconds * SAMPLE_RATE) for u in train]
+        self.max_length = round(cfg.max_seconds * SAMPLE_RATE)
+        held = splits.get("test", splits.get("validation", splits["train"]))[0]
+        self.examples = {"transcribe": [[Path(u.audio)] for u in held[:3]]}  # copied into the export
+        seconds = sum(u.seconds for u in train) / len(train)
+        try:  # per output frame: sizes() counts frames
+            self.flops_per_token = train_flops_per_token(
+                model.config, seq_len=max(1, round(seconds * FRAMES_PER_SECOND)),
+                frozen_feature_encoder=cfg.freeze_feature_encoder,
+            )  # fmt: skip
+        except ValueError:
+            self.flops_per_token = 0.0
+        self.collate = functools.partial(collate_padded, pad_id=processor.tokenizer.pad_token_id)
+
+    prepare = staticmethod(as_is)
+
+    def frames(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each row's real output frames, from its real samples."""
+        return self.model._get_feat_extract_output_lengths(attention_mask.sum(-1)).long()
+
+    def sizes(self, batch):
+        return batch["input_values"].shape[0], int(self.frames(batch["attention_mask"]).sum())
+
+    def targets(self, batch):
+        return {"loss": label_targets(batch["labels"])}
+
+    def loss(self, model, batch):
+        """The CTC negative log-likelihood summed over the batch's rows (blank = [PAD], infinities zeroed,
+        fp32 log-probabilities), as the model's own loss computes it with reduction "sum"."""
+        inputs = model_inputs(batch)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
+        frames = self.frames(inputs["attention_mask"])
+        log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+        real = labels >= 0
+        with torch.backends.cudnn.flags(enabled=False):
+            total = F.ctc_loss(log_probs, labels.masked_select(real), frames, real.sum(-1),
+                               blank=self.processor.tokenizer.pad_token_id, reduction="sum",
+                               zero_infinity=True)  # fmt: skip
+        return {"loss": total}, (logits, frames)
+
+    def evaluate(self, model, batch, outputs, generate):
+        """Greedy transcripts of this rank's rows; word and character edits against the references."""
+        logits, frames = outputs
+        hyps = greedy_decode(self.processor, logits, frames)
+        refs = batch["_ref"].tolist()
+        counts = torch.tensor(
+            [error_counts(self.references[r], h) for r, h in zip(refs, hyps)], dtype=torch.float64
+        )
+        sums = counts.sum(0)
+        return {"wer": sums[[0, 1]], "cer": sums[[2, 3]]}, list(zip(refs, hyps))
+
+    def summarize(self, records, means, split):
+        """RUN/predictions/<split>.jsonl (clip, reference, transcript); the first --samples as a table."""
+        self.predictions_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.predictions_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for ref, hyp in records:
+                row = {"audio": self.clips[ref], "reference": self.references[ref], "transcript": hyp}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        shown = [[Path(self.clips[r]).name, self.references[r], h] for r, h in records[: self.cfg.samples]]
+        return {"samples": shown} if shown else {}
+
+    def before_export(self, model):
+        """The export runs on every layer and keeps the model's CTC settings; nothing else is learnt."""
+        model.config.layerdrop = 0.0
+
+
+def _build(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> ASRTask:
+    splits = _read_splits(cfg, rt)
+    processor = _setup_processor(cfg, rt, run_dir, splits["train"][1])
+    shortest = min(u.seconds for u in splits["train"][0])
+    model = _setup_model(cfg, processor, int(shortest * FRAMES_PER_SECOND))
+    return ASRTask(cfg, processor, splits, model, run_dir)
+
+
+# -- inference: predict and the demo --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def load(export_dir: str):
+    """The export's automatic-speech-recognition pipeline, loaded once per folder."""
+    from transformers import pipeline
+
+    return pipeline("automatic-speech-recognition", model=export_dir)
+
+
+def transcribe(export_dir, audio_path) -> str:
+    """The transcript of one clip: read with soundfile, mono, 16 kHz, through the export's pipeline."""
+    samples = read_audio(audio_path)
+    return load(str(export_dir))({"raw": samples, "sampling_rate": SAMPLE_RATE})["text"]
+
+
+def predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="asr_ctc.py predict", description="Transcribe audio files.")
+    parser.add_argument("export", help="an export folder (RUN/export)")
+    parser.add_argument("audio", nargs="+", help="wav, flac or ogg files")
+    args = parser.parse_args(argv)
+    for path in args.audio:
+        text = transcribe(args.export, path)
+        print(f"{path}\t{text}" if len(args.audio) > 1 else text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        return predict(argv[1:])
+    cfg = parse_config(ASRConfig, argv, description=__doc__)
+    _validate(cfg)
+    return run_recipe(cfg, _build, "asr_ctc")
+
+
+if __name__ == "__main__":
+    run_main(main)
