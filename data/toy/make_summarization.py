@@ -14,10 +14,11 @@ the facts, pick the right names out of the report and put them in order; copying
 Summaries open with "The", "A" or "At" rather than a name, so a byte-level BPE (no prefix space) writes a
 name with the same pieces as the report does mid-sentence. The id names the kind: "test-0003-match".
 
-On the test split, ROUGE-L F1 of the first sentence is about 15, of the first two about 23, and of the
-right kind's summary filled with random names and numbers about 46; a 0.85M-parameter T5 trained from
-scratch (2+2 layers, d_model 128, a 1,500-piece byte BPE, batch 16) reaches about 60-75 after 500 steps and
-70-80 after 1,000, so the score rises only as far as the model reads the report.
+On the test split, ROUGE-L F1 of the first sentence is about 13, of the first two about 22, and of the
+right kind's summary filled with random names and numbers about 47. A 0.85M-parameter T5 trained from
+scratch (2+2 layers, d_model 128, a 1,500-piece byte BPE, batch 16, lr 2e-3) reaches about 75 after 500
+steps without dropout (about 60 with dropout 0.1, 70 after 1,000 steps): the score rises past 47 only as
+far as the model reads the report.
 
 All splits draw from the same names and words, but no report appears in two splits, and every report has a
 key pair of facts (the two teams, the firm and its town, the weather and the town, the town and its plan,
