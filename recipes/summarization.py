@@ -78,7 +78,7 @@ class SummarizationConfig(TrainConfig):
     layers: int = 2  # encoder layers, and as many decoder layers
     heads: int = 4
     ffn: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.0  # from scratch on the toy set: 0.1 costs about 12 ROUGE-L at the same steps
     max_source_length: int = 256  # tokens of prefix + text; longer texts are cut
     max_target_length: int = 64  # tokens of a reference summary; longer ones are cut
     num_beams: int | None = None  # generation settings: default the model's (from scratch: 2 beams)
