@@ -1,10 +1,12 @@
 """Write the bundled toy speech-recognition set: short spoken commands synthesised with espeak-ng.
 
 Writes data/toy/speech/{train,validation,test}.csv with columns audio,text (audio is a path relative to the
-manifest, e.g. clips/train/0001.flac) and the clips as 16 kHz mono FLAC. Each utterance is 1-4 words from a
-small vocabulary (digits, colours, directions, short commands), spoken by espeak-ng with an English accent,
-a voice variant, a speed and a pitch drawn at random; leading and trailing silence is cut off, the peak is
-normalised and the 22,050 Hz output resampled to 16 kHz.
+manifest, e.g. clips/train/0001.flac) and the clips as 16 kHz mono 8-bit FLAC. Each utterance is 1-3 spoken
+digits ("seven two nine"), spoken by espeak-ng with an English accent, a voice variant, a speed and a pitch
+drawn at random; leading and trailing silence is cut off, the peak is normalised and the 22,050 Hz output
+resampled to 16 kHz. The task is sized so that a small wav2vec2 from scratch learns it in a few CPU-minutes:
+with the 29-word vocabulary of digits, colours, directions and commands in 1-4 word utterances, the same
+budget left the word error rate above 0.5 (see docs/speech.md).
 
 Validation and test are spoken by voices that training never hears: their voice variants are left out of
 training entirely, so a model has to recognise the words, not the speakers. Deterministic (fixed seeds;
@@ -32,40 +34,26 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "speech"
 RATE = 16_000
 ESPEAK_RATE = 22_050
-SUBTYPE = "PCM_16"  # FLAC sample format; "PCM_S8" makes files about a third of the size
+SUBTYPE = "PCM_S8"  # FLAC sample format: a third of PCM_16's size (3.8 against 10.7 MB), the same WER
 SEEDS = {"train": 21, "validation": 22, "test": 23}
-COUNTS = {"train": 800, "validation": 60, "test": 100}
+COUNTS = {"train": 600, "validation": 40, "test": 80}
 
-WORDS = {
-    "digits": "zero one two three four five six seven eight nine".split(),
-    "colours": "red green blue yellow black white".split(),
-    "directions": "up down left right forward back".split(),
-    "commands": "go stop yes no on off".split(),
-}
-VOCABULARY = [w for group in WORDS.values() for w in group]
+VOCABULARY = "zero one two three four five six seven eight nine".split()
+MAX_WORDS = 3
 
-# espeak-ng accents ("en" is British English: "en-gb+VARIANT" silently drops the variant) and variants
-# (files in espeak-ng-data/voices/!v: pitch range, formants, breathiness, klatt synthesis). Robots, whispers
-# and echo-heavy novelty voices are left out.
-ACCENTS = [
-    "en",
-    "en-us",
-    "en-gb-scotland",
-    "en-gb-x-gbclan",
-    "en-gb-x-rp",
-    "en-gb-x-gbcwmd",
-    "en-029",
-    "en-us-nyc",
-]
+# espeak-ng accents ("en" is British English; "en-gb+VARIANT" silently ignores the variant) and voice variants
+# (files in espeak-ng-data/voices/!v that change pitch range, formants, breathiness). Robots, whispers, croaks
+# and the Klatt-synthesised or tone-filtered variants are left out: they made the set slower to learn.
+ACCENTS = "en en-us en-gb-scotland en-gb-x-gbclan en-gb-x-rp en-gb-x-gbcwmd en-029 en-us-nyc".split()
 VARIANTS = (
-    "m1 m2 m3 m4 m5 m6 m7 m8 f1 f2 f3 f4 f5 Andy Annie Alex Alicia Andrea belinda benjamin david ed edward "
-    "grandma grandpa john linda max paul quincy rob robert steph travis victor adam aunty iven anika".split()
+    "m1 m2 m3 m4 m5 m6 m7 f1 f2 f3 f4 f5 Andy Annie Alex Andrea belinda grandma grandpa linda max rob robert "
+    "aunty victor".split()
 )
 HELDOUT = {  # split: voices (accent+variant) whose variants training never uses
     "validation": ["en-gb-x-rp+f4", "en-us-nyc+m6"],
     "test": ["en-us+f3", "en-gb-scotland+m4"],
 }
-SPEED = (130, 190)  # words per minute
+SPEED = (150, 210)  # words per minute
 PITCH = (30, 70)  # 0-99, espeak-ng's default is 50
 TRIM_DB = 40  # silence: 10 ms frames more than this far below the loudest frame
 PAD_S = 0.02  # silence kept before and after the speech
@@ -80,7 +68,7 @@ def voices(split: str) -> list[str]:
 
 
 def utterance(rng: random.Random) -> str:
-    return " ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(1, 4)))
+    return " ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(1, MAX_WORDS)))
 
 
 def speak(text: str, voice: str, speed: int, pitch: int, tmp: Path) -> np.ndarray:
