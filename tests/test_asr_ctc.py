@@ -230,3 +230,27 @@ def test_a_stopped_run_continues_with_the_same_losses(tmp_path):
     again = recipe_runs.run(cmd)
     assert again.returncode == 0, again.stderr[-2000:]
     assert recipe_runs.losses(out) == recipe_runs.losses(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend",
+    [["--backend", "fsdp", "--layerdrop", "0.2"], ["--backend", "deepspeed", "--zero-stage", "3"]],
+    ids=["fsdp-layerdrop", "zero3"],
+)
+def test_sharded_backends_train_and_count_every_clip(backend, tmp_path):
+    """FSDP2 (with layer drop: every rank drops the same layers) and ZeRO-3 gather layers collectively; an
+    uneven validation split (9 clips on 2 ranks) is decoded and counted whole, and the export transcribes."""
+    manifest = write_clips(tmp_path, n=9)
+    out = tmp_path / "run"
+    proc = recipe_runs.torchrun(RECIPE, *backend, "--output-dir", str(out), "--tracker", "none", "--max-steps",
+                                "3", "--batch-size", "2", "--train-manifest", str(manifest),
+                                "--validation-manifest", str(manifest), "--test-manifest", "", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = last(read_metrics(out))
+    assert 0 <= m["eval/wer"] and 0 <= m["eval/cer"]
+    rows = [json.loads(x) for x in (out / "predictions" / "validation.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and len({r["audio"] for r in rows}) == 9
+    assert (out / "export" / "processor_config.json").is_file() and (
+        out / "export" / "model.safetensors"
+    ).is_file()

@@ -1,0 +1,153 @@
+"""Speech recognition: recipes/asr_ctc.py vs transformers.Trainer training the same small wav2vec2 on the toy set.
+
+Both sides run under `torchrun --nproc_per_node=2` (gloo, fp32, OMP_NUM_THREADS=1) with the same model and
+data: the recipe as a user runs it (its defaults: the wav2vec2 of recipes.asr_ctc._setup_model, a character
+vocabulary from the training transcripts; --validation-manifest "" --test-manifest "", so no evaluation
+happens), then the Trainer on the wav2vec2 that _setup_model builds from the recipe run's saved config, with
+the run's own saved processor, the same clips read and normalised the same way (recipes.asr_ctc.AudioRows),
+batches padded as the recipe pads them (kernels.collate_padded: audio with 0, labels with -100, attention
+masks), grouped by audio length, the model's own CTC loss (reduction "mean", as the Hugging Face speech
+examples train), and the same per-rank batch, learning rate, warmup, weight decay, clipping, seed and step
+count. samples/s counts the steps after step 5 (one logging window) and is total samples over total time;
+audio seconds/s is samples/s times the training set's mean clip length (both sides draw from the same 600
+clips; length grouping makes any window's mix differ a little).
+Usage:
+    python bench/bench_asr.py                 # 60 steps each, about 2 minutes
+    python bench/bench_asr.py --quick         # 12 steps each, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+
+from launch_two_ranks import REPO, run_hf_worker, step_clock, torchrun_two_ranks, write_trainer_result
+
+sys.path.insert(0, str(REPO))  # recipes/ is not an installed package
+WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
+
+
+def run_recipe(out: Path, steps: int) -> dict:
+    torchrun_two_ranks(
+        ["recipes/asr_ctc.py", f"--output-dir={out}", f"--max-steps={steps}", "--validation-manifest=",
+         "--test-manifest=", "--tracker=none", f"--log-every={WARMUP_STEPS}", "--precision=fp32"],
+        out.parent / "recipe.log",
+    )  # fmt: skip
+    return recipe_throughput(out)
+
+
+def recipe_throughput(run_dir: Path) -> dict:
+    """Steady samples/s of a recipe run: each logging window after WARMUP_STEPS weighted by its duration, so
+    it is total samples over total time; the last loss."""
+    from launch.tracking import read_metrics
+
+    windows = [r for r in read_metrics(run_dir) if "train/samples_per_s" in r]
+    steady = [(prev, r) for prev, r in zip(windows, windows[1:]) if r["step"] > WARMUP_STEPS]
+    seconds = [r["time"] - prev["time"] for prev, r in steady]
+    samples = sum(r["train/samples_per_s"] * s for (_, r), s in zip(steady, seconds))
+    return {"samples_per_s": samples / sum(seconds), "loss": windows[-1]["train/loss"]}
+
+
+def recipe_config(run_dir: Path):
+    """The recipe run's ASRConfig, from its saved RUN/config.yaml."""
+    from launch.config import load_yaml
+    from recipes.asr_ctc import ASRConfig
+
+    saved = load_yaml(run_dir / "config.yaml")
+    return ASRConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ASRConfig)})
+
+
+def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
+    """One rank of the Trainer side; rank 0 writes samples/s and the last loss to `out`."""
+    import functools
+
+    from transformers import Trainer, TrainingArguments, Wav2Vec2Processor, set_seed
+
+    from data.speech import normalize_transcript, read_manifest
+    from kernels import collate_padded
+    from recipes.asr_ctc import FRAMES_PER_SECOND, AudioRows, _setup_model
+
+    cfg = recipe_config(recipe_dir)
+    if cfg.model:
+        raise SystemExit(
+            "error: this benchmark compares a wav2vec2 built from scratch; the recipe ran with --model"
+        )
+    processor = Wav2Vec2Processor.from_pretrained(recipe_dir / "processor")
+    utts = read_manifest(cfg.train_manifest, cfg.audio_column, cfg.text_column)
+    texts = [normalize_transcript(u.text, cfg.chars_to_ignore) for u in utts]
+    set_seed(cfg.seed)  # the seed of the recipe's rank 0, whose initial weights DDP broadcasts
+    model = _setup_model(cfg, processor, int(min(u.seconds for u in utts) * FRAMES_PER_SECOND))
+    model.config.ctc_loss_reduction = "mean"
+
+    class Rows(AudioRows):  # the recipe's rows less its metadata (the row index the Trainer would pass on)
+        def __getitem__(self, i):
+            row = super().__getitem__(i)
+            del row["_ref"]
+            return row
+
+    train = Rows(utts, texts, processor, 0)
+    collate = functools.partial(collate_padded, pad_id=processor.tokenizer.pad_token_id)
+    # Length-grouped batches, as the recipe's sampler; full batches only, so samples = batch x world x steps.
+    args = TrainingArguments(
+        train_sampling_strategy="group_by_length", dataloader_drop_last=True,
+        output_dir=str(out / "run"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
+        learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * steps),
+        max_grad_norm=cfg.max_grad_norm, logging_steps=WARMUP_STEPS, save_strategy="no", report_to=[],
+        dataloader_num_workers=0, use_cpu=True, ddp_backend="gloo", ddp_find_unused_parameters=False,
+        disable_tqdm=True, seed=cfg.seed, remove_unused_columns=False,
+    )  # fmt: skip
+    clock = step_clock(WARMUP_STEPS)
+    # processing_class names input_values as the model input: the sampler groups by its length.
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, processing_class=processor,
+                      callbacks=[clock])  # fmt: skip
+    trainer.train()
+    c = model.config
+    write_trainer_result(
+        trainer, clock, WARMUP_STEPS, out, clips=len(train), seconds=sum(u.seconds for u in utts) / len(utts),
+        model=f"{len(c.conv_dim)} conv layers of {c.conv_dim[0]}, hidden {c.hidden_size}, "
+        f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads, ffn {c.intermediate_size}",
+        params=sum(p.numel() for p in model.parameters()),
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 60)")
+    parser.add_argument("--quick", action="store_true", help="12 steps per side, a smoke test")
+    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hf_worker:
+        hf_worker(args.recipe_run, args.out, args.steps)
+        return
+    if args.steps is not None and args.quick:
+        parser.error("give --steps or --quick, not both")
+    steps = args.steps or (12 if args.quick else 60)
+    if steps < 2 * WARMUP_STEPS:
+        parser.error(f"--steps must be at least {2 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
+
+    with tempfile.TemporaryDirectory(prefix="bench_asr_") as tmp:
+        recipe = run_recipe(Path(tmp) / "recipe", steps)
+        hf = run_hf_worker("bench/bench_asr.py", Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
+
+    print(
+        f"wav2vec2 ({hf['model']}, {hf['params'] / 1e6:.2f}M parameters), toy speech: {hf['clips']} training "
+        f"clips of {hf['seconds']:.2f} s on average; {steps} steps x {hf['batch_size']} per rank x "
+        f"{hf['world_size']} ranks, fp32, {hf['torch_threads']} thread(s) per rank; after step {WARMUP_STEPS}"
+    )
+    print(f"{'':<24} {'samples/s':>10} {'audio s/s':>10} {'final loss':>11}")
+    for name, m in (("recipebox asr_ctc", recipe), ("transformers.Trainer", hf)):
+        print(f"{name:<24} {m['samples_per_s']:>10.1f} {m['samples_per_s'] * hf['seconds']:>10.1f} "
+              f"{m['loss']:>11.4f}")  # fmt: skip
+    print(f"ratio recipebox/Trainer: {recipe['samples_per_s'] / hf['samples_per_s']:.2f}x")
+    print(
+        "final loss: the recipe's per transcript character, the Trainer's CTC mean per row (sum / target length)"
+    )
+
+
+if __name__ == "__main__":
+    main()
