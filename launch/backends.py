@@ -46,6 +46,7 @@ class BackendSettings:
     offload_optimizer: bool = False
     offload_params: bool = False
     xla_mode: str = "spmd"
+    compile: bool = False  # torch.compile the model's blocks in place (DDP, FSDP2)
     buckets: list[int] = field(default_factory=list)  # XLA: the padded lengths every batch is cut to
 
 
@@ -178,6 +179,8 @@ class DDPBackend:
 
     def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
         self.raw_model = model.to(self.device)
+        if self.settings.compile:
+            compile_blocks(model)
         self.model = model
         if self.rt.world_size > 1:
             self.model = DistributedDataParallel(
@@ -257,6 +260,10 @@ class FSDPBackend(DDPBackend):
                 "--backend fsdp shards across ranks: launch with torchrun --nproc_per_node=2 or more"
             )
         model = model.to(self.device)
+        if (
+            self.settings.compile
+        ):  # before sharding, as torchtitan does: FSDP2's hooks stay outside the graphs
+            compile_blocks(model)
         mesh = init_device_mesh(self.device.type, (self.rt.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
         for layers in layer_lists(model):
@@ -308,6 +315,15 @@ def generating_module(model: nn.Module) -> nn.Module:
     if found is None:
         raise TypeError(f"{type(model).__name__} has no generate method; evaluate without generation")
     return found
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block of the outermost layer lists (the whole model when it has none), in place:
+    `Module.compile` keeps every parameter name (no `_orig_mod.`), so checkpoints and exports are unchanged,
+    and what runs between blocks (a recipe's loss, masked-position selection) stays eager."""
+    blocks = [block for layers in layer_lists(model) for block in layers]
+    for block in blocks or [model]:
+        block.compile()
 
 
 def layer_lists(model: nn.Module) -> list[nn.ModuleList]:

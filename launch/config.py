@@ -40,6 +40,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     peak_tflops: float = 0.0  # the device's dense peak for train/mfu; 0: from launch.flops' table (GPUs)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deepspeed on GPU); auto: bf16 on GPUs, else fp32
+    compile: bool = False  # torch.compile each transformer block (ddp, fsdp); names in checkpoints unchanged
     backend: str = "ddp"  # ddp (one process: plain) | fsdp (FSDP2, 2+ ranks) | deepspeed | xla
     zero_stage: int = 2  # --backend deepspeed: ZeRO stage 1, 2 or 3
     deepspeed_config: str = ""  # --backend deepspeed: a JSON file merged with the flags (they must agree)
@@ -190,6 +191,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--async-save works with --backend ddp or fsdp (torch.distributed.checkpoint); {cfg.backend} "
             "writes its own checkpoint format synchronously: drop --async-save"
+        )
+    if cfg.compile and cfg.backend in ("deepspeed", "xla"):
+        raise ConfigError(
+            f"--compile works with --backend ddp or fsdp; {cfg.backend} runs the model its own way "
+            "(XLA compiles whole graphs itself, DeepSpeed wraps the model): drop --compile"
         )
     if cfg.eval_batch_size < 0:
         raise ConfigError(

@@ -99,7 +99,9 @@ class DeepSpeedBackend:
     def step(self, max_grad_norm: float) -> torch.Tensor:
         self.model.step()  # clipping (gradient_clipping), optimizer, schedule and zero_grad
         norm = self.model.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        if isinstance(norm, torch.Tensor):  # kept where it is: reading it here would wait for the device
+            return norm.detach().float()
+        return torch.tensor(float("nan") if norm is None else norm, dtype=torch.float32)
 
     def current_lr(self) -> float:
         return self.model.get_lr()[0]

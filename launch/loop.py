@@ -365,27 +365,27 @@ class Trainer:
 
         self.tracker = tracker
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not rt.is_main, desc="train")
-        window_loss = torch.zeros((), device=self.backend.device)
-        window_norm = torch.zeros((), device=self.backend.device)
+        # Loss and norm add up where they are (on the GPU) and are read at log steps only: a step never waits
+        # for the device. Sizes come from host batches.
+        window_loss, window_norm = 0.0, 0.0
         window = torch.zeros(3, dtype=torch.float64)  # steps, samples, tokens since the last log
         t0 = time.perf_counter()
         while self.state.step < self.total_steps:
             loss, norm, samples, tokens = self.train_step()
-            window_loss += loss
-            window_norm += norm.detach().float().to(window_norm.device)
+            window_loss = window_loss + loss
+            window_norm = window_norm + norm.detach().float()
             window += torch.tensor([1, samples, tokens], dtype=torch.float64)
             bar.update(1)
             step = self.state.step
             if step % cfg.log_every == 0 or step == self.total_steps:
-                self._log_window(window_loss, window_norm, window, time.perf_counter() - t0, bar)
-                window_loss.zero_()
-                window_norm.zero_()
+                self._log_window(window_loss, window_norm, window, t0, bar)
+                window_loss, window_norm = 0.0, 0.0
                 window.zero_()
                 t0 = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
                 tracker.log(self.evaluate(), step)
                 t0 = time.perf_counter()
-            stop = rt.any_rank(rt.stop_requested)
+            stop = rt.any_rank(rt.stop_requested)  # a host-side vote: no wait for the device
             if self.run_dir is not None and (stop or self._save_due(step)):
                 self.save()
                 t0 = time.perf_counter()
@@ -408,8 +408,11 @@ class Trainer:
         tracker.summary(final)
         return final
 
-    def _log_window(self, window_loss, window_norm, window: torch.Tensor, elapsed: float, bar) -> None:
+    def _log_window(self, window_loss, window_norm, window: torch.Tensor, t0: float, bar) -> None:
+        # The one read of the window's device values: at log steps only. The window's time ends after it, when
+        # the device has run every step of the window, not when the host has merely queued them.
         stats = torch.cat([window_loss.detach().double().reshape(1).cpu(), window])
+        elapsed = time.perf_counter() - t0
         stats = self._all_ranks_sum(stats.to(self.rt.device)).cpu()
         steps = window[0].item()
         loss_mean = (
@@ -417,7 +420,7 @@ class Trainer:
         )  # each rank's share x world, summed over ranks and steps
         metrics = {
             "train/loss": loss_mean,
-            "train/grad_norm": window_norm.item() / steps,  # the same on every rank
+            "train/grad_norm": float(window_norm) / steps,  # the same on every rank
             "train/lr": self.backend.current_lr(),
             "train/samples_per_s": stats[2].item() / elapsed,
             "train/tokens_per_s": stats[3].item() / elapsed,
@@ -428,6 +431,8 @@ class Trainer:
             metrics["train/tflops"] /= self.rt.world_size
             if self.peak_tflops:
                 metrics["train/mfu"] = metrics["train/tflops"] / self.peak_tflops
+        if self.backend.device.type == "cuda":  # the allocator's own counter: no wait for the device
+            metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.backend.device) / 1e9
         metrics.update(self.backend.log_metrics())  # e.g. XLA's compile count
         self.tracker.log(metrics, self.state.step)
         bar.set_postfix(loss=f"{loss_mean:.4f}")

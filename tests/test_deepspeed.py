@@ -226,3 +226,30 @@ def test_bf16_casts_float_model_inputs_and_leaves_labels_and_metadata():
     assert placed["input_values"].dtype == torch.bfloat16 and placed["attention_mask"].dtype == torch.long
     assert placed["labels"].dtype == placed["_scores"].dtype == torch.float32
     assert DeepSpeedBackend(Runtime(), BackendSettings(precision="fp32")).place_batch(batch) is batch
+
+
+GPU_POINTS = {
+    "fp16-loss-scaling": ["--zero-stage", "2", "--precision", "fp16"],
+    "optimizer-offload": ["--zero-stage", "2", "--precision", "bf16", "--offload-optimizer", "true"],
+    "zero3-param-offload": ["--zero-stage", "3", "--precision", "bf16", "--offload-optimizer", "true",
+                            "--offload-params", "true"],
+}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("point", sorted(GPU_POINTS))
+def test_gpu_only_options_train_save_and_resume(point, tmp_path, tokenizer_dir):
+    """One GPU, one process: 4 steps and a checkpoint, then the same command continues to step 8 from it; the
+    export holds fp32 weights (fp16: DeepSpeed's dynamic loss scale may skip a first step on overflow, so the
+    losses are checked finite, not falling). Offload compiles DeepSpeed's CPU Adam on first use."""
+    out = tmp_path / "run"
+    flags = ["--backend", "deepspeed", *GPU_POINTS[point], "--check-replicas", "false"]
+    ok(run(command(out, tokenizer_dir, *flags, "--max-steps", "4", nproc=1), timeout=900))
+    again = ok(run(command(out, tokenizer_dir, *flags, "--max-steps", "8", nproc=1), timeout=900))
+    assert "resumed from" in again.stdout and "step-000004" in again.stdout
+    got = losses(out)
+    assert sorted(got) == list(range(1, 9)) and all(v == v and v < 100 for v in got.values())
+    from safetensors.torch import load_file
+
+    assert all(v.dtype == torch.float32 for v in load_file(out / "export" / "model.safetensors").values())

@@ -1,0 +1,129 @@
+"""A training step never waits for the device: nothing in the loop, the backends or a recipe reads a device
+value back to the host between two log lines.
+
+On CPU (tests/host_sync.py): every read of a tensor that would live on the device (`.item()`, `bool()`,
+`.tolist()`, `.cpu()`, `nonzero`, boolean masks) is recorded while `fit` runs its steps; logging, evaluation
+and the loader's host batches are left out. The loop and the one-process backend make none, and a read
+planted in the step is caught, so the count can fail. Recipes may make only the reads named in `KNOWN`.
+On CUDA (`gpu`): torch's own sync detection around the same steps of every recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from host_sync import count_step_reads
+from test_launch import RegressionTask, regression_data, trainer_for
+
+from launch.backends import backend_settings, make_backend
+from launch.config import TrainConfig, parse_config
+from launch.loop import Trainer
+from launch.runtime import Runtime
+
+# The reads a step may still make, by file, each for a reason outside the loop:
+KNOWN = {
+    # transformers' SDPA mask builder asks `padding_mask.all()` at every forward, to drop a mask without
+    # padding (compiled blocks do not change that: the mask is built before them).
+    "transformers/masking_utils.py",
+    # The MLM head runs on the masked positions only: their number is read once per micro-batch (a fixed
+    # size would cost the head on every position, as the static-shape path does).
+    "recipes/mlm_nsp.py",
+}
+
+# In-process settings that build each recipe's task fast (the bundled toy data).
+RECIPES = {
+    "mlm_nsp": [
+        "--hidden-size",
+        "32",
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--intermediate-size",
+        "64",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "8",
+    ],  # fmt: skip
+    "text_classification": ["--batch-size", "4"],
+    "ner": ["--batch-size", "4"],
+    "qa": ["--batch-size", "4"],
+    "causal_lm": ["--batch-size", "4"],
+    "summarization": ["--batch-size", "4"],
+}
+
+
+class Regression(RegressionTask):
+    def targets(self, batch):  # without test_launch's bookkeeping (which reads every count)
+        return {"mse": batch["valid"].sum()}
+
+
+def regression_trainer(**overrides) -> Trainer:
+    options = dict(max_steps=100, batch_size=8, lr=0.1, log_every=3, tracker="none", **overrides)
+    return trainer_for(TrainConfig(**options), Regression(regression_data()))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"grad_accum": 2, "save_every_minutes": 5.0}])
+def test_the_loop_and_backend_read_nothing_back_during_steps(overrides):
+    reads = count_step_reads(regression_trainer(**overrides), steps=7)
+    assert not reads, reads
+
+
+def test_a_read_planted_in_the_step_is_caught():
+    reads = count_step_reads(regression_trainer(), steps=3, inject=lambda batch: batch["target"].sum().item())
+    assert sum(reads.values()) == 3 and all("test_host_sync.py" in where for _, where in reads), reads
+    reads = count_step_reads(regression_trainer(), steps=2, inject=lambda batch: batch["valid"].tolist())
+    assert sum(reads.values()) == 2, reads
+
+
+def recipe_trainer(name: str, tmp_path: Path, device: str, *extra: str) -> Trainer:
+    """A recipe's own task and backend in this process (one rank), as `run_recipe` builds them."""
+    recipe = importlib.import_module(f"recipes.{name}")
+    config_class = next(v for k, v in vars(recipe).items() if k.endswith("Config") and v is not TrainConfig)
+    argv = ["--output-dir", str(tmp_path), "--tracker", "none", "--max-steps", "50", "--log-every", "2"]
+    cfg = parse_config(config_class, [*argv, *RECIPES[name], *extra])
+    rt = Runtime(device=torch.device(device))
+    task = recipe._build(cfg, rt, tmp_path)
+    backend = make_backend(cfg.backend, rt, backend_settings(cfg, task.max_length))
+    return Trainer(cfg, rt, backend, task)
+
+
+def test_mlm_nsp_reads_only_the_masked_count(tmp_path, tokenizer_dir):
+    trainer = recipe_trainer(
+        "mlm_nsp", tmp_path, "cpu", "--tokenizer", str(tokenizer_dir), "--grad-accum", "2"
+    )
+    reads = count_step_reads(trainer, steps=2)
+    unknown = {k: n for k, n in reads.items() if not any(k[1].startswith(f) for f in KNOWN)}
+    assert not unknown, unknown
+    ours = {k: n for k, n in reads.items() if k[1].startswith("recipes/mlm_nsp.py")}
+    assert [(k[0], n) for k, n in ours.items()] == [("aten.nonzero", 4)], reads  # one per micro-batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_steps_on_cuda_make_no_unknown_sync(name, tmp_path):
+    """torch.cuda's sync detection ("warn": each synchronising call becomes a warning attributed to the Python
+    line that made it) around train_step alone, after two warm-up steps; every sync must be in KNOWN. "error"
+    would stop at transformers' own mask check before reaching the rest of the step."""
+    trainer = recipe_trainer(name, tmp_path, "cuda")
+    for _ in range(2):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    unknown = [f"{w.filename}:{w.lineno}" for w in syncs if not any(w.filename.endswith(f) for f in KNOWN)]
+    assert not unknown, unknown
+    trainer.backend.close()
