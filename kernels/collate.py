@@ -106,7 +106,7 @@ def collate_padded(
     *,
     pad_id: int,
     pad_to_multiple_of: int | None = None,
-    pad_to_length: int | None = None,
+    pad_to_length: int | Mapping[str, int] | None = None,
     pad_values: Mapping[str, int | float] | None = None,
     vectors: Collection[str] = (),
 ) -> dict[str, Tensor]:
@@ -116,7 +116,8 @@ def collate_padded(
     `pad_values` names the field; numbers become 1-D tensors; `vectors` are fixed-size per row (multi-hot
     labels): stacked, not padded. attention_mask is rebuilt from input_ids, else input_values. Fields of one
     row with equal lengths (ids, tags) stay aligned; a seq2seq target pads to its own longest.
-    `pad_to_length` gives every sequence field that length (static shapes, e.g. XLA).
+    `pad_to_length` gives every sequence field that length (static shapes, e.g. XLA); a mapping gives the
+    fields it names their own lengths (audio and its transcript) and leaves the others at their longest.
     """
     if not features:
         raise ValueError("collate_padded got an empty batch")
@@ -139,12 +140,13 @@ def collate_padded(
         elif isinstance(rows[0], list | tuple | Tensor):
             flat, lengths = _flatten(rows, _sequence_dtype(rows))
             length = _padded_length(max(lengths, default=0), pad_to_multiple_of)
-            if pad_to_length is not None:
-                if max(lengths, default=0) > pad_to_length:
+            fixed = pad_to_length.get(key) if isinstance(pad_to_length, Mapping) else pad_to_length
+            if fixed is not None:
+                if max(lengths, default=0) > fixed:
                     raise ValueError(
-                        f"a row's {key!r} has {max(lengths)} items, more than pad_to_length={pad_to_length}"
+                        f"a row's {key!r} has {max(lengths)} items, more than pad_to_length={fixed}"
                     )
-                length = pad_to_length
+                length = fixed
             batch[key], mask = _scatter_padded(
                 flat, lengths, length, pad_values.get(key, _pad_value(key, pad_id))
             )

@@ -46,6 +46,7 @@ from data.speech import (
 )
 from data.text import DataError
 from kernels import collate_padded
+from kernels.buckets import bucket_lengths, pick_bucket
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import train_flops_per_token
 from launch.recipe import run_main, run_recipe, saved_processor
@@ -232,7 +233,17 @@ class ASRTask:
             )  # fmt: skip
         except ValueError:
             self.flops_per_token = 0.0
-        self.collate = functools.partial(collate_padded, pad_id=processor.tokenizer.pad_token_id)
+        # Transcripts have at most one character per output frame: their own buckets, far below the audio's.
+        self.label_buckets = bucket_lengths(max(1, round(cfg.max_seconds * FRAMES_PER_SECOND)))
+
+    def collate(self, rows: list[dict], pad_to_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Audio padded with 0 and an attention mask, labels with -100; with `pad_to_length` (static-shape
+        backends) the audio goes to that bucket and the labels to one of their own."""
+        fixed = None
+        if pad_to_length is not None:
+            labels = pick_bucket(max(len(r["labels"]) for r in rows), self.label_buckets)
+            fixed = {"input_values": pad_to_length, "labels": labels}
+        return collate_padded(rows, pad_id=self.processor.tokenizer.pad_token_id, pad_to_length=fixed)
 
     prepare = staticmethod(as_is)
 
@@ -254,9 +265,9 @@ class ASRTask:
         logits = model(**inputs).logits
         frames = self.frames(inputs["attention_mask"])
         log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
-        real = labels >= 0
+        # Padded 2-D targets (the padding is never read past each row's length): static shapes, no selection.
         with torch.backends.cudnn.flags(enabled=False):
-            total = F.ctc_loss(log_probs, labels.masked_select(real), frames, real.sum(-1),
+            total = F.ctc_loss(log_probs, labels.clamp(min=0), frames, (labels >= 0).sum(-1),
                                blank=self.processor.tokenizer.pad_token_id, reduction="sum",
                                zero_infinity=True)  # fmt: skip
         return {"loss": total}, (logits, frames)

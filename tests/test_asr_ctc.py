@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import recipe_runs
+import torch
 from conftest import REPO, SHARED_DATA
 from demo_pages import start_app, stop_apps, wait_for_server
 
@@ -254,3 +255,33 @@ def test_sharded_backends_train_and_count_every_clip(backend, tmp_path):
     assert (out / "export" / "processor_config.json").is_file() and (
         out / "export" / "model.safetensors"
     ).is_file()
+
+
+def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp_path):
+    """Under --backend xla every batch is padded to fixed lengths: the audio to its bucket (powers of two up
+    to --max-seconds), the transcripts to buckets of their own (16 here, not the audio's 16,384). The CTC loss
+    of the padded batch is the unpadded batch's, which is the model's own (reduction "sum")."""
+    from data.speech import build_vocab, make_processor, normalize_transcript, read_manifest
+    from kernels.buckets import BucketedCollate, bucket_lengths
+    from recipes.asr_ctc import ASRConfig, ASRTask, _setup_model
+
+    utts = read_manifest(str(write_clips(tmp_path, n=4)), "audio", "text")
+    texts = [normalize_transcript(u.text, ASRConfig.chars_to_ignore) for u in utts]
+    cfg = ASRConfig(num_layers=1, mask_time_prob=0.0)
+    processor = make_processor(build_vocab(texts), tmp_path / "processor")
+    model = _setup_model(cfg, processor, 10).eval()
+    task = ASRTask(cfg, processor, {"train": (utts, texts)}, model, tmp_path)
+    rows = [task.splits["train"][i] for i in range(4)]
+    plain = task.collate(rows)
+    fixed = BucketedCollate(task.collate, bucket_lengths(task.max_length))(rows)
+    assert plain["input_values"].shape[1] < fixed["input_values"].shape[1] == 16384
+    longest = plain["labels"].shape[1]
+    assert fixed["labels"].shape[1] == 16 and (fixed["labels"][:, longest:] == -100).all()
+    assert torch.equal(fixed["labels"][:, :longest], plain["labels"])
+    with torch.no_grad():
+        loss = task.loss(model, plain)[0]["loss"]
+        padded = task.loss(model, fixed)[0]["loss"]
+        inputs = {k: plain[k] for k in ("input_values", "attention_mask", "labels")}
+        own = model(**inputs).loss
+    assert padded.item() == pytest.approx(loss.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(own.item(), rel=1e-5)
