@@ -2,7 +2,8 @@
 vocabulary and a wav2vec2 CTC processor; word and character error counts for WER/CER.
 
 A manifest is a CSV/TSV or JSON lines file with an audio path (relative to the manifest's folder, or absolute)
-and a transcript per row, or a folder of audio files each with a same-named .txt transcript next to it. Every
+and a transcript per row, a folder of audio files each with a same-named .txt transcript next to it, or a
+`datasets` name whose audio column is read undecoded (its clips are written to a cache folder). Every
 clip is checked before training (it exists, soundfile can open it, it holds samples, its transcript is not
 empty); the message names the file or line and the fix. Audio is read with soundfile, mixed to mono and
 resampled with scipy's polyphase filter.
@@ -85,18 +86,31 @@ def read_audio(path: str | Path, rate: int = SAMPLE_RATE) -> np.ndarray:
 
 
 # -- manifests -------------------------------------------------------------------------------------------
-def read_manifest(path: str, audio_column: str = "audio", text_column: str = "text") -> list[Utterance]:
-    """Utterances from a CSV/TSV/JSON lines manifest, or from a folder of audio files with .txt transcripts.
+def read_manifest(
+    path: str,
+    audio_column: str = "audio",
+    text_column: str = "text",
+    *,
+    split: str = "train",
+    dataset_config: str = "",
+    cache_dir: str | Path | None = None,
+) -> list[Utterance]:
+    """Utterances from a CSV/TSV/JSON lines manifest, a folder of audio files with .txt transcripts, or a
+    `datasets` name (hub or local folder of parquet/arrow files; `split`, `dataset_config`) whose audio
+    column is read undecoded and written once into `cache_dir`.
 
     Every clip's header is read (soundfile.info, no decoding), so a missing, unreadable or empty clip stops
     here, before training.
     """
     source = Path(path)
-    if source.is_dir():
+    if source.is_dir() and not _holds_dataset(source):
         return _read_folder(source)
+    if source.is_dir() or (not source.exists() and not source.suffix):
+        return _read_dataset(path, dataset_config, split, audio_column, text_column, cache_dir)
     if not source.exists():
         raise DataError(
-            f"{path}: no such file or folder; give a .csv/.tsv/.jsonl manifest or a folder of clips"
+            f"{path}: no such file or folder; give a .csv/.tsv/.jsonl manifest, a folder of clips or a "
+            f"`datasets` name"
         )
     if source.suffix.lower() not in MANIFEST_SUFFIXES:
         raise DataError(
@@ -120,6 +134,55 @@ def read_manifest(path: str, audio_column: str = "audio", text_column: str = "te
         clip = (folder / Path(audio.strip()).expanduser()).resolve()
         info = _info(clip, where)
         utts.append(Utterance(str(clip), text, where, info.frames / info.samplerate))
+    return utts
+
+
+def _holds_dataset(folder: Path) -> bool:
+    """A folder that `datasets` loads (parquet or arrow files, as saved or downloaded), not one of clips."""
+    return any(folder.rglob("*.parquet")) or any(folder.rglob("*.arrow"))
+
+
+def _read_dataset(name, config, split, audio_column, text_column, cache_dir) -> list[Utterance]:
+    """A `datasets` split: its audio column undecoded (decoding there needs FFmpeg), each clip's bytes written
+    once to cache_dir/<split>/ (or its own path used), then checked as a manifest's clips are."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # the hub, a missing split or a missing folder: all the user's to fix
+        raise DataError(
+            f"{name}: not a manifest, a folder of clips or a loadable `datasets` name with split {split!r} "
+            f"({err})"
+        ) from None
+    for column, flag in ((audio_column, "--audio-column"), (text_column, "--text-column")):
+        if column not in ds.column_names:
+            raise DataError(f"{name}[{split}]: no column {column!r} (it has {ds.column_names}); set {flag}")
+    if isinstance(ds.features[audio_column], datasets.Audio):
+        ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+    if cache_dir is None:
+        raise DataError(f"{name}: a `datasets` split needs a folder to write its clips to")
+    folder = Path(cache_dir) / split
+    folder.mkdir(parents=True, exist_ok=True)
+    utts = []
+    for i, row in enumerate(ds):
+        where, audio = f"{name}[{split}] row {i}", row[audio_column]
+        if isinstance(audio, dict) and audio.get("bytes"):
+            clip = folder / f"{i:06d}{Path(audio.get('path') or '').suffix.lower() or '.wav'}"
+            if not clip.is_file() or clip.stat().st_size != len(audio["bytes"]):
+                clip.write_bytes(audio["bytes"])
+        elif isinstance(audio, dict | str) and (audio.get("path") if isinstance(audio, dict) else audio):
+            clip = Path(audio["path"] if isinstance(audio, dict) else audio)
+        else:
+            raise DataError(
+                f"{where}: column {audio_column!r} holds no audio ({str(audio)[:60]!r}); fix the row"
+            )
+        text = row[text_column]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: column {text_column!r} is empty or not text ({text!r}); fill it in")
+        info = _info(clip, where)
+        utts.append(Utterance(str(clip.resolve()), text, where, info.frames / info.samplerate))
+    if not utts:
+        raise DataError(f"{name}[{split}]: no examples; give a split with at least one row")
     return utts
 
 

@@ -1,7 +1,8 @@
 """Fine-tune (or train from scratch) a wav2vec2 model for speech recognition with CTC; score WER and CER.
 
-Features: a manifest (CSV/TSV/JSON lines: an audio path relative to the manifest, a transcript) or a folder of
-audio files with same-named .txt transcripts; audio read with soundfile (wav, flac, ogg), mixed to mono and
+Features: a manifest (CSV/TSV/JSON lines: an audio path relative to the manifest, a transcript), a folder of
+audio files with same-named .txt transcripts, or a `datasets` name with an audio column (read undecoded, its
+clips written once into RUN/cache/audio; --dataset-config, --train-split, ...); audio read with soundfile (wav, flac, ogg), mixed to mono and
 resampled to 16 kHz with scipy, every clip checked before training (missing, unreadable, corrupt, empty, an
 empty transcript, longer than --max-seconds: `error: ...` naming the file, or --skip-long); transcripts
 lowercased with --chars-to-ignore removed; a character vocabulary (a word delimiter, [UNK], [PAD] = the CTC
@@ -10,8 +11,9 @@ blank) in a Wav2Vec2Processor saved with the run, every checkpoint and the expor
 flags; batches grouped by audio length with attention masks; the CTC loss summed over the batch and divided
 by the step's transcript characters over every rank; evaluation decodes greedily (each row cut at its real
 frames) and reports WER and CER as summed edits over summed reference lengths, exact over ranks, with
-RUN/predictions/<split>.jsonl and a table of samples; any backend (under --backend xla torch_xla does not
-lower the CTC loss: it runs on the host, slowly; evaluation decodes the same way); an export that
+RUN/predictions/<split>.jsonl and a table of samples; any backend (under --backend xla the audio is padded
+to power-of-two buckets and the transcripts to buckets of their own; torch_xla does not lower the CTC loss,
+which runs on the host between the forward and backward graphs); an export that
 `pipeline("automatic-speech-recognition")` loads; a `predict` entry.
 
 Launch:
@@ -59,9 +61,15 @@ FRAMES_PER_SECOND = 50  # wav2vec2's feature encoder: one frame per 320 samples 
 
 @dataclass
 class ASRConfig(TrainConfig):
-    train_manifest: str = str(TOY / "train.csv")  # .csv/.tsv/.jsonl, or a folder of clips + .txt
+    train_manifest: str = str(
+        TOY / "train.csv"
+    )  # .csv/.tsv/.jsonl, a folder of clips + .txt, a `datasets` name
     validation_manifest: str = str(TOY / "validation.csv")  # empty: no validation
     test_manifest: str = str(TOY / "test.csv")  # empty: none; evaluated once after training
+    dataset_config: str = ""  # a `datasets` name given as a manifest: its config and split names
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
     audio_column: str = "audio"
     text_column: str = "text"
     chars_to_ignore: str = ",?.!-;:\"%'“”‘’"  # removed from transcripts (after lowercasing)
@@ -101,18 +109,21 @@ def _validate(cfg: ASRConfig) -> None:
         )
 
 
-def _read_splits(cfg: ASRConfig, rt: Runtime) -> dict:
-    """Every split's clips and transcripts, checked before training; long clips stop the run or are dropped."""
+def _read_splits(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> dict:
+    """Every split's clips and transcripts, checked before training; long clips stop the run or are dropped.
+    A `datasets` split's clips are written once, by rank 0, into RUN/cache/audio/."""
     manifests = {
-        "train": cfg.train_manifest,
-        "validation": cfg.validation_manifest,
-        "test": cfg.test_manifest,
+        "train": (cfg.train_manifest, cfg.train_split),
+        "validation": (cfg.validation_manifest, cfg.validation_split),
+        "test": (cfg.test_manifest, cfg.test_split),
     }
     splits = {}
-    for name, path in manifests.items():
+    for name, (path, split) in manifests.items():
         if not path:
             continue
-        utts = read_manifest(path, cfg.audio_column, cfg.text_column)
+        with rt.main_process_first():
+            utts = read_manifest(path, cfg.audio_column, cfg.text_column, split=split,
+                                 dataset_config=cfg.dataset_config, cache_dir=run_dir / "cache" / "audio")  # fmt: skip
         utts, dropped = check_durations(utts, cfg.max_seconds, skip=cfg.skip_long)
         texts = [normalize_transcript(u.text, cfg.chars_to_ignore) for u in utts]
         for u, t in zip(utts, texts):
@@ -299,7 +310,7 @@ class ASRTask:
 
 
 def _build(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> ASRTask:
-    splits = _read_splits(cfg, rt)
+    splits = _read_splits(cfg, rt, run_dir)
     processor = _setup_processor(cfg, rt, run_dir, splits["train"][1])
     shortest = min(u.seconds for u in splits["train"][0])
     model = _setup_model(cfg, processor, int(shortest * FRAMES_PER_SECOND))

@@ -285,3 +285,24 @@ def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp
         own = model(**inputs).loss
     assert padded.item() == pytest.approx(loss.item(), rel=1e-4)
     assert loss.item() == pytest.approx(own.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_datasets_name_trains_on_two_ranks(tmp_path):
+    """A `datasets` folder (parquet, an Audio column of clip bytes) as every split: rank 0 writes the clips
+    into RUN/cache/audio once, the other rank reuses them; evaluation covers the whole split."""
+    from test_speech_data import write_audio_dataset
+
+    rows = [line.split(",") for line in (TOY / "test.csv").read_text().splitlines()[1:11]]
+    clips, texts = [TOY / audio for audio, _ in rows], [text.upper() for _, text in rows]
+    write_audio_dataset(tmp_path / "ds", clips, texts, split="train")
+    write_audio_dataset(tmp_path / "ds", clips[:5], texts[:5], split="test")
+    out = tmp_path / "run"
+    proc = recipe_runs.torchrun(RECIPE, "--train-manifest", str(tmp_path / "ds"), "--validation-manifest",
+                                str(tmp_path / "ds"), "--validation-split", "test", "--test-manifest", "",
+                                "--text-column", "sentence", "--output-dir", str(out), "--tracker", "none",
+                                "--max-steps", "2", "--batch-size", "2", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((out / "cache" / "audio" / "train").iterdir())) == 10
+    rows = [json.loads(x) for x in (out / "predictions" / "validation.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == [t.lower() for t in texts[:5]]

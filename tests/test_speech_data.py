@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +213,37 @@ def test_read_manifest_bad_paths(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"audio": "a.wav", "text": 3}\n')
     with pytest.raises(DataError, match=r"x\.jsonl, line 1: column 'text' is empty or not text \(3\)"):
         read_manifest(str(tmp_path / "x.jsonl"))
+
+
+def write_audio_dataset(folder, clips, texts, split: str = "train") -> None:
+    """A `datasets` folder as the hub serves one: a parquet split with an Audio column holding each clip's
+    bytes (built without decoding: datasets' own audio encoder needs FFmpeg)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"audio": [{"bytes": c.read_bytes(), "path": c.name} for c in clips], "sentence": texts}
+    )
+    ds = ds.cast(datasets.Features({"audio": datasets.Audio(), "sentence": datasets.Value("string")}))
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+
+
+def test_read_manifest_datasets_name_reads_the_audio_column_undecoded(clips, tmp_path):
+    source = [clips / "clips" / "a.wav", clips / "clips" / "b.flac"]
+    write_audio_dataset(tmp_path / "ds", source, ["Hello, world", "one two"], split="test")
+    cache = tmp_path / "cache"
+    utts = read_manifest(str(tmp_path / "ds"), "audio", "sentence", split="test", cache_dir=cache)
+    assert [u.text for u in utts] == ["Hello, world", "one two"]
+    assert [u.where for u in utts] == [f"{tmp_path / 'ds'}[test] row {i}" for i in (0, 1)]
+    assert [Path(u.audio).read_bytes() for u in utts] == [c.read_bytes() for c in source]
+    assert Path(utts[1].audio).parent == cache / "test" and utts[1].audio.endswith(".flac")
+    assert utts[1].seconds == pytest.approx(1.5)
+    again = read_manifest(str(tmp_path / "ds"), "audio", "sentence", split="test", cache_dir=cache)
+    assert again == utts  # the clips written once are reused
+    with pytest.raises(DataError, match=r"no column 'text' .* set --text-column"):
+        read_manifest(str(tmp_path / "ds"), "audio", "text", split="test", cache_dir=cache)
+    with pytest.raises(DataError, match="not a manifest, a folder of clips or a loadable `datasets` name"):
+        read_manifest(str(tmp_path / "ds"), "audio", "sentence", split="validation", cache_dir=cache)
 
 
 # -- check_durations -------------------------------------------------------------------------------------
