@@ -20,6 +20,7 @@ from launch_two_ranks import (
     steady_throughput,
     step_clock,
     torchrun_two_ranks,
+    trainer_device_args,
     write_trainer_result,
 )
 
@@ -45,7 +46,7 @@ def run_recipe(out: Path, steps: int, batch_size: int) -> dict:
     return steady_throughput(out, WARMUP_STEPS)
 
 
-def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
+def hf_worker(recipe_dir: Path, out: Path, steps: int, warmup_steps: int = WARMUP_STEPS) -> None:
     """One rank of the transformers.Trainer side; rank 0 writes samples/s and the last loss to `out`."""
     from transformers import (
         AutoModelForSequenceClassification,
@@ -80,14 +81,13 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
         weight_decay=cfg["weight_decay"],
         warmup_steps=int(cfg["warmup_ratio"] * steps),
         max_grad_norm=cfg["max_grad_norm"],
-        logging_steps=WARMUP_STEPS,
+        logging_steps=warmup_steps,
         save_strategy="no",
         report_to=[],
         dataloader_num_workers=0,
         dataloader_drop_last=True,  # full batches only, so samples = batch x world x steps exactly
         length_column_name="length",
-        use_cpu=True,
-        ddp_backend="gloo",
+        **trainer_device_args(cfg["precision"]),
         ddp_find_unused_parameters=False,  # every parameter gets a gradient, as in the recipe's DDP
         disable_tqdm=True,
         seed=cfg["seed"],
@@ -102,11 +102,11 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
         pretrained_source(cfg["model"]), num_labels=len(names), use_safetensors=True
     )
 
-    clock = step_clock(WARMUP_STEPS)
+    clock = step_clock(warmup_steps)
     collator = DataCollatorWithPadding(tok, pad_to_multiple_of=cfg["pad_to_multiple_of"])
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
     trainer.train()
-    write_trainer_result(trainer, clock, WARMUP_STEPS, out, examples=len(train))
+    write_trainer_result(trainer, clock, warmup_steps, out, examples=len(train))
 
 
 def main() -> None:
@@ -117,9 +117,10 @@ def main() -> None:
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps)
+        hf_worker(args.recipe_run, args.out, args.steps, args.warmup_steps)
         return
     if args.steps is not None and args.quick:
         parser.error("give --steps or --quick, not both")

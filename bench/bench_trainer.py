@@ -17,6 +17,7 @@ from launch_two_ranks import (
     steady_throughput,
     step_clock,
     torchrun_two_ranks,
+    trainer_device_args,
     write_trainer_result,
 )
 
@@ -55,7 +56,7 @@ def _build_dataset(cfg: dict, tok, out: Path):
     return train.remove_columns("length")
 
 
-def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
+def hf_worker(recipe_dir: Path, out: Path, steps: int, warmup_steps: int = WARMUP_STEPS) -> None:
     """One rank of the transformers.Trainer side; rank 0 writes samples/s and the last loss to `out`."""
     from transformers import (
         BertConfig,
@@ -79,14 +80,13 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
         weight_decay=cfg["weight_decay"],
         warmup_steps=int(cfg["warmup_ratio"] * steps),
         max_grad_norm=cfg["max_grad_norm"],
-        logging_steps=WARMUP_STEPS,
+        logging_steps=warmup_steps,
         save_strategy="no",
         report_to=[],
         dataloader_num_workers=0,
         # Full batches only, so samples = per-rank batch x world x steps holds exactly.
         dataloader_drop_last=True,
-        use_cpu=True,
-        ddp_backend="gloo",
+        **trainer_device_args(cfg["precision"]),
         # Every parameter gets a gradient; the default (True) adds a graph walk per step the recipe's DDP
         # does not do, which would measure a DDP setting rather than the loop.
         ddp_find_unused_parameters=False,
@@ -112,13 +112,13 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
     # across ranks would all-gather label counts every step and report (and backpropagate) world_size x loss.
     model.accepts_loss_kwargs = False
 
-    clock = step_clock(WARMUP_STEPS)
+    clock = step_clock(warmup_steps)
     collator = DataCollatorForLanguageModeling(
         tok, mlm_probability=cfg["mlm_probability"], pad_to_multiple_of=cfg["pad_to_multiple_of"]
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[clock])
     trainer.train()
-    write_trainer_result(trainer, clock, WARMUP_STEPS, out, pairs=len(train))
+    write_trainer_result(trainer, clock, warmup_steps, out, pairs=len(train))
 
 
 def main() -> None:
@@ -132,9 +132,10 @@ def main() -> None:
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps)
+        hf_worker(args.recipe_run, args.out, args.steps, args.warmup_steps)
         return
     if args.steps is not None and args.quick:
         parser.error("give --steps or --quick, not both")

@@ -1,4 +1,5 @@
-"""Start a benchmark's worker mode as two CPU ranks under torchrun, one thread each, and fail loudly."""
+"""Start a benchmark's worker mode under torchrun (two CPU ranks, one thread each, unless told otherwise), and
+fail loudly."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_two_ranks(script_args: list[str], log: Path) -> None:
-    """One thread per rank, so the ranks do not fight over two cores and both sides get the same compute."""
+def torchrun_ranks(script_args: list[str], log: Path, nproc: int = 2, env: dict | None = None) -> None:
+    """`torchrun --nproc_per_node=NPROC` from the repository root, offline, with one thread per rank, so the
+    ranks do not fight over two cores and both sides get the same compute; `env` adds or overrides variables."""
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         sys.exit(f"error: {torchrun} not found; run this with the project's virtualenv python")
-    cmd = [str(torchrun), "--nproc_per_node=2", f"--master-port={free_port()}", *script_args]
+    cmd = [str(torchrun), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", *script_args]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -32,6 +34,7 @@ def torchrun_two_ranks(script_args: list[str], log: Path) -> None:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
     }
     with log.open("w") as f:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -43,27 +46,61 @@ def torchrun_two_ranks(script_args: list[str], log: Path) -> None:
         sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(cause))
 
 
+def torchrun_two_ranks(script_args: list[str], log: Path) -> None:
+    """Two CPU ranks, one thread each: the CPU benchmarks' setting."""
+    torchrun_ranks(script_args, log)
+
+
 HF_RESULT = "hf_trainer.json"  # what a benchmark's --hf-worker rank 0 writes into its --out folder
 
 
 def steady_throughput(run_dir: Path, warmup_steps: int) -> dict:
-    """A recipe run's mean samples/s over the logging windows after `warmup_steps`, and its last loss."""
+    """A recipe run's mean samples/s over the logging windows after `warmup_steps`, and its last loss; also
+    the mean tokens/s, TFLOPS and MFU and the highest peak memory (GB) of those windows, where logged."""
     from launch.tracking import read_metrics
 
     windows = [r for r in read_metrics(run_dir) if "train/samples_per_s" in r]
-    steady = [r["train/samples_per_s"] for r in windows if r["step"] > warmup_steps]
-    return {"samples_per_s": sum(steady) / len(steady), "loss": windows[-1]["train/loss"]}
+    steady = [r for r in windows if r["step"] > warmup_steps]
+    result = {"loss": windows[-1]["train/loss"]}
+    for key in ("samples_per_s", "tokens_per_s", "tflops", "mfu"):
+        values = [r[f"train/{key}"] for r in steady if f"train/{key}" in r]
+        if values:
+            result[key] = sum(values) / len(values)
+    if any("train/peak_mem_gb" in r for r in windows):
+        result["peak_mem_gb"] = max(r.get("train/peak_mem_gb", 0.0) for r in windows)
+    return result
 
 
-def run_hf_worker(script: str, recipe_dir: Path, out: Path, steps: int) -> dict:
-    """The benchmark's transformers.Trainer side (`script --hf-worker`) on two ranks; rank 0's result."""
-    args = [script, "--hf-worker", f"--recipe-run={recipe_dir}", f"--out={out}", f"--steps={steps}"]
-    torchrun_two_ranks(args, out.parent / "trainer.log")
+def run_hf_worker(
+    script: str,
+    recipe_dir: Path,
+    out: Path,
+    steps: int,
+    *,
+    nproc: int = 2,
+    env: dict | None = None,
+    extra: tuple[str, ...] = (),
+) -> dict:
+    """The benchmark's transformers.Trainer side (`script --hf-worker ...extra`) on `nproc` ranks; rank 0's
+    result."""
+    args = [script, "--hf-worker", f"--recipe-run={recipe_dir}", f"--out={out}", f"--steps={steps}", *extra]
+    torchrun_ranks(args, out.parent / "trainer.log", nproc, env)
     return json.loads((out / HF_RESULT).read_text())
+
+
+def trainer_device_args(precision: str) -> dict:
+    """TrainingArguments for the device the recipe ran on, from its saved --precision: the GPU with nccl
+    (bf16 autocast for bf16, or auto where the GPU has it), else the CPU with gloo."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16 = precision == "bf16" or (precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    return {"use_cpu": not cuda, "ddp_backend": "nccl" if cuda else "gloo", "bf16": bf16}
 
 
 def step_clock(warmup_steps: int):
     """A TrainerCallback timing the steps after `warmup_steps` (start, end, last_step)."""
+    import torch
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -72,6 +109,8 @@ def step_clock(warmup_steps: int):
             self.last_step = 0
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup_steps, state.max_steps) and torch.cuda.is_available():
+                torch.cuda.synchronize()  # the clock starts and stops when the GPU has run the steps so far
             if state.global_step == warmup_steps:
                 self.start = time.perf_counter()
             elif state.global_step > warmup_steps:
@@ -94,6 +133,10 @@ def write_trainer_result(trainer, clock, warmup_steps: int, out: Path, **extra) 
         "batch_size": args.per_device_train_batch_size,
         "world_size": args.world_size,
         "torch_threads": torch.get_num_threads(),
+        # Real (unpadded) tokens per training row, for tokens/s and TFLOPS: the Trainer logs neither.
+        "tokens_per_row": sum(map(len, trainer.train_dataset["input_ids"])) / len(trainer.train_dataset),
         **extra,
     }
+    if torch.cuda.is_available():
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     (out / HF_RESULT).write_text(json.dumps(result))
