@@ -133,10 +133,12 @@ def write_trainer_result(trainer, clock, warmup_steps: int, out: Path, **extra) 
         "batch_size": args.per_device_train_batch_size,
         "world_size": args.world_size,
         "torch_threads": torch.get_num_threads(),
-        # Real (unpadded) tokens per training row, for tokens/s and TFLOPS: the Trainer logs neither.
-        "tokens_per_row": sum(map(len, trainer.train_dataset["input_ids"])) / len(trainer.train_dataset),
         **extra,
     }
+    data = trainer.train_dataset
+    if "input_ids" in getattr(data, "column_names", ()):  # token rows (not audio)
+        # Real (unpadded) tokens per training row, for tokens/s and TFLOPS: the Trainer logs neither.
+        result["tokens_per_row"] = sum(map(len, data["input_ids"])) / len(data)
     if torch.cuda.is_available():
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     (out / HF_RESULT).write_text(json.dumps(result))
