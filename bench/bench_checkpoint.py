@@ -200,7 +200,7 @@ def measure_loads(sharded: Path, baseline: Path, saved: dict[str, str], quick: b
     from checkpoints.sharded import load_checkpoint
 
     model, opt = _build(quick, seed=1, step=False)
-    r = {"sharded_load": [], "torch_load": []}
+    r = {"sharded_load": [], "sizes_only_load": [], "torch_load": []}
 
     def plain_load():
         # Every rank reads the file and restores in place, as a DDP resume must; load_checkpoint does the
@@ -214,9 +214,41 @@ def measure_loads(sharded: Path, baseline: Path, saved: dict[str, str], quick: b
         r["sharded_load"].append(_timed(lambda: load_checkpoint(sharded, model=model, optimizer=opt))[1])
         _assert_restored("checkpoints.sharded.load_checkpoint", saved, model, opt)
         _scramble(model, opt)
+        r["sizes_only_load"].append(
+            _timed(lambda: load_checkpoint(sharded, model=model, optimizer=opt, checksums=False))[1]
+        )
+        _assert_restored("load_checkpoint(checksums=False)", saved, model, opt)
+        _scramble(model, opt)
         r["torch_load"].append(_timed(plain_load)[1])
         _assert_restored("torch.load", saved, model, opt)
+    r.update(measure_load_parts(sharded, model, opt))
     return r
+
+
+def measure_load_parts(sharded: Path, model, opt) -> dict:
+    """One load taken apart (the steps of load_checkpoint, each timed on its own; medians)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from checkpoints.sharded import DCPState, verify_checkpoint
+
+    parts = {k: [] for k in ("verify_hashes", "verify_sizes", "state_dict", "dcp_read", "set_state_dict")}
+    for _ in range(REPEATS):
+        _scramble(model, opt)
+        parts["verify_hashes"].append(_timed(lambda: verify_checkpoint(sharded, checksums=True))[1])
+        parts["verify_sizes"].append(_timed(lambda: verify_checkpoint(sharded, checksums=False))[1])
+        (state, aliases), seconds = _timed(lambda: DCPState(model, opt)._state())
+        parts["state_dict"].append(seconds)
+        parts["dcp_read"].append(_timed(lambda s=state: dcp.load(s, checkpoint_id=sharded / "state"))[1])
+        model_sd = {**state["model"], **{alias: state["model"][key] for alias, key in aliases.items()}}
+        parts["set_state_dict"].append(
+            _timed(
+                lambda m=model_sd, o=state["optim"]: set_state_dict(
+                    model, opt, model_state_dict=m, optim_state_dict=o
+                )
+            )[1]
+        )
+    return {f"part_load_{k}": statistics.median(v) for k, v in parts.items()}
 
 
 def worker(out: Path, quick: bool) -> None:
@@ -236,7 +268,7 @@ def worker(out: Path, quick: bool) -> None:
     if dist.get_rank() == 0:
         timings = {k: v for k, v in {**saves, **loads}.items() if isinstance(v, list) and v}
         result = {k: statistics.median(v) for k, v in timings.items()}
-        result.update({k: v for k, v in saves.items() if k.startswith("part_")})
+        result.update({k: v for k, v in {**saves, **loads}.items() if k.startswith("part_")})
         result.update(
             params=params,
             threads=torch.get_num_threads(),
@@ -262,6 +294,7 @@ def print_table(r: dict, quick: bool) -> None:
         ("save  recipebox, sizes only", mb["sharded"], r["sizes_only_save"]),
         ("save  torch.save (rank 0)", mb["torch_save"], r["torch_save"]),
         ("load  recipebox sharded", mb["sharded"], r["sharded_load"]),
+        ("load  recipebox, sizes only", mb["sharded"], r["sizes_only_load"]),
         ("load  torch.load+load_state_dict", mb["torch_save"], r["torch_load"]),
     ]
     for name, size, secs in rows:
@@ -279,9 +312,23 @@ def print_table(r: dict, quick: bool) -> None:
     ]
     for name, key in parts:
         print(f"  {name:<40} {r[key]:>6.2f}")
+    print("one load, part by part (seconds):")
+    parts = [
+        ("verify: sizes and xxh3-64 of every file", "part_load_verify_hashes"),
+        ("verify: sizes only", "part_load_verify_sizes"),
+        ("get_state_dict (the tensors to read into)", "part_load_state_dict"),
+        ("DCP read into them", "part_load_dcp_read"),
+        ("set_state_dict (model and optimizer)", "part_load_set_state_dict"),
+    ]
+    for name, key in parts:
+        print(f"  {name:<40} {r[key]:>6.2f}")
     print(f"save: recipebox sharded vs torch.save: {r['sharded_save'] / r['torch_save']:.2f}x time")
     print(f"save: content hashes cost {r['sharded_save'] - r['sizes_only_save']:+.2f} s over sizes only")
     print(f"load: recipebox sharded vs torch.load: {r['sharded_load'] / r['torch_load']:.2f}x time")
+    print(
+        f"load: sizes only (as --resume auto after its own check) vs torch.load: "
+        f"{r['sizes_only_load'] / r['torch_load']:.2f}x time"
+    )
     print(f"async save blocks the loop for {r['async_blocked']:.2f} s of {r['async_total']:.2f} s")
 
 
