@@ -91,8 +91,12 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
     train = Rows(utts, texts, processor, 0)
     collate = functools.partial(collate_padded, pad_id=processor.tokenizer.pad_token_id)
     # Length-grouped batches, as the recipe's sampler; full batches only, so samples = batch x world x steps.
+    # average_tokens_across_devices off: Wav2Vec2ForCTC's forward takes **kwargs but ignores
+    # num_items_in_batch (its CTC loss is a plain mean), so the Trainer's default would multiply its loss and
+    # gradients by the world size.
     args = TrainingArguments(
         train_sampling_strategy="group_by_length", dataloader_drop_last=True,
+        average_tokens_across_devices=False,
         output_dir=str(out / "run"), per_device_train_batch_size=cfg.batch_size, max_steps=steps,
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * steps),
         max_grad_norm=cfg.max_grad_norm, logging_steps=WARMUP_STEPS, save_strategy="no", report_to=[],
