@@ -19,12 +19,20 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
 
-from launch_two_ranks import REPO, run_hf_worker, step_clock, torchrun_two_ranks, write_trainer_result
+from launch_two_ranks import (
+    REPO,
+    comparison_args,
+    run_hf_worker,
+    saved_config,
+    step_clock,
+    timed_throughput,
+    torchrun_two_ranks,
+    write_trainer_result,
+)
 
 sys.path.insert(0, str(REPO))  # recipes/ is not an installed package
 WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
@@ -36,28 +44,7 @@ def run_recipe(out: Path, steps: int) -> dict:
          "--test-manifest=", "--tracker=none", f"--log-every={WARMUP_STEPS}", "--precision=fp32"],
         out.parent / "recipe.log",
     )  # fmt: skip
-    return recipe_throughput(out)
-
-
-def recipe_throughput(run_dir: Path) -> dict:
-    """Steady samples/s of a recipe run: each logging window after WARMUP_STEPS weighted by its duration, so
-    it is total samples over total time; the last loss."""
-    from launch.tracking import read_metrics
-
-    windows = [r for r in read_metrics(run_dir) if "train/samples_per_s" in r]
-    steady = [(prev, r) for prev, r in zip(windows, windows[1:]) if r["step"] > WARMUP_STEPS]
-    seconds = [r["time"] - prev["time"] for prev, r in steady]
-    samples = sum(r["train/samples_per_s"] * s for (_, r), s in zip(steady, seconds))
-    return {"samples_per_s": samples / sum(seconds), "loss": windows[-1]["train/loss"]}
-
-
-def recipe_config(run_dir: Path):
-    """The recipe run's ASRConfig, from its saved RUN/config.yaml."""
-    from launch.config import load_yaml
-    from recipes.asr_ctc import ASRConfig
-
-    saved = load_yaml(run_dir / "config.yaml")
-    return ASRConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ASRConfig)})
+    return timed_throughput(out, WARMUP_STEPS)
 
 
 def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
@@ -68,9 +55,9 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
 
     from data.speech import normalize_transcript, read_manifest
     from kernels import collate_padded
-    from recipes.asr_ctc import FRAMES_PER_SECOND, AudioRows, _setup_model
+    from recipes.asr_ctc import FRAMES_PER_SECOND, ASRConfig, AudioRows, _setup_model
 
-    cfg = recipe_config(recipe_dir)
+    cfg = saved_config(recipe_dir, ASRConfig)
     if cfg.model:
         raise SystemExit(
             "error: this benchmark compares a wav2vec2 built from scratch; the recipe ran with --model"
@@ -119,20 +106,10 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 60)")
-    parser.add_argument("--quick", action="store_true", help="12 steps per side, a smoke test")
-    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = comparison_args(parser, default=60, quick=12, warmup=WARMUP_STEPS)
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps)
+        hf_worker(args.recipe_run, args.out, steps)
         return
-    if args.steps is not None and args.quick:
-        parser.error("give --steps or --quick, not both")
-    steps = args.steps or (12 if args.quick else 60)
-    if steps < 2 * WARMUP_STEPS:
-        parser.error(f"--steps must be at least {2 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
 
     with tempfile.TemporaryDirectory(prefix="bench_asr_") as tmp:
         recipe = run_recipe(Path(tmp) / "recipe", steps)

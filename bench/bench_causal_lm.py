@@ -18,7 +18,14 @@ import random
 import tempfile
 from pathlib import Path
 
-from launch_two_ranks import run_hf_worker, step_clock, torchrun_two_ranks, write_trainer_result
+from launch_two_ranks import (
+    comparison_args,
+    run_hf_worker,
+    step_clock,
+    timed_throughput,
+    torchrun_two_ranks,
+    write_trainer_result,
+)
 
 WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
 
@@ -30,19 +37,7 @@ def run_recipe(out: Path, steps: int, batch_size: int) -> dict:
          "--validation-files=", "--eval-fraction=0"],
         out.parent / "recipe.log",
     )  # fmt: skip
-    return recipe_throughput(out)
-
-
-def recipe_throughput(run_dir: Path) -> dict:
-    """Steady tokens/s of a recipe run: each logging window after WARMUP_STEPS weighted by its duration (the
-    time between its log line and the previous one), so it is total tokens over total time; the last loss."""
-    from launch.tracking import read_metrics
-
-    windows = [r for r in read_metrics(run_dir) if "train/tokens_per_s" in r]
-    steady = [(prev, r) for prev, r in zip(windows, windows[1:]) if r["step"] > WARMUP_STEPS]
-    seconds = [r["time"] - prev["time"] for prev, r in steady]
-    tokens = sum(r["train/tokens_per_s"] * s for (_, r), s in zip(steady, seconds))
-    return {"tokens_per_s": tokens / sum(seconds), "loss": windows[-1]["train/loss"]}
+    return timed_throughput(out, WARMUP_STEPS, "tokens_per_s")
 
 
 def training_documents(cfg: dict) -> list[str]:
@@ -110,21 +105,11 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 60)")
-    parser.add_argument("--quick", action="store_true", help="15 steps per side, a smoke test")
     parser.add_argument("--batch-size", type=int, default=16, help="per rank (the recipe's default)")
-    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = comparison_args(parser, default=60, quick=15, warmup=WARMUP_STEPS, windows=3)
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps)
+        hf_worker(args.recipe_run, args.out, steps)
         return
-    if args.steps is not None and args.quick:
-        parser.error("give --steps or --quick, not both")
-    steps = args.steps or (15 if args.quick else 60)
-    if steps < 3 * WARMUP_STEPS:
-        parser.error(f"--steps must be at least {3 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
 
     with tempfile.TemporaryDirectory(prefix="bench_causal_lm_") as tmp:
         recipe = run_recipe(Path(tmp) / "recipe", steps, args.batch_size)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from launch_two_ranks import (
     REPO,
+    comparison_args,
     run_hf_worker,
     steady_throughput,
     step_clock,
@@ -254,22 +255,12 @@ def postprocess_bench(recipe_dir: Path, export: Path | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 30)")
-    parser.add_argument("--quick", action="store_true", help="10 steps per side, a smoke test")
     parser.add_argument("--batch-size", type=int, default=16, help="per rank")
     parser.add_argument("--export", type=Path, help="a run's export folder, to post-process its logits")
-    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = comparison_args(parser, default=30, quick=10, warmup=WARMUP_STEPS)
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps)
+        hf_worker(args.recipe_run, args.out, steps)
         return
-    if args.steps is not None and args.quick:
-        parser.error("give --steps or --quick, not both")
-    steps = args.steps or (10 if args.quick else 30)
-    if steps < 2 * WARMUP_STEPS:
-        parser.error(f"--steps must be at least {2 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
     if args.export is not None and not (args.export / "config.json").is_file():
         parser.error(f"--export {args.export}: no config.json there; give a run's export folder")
 

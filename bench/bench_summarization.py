@@ -31,14 +31,22 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from launch_two_ranks import REPO, run_hf_worker, step_clock, torchrun_two_ranks, write_trainer_result
+from launch_two_ranks import (
+    REPO,
+    comparison_args,
+    run_hf_worker,
+    saved_config,
+    step_clock,
+    timed_throughput,
+    torchrun_two_ranks,
+    write_trainer_result,
+)
 
 sys.path.insert(0, str(REPO))  # recipes/ is not an installed package
 WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
@@ -50,28 +58,7 @@ def run_recipe(out: Path, steps: int) -> dict:
          "--test-file=", "--tracker=none", f"--log-every={WARMUP_STEPS}", "--precision=fp32"],
         out.parent / "recipe.log",
     )  # fmt: skip
-    return recipe_throughput(out)
-
-
-def recipe_throughput(run_dir: Path) -> dict:
-    """Steady samples/s of a recipe run: each logging window after WARMUP_STEPS weighted by its duration (the
-    time between its log line and the previous one), so it is total samples over total time; the last loss."""
-    from launch.tracking import read_metrics
-
-    windows = [r for r in read_metrics(run_dir) if "train/samples_per_s" in r]
-    steady = [(prev, r) for prev, r in zip(windows, windows[1:]) if r["step"] > WARMUP_STEPS]
-    seconds = [r["time"] - prev["time"] for prev, r in steady]
-    samples = sum(r["train/samples_per_s"] * s for (_, r), s in zip(steady, seconds))
-    return {"samples_per_s": samples / sum(seconds), "loss": windows[-1]["train/loss"]}
-
-
-def recipe_config(run_dir: Path):
-    """The recipe run's SummarizationConfig, from its saved RUN/config.yaml."""
-    from launch.config import load_yaml
-    from recipes.summarization import SummarizationConfig
-
-    saved = load_yaml(run_dir / "config.yaml")
-    return SummarizationConfig(**{f.name: saved[f.name] for f in dataclasses.fields(SummarizationConfig)})
+    return timed_throughput(out, WARMUP_STEPS)
 
 
 def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
@@ -81,10 +68,10 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
 
     from data.summarization import read_pairs, tokenize_pairs
     from data.tokenizer import load_tokenizer, train_seq2seq_bpe
-    from recipes.summarization import _setup_model, source_prefix
+    from recipes.summarization import SummarizationConfig, _setup_model, source_prefix
 
     # The recipe's saved config, so a change to its defaults cannot skew the comparison.
-    cfg = recipe_config(recipe_dir)
+    cfg = saved_config(recipe_dir, SummarizationConfig)
     if cfg.model:
         raise SystemExit(
             "error: this benchmark compares a T5 built from scratch; the recipe ran with --model"
@@ -150,7 +137,7 @@ def generation_bench(recipe_dir: Path, documents: int | None, repeats: int) -> d
 
     torch.set_num_threads(1)  # as each training rank
     datasets.disable_progress_bars()  # tokenize_pairs' map runs in every timed pass
-    cfg, export = recipe_config(recipe_dir), recipe_dir / "export"
+    cfg, export = saved_config(recipe_dir, SummarizationConfig), recipe_dir / "export"
     # The run trained without a validation file; the default one (the toy set's) is summarised here.
     pairs = read_pairs(SummarizationConfig.validation_file, cfg.text_column, cfg.summary_column,
                        dataset_config=cfg.dataset_config, split=cfg.validation_split)  # fmt: skip
@@ -205,20 +192,10 @@ def generation_bench(recipe_dir: Path, documents: int | None, repeats: int) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 60)")
-    parser.add_argument("--quick", action="store_true", help="10 steps per side, 16 documents, a smoke test")
-    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = comparison_args(parser, default=60, quick=10, warmup=WARMUP_STEPS)
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps)
+        hf_worker(args.recipe_run, args.out, steps)
         return
-    if args.steps is not None and args.quick:
-        parser.error("give --steps or --quick, not both")
-    steps = args.steps or (10 if args.quick else 60)
-    if steps < 2 * WARMUP_STEPS:
-        parser.error(f"--steps must be at least {2 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
     documents, repeats = (16, 1) if args.quick else (None, 3)
 
     with tempfile.TemporaryDirectory(prefix="bench_summarization_") as tmp:

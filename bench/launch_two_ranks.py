@@ -3,6 +3,7 @@ fail loudly."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -69,6 +70,52 @@ def steady_throughput(run_dir: Path, warmup_steps: int) -> dict:
     if any("train/peak_mem_gb" in r for r in windows):
         result["peak_mem_gb"] = max(r.get("train/peak_mem_gb", 0.0) for r in windows)
     return result
+
+
+def timed_throughput(run_dir: Path, warmup_steps: int, key: str = "samples_per_s") -> dict:
+    """A recipe run's steady `train/<key>` after `warmup_steps`: each logging window weighted by its duration
+    (the time between its log line and the previous one), so it is a total over total time; the last loss."""
+    from launch.tracking import read_metrics
+
+    windows = [r for r in read_metrics(run_dir) if f"train/{key}" in r]
+    steady = [(prev, r) for prev, r in zip(windows, windows[1:]) if r["step"] > warmup_steps]
+    seconds = [r["time"] - prev["time"] for prev, r in steady]
+    total = sum(r[f"train/{key}"] * s for (_, r), s in zip(steady, seconds))
+    return {key: total / sum(seconds), "loss": windows[-1]["train/loss"]}
+
+
+def saved_config(run_dir: Path, config_class):
+    """A recipe run's config (a dataclass) from its saved RUN/config.yaml, so a change to the recipe's
+    defaults cannot skew a comparison."""
+    import dataclasses
+
+    from launch.config import load_yaml
+
+    saved = load_yaml(run_dir / "config.yaml")
+    return config_class(**{f.name: saved[f.name] for f in dataclasses.fields(config_class)})
+
+
+def comparison_args(
+    parser: argparse.ArgumentParser, *, default: int, quick: int, warmup: int, windows: int = 2
+):
+    """Parse a recipe-vs-Trainer benchmark's command line: --steps or --quick, and the hidden flags of its
+    --hf-worker mode. Returns (args, steps); in worker mode steps is args.steps as given."""
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"optimizer steps per side (default {default})"
+    )
+    parser.add_argument("--quick", action="store_true", help=f"{quick} steps per side, a smoke test")
+    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hf_worker:
+        return args, args.steps
+    if args.steps is not None and args.quick:
+        parser.error("give --steps or --quick, not both")
+    steps = args.steps or (quick if args.quick else default)
+    if steps < windows * warmup:
+        parser.error(f"--steps must be at least {windows * warmup}: the first {warmup} are not timed")
+    return args, steps
 
 
 def run_hf_worker(

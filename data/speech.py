@@ -139,7 +139,7 @@ def read_manifest(
 
 def _holds_dataset(folder: Path) -> bool:
     """A folder that `datasets` loads (parquet or arrow files, as saved or downloaded), not one of clips."""
-    return any(folder.rglob("*.parquet")) or any(folder.rglob("*.arrow"))
+    return any(p.suffix in (".parquet", ".arrow") for p in folder.rglob("*"))
 
 
 def _read_dataset(name, config, split, audio_column, text_column, cache_dir) -> list[Utterance]:

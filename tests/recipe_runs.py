@@ -103,6 +103,23 @@ def start_and_wait_for_step(cmd, out, step):
     raise AssertionError(f"step {step} never came")
 
 
+def stop_then_rerun(cmd, out, step: int = 2) -> dict[int, float]:
+    """SIGTERM the run once it has logged `step`: it must save and exit 75. Then the same command again, to
+    the end. Returns the losses logged before the stop."""
+    running = start_and_wait_for_step(cmd, out, step)
+    running.send_signal(signal.SIGTERM)
+    assert running.wait(timeout=120) == 75
+    stopped = losses(out)
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    return stopped
+
+
+def final_metrics(records) -> dict:
+    """Every key's last logged value, over a run's metrics records."""
+    return {k: v for r in records for k, v in r.items()}
+
+
 def sigkill_one_rank_after(cmd, out, step) -> str:
     """Start a torchrun job and SIGKILL its rank 1 once `step` is logged; the checkpoint named in `latest`
     (the one before `step`, or a later one when a busy machine let the job run on before the kill landed)."""

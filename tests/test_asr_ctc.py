@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ import recipe_runs
 import torch
 from conftest import REPO, SHARED_DATA
 from demo_pages import start_app, stop_apps, wait_for_server
+from recipe_runs import final_metrics
 
 from launch.tracking import read_metrics
 
@@ -25,10 +25,6 @@ RECIPE = str(REPO / "recipes" / "asr_ctc.py")
 python = functools.partial(recipe_runs.python, RECIPE, timeout=600)
 WORDS = ["one two", "three", "go left", "stop", "red four"]
 TOY = REPO / "data" / "toy" / "speech"
-
-
-def last(records) -> dict:
-    return {k: v for r in records for k, v in r.items()}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def test_the_default_run_transcribes_voices_it_never_heard(toy_run):
     """Untrained, the model transcribes nothing right (WER 1.0, measured at step 100 of this run's schedule);
     after 600 steps the held-out voices of the test split come out at WER about 0.27, CER about 0.1."""
     out, records = toy_run
-    m = last(records)
+    m = final_metrics(records)
     print({k: round(m[k], 4) for k in ("test/wer", "test/cer", "eval/wer", "eval/cer")})
     assert m["test/wer"] < 0.5 and m["test/cer"] < 0.25
     assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
@@ -66,7 +62,7 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_transcripts_and_co
     proc = python("--output-dir", str(one), "--resume", str(out / "checkpoints" / f"step-{step:06d}"),
                   "--max-steps", str(step), "--tracker", "none")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    mine, theirs = last(read_metrics(one)), last(records)
+    mine, theirs = final_metrics(read_metrics(one)), final_metrics(records)
     for split in ("validation", "test"):
         two_ranks = (out / "predictions" / f"{split}.jsonl").read_text()
         assert (one / "predictions" / f"{split}.jsonl").read_text() == two_ranks
@@ -224,12 +220,7 @@ def test_a_stopped_run_continues_with_the_same_losses(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "stopped"
     cmd = [sys.executable, RECIPE, "--output-dir", str(out), *args]
-    running = recipe_runs.start_and_wait_for_step(cmd, out, 2)
-    running.send_signal(signal.SIGTERM)
-    assert running.wait(timeout=120) == 75
-    assert max(recipe_runs.losses(out)) < 10
-    again = recipe_runs.run(cmd)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert max(recipe_runs.stop_then_rerun(cmd, out)) < 10
     assert recipe_runs.losses(out) == recipe_runs.losses(reference)
 
 
@@ -248,7 +239,7 @@ def test_sharded_backends_train_and_count_every_clip(backend, tmp_path):
                                 "3", "--batch-size", "2", "--train-manifest", str(manifest),
                                 "--validation-manifest", str(manifest), "--test-manifest", "", timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = last(read_metrics(out))
+    m = final_metrics(read_metrics(out))
     assert 0 <= m["eval/wer"] and 0 <= m["eval/cer"]
     rows = [json.loads(x) for x in (out / "predictions" / "validation.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and len({r["audio"] for r in rows}) == 9

@@ -15,6 +15,7 @@ import recipe_runs
 import torch
 from conftest import REPO
 from demo_pages import start_app, stop_apps, wait_for_server
+from recipe_runs import final_metrics
 
 from launch.tracking import read_metrics
 
@@ -29,10 +30,6 @@ def lm_run(tmp_path_factory):
                                 "--save-every", "40", "--check-replicas", "true", timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, read_metrics(out)
-
-
-def last(records) -> dict:
-    return {k: v for r in records for k, v in r.items()}
 
 
 def unigram_perplexity(train_rows, eval_rows) -> float:
@@ -53,7 +50,7 @@ def test_held_out_perplexity_is_far_below_a_unigram_models(lm_run):
     from launch.flops import train_flops_per_token
 
     out, records = lm_run
-    m = last(records)
+    m = final_metrics(records)
     # The run's own split of the toy corpus (the recipe's rule: a seeded shuffle of whole documents).
     import random
 
@@ -90,7 +87,7 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_perplexity(lm_run,
     proc = python("--output-dir", str(tmp_path / "one"), "--resume", str(ckpt), "--max-steps", str(step),
                   "--tracker", "none")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    mine, theirs = last(read_metrics(tmp_path / "one")), last(records)
+    mine, theirs = final_metrics(read_metrics(tmp_path / "one")), final_metrics(records)
     assert mine["eval/loss"] == pytest.approx(theirs["eval/loss"], rel=1e-5)
     assert mine["eval/samples"] == theirs["eval/samples"]  # greedy: the same continuations
 
@@ -151,7 +148,7 @@ def test_meditations_one_paragraph_per_line_trains_and_evaluates(meditations, tm
                   "--max-steps", "8", "--tracker", "none")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training documents" in proc.stdout and "remainder tokens dropped" in proc.stdout
-    m = last(read_metrics(out))
+    m = final_metrics(read_metrics(out))
     assert math.isfinite(m["eval/perplexity"]) and len(m["eval/samples"]) == 3
 
 
@@ -200,7 +197,6 @@ def test_bad_corpus_stops_before_training_naming_the_file(tmp_path, problem):
 def test_a_stopped_run_continues_with_the_same_losses(tmp_path):
     """SIGTERM mid-run: exit 75 after a checkpoint; the same command continues over the same packed blocks
     and gives, step for step, the losses of an uninterrupted run."""
-    import signal
     import sys
 
     args = [
@@ -220,10 +216,5 @@ def test_a_stopped_run_continues_with_the_same_losses(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "stopped"
     cmd = [sys.executable, RECIPE, "--output-dir", str(out), *args]
-    running = recipe_runs.start_and_wait_for_step(cmd, out, 2)
-    running.send_signal(signal.SIGTERM)
-    assert running.wait(timeout=120) == 75
-    assert max(recipe_runs.losses(out)) < 12
-    again = recipe_runs.run(cmd)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert max(recipe_runs.stop_then_rerun(cmd, out)) < 12
     assert recipe_runs.losses(out) == recipe_runs.losses(reference)

@@ -11,7 +11,6 @@ import csv
 import functools
 import json
 import os
-import signal
 import sys
 
 import pytest
@@ -19,16 +18,13 @@ import recipe_runs
 import torch
 from conftest import REPO
 from demo_pages import start_app, stop_apps, wait_for_server
+from recipe_runs import final_metrics
 
 from launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "summarization.py")
 TOY = REPO / "data" / "toy" / "summarization"
 python = functools.partial(recipe_runs.python, RECIPE, timeout=900)
-
-
-def last(records) -> dict:
-    return {k: v for r in records for k, v in r.items()}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +69,7 @@ def lead_baselines() -> dict[int, float]:
 def test_the_default_run_beats_the_lead_baseline_by_a_clear_margin(run, request):
     out, records = request.getfixturevalue(run)
     family = run.split("_")[0]
-    m = last(records)
+    m = final_metrics(records)
     lead = lead_baselines()
     print(f"{family}: test ROUGE-1/2/L/Lsum {m['test/rouge1']:.1f}/{m['test/rouge2']:.1f}/{m['test/rougeL']:.1f}"
           f"/{m['test/rougeLsum']:.1f}, lead-k ROUGE-L {lead}")  # fmt: skip
@@ -92,7 +88,7 @@ def test_the_default_run_beats_the_lead_baseline_by_a_clear_margin(run, request)
 
 @pytest.mark.slow
 def test_the_two_ranks_trained_one_model(t5_run):
-    m = last(t5_run[1])
+    m = final_metrics(t5_run[1])
     assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
     assert m["train/tflops"] > 0  # the encoder-decoder FLOPs per source token are known
 
@@ -109,7 +105,7 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_summaries_and_scor
         "--output-dir", str(one), "--resume", str(ckpt), "--max-steps", str(step), "--tracker", "none"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    mine, theirs = last(read_metrics(one)), last(records)
+    mine, theirs = final_metrics(read_metrics(one)), final_metrics(records)
     for split in ("validation", "test"):
         two_ranks = (out / "predictions" / f"{split}.jsonl").read_text()
         assert (one / "predictions" / f"{split}.jsonl").read_text() == two_ranks
@@ -232,7 +228,7 @@ def test_generation_in_evaluation_finishes_under_sharded_backends(backend, tmp_p
                                 "3", "--validation-file", str(small), "--test-file", "", "--max-new-tokens",
                                 "8", "--layers", "1", timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = last(read_metrics(out))
+    m = final_metrics(read_metrics(out))
     assert 0 < m["eval/gen_len"] <= 8 and m["eval/rougeL"] >= 0
     assert len((out / "predictions" / "validation.jsonl").read_text().splitlines()) == 9
 
@@ -268,10 +264,5 @@ def test_a_stopped_run_continues_with_the_same_losses(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "stopped"
     cmd = [sys.executable, RECIPE, "--output-dir", str(out), *args]
-    running = recipe_runs.start_and_wait_for_step(cmd, out, 2)
-    running.send_signal(signal.SIGTERM)
-    assert running.wait(timeout=120) == 75
-    assert max(recipe_runs.losses(out)) < 12
-    again = recipe_runs.run(cmd)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert max(recipe_runs.stop_then_rerun(cmd, out)) < 12
     assert recipe_runs.losses(out) == recipe_runs.losses(reference)
