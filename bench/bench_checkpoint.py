@@ -4,10 +4,12 @@ where a save's time goes.
 A BERT-base BertForPreTraining under DDP (2 CPU ranks, gloo) with AdamW state from one real step; each
 measurement is the median of 3. Rows: the recipes' save (content hashes on, then sizes only), torch.save of
 the same state on rank 0, the recipes' background save (what it blocks, and until the commit), the loads;
-then the parts of one save: collecting the state dict, DCP's write with and without fsync, hashing, the
-manifest and rename. Usage:
+then the parts of one save (collecting the state dict, the raw write with and without fsync, DCP's stock
+write, hashing files read back, the manifest and rename) and of one load (verifying, the raw read into
+place, DCP's stock read). Usage:
     python bench/bench_checkpoint.py            # BERT-base (~110M params), a few minutes
     python bench/bench_checkpoint.py --quick    # 4 layers, smoke test
+    python bench/bench_checkpoint.py --dir /dev/shm   # in memory: the software's cost without the disk's
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def measure_parts(model, opt, out: Path) -> dict:
     from torch.utils._pytree import tree_map
 
     from checkpoints.sharded import DCPState, _hash_shares, _write_atomic
+    from checkpoints.storage import RawWriter
 
     r = {}
     state, r["part_state_dict"] = _timed(lambda: DCPState(model, opt)._state()[0])
@@ -122,16 +125,20 @@ def measure_parts(model, opt, out: Path) -> dict:
         for _ in range(REPEATS)
     ]
     r["part_memory_copy"] = statistics.median(copies)
-    for sync, threads in ((True, 1), (False, 1), (True, 2)):
+    writers = {
+        "stock": lambda folder: dcp.FileSystemWriter(folder),  # torch.save of each tensor, fsync
+        "raw": lambda folder: RawWriter(folder),  # as saved: raw bytes hashed while written, fsync
+        "raw_nosync": lambda folder: RawWriter(folder, sync_files=False),
+    }
+    for kind, make in writers.items():
         times = []
         for _ in range(REPEATS):
-            folder = out / f"parts-{sync}-{threads}"
+            folder = out / f"parts-{kind}"
             if dist.get_rank() == 0:
                 shutil.rmtree(folder, ignore_errors=True)
-            writer = dcp.FileSystemWriter(folder, sync_files=sync, thread_count=threads)
-            times.append(_timed(lambda w=writer: dcp.save(state, storage_writer=w))[1])
-        r[f"part_dcp_write_fsync_{sync}_threads_{threads}"] = statistics.median(times)
-    folder = out / "parts-True-1"
+            times.append(_timed(lambda f=folder: dcp.save(state, storage_writer=make(f)))[1])
+        r[f"part_write_{kind}"] = statistics.median(times)
+    folder = out / "parts-raw"
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     r["part_hash"] = _timed(lambda: _hash_shares(folder, names))[1]
 
@@ -143,7 +150,7 @@ def measure_parts(model, opt, out: Path) -> dict:
     r["part_manifest_rename"] = _timed(manifest_and_rename)[1]
     dist.barrier()
     if dist.get_rank() == 0:
-        for name in ("parts-False-1", "parts-True-2", "parts-renamed"):
+        for name in ("parts-raw_nosync", "parts-renamed"):  # parts-stock stays for the load parts
             shutil.rmtree(out / name, ignore_errors=True)
     return r
 
@@ -201,7 +208,7 @@ def measure_saves(model, opt, out: Path) -> dict:
     return r
 
 
-def measure_loads(sharded: Path, baseline: Path, saved: dict[str, str], quick: bool) -> dict:
+def measure_loads(sharded: Path, baseline: Path, stock: Path, saved: dict[str, str], quick: bool) -> dict:
     """Seconds per repeat for each load into a fresh (never stepped) model and optimizer, each checked."""
     import torch
 
@@ -229,25 +236,31 @@ def measure_loads(sharded: Path, baseline: Path, saved: dict[str, str], quick: b
         _scramble(model, opt)
         r["torch_load"].append(_timed(plain_load)[1])
         _assert_restored("torch.load", saved, model, opt)
-    r.update(measure_load_parts(sharded, model, opt))
+    r.update(measure_load_parts(sharded, stock, model, opt))
     return r
 
 
-def measure_load_parts(sharded: Path, model, opt) -> dict:
+def measure_load_parts(sharded: Path, stock: Path, model, opt) -> dict:
     """One load taken apart (the steps of load_checkpoint, each timed on its own; medians)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from checkpoints.sharded import DCPState, verify_checkpoint
+    from checkpoints.storage import RawReader
 
-    parts = {k: [] for k in ("verify_hashes", "verify_sizes", "state_dict", "dcp_read", "set_state_dict")}
+    parts = {
+        k: [] for k in ("verify_hashes", "verify_sizes", "state_dict", "read_raw", "read_stock", "set_state_dict")
+    }
     for _ in range(REPEATS):
         _scramble(model, opt)
         parts["verify_hashes"].append(_timed(lambda: verify_checkpoint(sharded, checksums=True))[1])
         parts["verify_sizes"].append(_timed(lambda: verify_checkpoint(sharded, checksums=False))[1])
         (state, aliases), seconds = _timed(lambda: DCPState(model, opt)._state())
         parts["state_dict"].append(seconds)
-        parts["dcp_read"].append(_timed(lambda s=state: dcp.load(s, checkpoint_id=sharded / "state"))[1])
+        reader = RawReader(sharded / "state")  # as loaded
+        parts["read_raw"].append(_timed(lambda s=state: dcp.load(s, storage_reader=reader))[1])
+        # DCP's stock reader on the stock writer's folder from measure_parts: torch.load of each tensor
+        parts["read_stock"].append(_timed(lambda s=state: dcp.load(s, checkpoint_id=stock))[1])
         model_sd = {**state["model"], **{alias: state["model"][key] for alias, key in aliases.items()}}
         parts["set_state_dict"].append(
             _timed(
@@ -271,7 +284,7 @@ def worker(out: Path, quick: bool) -> None:
     saves.update(measure_parts(model, opt, out))
     saved = _fingerprint(model, opt)
     del model, opt  # the digests stand in for them from here on
-    loads = measure_loads(saves["sharded"], saves["baseline"], saved, quick)
+    loads = measure_loads(saves["sharded"], saves["baseline"], out / "parts-stock", saved, quick)
 
     if dist.get_rank() == 0:
         timings = {k: v for k, v in {**saves, **loads}.items() if isinstance(v, list) and v}
@@ -313,24 +326,25 @@ def print_table(r: dict, quick: bool) -> None:
     parts = [
         ("get_state_dict", "part_state_dict"),
         ("one in-memory copy of the state", "part_memory_copy"),
-        ("DCP write with fsync (as saved)", "part_dcp_write_fsync_True_threads_1"),
-        ("DCP write without fsync", "part_dcp_write_fsync_False_threads_1"),
-        ("DCP write with fsync, 2 writer threads", "part_dcp_write_fsync_True_threads_2"),
-        ("xxh3-64 of every file, in shares", "part_hash"),
+        ("write: raw, hashed as written, fsync (as saved)", "part_write_raw"),
+        ("write: raw, hashed as written, no fsync", "part_write_raw_nosync"),
+        ("write: DCP stock (torch.save a tensor), fsync", "part_write_stock"),
+        ("xxh3-64 of every file read back, in shares", "part_hash"),
         ("manifest + rename", "part_manifest_rename"),
     ]
     for name, key in parts:
-        print(f"  {name:<40} {r[key]:>6.2f}")
+        print(f"  {name:<48} {r[key]:>6.2f}")
     print("one load, part by part (seconds):")
     parts = [
         ("verify: sizes and xxh3-64 of every file", "part_load_verify_hashes"),
         ("verify: sizes only", "part_load_verify_sizes"),
         ("get_state_dict (the tensors to read into)", "part_load_state_dict"),
-        ("DCP read into them", "part_load_dcp_read"),
+        ("read: raw, into them in place (as loaded)", "part_load_read_raw"),
+        ("read: DCP stock (torch.load a tensor, copy)", "part_load_read_stock"),
         ("set_state_dict (model and optimizer)", "part_load_set_state_dict"),
     ]
     for name, key in parts:
-        print(f"  {name:<40} {r[key]:>6.2f}")
+        print(f"  {name:<48} {r[key]:>6.2f}")
     print(f"save: recipebox sharded vs torch.save: {r['sharded_save'] / r['torch_save']:.2f}x time")
     print(f"save: content hashes cost {r['sharded_save'] - r['sizes_only_save']:+.2f} s over sizes only")
     print(f"load: recipebox sharded vs torch.load: {r['sharded_load'] / r['torch_load']:.2f}x time")
@@ -347,13 +361,20 @@ def print_table(r: dict, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 4-layer BERT, a smoke test")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to write (default: the system's temporary folder); /dev/shm takes the disk out and leaves "
+        "the software's own cost",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.out, args.quick)
         return
-    with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_checkpoint_", dir=args.dir) as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
         quick = ["--quick"] if args.quick else []

@@ -21,6 +21,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     import transformers
 
     from checkpoints.export import export_hf
+    from checkpoints.storage import RawReader
 
     path = Path(path)
     meta = verify_checkpoint(path, checksums=checksums, report=print)["meta"]
@@ -42,7 +43,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
         own = model.state_dict()
         aliases = tied_aliases(own)  # written once (older and XLA checkpoints hold them twice: not read)
         wanted = {"model": {prefix + k: v for k, v in own.items() if k not in aliases}}
-        dcp.load(wanted, checkpoint_id=path / "state", no_dist=True)
+        dcp.load(wanted, storage_reader=RawReader(path / "state"), no_dist=True)
         loaded = {k[len(prefix) :]: v for k, v in wanted["model"].items()}
         model.load_state_dict({**loaded, **{alias: loaded[key] for alias, key in aliases.items()}})
     metrics = path.parent.parent / "metrics.jsonl"  # RUN/checkpoints/step-N: the run's curves, if it is there

@@ -1,9 +1,10 @@
 """Sharded checkpoints: model and optimizer through torch.distributed.checkpoint, each rank's train state
 (RNG states, data position) in its own safetensors file, and a manifest that makes the folder count.
 
-A checkpoint is written under a hidden temporary name; after every rank has finished, each rank hashes a
-share of the files (xxh3-64), and rank 0 records every file's size and hash in `manifest.json`, renames the
-folder into place and moves the `latest` pointer. A folder without a manifest, or whose files do not match
+A checkpoint is written under a hidden temporary name (model and optimizer through `checkpoints.storage`,
+which hashes each rank's file with xxh3-64 as it writes it); after every rank has finished, the ranks hash
+the few other files in shares, and rank 0 records every file's size and hash in `manifest.json`, renames
+the folder into place and moves the `latest` pointer. A folder without a manifest, or whose files do not match
 it (missing, truncated, or the same size with other bytes: a bad sector, a faulty copy), is never loaded.
 
 With `BackgroundSaves` (--async-save) training waits only while model and optimizer are copied to host
@@ -25,11 +26,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from checkpoints.storage import RawReader, RawWriter
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-HASH = "xxh3_64"  # fast enough that reading the files, not hashing them, is the cost
+HASH = "xxh3_64"  # fast enough that reading a file, not hashing it, is the cost
 CHUNK = 8 << 20
 
 
@@ -60,15 +65,24 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _hash_shares(folder: Path, names: list[str], group=None) -> dict[str, str]:
-    """Collective: each rank hashes every world-size-th file; every rank gets all the hashes."""
+def _hash_shares(
+    folder: Path, names: list[str], group=None, known: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Collective: every rank gets the hashes of all `names`. Files some rank hashed while writing them
+    (its `known`) are not read again; each rank hashes every world-size-th of the rest."""
     rank, world = _rank(), dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    mine = {name: file_hash(folder / name) for name in names[rank::world]}
-    if world == 1:
-        return mine
-    every = [None] * world
-    dist.all_gather_object(every, mine, group=group)
-    return {k: v for part in every for k, v in part.items()}
+    known = dict(known or {})
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, known, group=group)
+        known = {k: v for part in every for k, v in part.items()}
+    todo = [name for name in names if name not in known]
+    mine = {name: file_hash(folder / name) for name in todo[rank::world]}
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine, group=group)
+        mine = {k: v for part in every for k, v in part.items()}
+    return {**known, **mine}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -115,25 +129,55 @@ class DCPState:
         aliases = tied_aliases(model_sd)
         return {"model": {k: v for k, v in model_sd.items() if k not in aliases}, "optim": optim_sd}, aliases
 
-    def save(self, path: Path) -> None:
-        dcp.save(
-            self._state()[0], checkpoint_id=path, planner=self.save_planner, no_dist=not dist.is_initialized()
-        )
+    def _share(self) -> dict[str, Any]:
+        """What this rank writes, under DCP's flattened names. Every value that is the same on every rank (a
+        plain tensor: all of DDP's state, FSDP2's buffers; a setting such as a learning rate) goes to one
+        rank, the largest first to the least loaded, so the ranks split the copying (--async-save stages
+        only its share) and the writing; a DTensor holds this rank's own shard and always goes in. DCP
+        would drop the duplicates itself, but only after every rank had copied all of them."""
+        state = self._state()[0]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world == 1:
+            return state
+        flat, _ = flatten_state_dict(state)
+        size = lambda v: v.numel() * v.element_size() if torch.is_tensor(v) else 1  # noqa: E731
+        load, mine = [0] * world, {}
+        for key in sorted(flat, key=lambda k: (-size(flat[k]), k)):
+            if isinstance(flat[key], DTensor):
+                mine[key] = flat[key]
+                continue
+            owner = min(range(world), key=load.__getitem__)
+            load[owner] += size(flat[key])
+            if owner == dist.get_rank():
+                mine[key] = flat[key]
+        return mine
 
-    def save_async(self, path: Path, background: BackgroundSaves) -> Future:
-        """Returns once model and optimizer are copied to host memory; the future ends with the write."""
-        return dcp.async_save(
-            self._state()[0],
-            checkpoint_id=path,
+    def save(self, path: Path) -> dict[str, str]:
+        """Writes this rank's share under `path`; returns the xxh3-64 of each file it wrote, by name."""
+        writer = RawWriter(path)
+        dcp.save(
+            self._share(), storage_writer=writer, planner=self.save_planner, no_dist=not dist.is_initialized()
+        )
+        return writer.hashes
+
+    def save_async(self, path: Path, background: BackgroundSaves) -> tuple[Future, dict[str, str]]:
+        """Returns once model and optimizer are copied to host memory: the future ends with the write, and
+        the dict holds this rank's file hashes from then on."""
+        writer = RawWriter(path)
+        written = dcp.async_save(
+            self._share(),
+            storage_writer=writer,
             planner=self.save_planner,
             process_group=background.group,
             async_stager=background.stager,
             no_dist=not dist.is_initialized(),
         )
+        return written, writer.hashes
 
     def load(self, path: Path, meta: dict[str, Any]) -> None:
         state, aliases = self._state()  # checkpoints that hold the aliases too load the same way
-        dcp.load(state, checkpoint_id=path, planner=self.load_planner, no_dist=not dist.is_initialized())
+        reader = RawReader(path)
+        dcp.load(state, storage_reader=reader, planner=self.load_planner, no_dist=not dist.is_initialized())
         model_sd = {**state["model"], **{alias: state["model"][key] for alias, key in aliases.items()}}
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=state["optim"])
 
@@ -217,20 +261,26 @@ def save_checkpoint(
         root=root, step=step, tmp=tmp, final=final, meta=meta, keep_last=keep_last, checksums=checksums
     )
     if background is None:
-        state.save(tmp / "state")
-        _commit(**commit)
+        hashes = state.save(tmp / "state") or {}  # a format that does not hash as it writes is read back
+        _commit(**commit, known={f"state/{name}": h for name, h in hashes.items()})
     else:
-        written = state.save_async(tmp / "state", background)
-        background.submit(lambda: (written.result(), _commit(**commit, group=background.group)))
+        written, hashes = state.save_async(tmp / "state", background)
+        background.submit(
+            lambda: (
+                written.result(),
+                _commit(**commit, known={f"state/{k}": h for k, h in hashes.items()}, group=background.group),
+            )
+        )
     return final
 
 
-def _commit(root, step, tmp, final, meta, keep_last, checksums, group=None) -> None:
-    """Collective, once every rank's files are written: hashes in shares, then rank 0 writes the manifest,
-    renames the folder into place and moves `latest`."""
+def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, group=None) -> None:
+    """Collective, once every rank's files are written: the hashes (`known` ones as the writers computed
+    them, the rest read back in shares), then rank 0 writes the manifest, renames the folder into place and
+    moves `latest`."""
     _barrier(group)
     names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    hashes = _hash_shares(tmp, names, group) if checksums else {}
+    hashes = _hash_shares(tmp, names, group, known) if checksums else {}
     if _rank() == 0:
         files = {name: (tmp / name).stat().st_size for name in names}
         manifest = {"step": step, "meta": meta, "files": files}
