@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -94,6 +95,13 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
+def _rotated(runs: list, rep: int) -> list:
+    """The methods in another order each repeat, so that over REPEATS runs each one takes each place once:
+    on a busy disk the first write after a delete, or the first read after other writes, costs more."""
+    shift = rep % len(runs)
+    return runs[shift:] + runs[:shift]
+
+
 def _background_save(save, background) -> tuple[float, float]:
     """(seconds until save() returns, seconds until the checkpoint is committed on every rank)."""
     import torch.distributed as dist
@@ -136,7 +144,7 @@ def measure_parts(model, opt, out: Path) -> dict:
             folder = out / f"parts-{kind}"
             if dist.get_rank() == 0:
                 shutil.rmtree(folder, ignore_errors=True)
-            times.append(_timed(lambda f=folder: dcp.save(state, storage_writer=make(f)))[1])
+            times.append(_timed(lambda f=folder, m=make: dcp.save(state, storage_writer=m(f)))[1])
         r[f"part_write_{kind}"] = statistics.median(times)
     folder = out / "parts-raw"
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -160,11 +168,12 @@ def measure_saves(model, opt, out: Path) -> dict:
     import torch
     import torch.distributed as dist
 
-    from checkpoints.sharded import BackgroundSaves, save_checkpoint
+    from checkpoints.sharded import BackgroundSaves, save_checkpoint, step_dir
 
     rank = dist.get_rank()
     background = BackgroundSaves()  # what --async-save uses: its own gloo group, one save in flight
-    r = {"sharded_save": [], "sizes_only_save": [], "torch_save": [], "async_blocked": [], "async_total": []}
+    r = {k: [] for k in ("sharded_save", "sizes_only_save", "torch_save", "torch_save_fsync")}
+    r.update(async_blocked=[], async_total=[])
     r["baseline"] = out / "torch_save.pt"
     for rep in range(REPEATS):
         # Each repeat writes anew; the previous output is removed untimed, so every repeat starts from the
@@ -187,18 +196,36 @@ def measure_saves(model, opt, out: Path) -> dict:
                 background=background,
             )
 
-        r["sharded"], seconds = _timed(lambda: ours(out / "sharded"))
-        r["sharded_save"].append(seconds)
-        r["sizes_only_save"].append(_timed(lambda: ours(out / "sizes-only", checksums=False))[1])
-
         def plain_save():
             if rank == 0:
                 torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, r["baseline"])
 
-        r["torch_save"].append(_timed(plain_save)[1])
-        blocked, total = _background_save(lambda: ours(out / "async", background=background), background)
-        r["async_blocked"].append(blocked)
-        r["async_total"].append(total)
+        def durable_save():  # torch.save made as durable as our save: its file fsynced before it returns
+            if rank == 0:
+                with open(out / "torch_save_fsync.pt", "wb") as f:
+                    torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                (out / "torch_save_fsync.pt").unlink()
+
+        def background_save():
+            blocked, total = _background_save(lambda: ours(out / "async", background=background), background)
+            r["async_blocked"].append(blocked)
+            r["async_total"].append(total)
+
+        runs = [
+            ("sharded_save", lambda: ours(out / "sharded")),
+            ("sizes_only_save", lambda: ours(out / "sizes-only", checksums=False)),
+            ("torch_save", plain_save),
+            ("torch_save_fsync", durable_save),
+            (None, background_save),
+        ]
+        for key, fn in _rotated(runs, rep):
+            if key is None:
+                fn()
+            else:
+                r[key].append(_timed(fn)[1])
+        r["sharded"] = step_dir(out / "sharded", rep)
         r["async_bytes"] = _folder_bytes(out / "async")
         dist.barrier()
         if rank == 0:
@@ -224,18 +251,20 @@ def measure_loads(sharded: Path, baseline: Path, stock: Path, saved: dict[str, s
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
 
-    for _ in range(REPEATS):
-        _scramble(model, opt)
-        r["sharded_load"].append(_timed(lambda: load_checkpoint(sharded, model=model, optimizer=opt))[1])
-        _assert_restored("checkpoints.sharded.load_checkpoint", saved, model, opt)
-        _scramble(model, opt)
-        r["sizes_only_load"].append(
-            _timed(lambda: load_checkpoint(sharded, model=model, optimizer=opt, checksums=False))[1]
-        )
-        _assert_restored("load_checkpoint(checksums=False)", saved, model, opt)
-        _scramble(model, opt)
-        r["torch_load"].append(_timed(plain_load)[1])
-        _assert_restored("torch.load", saved, model, opt)
+    runs = [
+        ("sharded_load", "load_checkpoint", lambda: load_checkpoint(sharded, model=model, optimizer=opt)),
+        (
+            "sizes_only_load",
+            "load_checkpoint(checksums=False)",
+            lambda: load_checkpoint(sharded, model=model, optimizer=opt, checksums=False),
+        ),
+        ("torch_load", "torch.load", plain_load),
+    ]
+    for rep in range(REPEATS):
+        for key, method, fn in _rotated(runs, rep):
+            _scramble(model, opt)
+            r[key].append(_timed(fn)[1])
+            _assert_restored(method, saved, model, opt)
     r.update(measure_load_parts(sharded, stock, model, opt))
     return r
 
@@ -249,7 +278,8 @@ def measure_load_parts(sharded: Path, stock: Path, model, opt) -> dict:
     from checkpoints.storage import RawReader
 
     parts = {
-        k: [] for k in ("verify_hashes", "verify_sizes", "state_dict", "read_raw", "read_stock", "set_state_dict")
+        k: []
+        for k in ("verify_hashes", "verify_sizes", "state_dict", "read_raw", "read_stock", "set_state_dict")
     }
     for _ in range(REPEATS):
         _scramble(model, opt)
@@ -258,7 +288,7 @@ def measure_load_parts(sharded: Path, stock: Path, model, opt) -> dict:
         (state, aliases), seconds = _timed(lambda: DCPState(model, opt)._state())
         parts["state_dict"].append(seconds)
         reader = RawReader(sharded / "state")  # as loaded
-        parts["read_raw"].append(_timed(lambda s=state: dcp.load(s, storage_reader=reader))[1])
+        parts["read_raw"].append(_timed(lambda s=state, rd=reader: dcp.load(s, storage_reader=rd))[1])
         # DCP's stock reader on the stock writer's folder from measure_parts: torch.load of each tensor
         parts["read_stock"].append(_timed(lambda s=state: dcp.load(s, checkpoint_id=stock))[1])
         model_sd = {**state["model"], **{alias: state["model"][key] for alias, key in aliases.items()}}
@@ -314,6 +344,7 @@ def print_table(r: dict, quick: bool) -> None:
         ("save  recipebox sharded", mb["sharded"], r["sharded_save"]),
         ("save  recipebox, sizes only", mb["sharded"], r["sizes_only_save"]),
         ("save  torch.save (rank 0)", mb["torch_save"], r["torch_save"]),
+        ("save  torch.save + fsync (rank 0)", mb["torch_save"], r["torch_save_fsync"]),
         ("load  recipebox sharded", mb["sharded"], r["sharded_load"]),
         ("load  recipebox, sizes only", mb["sharded"], r["sizes_only_load"]),
         ("load  torch.load+load_state_dict", mb["torch_save"], r["torch_load"]),
@@ -345,7 +376,10 @@ def print_table(r: dict, quick: bool) -> None:
     ]
     for name, key in parts:
         print(f"  {name:<48} {r[key]:>6.2f}")
-    print(f"save: recipebox sharded vs torch.save: {r['sharded_save'] / r['torch_save']:.2f}x time")
+    print(
+        f"save: recipebox sharded vs torch.save: {r['sharded_save'] / r['torch_save']:.2f}x time; vs torch.save "
+        f"+ fsync (durable when it returns, as ours is): {r['sharded_save'] / r['torch_save_fsync']:.2f}x"
+    )
     print(f"save: content hashes cost {r['sharded_save'] - r['sizes_only_save']:+.2f} s over sizes only")
     print(f"load: recipebox sharded vs torch.load: {r['sharded_load'] / r['torch_load']:.2f}x time")
     print(

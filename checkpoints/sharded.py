@@ -58,10 +58,11 @@ def _rank() -> int:
 def file_hash(path: Path) -> str:
     import xxhash
 
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
+    h, buf = xxhash.xxh3_64(), bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):  # one buffer for the whole file
+            h.update(view[:n])
     return h.hexdigest()
 
 
