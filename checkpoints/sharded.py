@@ -280,7 +280,9 @@ def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, grou
     them, the rest read back in shares), then rank 0 writes the manifest, renames the folder into place and
     moves `latest`."""
     _barrier(group)
-    names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    # Only ranks that hash list the folder: their hashes' all_gather holds rank 0's rename until they have.
+    listing = checksums or _rank() == 0
+    names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if listing else []
     hashes = _hash_shares(tmp, names, group, known) if checksums else {}
     if _rank() == 0:
         files = {name: (tmp / name).stat().st_size for name in names}

@@ -3,6 +3,10 @@ hashes it records, checkpoints of DCP's stock writer, and what a stock reader or
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -56,7 +60,9 @@ def test_every_dtype_comes_back_exact_and_the_file_hashes_match(tmp_path):
     dcp.save(saved, storage_writer=writer, no_dist=True)
     assert writer.hashes and all(file_hash(tmp_path / name) == h for name, h in writer.hashes.items())
     raw_items = [
-        info for info in RawReader(tmp_path).read_metadata().storage_data.values() if info.transform_descriptors
+        info
+        for info in RawReader(tmp_path).read_metadata().storage_data.values()
+        if info.transform_descriptors
     ]
     assert len(raw_items) == 7 and all(info.transform_descriptors == [RAW] for info in raw_items)
     target = zeroed(saved)
@@ -97,3 +103,44 @@ def test_a_truncated_file_is_named(tmp_path):
     (tmp_path / name).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointException, match=f"{name}: ends .* bytes early"):
         dcp.load({"w": torch.zeros(1000)}, storage_reader=RawReader(tmp_path), no_dist=True)
+
+
+def _late_listing(folder: Path, pattern: str) -> list[Path]:
+    def gone(err):
+        raise err
+
+    time.sleep(0.3)
+    return [Path(d) / name for d, _, names in os.walk(folder, onerror=gone) for name in names]
+
+
+def _save_many(rank: int, root: str, store: str, saves: int) -> None:
+    import torch.distributed as dist
+
+    from checkpoints.sharded import save_checkpoint, verify_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    if rank == 1:  # a rank that lists the folder late, as a busy one does, and fails if it has gone
+        Path.rglob = _late_listing
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in range(saves):
+        for checksums in (False, True):
+            save_checkpoint(
+                f"{root}/{checksums}", step, model=model, optimizer=opt, rank_state={"r": torch.tensor([rank])},
+                rank_meta={}, meta={"world_size": 2}, checksums=checksums, keep_last=2,
+            )  # fmt: skip
+    verify_checkpoint(f"{root}/True/step-{saves - 1:06d}")  # collective: each rank hashes a share
+    dist.destroy_process_group()
+
+
+def test_two_ranks_save_again_and_again_with_and_without_hashes(tmp_path):
+    """No rank lists the folder after rank 0 has renamed it: a sizes-only save has no collective between the
+    listing and the rename, so a rank that lists late found the folder gone (in memory, where rank 0 is
+    quick, it did almost every time)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(dir=shm) as root:
+        mp.spawn(_save_many, args=(root, str(tmp_path / "store"), 4), nprocs=2)
