@@ -99,9 +99,11 @@ def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, to
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenizer_dir):
-    """A bigger model makes a save last long enough to be interrupted by a real SIGKILL."""
+    """A bigger model (about 230 MB of model and AdamW state) makes a save last long enough to be
+    interrupted by a real SIGKILL, on a busy machine too: raw writes made a 4-layer, 256-wide model's
+    save too quick to catch."""
     out = tmp_path / "run"
-    big = ["--hidden-size", "256", "--num-layers", "4", "--num-heads", "4", "--intermediate-size", "1024"]
+    big = ["--hidden-size", "512", "--num-layers", "6", "--num-heads", "8", "--intermediate-size", "2048"]
     cmd = command(out, tokenizer_dir, "--save-every", "2", *big, steps=400)
     proc = popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts, interrupted = out / "checkpoints", None
@@ -208,15 +210,14 @@ def test_resuming_late_in_a_big_epoch_costs_no_more_than_early():
     sampler = ShardedSampler(4_000_000, rank=1, world_size=2, batch_size=32, seed=0)
 
     def first_index_time(start):
-        best = float("inf")
-        for _ in range(3):
-            sampler.set_epoch(5, start=start)
-            t0 = time.perf_counter()
-            next(iter(sampler))
-            best = min(best, time.perf_counter() - t0)
-        return best
+        sampler.set_epoch(5, start=start)
+        t0 = time.perf_counter()
+        next(iter(sampler))
+        return time.perf_counter() - t0
 
-    early, late = first_index_time(32), first_index_time(1_999_000)
+    # Early and late take turns, best of 5 each, so a slow stretch of a busy machine hits both alike.
+    times = [(first_index_time(32), first_index_time(1_999_000)) for _ in range(5)]
+    early, late = min(t[0] for t in times), min(t[1] for t in times)
     assert late < early * 1.5 + 0.05
 
 
