@@ -196,14 +196,17 @@ def measure_saves(model, opt, out: Path) -> dict:
                 background=background,
             )
 
+        def plain_state():
+            return {"model": model.module.state_dict(), "optim": opt.state_dict()}
+
         def plain_save():
             if rank == 0:
-                torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, r["baseline"])
+                torch.save(plain_state(), r["baseline"])
 
         def durable_save():  # torch.save made as durable as our save: its file fsynced before it returns
             if rank == 0:
                 with open(out / "torch_save_fsync.pt", "wb") as f:
-                    torch.save({"model": model.module.state_dict(), "optim": opt.state_dict()}, f)
+                    torch.save(plain_state(), f)
                     f.flush()
                     os.fsync(f.fileno())
                 (out / "torch_save_fsync.pt").unlink()

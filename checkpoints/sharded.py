@@ -261,16 +261,14 @@ def save_checkpoint(
     commit = dict(
         root=root, step=step, tmp=tmp, final=final, meta=meta, keep_last=keep_last, checksums=checksums
     )
+    # A format that does not hash as it writes (DeepSpeed's, XLA's) returns none: its files are read back.
+    in_state = lambda hashes: {f"state/{name}": h for name, h in (hashes or {}).items()}  # noqa: E731
     if background is None:
-        hashes = state.save(tmp / "state") or {}  # a format that does not hash as it writes is read back
-        _commit(**commit, known={f"state/{name}": h for name, h in hashes.items()})
+        _commit(**commit, known=in_state(state.save(tmp / "state")))
     else:
         written, hashes = state.save_async(tmp / "state", background)
         background.submit(
-            lambda: (
-                written.result(),
-                _commit(**commit, known={f"state/{k}": h for k, h in hashes.items()}, group=background.group),
-            )
+            lambda: (written.result(), _commit(**commit, known=in_state(hashes), group=background.group))
         )
     return final
 
