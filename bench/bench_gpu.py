@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,8 +151,8 @@ def trainer_tflops(task: str, s: Sizes, result: dict) -> float:
     return per_token * result["tokens_per_s"] / 1e12
 
 
-def run_rows(s: Sizes, inputs: dict[str, Path], work: Path, env: dict) -> dict[int, dict]:
-    results: dict[int, dict] = {}
+def run_rows(s: Sizes, inputs: dict[str, Path], work: Path, env: dict, results: dict[int, dict]) -> None:
+    """Fills `results` row by row, so a run stopped part-way still has the finished rows."""
     eager = {task: i for i, (_, run, task, extra) in enumerate(ROWS) if run == "recipe"}
     for i, (bench, run, task, extra) in enumerate(ROWS):
         if extra == "same":
@@ -185,7 +186,10 @@ def run_rows(s: Sizes, inputs: dict[str, Path], work: Path, env: dict) -> dict[i
         results[i] = result
         state = "failed" if "error" in result else f"{result['samples_per_s']:.1f} samples/s"
         print(f"{bench} / {run}: {state}, {result['elapsed']:.0f} s", file=sys.stderr, flush=True)
-    return results
+
+
+def stop_on_sigterm(*_) -> None:
+    raise KeyboardInterrupt  # a time limit's SIGTERM: the row's subprocess is killed, the table still prints
 
 
 def gpu_name() -> str:
@@ -216,7 +220,8 @@ def table(s: Sizes, results: dict[int, dict], peak: float | None) -> list[str]:
         r = results[i]
         elapsed = "(MLM+NSP recipe)" if r["elapsed"] is None else f"{r['elapsed']:.0f}"
         if "error" in r:
-            lines.append(f"| {bench} | {run} | failed | | | | | | | {elapsed} |")
+            state = "not run" if r["error"].startswith("stopped") else "failed"
+            lines.append(f"| {bench} | {run} | {state} | | | | | | | {elapsed} |")
             continue
         base, versus = (ddp, "ddp") if bench.endswith("backends") else (trainer[task], "Trainer")
         ratio = None if "error" in base else r["samples_per_s"] / base["samples_per_s"]
@@ -262,9 +267,17 @@ def main() -> None:
     peak = args.peak_tflops or (None if args.dry_run else device_peak_tflops(device, s.precision))
 
     started = time.perf_counter()
+    results: dict[int, dict] = {}
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
-        inputs = write_inputs(Path(tmp) / "inputs", s)
-        results = run_rows(s, inputs, Path(tmp), env)
+        try:
+            inputs = write_inputs(Path(tmp) / "inputs", s)
+            run_rows(s, inputs, Path(tmp), env, results)
+        except KeyboardInterrupt:
+            stopped = f"stopped after {time.perf_counter() - started:.0f} s, before this row finished"
+            print(f"error: {stopped.replace('this row', 'every row')}", file=sys.stderr)
+            for i in range(len(ROWS)):
+                results.setdefault(i, {"error": stopped, "elapsed": 0.0})
     print(
         f"{device}; BERT hidden {s.hidden}, {s.layers} layers, {s.heads} heads, ffn {s.ffn}, vocab {s.vocab}, "
         f"random weights; sequence {s.seq_len}, batch {s.batch}, {s.precision}, one process; {s.steps} steps "
@@ -289,7 +302,7 @@ def main() -> None:
     failed = [(ROWS[i][:2], r["error"]) for i, r in results.items() if "error" in r and r["elapsed"]]
     for (bench, run), error in failed:
         print(f"\n{bench} / {run} failed:\n{error}", file=sys.stderr)
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if failed or any("error" in r for r in results.values()) else 0)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 # markdown table (bench/bench_gpu.py). Uses .venv, or makes it with scripts/env.sh; stops when there is no GPU.
 #   bash bench/gpu.sh              # under 8 minutes on one H100/H200, start-up included
 #   bash bench/gpu.sh --dry-run    # the same pipeline on CPU: tiny BERT, fp32, a few steps
+#   RECIPEBOX_PYTHON=python3 bash bench/gpu.sh   # a node's own CUDA PyTorch (scripts/wheelhouse.py adds the
+#                                                # rest where the node has no package index)
 # Other flags go to bench/bench_gpu.py (--steps, --batch-size, --peak-tflops).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +14,19 @@ for arg in "$@"; do
     if [[ $arg == --dry-run ]]; then dry_run=true; fi
 done
 
-if [[ ! -x .venv/bin/python ]]; then
-    echo "no .venv here: making it with scripts/env.sh" >&2
-    bash scripts/env.sh
+if [[ -n ${RECIPEBOX_PYTHON:-} ]]; then
+    python=$(command -v "$RECIPEBOX_PYTHON") || { echo "error: RECIPEBOX_PYTHON=$RECIPEBOX_PYTHON not found" >&2; exit 2; }
+    if ! "$python" -c "import datasets, transformers, launch" 2>/dev/null; then
+        echo "error: $python lacks recipebox's dependencies or the repository on its path; see scripts/wheelhouse.py" >&2
+        exit 2
+    fi
+else
+    if [[ ! -x .venv/bin/python ]]; then
+        echo "no .venv here: making it with scripts/env.sh" >&2
+        bash scripts/env.sh
+    fi
+    python=.venv/bin/python
 fi
-python=.venv/bin/python
 
 if ! $dry_run; then
     if ! command -v nvidia-smi >/dev/null || ! nvidia-smi >/dev/null 2>&1; then

@@ -38,13 +38,26 @@ def torchrun_ranks(script_args: list[str], log: Path, nproc: int = 2, env: dict 
         **(env or {}),
     }
     with log.open("w") as f:
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
+        # Its own session: a stop (Ctrl-C, a time limit's SIGTERM) reaches torchrun once, from here, and
+        # torchrun passes it on to the ranks (in sessions of their own) before it exits, so none outlives us.
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=40)  # torchrun gives the ranks 30 s, then kills them
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if returncode:
         # The log sits in a temporary folder about to go, so the cause is shown here: the ranks' own error
         # lines and tracebacks (torchrun's summary after them says nothing about it), else the log's tail.
         lines = log.read_text(errors="replace").splitlines()
         cause = [line for line in lines if line.startswith(("error:", "[rank"))][-40:] or lines[-40:]
-        sys.exit(f"error: {' '.join(cmd)} exited with {done.returncode}:\n" + "\n".join(cause))
+        sys.exit(f"error: {' '.join(cmd)} exited with {returncode}:\n" + "\n".join(cause))
 
 
 def torchrun_two_ranks(script_args: list[str], log: Path) -> None:

@@ -1,11 +1,15 @@
-"""bench/gpu.sh: its synthetic inputs fill every row to the sequence length, and `--dry-run` runs every row of
-the GPU benchmark on CPU (tiny BERT, fp32) and prints the whole table with numbers in it."""
+"""bench/gpu.sh: its synthetic inputs fill every row to the sequence length; scripts/gpu_check.sh's dry run
+goes through every row of the GPU benchmark on CPU (tiny BERT, fp32), prints the whole table with numbers in
+it and collects the gpu tests; a benchmark stopped part-way prints the rows it finished, and its stop reaches
+the ranks behind torchrun."""
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, subprocess_env
@@ -44,17 +48,22 @@ def test_synthetic_rows_are_exactly_the_sequence_length(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_prints_every_row_with_numbers():
-    """About 100 s here with inductor's cache warm (the two --compile rows build C++ kernels the first time)."""
+def test_dry_run_prints_every_row_with_numbers(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the benchmark, then the gpu tests (skipped here), each logged. About 100 s
+    here with inductor's cache warm (the two --compile rows build C++ kernels the first time)."""
     proc = subprocess.run(
-        ["bash", "bench/gpu.sh", "--dry-run"],
+        ["bash", "scripts/gpu_check.sh", str(tmp_path / "logs"), "--dry-run"],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env(RECIPEBOX_TEST_WORKERS="0"),
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "bench/gpu.sh exit 0, gpu tests exit 0" in proc.stdout
+    tests = (tmp_path / "logs" / "gpu-tests.log").read_text()
+    assert re.search(r"\b(\d+) skipped", tests) and "needs a CUDA device" in tests and "failed" not in tests
+    assert (tmp_path / "logs" / "bench.log").read_text() in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
@@ -71,3 +80,42 @@ def test_dry_run_prints_every_row_with_numbers():
     assert float(rows["MLM+NSP", "transformers.Trainer"]["ratio"]) == 1.0
     assert rows["MLM+NSP backends", "ddp"]["samples/s"] == rows["MLM+NSP", "recipe"]["samples/s"]
     assert "MFU: n/a" in proc.stdout
+
+
+def test_a_stopped_benchmark_still_prints_the_rows_it_finished():
+    done = {"samples_per_s": 10.0, "tokens_per_s": 320.0, "tflops": 0.5, "elapsed": 7.0}
+    stopped = {"error": "stopped after 9 s, before this row finished", "elapsed": 0.0}
+    results = {0: done, **{i: dict(stopped) for i in range(1, len(bench_gpu.ROWS))}}
+    lines = bench_gpu.table(bench_gpu.TINY, results, peak=1.0)
+    assert lines[2] == "| MLM+NSP | recipe | 10.0 | 320 | 0.5000 | 50.0% | n/a | n/a | Trainer | 7 |"
+    assert all("| not run |" in line for line in lines[3:]) and len(lines) == 2 + len(bench_gpu.ROWS)
+
+
+def test_a_stop_reaches_the_ranks_behind_torchrun(tmp_path):
+    """SIGTERM to the benchmark: torchrun, in a session of its own, gets it once and ends its ranks (also in
+    sessions of their own, out of reach of a signal to the benchmark's process group) before it exits."""
+    marker = f"{time.time_ns() % 10**6 + 10**6}"  # a sleep no other process runs
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import bench_gpu\n"
+        "import signal; signal.signal(signal.SIGTERM, bench_gpu.stop_on_sigterm)\n"
+        "from launch_two_ranks import torchrun_ranks\n"
+        f"torchrun_ranks(['--no-python', 'sleep', '{marker}'], Path(sys.argv[1]), nproc=2)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "log")],
+        cwd=REPO,
+        env=subprocess_env(),
+        stderr=subprocess.PIPE,
+    )
+
+    def sleeping():
+        found = subprocess.run(["pgrep", "-f", f"^sleep {marker}$"], capture_output=True, text=True)
+        return found.stdout.split()
+
+    deadline = time.monotonic() + 60
+    while len(sleeping()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert len(sleeping()) == 2, proc.stderr and proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert sleeping() == []

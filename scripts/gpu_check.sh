@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one command sized for a short lease on one GPU: bench/gpu.sh's table first
+# (the README's GPU figures), then the `gpu`-marked tests (no host sync in any recipe's step; DeepSpeed fp16,
+# optimizer offload and ZeRO-3 parameter offload, trained and resumed; the fused kernels on CUDA).
+# Each part has its own time limit, so a hang in one still leaves the other's log. Logs go to LOGDIR.
+#   bash scripts/gpu_check.sh [LOGDIR]              # default runs/gpu-check; .venv, or $RECIPEBOX_PYTHON
+#   bash scripts/gpu_check.sh LOGDIR --dry-run      # the same on CPU: the benchmark's dry run, gpu tests skip
+# Limits in seconds: RECIPEBOX_BENCH_LIMIT (default 390), RECIPEBOX_TEST_LIMIT (default 150); together under
+# 10 minutes. The tests share the GPU between RECIPEBOX_TEST_WORKERS processes (default 4): they check
+# behaviour, not speed, and the benchmark has finished by then.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logdir=${1:-runs/gpu-check}
+shift || true
+mkdir -p "$logdir"
+python=${RECIPEBOX_PYTHON:-.venv/bin/python}
+export PYTHONUNBUFFERED=1
+
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+    "$python" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'transformers', transformers.__version__)"
+} 2>&1 | tee "$logdir/machine.txt"
+
+timeout -k 10 "${RECIPEBOX_BENCH_LIMIT:-390}" bash bench/gpu.sh "$@" 2>&1 | tee "$logdir/bench.log"
+bench=${PIPESTATUS[0]}
+
+# Only the modules that hold gpu tests: collecting the others would import the CPU lanes' extras too.
+mapfile -t modules < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+timeout -k 10 "${RECIPEBOX_TEST_LIMIT:-150}" "$python" -m pytest -q -p no:logging -m gpu -rfEs \
+    -n "${RECIPEBOX_TEST_WORKERS:-4}" \
+    --junitxml="$logdir/gpu-tests.xml" "${modules[@]}" 2>&1 | tee "$logdir/gpu-tests.log"
+tests=${PIPESTATUS[0]}
+
+echo "bench/gpu.sh exit $bench, gpu tests exit $tests (124: over its time limit); logs in $logdir"
+[[ $bench == 0 && $tests == 0 ]]

@@ -1,0 +1,65 @@
+"""scripts/wheelhouse.py, the wheels an offline GPU node lacks: the closure of recipebox's requirements stops
+at what the node has, never takes torch, follows the extras asked for, and names a node's version that a
+fetched wheel rejects. The fetching itself needs the package index and is not run here."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import importlib.util
+import subprocess
+import sys
+
+from conftest import REPO
+from packaging.utils import canonicalize_name
+
+spec = importlib.util.spec_from_file_location("wheelhouse", REPO / "scripts" / "wheelhouse.py")
+wheelhouse = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(wheelhouse)
+
+INSTALLED = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+
+
+def test_reads_pip_freeze_and_bare_names(tmp_path):
+    node = tmp_path / "node.txt"
+    node.write_text(
+        "# pip list --format=freeze\nTorch==2.11.0\nhuggingface_hub==1.33.0\n-e /src/x\nnumpy\n\n"
+    )
+    assert wheelhouse.read_have(node) == {"torch": "2.11.0", "huggingface-hub": "1.33.0", "numpy": None}
+
+
+def test_the_closure_stops_at_what_the_node_has():
+    missing = {"datasets", "dill", "multiprocess"}
+    have = {name: version for name, version in INSTALLED.items() if name not in missing}
+    wanted, clashes = wheelhouse.closure([], have, set(), "3.12")
+    assert wanted == {name: INSTALLED[name] for name in missing} and clashes == []
+
+    have = {name: None for name in INSTALLED if name not in {"torch", "deepspeed", "hjson"}}
+    assert set(wheelhouse.closure([], have, set(), "3.12")[0]) == set()  # torch is the node's own
+    assert set(wheelhouse.closure(["deepspeed"], have, set(), "3.12")[0]) == {"deepspeed", "hjson"}
+    assert set(wheelhouse.closure(["deepspeed"], have, {"deepspeed"}, "3.12")[0]) == set()
+
+
+def test_a_node_version_outside_a_requirement_is_named():
+    have = {name: version for name, version in INSTALLED.items() if name != "datasets"}
+    have["huggingface-hub"] = "0.20.0"
+    wanted, clashes = wheelhouse.closure([], have, set(), "3.12")
+    assert set(wanted) == {"datasets"}
+    assert any(c.startswith("huggingface-hub 0.20.0, outside huggingface-hub") for c in clashes), clashes
+
+
+def test_a_missing_node_list_is_named_before_anything_is_fetched(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/wheelhouse.py",
+            "--have",
+            str(tmp_path / "node.txt"),
+            "--dest",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and f"--have {tmp_path / 'node.txt'}: no such file" in proc.stderr
+    assert "pip list --format=freeze" in proc.stderr and list(tmp_path.iterdir()) == []
