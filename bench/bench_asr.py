@@ -12,8 +12,8 @@ count. samples/s counts the steps after step 5 (one logging window) and is total
 audio seconds/s is samples/s times the training set's mean clip length (both sides draw from the same 600
 clips; length grouping makes any window's mix differ a little).
 Usage:
-    python bench/bench_asr.py                 # 60 steps each, about 2 minutes
-    python bench/bench_asr.py --quick         # 12 steps each, smoke test
+    python bench/bench_asr.py                 # 3 pairs of 60-step runs, about 6 minutes
+    python bench/bench_asr.py --quick         # 1 pair of 12-step runs, smoke test
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 from launch_two_ranks import (
     REPO,
     comparison_args,
-    run_hf_worker,
+    median_pair,
+    run_pairs,
     saved_config,
     step_clock,
     timed_throughput,
@@ -112,8 +113,8 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(prefix="bench_asr_") as tmp:
-        recipe = run_recipe(Path(tmp) / "recipe", steps)
-        hf = run_hf_worker("bench/bench_asr.py", Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
+        pairs = run_pairs(Path(tmp), args.pairs, "bench/bench_asr.py", steps, run_recipe)
+    recipe, hf, ratio = median_pair(pairs, lambda r: r["samples_per_s"])
 
     print(
         f"wav2vec2 ({hf['model']}, {hf['params'] / 1e6:.2f}M parameters), toy speech: {hf['clips']} training "
@@ -124,7 +125,7 @@ def main() -> None:
     for name, m in (("recipebox asr_ctc", recipe), ("transformers.Trainer", hf)):
         print(f"{name:<24} {m['samples_per_s']:>10.1f} {m['samples_per_s'] * hf['seconds']:>10.1f} "
               f"{m['loss']:>11.4f}")  # fmt: skip
-    print(f"ratio recipebox/Trainer: {recipe['samples_per_s'] / hf['samples_per_s']:.2f}x")
+    print(f"ratio recipebox/Trainer: {ratio}")
     print(
         "final loss: the recipe's per transcript character, the Trainer's CTC mean per row (sum / target length)"
     )

@@ -7,8 +7,8 @@ nothing is held out and no evaluation happens), labels = input_ids, and the same
 rate, warmup, weight decay, clipping and step count. tokens/s counts the steps after step 5 (one logging
 window) and is total tokens over total time: the recipe's logging windows weighted by their duration, the
 Trainer's a step clock around the same steps. Usage:
-    python bench/bench_causal_lm.py                 # 60 steps each, about 3 minutes
-    python bench/bench_causal_lm.py --quick         # 15 steps each, smoke test
+    python bench/bench_causal_lm.py                 # 3 pairs of 60-step runs, about 9 minutes
+    python bench/bench_causal_lm.py --quick         # 1 pair of 15-step runs, smoke test
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 from launch_two_ranks import (
     comparison_args,
-    run_hf_worker,
+    median_pair,
+    run_pairs,
     step_clock,
     timed_throughput,
     torchrun_two_ranks,
@@ -112,9 +113,13 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(prefix="bench_causal_lm_") as tmp:
-        recipe = run_recipe(Path(tmp) / "recipe", steps, args.batch_size)
-        hf = run_hf_worker("bench/bench_causal_lm.py", Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
-    hf_tokens_per_s = hf["samples_per_s"] * hf["block_size"]  # every row is a full block
+        script = "bench/bench_causal_lm.py"
+        pairs = run_pairs(Path(tmp), args.pairs, script, steps, run_recipe, args.batch_size)
+    # tokens/s on both sides; the Trainer's rows are all full blocks
+    recipe, hf, ratio = median_pair(
+        pairs, lambda r: r.get("tokens_per_s") or r["samples_per_s"] * r["block_size"]
+    )
+    hf_tokens_per_s = hf["samples_per_s"] * hf["block_size"]
 
     print(
         f"GPT-2 ({hf['model']}, vocab {hf['vocab']}, {hf['params'] / 1e6:.2f}M parameters), toy corpus: "
@@ -125,7 +130,7 @@ def main() -> None:
     print(f"{'':<28} {'tokens/s':>10} {'final loss':>11}")
     print(f"{'recipebox causal_lm':<28} {recipe['tokens_per_s']:>10.0f} {recipe['loss']:>11.4f}")
     print(f"{'transformers.Trainer':<28} {hf_tokens_per_s:>10.0f} {hf['loss']:>11.4f}")
-    print(f"ratio recipebox/Trainer: {recipe['tokens_per_s'] / hf_tokens_per_s:.2f}x")
+    print(f"ratio recipebox/Trainer: {ratio}")
     print(
         "final loss: mean per token over the last logging window; the two sides shuffle the blocks differently"
     )

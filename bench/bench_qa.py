@@ -10,8 +10,8 @@
    postprocess_qa_predictions does (re-implemented below): seconds (median of 5), bytes kept per window and
    gathered to rank 0, and the tracemalloc peak of the post-processing call.
 Usage:
-    python bench/bench_qa.py                        # 30 steps each, about 10 minutes
-    python bench/bench_qa.py --quick                # 10 steps each, smoke test
+    python bench/bench_qa.py                        # 3 pairs of 30-step runs, about 25 minutes
+    python bench/bench_qa.py --quick                # 1 pair of 10-step runs, smoke test
     python bench/bench_qa.py --export RUN/export    # post-process a trained model's logits (default: fresh head)
 """
 
@@ -31,7 +31,8 @@ from pathlib import Path
 from launch_two_ranks import (
     REPO,
     comparison_args,
-    run_hf_worker,
+    median_pair,
+    run_pairs,
     steady_throughput,
     step_clock,
     torchrun_two_ranks,
@@ -265,9 +266,9 @@ def main() -> None:
         parser.error(f"--export {args.export}: no config.json there; give a run's export folder")
 
     with tempfile.TemporaryDirectory(prefix="bench_qa_") as tmp:
-        recipe = run_recipe(Path(tmp) / "recipe", steps, args.batch_size)
-        hf = run_hf_worker("bench/bench_qa.py", Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
-        post = postprocess_bench(Path(tmp) / "recipe", args.export)
+        pairs = run_pairs(Path(tmp), args.pairs, "bench/bench_qa.py", steps, run_recipe, args.batch_size)
+        post = postprocess_bench(Path(tmp) / "pair0" / "recipe", args.export)
+    recipe, hf, ratio = median_pair(pairs, lambda r: r["samples_per_s"])
 
     print(
         f"MiniLM-L6 extractive QA, toy SQuAD 2.0 set, {hf['examples']} training windows, {steps} steps x "
@@ -277,7 +278,7 @@ def main() -> None:
     print(f"{'':<40} {'samples/s':>10} {'final loss':>11}")
     print(f"{'recipebox qa':<40} {recipe['samples_per_s']:>10.1f} {recipe['loss']:>11.4f}")
     print(f"{'transformers.Trainer':<40} {hf['samples_per_s']:>10.1f} {hf['loss']:>11.4f}")
-    print(f"ratio recipebox/Trainer: {recipe['samples_per_s'] / hf['samples_per_s']:.2f}x\n")
+    print(f"ratio recipebox/Trainer: {ratio}\n")
 
     n, ours, ref = post["windows"], post["recipe"], post["reference"]
     print(

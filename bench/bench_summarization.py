@@ -41,7 +41,8 @@ from pathlib import Path
 from launch_two_ranks import (
     REPO,
     comparison_args,
-    run_hf_worker,
+    median_pair,
+    run_pairs,
     saved_config,
     step_clock,
     timed_throughput,
@@ -199,18 +200,10 @@ def main() -> None:
         return
     documents, repeats = (16, 1) if args.quick else (None, 3)
 
-    # Training runs in pairs, the recipe then the Trainer: one pair's ratio moves by +-10 % with this
-    # machine's load, so the table shows the median pair and every pair's ratio.
-    pairs = []
     with tempfile.TemporaryDirectory(prefix="bench_summarization_") as tmp:
-        for i in range(repeats):
-            run = Path(tmp) / f"pair{i}"
-            run.mkdir()
-            recipe = run_recipe(run / "recipe", steps)
-            hf = run_hf_worker("bench/bench_summarization.py", run / "recipe", run / "trainer", steps)
-            pairs.append((recipe["samples_per_s"] / hf["samples_per_s"], recipe, hf))
-        ratio, recipe, hf = sorted(pairs, key=lambda p: p[0])[len(pairs) // 2]
+        pairs = run_pairs(Path(tmp), args.pairs, "bench/bench_summarization.py", steps, run_recipe)
         gen = generation_bench(Path(tmp) / "pair0" / "recipe", documents, repeats)
+    recipe, hf, ratio = median_pair(pairs, lambda r: r["samples_per_s"])
 
     print(
         f"T5 ({hf['model']}, vocab {hf['vocab']}, {hf['params'] / 1e6:.2f}M parameters), toy set: "
@@ -221,9 +214,7 @@ def main() -> None:
     print(f"{'':<32} {'samples/s':>10} {'final loss':>11}")
     print(f"{'recipebox summarization':<32} {recipe['samples_per_s']:>10.1f} {recipe['loss']:>11.4f}")
     print(f"{'transformers.Seq2SeqTrainer':<32} {hf['samples_per_s']:>10.1f} {hf['loss']:>11.4f}")
-    each = ", ".join(f"{r:.2f}x" for r, _, _ in pairs)
-    median = f" (the median of {len(pairs)} pairs: {each})" if len(pairs) > 1 else " (one pair)"
-    print(f"ratio recipebox/Seq2SeqTrainer: {ratio:.2f}x{median}")
+    print(f"ratio recipebox/Seq2SeqTrainer: {ratio}")
     print("final loss: mean per summary token over the last logging window; the sides batch differently\n")
 
     passes = "1 pass" if repeats == 1 else f"median of {repeats} passes"

@@ -2,8 +2,8 @@
 
 Both run under `torchrun --nproc_per_node=2` (gloo, fp32, OMP_NUM_THREADS=1) on the same tokenizer, NSP pairs,
 per-rank batch, max length and step count; steady-state samples/s skips the first logging window. Usage:
-    python bench/bench_trainer.py                  # 200 steps each, about 2 minutes
-    python bench/bench_trainer.py --quick          # 40 steps each, smoke test
+    python bench/bench_trainer.py                  # 3 pairs of 200-step runs, about 6 minutes
+    python bench/bench_trainer.py --quick          # 1 pair of 40-step runs, smoke test
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 
 from launch_two_ranks import (
-    run_hf_worker,
+    comparison_args,
+    median_pair,
+    run_pairs,
     steady_throughput,
     step_clock,
     torchrun_two_ranks,
@@ -123,25 +125,14 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int, warmup_steps: int = WARMU
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 200)")
-    parser.add_argument("--quick", action="store_true", help="40 steps per side, a smoke test")
     parser.add_argument("--train-files", help="text files for both sides (default: the recipe's toy corpus)")
     parser.add_argument(
         "--documents", choices=("blank_line", "line"), help="how the files split into documents"
     )
-    parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = comparison_args(parser, default=200, quick=40, warmup=WARMUP_STEPS)
     if args.hf_worker:
-        hf_worker(args.recipe_run, args.out, args.steps, args.warmup_steps)
+        hf_worker(args.recipe_run, args.out, steps, args.warmup_steps)
         return
-    if args.steps is not None and args.quick:
-        parser.error("give --steps or --quick, not both")
-    steps = args.steps or (40 if args.quick else 200)
-    if steps < 2 * WARMUP_STEPS:
-        parser.error(f"--steps must be at least {2 * WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
     data_args = []
     if args.train_files:  # the runs start in the repository root, so relative paths are made absolute
         files = ",".join(str(Path(f.strip()).resolve()) for f in args.train_files.split(",") if f.strip())
@@ -149,8 +140,8 @@ def main() -> None:
     data_args += [f"--documents={args.documents}"] if args.documents else []
 
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
-        recipe = run_recipe(Path(tmp) / "recipe", steps, data_args)
-        hf = run_hf_worker("bench/bench_trainer.py", Path(tmp) / "recipe", Path(tmp) / "trainer", steps)
+        pairs = run_pairs(Path(tmp), args.pairs, "bench/bench_trainer.py", steps, run_recipe, data_args)
+    recipe, hf, ratio = median_pair(pairs, lambda r: r["samples_per_s"])
 
     print(
         f"{hf['pairs']} NSP pairs, {steps} steps x {hf['batch_size']} per rank x {hf['world_size']} ranks, fp32, "
@@ -159,7 +150,7 @@ def main() -> None:
     print(f"{'':<22} {'samples/s':>10} {'final loss':>11}")
     print(f"{'recipebox mlm_nsp':<22} {recipe['samples_per_s']:>10.1f} {recipe['loss']:>11.4f}")
     print(f"{'transformers.Trainer':<22} {hf['samples_per_s']:>10.1f} {hf['loss']:>11.4f}")
-    print(f"ratio recipebox/Trainer: {recipe['samples_per_s'] / hf['samples_per_s']:.2f}x")
+    print(f"ratio recipebox/Trainer: {ratio}")
 
 
 if __name__ == "__main__":

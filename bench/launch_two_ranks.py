@@ -1,5 +1,5 @@
 """Start a benchmark's worker mode under torchrun (two CPU ranks, one thread each, unless told otherwise), and
-fail loudly."""
+fail loudly; run a recipe-vs-Trainer comparison as pairs of runs and report the median pair."""
 
 from __future__ import annotations
 
@@ -111,15 +111,19 @@ def saved_config(run_dir: Path, config_class):
 def comparison_args(
     parser: argparse.ArgumentParser, *, default: int, quick: int, warmup: int, windows: int = 2
 ):
-    """Parse a recipe-vs-Trainer benchmark's command line: --steps or --quick, and the hidden flags of its
-    --hf-worker mode. Returns (args, steps); in worker mode steps is args.steps as given."""
+    """Parse a recipe-vs-Trainer benchmark's command line: --steps or --quick, --pairs, and the hidden flags
+    of its --hf-worker mode. Returns (args, steps); in worker mode steps is args.steps as given."""
     parser.add_argument(
         "--steps", type=int, default=None, help=f"optimizer steps per side (default {default})"
     )
-    parser.add_argument("--quick", action="store_true", help=f"{quick} steps per side, a smoke test")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{quick} steps per side, one pair, a smoke test"
+    )
+    parser.add_argument("--pairs", type=int, help="pairs of runs, recipe then Trainer (default 3; --quick 1)")
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup-steps", type=int, default=warmup, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_worker:
         return args, args.steps
@@ -128,7 +132,35 @@ def comparison_args(
     steps = args.steps or (quick if args.quick else default)
     if steps < windows * warmup:
         parser.error(f"--steps must be at least {windows * warmup}: the first {warmup} are not timed")
+    args.pairs = args.pairs or (1 if args.quick else 3)
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     return args, steps
+
+
+def run_pairs(
+    root: Path, count: int, script: str, steps: int, run_recipe, *recipe_args
+) -> list[tuple[dict, dict]]:
+    """`count` pairs of runs in root/pairN, each the recipe (`run_recipe(folder, steps, *recipe_args)`) then
+    the Trainer (`script --hf-worker` on that run's config): one pair's ratio moves by +-10 % with this machine's load, so a
+    benchmark reports the pair with the median ratio (median_pair) and every pair's ratio."""
+    pairs = []
+    for i in range(count):
+        run = root / f"pair{i}"
+        run.mkdir()
+        recipe = run_recipe(run / "recipe", steps, *recipe_args)
+        pairs.append((recipe, run_hf_worker(script, run / "recipe", run / "trainer", steps)))
+    return pairs
+
+
+def median_pair(pairs: list[tuple[dict, dict]], rate) -> tuple[dict, dict, str]:
+    """The pair whose ratio `rate(recipe) / rate(trainer)` is the median (the upper one of an even count),
+    and a line: that ratio, then every pair's."""
+    ratios = sorted((rate(recipe) / rate(hf), i) for i, (recipe, hf) in enumerate(pairs))
+    ratio, i = ratios[len(ratios) // 2]
+    each = ", ".join(f"{rate(r) / rate(h):.2f}x" for r, h in pairs)
+    note = f"the median of {len(pairs)} pairs, in run order: {each}" if len(pairs) > 1 else "one pair"
+    return *pairs[i], f"{ratio:.2f}x ({note})"
 
 
 def run_hf_worker(
