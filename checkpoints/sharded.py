@@ -86,6 +86,11 @@ def _hash_shares(
     return {**known, **mine}
 
 
+def _nbytes(value) -> int:
+    """A state entry's size for balancing the writers: a tensor's bytes; a plain setting counts 1."""
+    return value.numel() * value.element_size() if torch.is_tensor(value) else 1
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -141,14 +146,13 @@ class DCPState:
         if world == 1:
             return state
         flat, _ = flatten_state_dict(state)
-        size = lambda v: v.numel() * v.element_size() if torch.is_tensor(v) else 1  # noqa: E731
         load, mine = [0] * world, {}
-        for key in sorted(flat, key=lambda k: (-size(flat[k]), k)):
+        for key in sorted(flat, key=lambda k: (-_nbytes(flat[k]), k)):
             if isinstance(flat[key], DTensor):
                 mine[key] = flat[key]
                 continue
             owner = min(range(world), key=load.__getitem__)
-            load[owner] += size(flat[key])
+            load[owner] += _nbytes(flat[key])
             if owner == dist.get_rank():
                 mine[key] = flat[key]
         return mine
@@ -261,16 +265,20 @@ def save_checkpoint(
     commit = dict(
         root=root, step=step, tmp=tmp, final=final, meta=meta, keep_last=keep_last, checksums=checksums
     )
-    # A format that does not hash as it writes (DeepSpeed's, XLA's) returns none: its files are read back.
-    in_state = lambda hashes: {f"state/{name}": h for name, h in (hashes or {}).items()}  # noqa: E731
     if background is None:
-        _commit(**commit, known=in_state(state.save(tmp / "state")))
+        _commit(**commit, known=_in_state(state.save(tmp / "state")))
     else:
         written, hashes = state.save_async(tmp / "state", background)
         background.submit(
-            lambda: (written.result(), _commit(**commit, known=in_state(hashes), group=background.group))
+            lambda: (written.result(), _commit(**commit, known=_in_state(hashes), group=background.group))
         )
     return final
+
+
+def _in_state(hashes: dict[str, str] | None) -> dict[str, str]:
+    """A writer's hashes, named as the manifest names its files (under state/). A format that does not hash
+    as it writes (DeepSpeed's, XLA's) returns none: its files are read back."""
+    return {f"state/{name}": h for name, h in (hashes or {}).items()}
 
 
 def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, group=None) -> None:
