@@ -115,9 +115,11 @@ def label_targets(labels: torch.Tensor, shift: bool = False) -> torch.Tensor:
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> torch.Tensor:
     """Cross-entropy summed over every label that is not -100 (fp32 logits, as HF's mean does); with `shift`,
-    position i's logits predict label i + 1 (a causal LM)."""
+    position i's logits predict label i + 1 (a causal LM). The labels shift, not the logits: slicing off the
+    last position's logits would copy all of them (batch x length x vocab) forward and again in backward; a
+    -100 there instead leaves that position out."""
     if shift:
-        logits, labels = logits[..., :-1, :], labels[..., 1:]
+        labels = nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
     return nn.functional.cross_entropy(
         logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum"
     )
