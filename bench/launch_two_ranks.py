@@ -24,10 +24,9 @@ def free_port() -> int:
 def torchrun_ranks(script_args: list[str], log: Path, nproc: int = 2, env: dict | None = None) -> None:
     """`torchrun --nproc_per_node=NPROC` from the repository root, offline, with one thread per rank, so the
     ranks do not fight over two cores and both sides get the same compute; `env` adds or overrides variables."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        sys.exit(f"error: {torchrun} not found; run this with the project's virtualenv python")
-    cmd = [str(torchrun), f"--nproc_per_node={nproc}", f"--master-port={free_port()}", *script_args]
+    # torchrun of this interpreter's torch, wherever the launcher script itself was installed
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [*torchrun, f"--nproc_per_node={nproc}", f"--master-port={free_port()}", *script_args]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -49,7 +48,7 @@ def torchrun_ranks(script_args: list[str], log: Path, nproc: int = 2, env: dict 
             proc.terminate()
             try:
                 proc.wait(timeout=40)  # torchrun gives the ranks 30 s, then kills them
-            except subprocess.TimeoutExpired:
+            except BaseException:  # out of time, or a second stop
                 proc.kill()
             raise
     if returncode:
@@ -132,7 +131,8 @@ def comparison_args(
     steps = args.steps or (quick if args.quick else default)
     if steps < windows * warmup:
         parser.error(f"--steps must be at least {windows * warmup}: the first {warmup} are not timed")
-    args.pairs = args.pairs or (1 if args.quick else 3)
+    if args.pairs is None:
+        args.pairs = 1 if args.quick else 3
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
     return args, steps

@@ -8,7 +8,8 @@ Run it where pip reaches an index, with the project's .venv (its installed versi
     PYTHONPATH=/tmp/site:$PWD RECIPEBOX_PYTHON=python3 bash bench/gpu.sh
 The closure walks recipebox's requirements (with --extras) through the installed metadata, stopping at what
 the node has (--have: `pip freeze` lines, or bare names), at torch and its CUDA libraries, and at --without.
-A requirement the node has at a version the fetched wheels reject is printed as a warning.
+A version on the node that a requirement rejects is printed as a warning, torch's pin too (recipebox's own
+checks also pass with torch 2.11 and transformers 5.17, as a container holds them).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-from packaging.version import Version
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
 
 NEVER = {"torch", "triton", "recipebox"}  # the node's own PyTorch stack, and the repository itself
 PLATFORMS = [
@@ -49,35 +50,56 @@ def read_have(path: Path) -> dict[str, str | None]:
 def closure(
     extras: list[str], have: dict, without: set[str], python_version: str
 ) -> tuple[dict[str, str], list[str]]:
-    """{name: installed version} to fetch, and the (requirement, node version) pairs the node fails."""
+    """{name: installed version} to fetch, and the node's versions that a requirement rejects. A package
+    met again with new extras has those extras' requirements walked too, the node's own packages included."""
     env = {
         **default_environment(),
         "python_version": python_version,
         "python_full_version": f"{python_version}.0",
     }
     wanted: dict[str, str] = {}
-    clashes: list[str] = []
+    walked: dict[str, set[str]] = {}  # per package (fetched or the node's): the extras read so far
+    clashes: dict[str, None] = {}
     todo = [(Requirement(r), set(extras)) for r in metadata.requires("recipebox") or []]
     while todo:
         req, active = todo.pop()
         if req.marker and not any(req.marker.evaluate({**env, "extra": e}) for e in active | {""}):
             continue
         name = canonicalize_name(req.name)
-        if name in NEVER or name in without or name.startswith("nvidia-") or name in wanted:
+        if have.get(name) and not _satisfies(req, have[name]):
+            clashes[f"{req.name} {have[name]}, outside {req}"] = None
+        if name in NEVER or name in without or name.startswith("nvidia-"):
             continue
-        if name in have:
-            node = have[name]
-            if node and not req.specifier.contains(Version(node), prereleases=True):
-                clashes.append(f"{req.name} {node}, outside {req}")
+        if name not in have and name not in wanted:
+            try:
+                wanted[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                sys.exit(
+                    f"error: {name} (needed by recipebox) is not installed here; run 'bash scripts/env.sh'"
+                )
+            todo += [(Requirement(r), set(req.extras)) for r in metadata.requires(name) or []]
+            walked[name] = set(req.extras)
             continue
-        try:
-            wanted[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            sys.exit(
-                f"error: {name} (needed by recipebox) is not installed here; run 'bash scripts/env.sh' first"
-            )
-        todo += [(Requirement(r), set(req.extras)) for r in metadata.requires(name) or []]
-    return wanted, clashes
+        new = set(req.extras) - walked.setdefault(name, set())
+        if new:  # the node's package, or one met before, asked for with more extras: just their requirements
+            walked[name] |= new
+            reqs = [Requirement(r) for r in _installed_requires(name)]
+            todo += [(r, new) for r in reqs if r.marker and "extra" in str(r.marker)]
+    return wanted, list(clashes)
+
+
+def _satisfies(req: Requirement, version: str) -> bool:
+    try:
+        return req.specifier.contains(Version(version), prereleases=True)
+    except InvalidVersion:  # a distribution's own scheme (e.g. 1.1build1): nothing to compare
+        return True
+
+
+def _installed_requires(name: str) -> list[str]:
+    try:
+        return metadata.requires(name) or []
+    except metadata.PackageNotFoundError:
+        return []
 
 
 def fetch(name: str, version: str, dest: Path, python_version: str) -> str:
@@ -97,6 +119,17 @@ def fetch(name: str, version: str, dest: Path, python_version: str) -> str:
         sys.exit(
             f"error: no wheel for {spec}: neither a binary for Python {python_version} nor a build here\n{built.stderr}"
         )
+    for wheel in dest.glob("*.whl"):
+        wheel_name, wheel_version, _, tags = parse_wheel_filename(wheel.name)
+        if wheel_name == name and str(wheel_version) == version:
+            if any(
+                t.abi != "none" or t.platform != "any" for t in tags
+            ):  # compiled for this machine's Python
+                wheel.unlink()
+                sys.exit(
+                    f"error: {spec} has no binary wheel for Python {python_version} on {PLATFORMS[0]}, and the "
+                    f"one built here ({wheel.name}) is for this machine; build it on the node's Python instead"
+                )
     return "built here"
 
 

@@ -63,3 +63,43 @@ def test_a_missing_node_list_is_named_before_anything_is_fetched(tmp_path):
     )
     assert proc.returncode == 2 and f"--have {tmp_path / 'node.txt'}: no such file" in proc.stderr
     assert "pip list --format=freeze" in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+class FakeMetadata:
+    """A made-up dependency graph in importlib.metadata's shape: requires(name) and version(name)."""
+
+    PackageNotFoundError = metadata.PackageNotFoundError
+    GRAPH = {
+        "recipebox": ["a", "b[x]", "torch==2.13.0", 'c; extra == "deepspeed"', 'z; python_version < "3.11"'],
+        "a": ["b>=1.0"],
+        "b": ["d", 'e; extra == "x"'],
+        "c": ["f>=2"],
+        "d": [],
+        "e": [],
+        "f": [],
+        "z": [],
+    }
+
+    def requires(self, name):
+        if name not in self.GRAPH:
+            raise self.PackageNotFoundError(name)
+        return self.GRAPH[name]
+
+    def version(self, name):
+        self.requires(name)
+        return "1.0"
+
+
+def test_extras_markers_and_the_nodes_versions_on_a_made_up_graph(monkeypatch):
+    monkeypatch.setattr(wheelhouse, "metadata", FakeMetadata())
+    wanted, clashes = wheelhouse.closure(["deepspeed"], {"torch": "2.11.0"}, set(), "3.12")
+    assert set(wanted) == {"a", "b", "c", "d", "e", "f"}
+    assert clashes == ["torch 2.11.0, outside torch==2.13.0"]  # noted, never fetched
+    assert set(wheelhouse.closure([], {"torch": None}, set(), "3.12")[0]) == {"a", "b", "d", "e"}
+    assert "z" in wheelhouse.closure([], {}, {"torch"}, "3.10")[0]  # a marker for the node's Python
+
+    # The node has b (so its base requirement d) but b[x] still needs e; a node version outside a
+    # requirement is named, one in a scheme of its own (1.1build1) is not compared.
+    have = {"torch": "2.13.0", "b": "0.9", "f": "1.1build1"}
+    wanted, clashes = wheelhouse.closure(["deepspeed"], have, set(), "3.12")
+    assert set(wanted) == {"a", "c", "e"} and clashes == ["b 0.9, outside b>=1.0"]
