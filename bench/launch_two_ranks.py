@@ -142,8 +142,8 @@ def run_pairs(
     root: Path, count: int, script: str, steps: int, run_recipe, *recipe_args
 ) -> list[tuple[dict, dict]]:
     """`count` pairs of runs in root/pairN, each the recipe (`run_recipe(folder, steps, *recipe_args)`) then
-    the Trainer (`script --hf-worker` on that run's config): one pair's ratio moves by +-10 % with this machine's load, so a
-    benchmark reports the pair with the median ratio (median_pair) and every pair's ratio."""
+    the Trainer (`script --hf-worker` on that run's config): one pair's ratio moves by +-10 % with this
+    machine's load, so a benchmark reports the pair with the median ratio (median_pair) and every pair's."""
     pairs = []
     for i in range(count):
         run = root / f"pair{i}"
@@ -156,11 +156,11 @@ def run_pairs(
 def median_pair(pairs: list[tuple[dict, dict]], rate) -> tuple[dict, dict, str]:
     """The pair whose ratio `rate(recipe) / rate(trainer)` is the median (the upper one of an even count),
     and a line: that ratio, then every pair's."""
-    ratios = sorted((rate(recipe) / rate(hf), i) for i, (recipe, hf) in enumerate(pairs))
-    ratio, i = ratios[len(ratios) // 2]
-    each = ", ".join(f"{rate(r) / rate(h):.2f}x" for r, h in pairs)
+    ratios = [rate(recipe) / rate(hf) for recipe, hf in pairs]
+    i = sorted(range(len(pairs)), key=ratios.__getitem__)[len(pairs) // 2]
+    each = ", ".join(f"{r:.2f}x" for r in ratios)
     note = f"the median of {len(pairs)} pairs, in run order: {each}" if len(pairs) > 1 else "one pair"
-    return *pairs[i], f"{ratio:.2f}x ({note})"
+    return *pairs[i], f"{ratios[i]:.2f}x ({note})"
 
 
 def run_hf_worker(

@@ -121,15 +121,13 @@ def fetch(name: str, version: str, dest: Path, python_version: str) -> str:
         )
     for wheel in dest.glob("*.whl"):
         wheel_name, wheel_version, _, tags = parse_wheel_filename(wheel.name)
-        if wheel_name == name and str(wheel_version) == version:
-            if any(
-                t.abi != "none" or t.platform != "any" for t in tags
-            ):  # compiled for this machine's Python
-                wheel.unlink()
-                sys.exit(
-                    f"error: {spec} has no binary wheel for Python {python_version} on {PLATFORMS[0]}, and the "
-                    f"one built here ({wheel.name}) is for this machine; build it on the node's Python instead"
-                )
+        compiled = any(t.abi != "none" or t.platform != "any" for t in tags)  # for this machine's Python
+        if wheel_name == name and str(wheel_version) == version and compiled:
+            wheel.unlink()
+            sys.exit(
+                f"error: {spec} has no binary wheel for Python {python_version} on {PLATFORMS[0]}, and the "
+                f"one built here ({wheel.name}) is for this machine; build it on the node's Python instead"
+            )
     return "built here"
 
 
