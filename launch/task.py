@@ -27,7 +27,8 @@ export.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -123,6 +124,22 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = Fal
     return nn.functional.cross_entropy(
         logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum"
     )
+
+
+@contextlib.contextmanager
+def head_on_rows(head: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Within the block, `head` (a model's output projection) sees only the positions `rows` (long indices into
+    its input's batch x length positions): (batch, length, d) becomes (len(rows), d), so padding costs no
+    vocabulary projection and no logits. The model's own code around its head (T5's rescaling before it,
+    BART's logits bias after it) runs unchanged. Indices computed on the host keep the step free of device
+    reads; a boolean mask here would make the host wait for the forward."""
+    handle = head.register_forward_pre_hook(
+        lambda _module, args: (args[0].flatten(0, -2).index_select(0, rows), *args[1:])
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def module_prefix(outer: nn.Module, inner: nn.Module) -> str:

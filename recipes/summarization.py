@@ -48,11 +48,12 @@ from data.summarization import (
 )
 from data.tokenizer import SEQ2SEQ_SPECIAL, train_seq2seq_bpe
 from kernels import collate_padded
+from launch.backends import backend_class
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import train_flops_per_token
 from launch.recipe import run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
-from launch.task import as_is, label_targets, model_inputs, text_sizes, token_loss_sum
+from launch.task import as_is, head_on_rows, label_targets, model_inputs, text_sizes, token_loss_sum
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "summarization"
 GENERATION = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
@@ -216,6 +217,11 @@ def generated_tokens(ids: torch.Tensor, tok) -> torch.Tensor:
     return torch.where(eos.any(1), eos.int().argmax(1) + 1, (body != tok.pad_token_id).sum(1))
 
 
+# Seq2seq families whose forward ends with the LM head (plus at most a logits bias), so it can run on the
+# labelled positions alone; other models get logits on every position.
+HEAD_LAST = frozenset({"t5", "mt5", "bart", "mbart", "pegasus", "marian"})
+
+
 class SummarizationTask:
     """Token cross-entropy on the summaries; evaluation generates and scores ROUGE per row on its rank."""
 
@@ -257,7 +263,19 @@ class SummarizationTask:
             )
         except ValueError:
             self.flops_per_token = 0.0
-        self.collate = functools.partial(collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=8)
+        # The LM head on summary tokens only, not on padding: for the families whose forward ends with it (then
+        # at most a bias); static-shape backends (XLA) keep one shape and run it on every position.
+        self.head_on_labels = (
+            model.config.model_type in HEAD_LAST and not backend_class(cfg.backend).static_shapes
+        )
+
+    def collate(self, rows: list[dict], pad_to_length=None) -> dict[str, torch.Tensor]:
+        batch = collate_padded(
+            rows, pad_id=self.processor.pad_token_id, pad_to_multiple_of=8, pad_to_length=pad_to_length
+        )
+        if self.head_on_labels:  # where the labels are, found here on the host, not by the step on the device
+            batch["_labelled"] = (batch["labels"].flatten() != -100).nonzero().squeeze(1)
+        return batch
 
     sizes = staticmethod(text_sizes)
     prepare = staticmethod(as_is)
@@ -271,8 +289,12 @@ class SummarizationTask:
         inputs = model_inputs(batch)
         labels = inputs.pop("labels")
         inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = model(**inputs).logits
-        return {"loss": token_loss_sum(logits, labels)}, None
+        if not self.head_on_labels:
+            return {"loss": token_loss_sum(model(**inputs).logits, labels)}, None
+        rows = batch["_labelled"]
+        with head_on_rows(self.model.get_output_embeddings(), rows):
+            logits = model(**inputs).logits  # (labelled positions, vocabulary)
+        return {"loss": token_loss_sum(logits, labels.flatten().index_select(0, rows))}, None
 
     def evaluate(self, model, batch, outputs, generate):
         """Generate this rank's rows (every rank in lockstep), score each against its reference text:

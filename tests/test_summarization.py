@@ -181,7 +181,8 @@ def test_demo_page_shows_two_summaries_side_by_side(t5_run, bart_run, browser):
 def test_labels_pad_with_minus_100_and_the_decoder_starts_with_the_familys_token(family):
     """The family's tokenizer and model built as the recipe builds them: labels end in eos and pad with -100
     (out of the loss); the decoder reads the family's start token, then the labels shifted right, -100 as pad;
-    the recipe's summed loss over its target count is the model's own mean loss."""
+    the recipe's summed loss over its target count is the model's own mean loss, with the LM head on every
+    position or on the labelled ones alone."""
     from data.summarization import tokenize_pairs
     from data.tokenizer import train_seq2seq_bpe
     from kernels import collate_padded
@@ -208,12 +209,22 @@ def test_labels_pad_with_minus_100_and_the_decoder_starts_with_the_familys_token
     assert (decoder[:, 0] == start).all()
     assert torch.equal(decoder[:, 1:], labels[:, :-1].masked_fill(labels[:, :-1] == -100, tok.pad_token_id))
     task = SummarizationTask.__new__(SummarizationTask)
-    task.model = model
-    losses, _ = task.loss(model, batch)
+    task.model, task.processor = model, tok
     count = task.targets(batch)["loss"]
     assert int(count) == sum(lengths)
     hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-    assert (losses["loss"] / count).item() == pytest.approx(hf.item(), rel=1e-5)
+    # The LM head on every position, then on the labelled ones alone: the same loss and the same gradients.
+    grads = []
+    for on_labels in (False, True):
+        task.head_on_labels = on_labels
+        rows = task.collate([{k: r[k] for k in ("input_ids", "labels")} for r in data])
+        assert ("_labelled" in rows) == task.head_on_labels
+        model.zero_grad()
+        losses, _ = task.loss(model, rows)
+        assert (losses["loss"] / count).item() == pytest.approx(hf.item(), rel=1e-5)
+        losses["loss"].backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(*grads))
 
 
 @pytest.mark.slow
