@@ -196,9 +196,8 @@ def test_labels_pad_with_minus_100_and_the_decoder_starts_with_the_familys_token
     start = {"t5": 0, "bart": 2, "pegasus": 0}[family]  # T5 and Pegasus: pad; BART: eos
     assert model.config.decoder_start_token_id == start == model.generation_config.decoder_start_token_id
     data = tokenize_pairs(texts, summaries, tok, prefix="", max_source_length=32, max_target_length=16)
-    batch = collate_padded(
-        [{k: r[k] for k in ("input_ids", "labels")} for r in data], pad_id=tok.pad_token_id
-    )
+    features = [{k: r[k] for k in ("input_ids", "labels")} for r in data]
+    batch = collate_padded(features, pad_id=tok.pad_token_id)
     labels = batch["labels"]
     lengths = [len(r) for r in data["labels"]]
     for row, n in zip(labels, lengths):
@@ -217,7 +216,7 @@ def test_labels_pad_with_minus_100_and_the_decoder_starts_with_the_familys_token
     grads = []
     for on_labels in (False, True):
         task.head_on_labels = on_labels
-        rows = task.collate([{k: r[k] for k in ("input_ids", "labels")} for r in data])
+        rows = task.collate(features)
         assert ("_labelled" in rows) == task.head_on_labels
         model.zero_grad()
         losses, _ = task.loss(model, rows)
