@@ -220,7 +220,7 @@ def table(s: Sizes, results: dict[int, dict], peak: float | None) -> list[str]:
         r = results[i]
         elapsed = "(MLM+NSP recipe)" if r["elapsed"] is None else f"{r['elapsed']:.0f}"
         if "error" in r:
-            state = "not run" if r["error"].startswith("stopped") else "failed"
+            state = "not run" if r.get("stopped") else "failed"
             lines.append(f"| {bench} | {run} | {state} | | | | | | | {elapsed} |")
             continue
         base, versus = (ddp, "ddp") if bench.endswith("backends") else (trainer[task], "Trainer")
@@ -277,7 +277,7 @@ def main() -> None:
             stopped = f"stopped after {time.perf_counter() - started:.0f} s, before this row finished"
             print(f"error: {stopped.replace('this row', 'every row')}", file=sys.stderr)
             for i in range(len(ROWS)):
-                results.setdefault(i, {"error": stopped, "elapsed": 0.0})
+                results.setdefault(i, {"error": stopped, "elapsed": 0.0, "stopped": True})
     print(
         f"{device}; BERT hidden {s.hidden}, {s.layers} layers, {s.heads} heads, ffn {s.ffn}, vocab {s.vocab}, "
         f"random weights; sequence {s.seq_len}, batch {s.batch}, {s.precision}, one process; {s.steps} steps "
@@ -299,7 +299,7 @@ def main() -> None:
     ]
     print("\n" + "\n".join(f"- {n}" for n in notes))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    failed = [(ROWS[i][:2], r["error"]) for i, r in results.items() if "error" in r and r["elapsed"]]
+    failed = [(ROWS[i][:2], r["error"]) for i, r in results.items() if "error" in r and not r.get("stopped")]
     for (bench, run), error in failed:
         print(f"\n{bench} / {run} failed:\n{error}", file=sys.stderr)
     sys.exit(1 if any("error" in r for r in results.values()) else 0)

@@ -84,11 +84,13 @@ def test_dry_run_prints_every_row_with_numbers(tmp_path):
 
 def test_a_stopped_benchmark_still_prints_the_rows_it_finished():
     done = {"samples_per_s": 10.0, "tokens_per_s": 320.0, "tflops": 0.5, "elapsed": 7.0}
-    stopped = {"error": "stopped after 9 s, before this row finished", "elapsed": 0.0}
-    results = {0: done, **{i: dict(stopped) for i in range(1, len(bench_gpu.ROWS))}}
+    failed = {"error": "stopped by the OS: out of memory", "elapsed": 3.0}  # its own error, whatever words
+    stopped = {"error": "stopped after 9 s, before this row finished", "elapsed": 0.0, "stopped": True}
+    results = {0: done, 1: failed, **{i: dict(stopped) for i in range(2, len(bench_gpu.ROWS))}}
     lines = bench_gpu.table(bench_gpu.TINY, results, peak=1.0)
     assert lines[2] == "| MLM+NSP | recipe | 10.0 | 320 | 0.5000 | 50.0% | n/a | n/a | Trainer | 7 |"
-    assert all("| not run |" in line for line in lines[3:]) and len(lines) == 2 + len(bench_gpu.ROWS)
+    assert "| failed |" in lines[3]
+    assert all("| not run |" in line for line in lines[4:]) and len(lines) == 2 + len(bench_gpu.ROWS)
 
 
 def test_a_stop_reaches_the_ranks_behind_torchrun(tmp_path):
