@@ -158,8 +158,17 @@ def main() -> None:
         print(f"{name}=={version}: {fetch(name, version, args.dest, args.python_version)}", flush=True)
     for clash in clashes:
         print(f"warning: the node has {clash}", file=sys.stderr)
-    size = sum(f.stat().st_size for f in args.dest.glob("*.whl")) / 2**20
-    print(f"{len(wanted)} wheels in {args.dest} ({size:.1f} MiB)")
+    ours, stale = [], []
+    for wheel in sorted(args.dest.glob("*.whl")):
+        wheel_name, wheel_version, _, _ = parse_wheel_filename(wheel.name)
+        (ours if wanted.get(wheel_name) == str(wheel_version) else stale).append(wheel)
+    for wheel in stale:  # '*.whl' on the node would install it too, beside or over the wanted version
+        print(
+            f"warning: {wheel} is not one of these wheels; remove it before installing {args.dest}/*.whl",
+            file=sys.stderr,
+        )
+    size = sum(f.stat().st_size for f in ours) / 2**20
+    print(f"{len(ours)} wheels in {args.dest} ({size:.1f} MiB)")
 
 
 if __name__ == "__main__":

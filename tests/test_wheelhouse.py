@@ -103,3 +103,17 @@ def test_extras_markers_and_the_nodes_versions_on_a_made_up_graph(monkeypatch):
     have = {"torch": "2.13.0", "b": "0.9", "f": "1.1build1"}
     wanted, clashes = wheelhouse.closure(["deepspeed"], have, set(), "3.12")
     assert set(wanted) == {"a", "c", "e"} and clashes == ["b 0.9, outside b>=1.0"]
+
+
+def test_a_wheel_left_from_an_earlier_fetch_is_named_and_not_counted(tmp_path, monkeypatch, capsys):
+    """'pip install DEST/*.whl' on the node takes every wheel in the folder, an old version included."""
+    (tmp_path / "hjson-3.1.0-py3-none-any.whl").write_bytes(b"x" * 2**20)
+    (tmp_path / "hjson-3.0.2-py3-none-any.whl").write_bytes(b"x" * 3 * 2**20)  # an earlier fetch's
+    monkeypatch.setattr(wheelhouse, "closure", lambda *_: ({"hjson": "3.1.0"}, []))
+    monkeypatch.setattr(wheelhouse, "fetch", lambda *_: "downloaded")
+    monkeypatch.setattr(sys, "argv", ["wheelhouse.py", "--dest", str(tmp_path)])
+    wheelhouse.main()
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"1 wheels in {tmp_path} (1.0 MiB)"
+    assert f"{tmp_path / 'hjson-3.0.2-py3-none-any.whl'} is not one of these wheels" in err
+    assert "3.1.0" not in err
