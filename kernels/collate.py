@@ -1,8 +1,9 @@
 """Batch collation: right-pad variable-length sequences (token ids, audio) into tensors without per-element
 Python work.
 
-`pad_sequences` and `collate_padded` run in the data loader; `MLMCollator` adds host-side masking for
-benchmarks and users who do not mask on the device.
+`pad_sequences` and `collate_padded` run in the data loader; `MLMCollator` adds masking there too, for
+benchmarks and users without the training loop (whose `prepare` masks in the main process, from a generator
+saved with each checkpoint).
 """
 
 from __future__ import annotations

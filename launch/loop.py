@@ -98,9 +98,10 @@ class Trainer:
         )
         self.collate = backend.wrap_collate(task.collate)
         self.state = TrainState()
-        # Task randomness on the device (masking) draws from its own generator, so it is reproducible per
-        # rank and can be saved and restored with the checkpoint.
-        self.generator = torch.Generator(device=backend.data_device).manual_seed(cfg.seed * 1000 + rt.rank)
+        # Task randomness (masking) draws on the host, before the copy, from its own generator: reproducible
+        # per rank, saved and restored with the checkpoint, and what it decides (which positions are masked)
+        # is known on the host, so the step never asks the device.
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + rt.rank)
         self._batches: Iterator | None = None
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -133,8 +134,12 @@ class Trainer:
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.backend.data_device
+        pin = device.type == "cuda"  # what `prepare` made is not pinned yet: a pageable copy would wait
         return {
-            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
+            if isinstance(v, torch.Tensor)
+            else v
+            for k, v in batch.items()
         }
 
     def _all_ranks_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,7 @@ class Trainer:
             host = self._next_batch()
             rows, real = task.sizes(host)
             samples, tokens = samples + rows, tokens + real
-            micro.append(task.prepare(self._to_device(host), self.generator))
+            micro.append(self._to_device(task.prepare(host, self.generator)))
         # Each term's targets over the whole step, every rank, before any backward: gradients (averaged over
         # ranks by every backend, hence x world) are then those of sum / count over the step.
         per_batch = [task.targets(b) for b in micro]
@@ -204,7 +209,7 @@ class Trainer:
         shard = Subset(data, indices or [0])
         loader = self._loader(shard, None, self.cfg.eval_batch_size or self.cfg.batch_size)
         # The same masks at every evaluation, so successive numbers are comparable.
-        g = torch.Generator(device=backend.data_device).manual_seed(self.cfg.seed + 7919 * (rt.rank + 1))
+        g = torch.Generator().manual_seed(self.cfg.seed + 7919 * (rt.rank + 1))
         generate = None if backend.static_shapes else backend.generate
         sums: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator]
         # Every rank runs as many batches as the busiest one (FSDP and ZeRO-3 gather layers collectively, in
@@ -215,7 +220,7 @@ class Trainer:
         it, batch, records = iter(loader), None, []
         for _ in range(int(batches.item())):
             fresh = next(it, None)
-            batch = task.prepare(self._to_device(fresh), g) if fresh is not None else batch
+            batch = self._to_device(task.prepare(fresh, g)) if fresh is not None else batch
             with backend.autocast():
                 losses, outputs = backend.to_data_device(task.loss(model, backend.place_batch(batch)))
             counts, rows = task.evaluate(model, batch, outputs, generate)

@@ -58,7 +58,8 @@ class Task(Protocol):
         """Rows -> one padded batch (see kernels.collate_padded); takes `pad_to_length=` on XLA."""
 
     def prepare(self, batch: dict, generator: torch.Generator) -> dict:
-        """The batch on its device, with task randomness drawn from `generator` (MLM masking); or as is."""
+        """The host batch with task randomness drawn from `generator` (MLM masking), or as is; the loop moves
+        it to the device after, so what this decides is known on the host without asking the device."""
 
     def sizes(self, batch: dict) -> tuple[int, int]:
         """(samples, real tokens or frames) of a host batch, for throughput."""
@@ -106,6 +107,12 @@ def text_sizes(batch: dict) -> tuple[int, int]:
     rows = batch["input_ids"].shape[0]
     mask = batch.get("attention_mask")
     return rows, int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def row_targets(t: torch.Tensor) -> torch.Tensor:
+    """Targets of a per-row loss (one per row of `t`), made where `t` is: `t.new_tensor(n)` would copy a host
+    number to the device, which waits for the device on CUDA."""
+    return torch.full((), t.shape[0], dtype=torch.long, device=t.device)
 
 
 def label_targets(labels: torch.Tensor, shift: bool = False) -> torch.Tensor:

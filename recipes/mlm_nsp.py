@@ -2,7 +2,7 @@
 
 Features: a WordPiece tokenizer trained on the corpus when none is given; NSP pairs (50 % true next,
 50 % random from another document) tokenised with `datasets`; MLM masking fused into one pass on the
-device; DDP across ranks; bf16 autocast on GPUs; W&B and metrics.jsonl tracking; a Hugging Face export
+host batch, with the MLM head on the masked positions only; DDP across ranks; bf16 autocast on GPUs; W&B and metrics.jsonl tracking; a Hugging Face export
 that `pipeline("fill-mask")` and `BertForNextSentencePrediction` load.
 
 Launch:
@@ -39,7 +39,15 @@ from launch.config import ConfigError, TrainConfig, check_choice, parse_config, 
 from launch.flops import flops_per_token_or_zero
 from launch.recipe import run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
-from launch.task import label_targets, model_inputs, no_summary, nothing_to_export, text_sizes, token_loss_sum
+from launch.task import (
+    label_targets,
+    model_inputs,
+    no_summary,
+    nothing_to_export,
+    row_targets,
+    text_sizes,
+    token_loss_sum,
+)
 
 TOY_CORPUS = Path(__file__).resolve().parent.parent / "data" / "toy" / "mlm_nsp" / "corpus.txt"
 
@@ -165,28 +173,28 @@ class PretrainingObjective(nn.Module):
 
     The head (a d x d transform and a d x vocab projection) on every position is most of a small BERT's
     step; only the ~15 % masked positions have a label, so the loss is the same and the step far cheaper.
-    With `static_shapes` (XLA: one compiled graph per shape) the head runs on every position instead and
-    unlabelled ones are ignored, since the number of masked positions changes with every batch.
+    `masked_positions` (flat long indices, from `MLMNSPTask.prepare`) picks them; without it (XLA: one
+    compiled graph per shape, and their number changes with every batch) the head runs on every position and
+    unlabelled ones are ignored.
     """
 
-    def __init__(self, model, static_shapes: bool = False):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.static_shapes = model, static_shapes
+        self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids, labels, next_sentence_label):
+    def forward(self, input_ids, token_type_ids, labels, next_sentence_label, attention_mask=None,
+                masked_positions=None):  # fmt: skip
         hidden, pooled = self.model.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             return_dict=False,
         )[:2]
-        if self.static_shapes:
+        if masked_positions is None:  # static shapes: the head runs on every position
             mlm_labels, head_input = labels, hidden
-        else:
-            # The one wait for the device in a step: how many positions are masked. Long indices, found once,
-            # serve the labels, the hidden states and their gradient (boolean masks would ask three times).
-            chosen = (labels.flatten() != -100).nonzero().squeeze(1)
-            mlm_labels, head_input = labels.flatten()[chosen], hidden.flatten(0, 1)[chosen]
+        else:  # flat indices of the masked positions, found on the host (`prepare`): nothing to wait for
+            mlm_labels = labels.flatten().index_select(0, masked_positions)
+            head_input = hidden.flatten(0, 1).index_select(0, masked_positions)
         mlm_logits = self.model.cls.predictions(head_input)
         nsp_logits = self.model.cls.seq_relationship(pooled)
         # Sums: the loop divides each by its targets over the whole step (masked tokens, pairs).
@@ -197,7 +205,7 @@ class PretrainingObjective(nn.Module):
             mlm_sum=mlm_sum,
             nsp_sum=nsp_sum,
             mlm_logits=mlm_logits,
-            mlm_labels=None if self.static_shapes else mlm_labels,
+            mlm_labels=None if masked_positions is None else mlm_labels,
             nsp_logits=nsp_logits,
         )
 
@@ -209,8 +217,8 @@ class MLMNSPTask:
         self.title = f"BERT MLM+NSP ({cfg.name})"
         self.model, self.processor, self.splits, self.lengths = model, tok, splits, lengths
         self.examples = examples
-        static = backend_class(cfg.backend).static_shapes
-        self.trained = PretrainingObjective(model, static_shapes=static)
+        self.static_shapes = static = backend_class(cfg.backend).static_shapes
+        self.trained = PretrainingObjective(model)
         # The MLM head runs on the masked positions only, or on every position where shapes are static.
         self.flops_per_token = flops_per_token_or_zero(
             model.config, seq_len=cfg.max_length, head_fraction=1.0 if static else cfg.mlm_probability
@@ -228,16 +236,22 @@ class MLMNSPTask:
     before_export = staticmethod(nothing_to_export)
 
     def prepare(self, batch, generator):
-        """MLM masking on the batch's device, fused into one pass (kernels.mask_tokens)."""
-        # The special ids stay on the host: the kernel reads them as numbers (from the device, a wait per step).
+        """MLM masking of the host batch, fused into one pass (kernels.mask_tokens). Off the static-shape
+        path it also finds the masked positions for the head, and drops a mask that hides nothing (rows as
+        long as the batch): given one, transformers would ask the device whether it hides anything."""
         ids, labels = mask_tokens(
             batch["input_ids"], special_ids=self.special_ids, generator=generator, **self.mask_options
         )
-        return {**batch, "input_ids": ids, "labels": labels}
+        batch = {**batch, "input_ids": ids, "labels": labels}
+        if not self.static_shapes:
+            batch["masked_positions"] = (labels.flatten() != -100).nonzero().squeeze(1)
+            if batch["attention_mask"].all():
+                del batch["attention_mask"]
+        return batch
 
     def targets(self, batch):
         pairs = batch["next_sentence_label"]
-        return {"mlm": label_targets(batch["labels"]), "nsp": pairs.new_tensor(pairs.shape[0])}
+        return {"mlm": label_targets(batch["labels"]), "nsp": row_targets(pairs)}
 
     def loss(self, model, batch):
         out = model(**model_inputs(batch))

@@ -42,7 +42,7 @@ from launch.config import ConfigError, TrainConfig, check_choice, parse_config, 
 from launch.flops import flops_per_token_or_zero
 from launch.recipe import pretrained_source, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
-from launch.task import as_is, model_inputs, text_sizes
+from launch.task import as_is, model_inputs, row_targets, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "qa"
 
@@ -198,8 +198,7 @@ class QATask:
     prepare = staticmethod(as_is)
 
     def targets(self, batch):
-        starts = batch["start_positions"]
-        return {"loss": starts.new_tensor(starts.shape[0])}
+        return {"loss": row_targets(batch["start_positions"])}
 
     def loss(self, model, batch):
         """Per window, the mean of the start and end cross-entropies (HF's loss), summed over windows."""

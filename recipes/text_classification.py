@@ -45,7 +45,7 @@ from launch.config import ConfigError, TrainConfig, check_choice, parse_config, 
 from launch.flops import flops_per_token_or_zero
 from launch.recipe import load_labelled_model, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
-from launch.task import as_is, model_inputs, text_sizes
+from launch.task import as_is, model_inputs, row_targets, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
 
@@ -173,8 +173,7 @@ class ClassificationTask:
     prepare = staticmethod(as_is)
 
     def targets(self, batch):
-        labels = batch["labels"]
-        return {"loss": labels.new_tensor(labels.shape[0])}
+        return {"loss": row_targets(batch["labels"])}
 
     def loss(self, model, batch):
         inputs = model_inputs(batch)

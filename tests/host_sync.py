@@ -1,8 +1,8 @@
 """Counting what a training step reads back from the device, on a machine without one (tests only).
 
 On CUDA a step that reads a device value (`.item()`, `bool(t)`, `.tolist()`, a copy to the host, an op whose
-output size depends on the values such as `nonzero` or a boolean mask) makes the host wait for every kernel
-queued before it. On CPU nothing waits, so `HostReads` tracks which tensors *would* live on the device and
+output size depends on the values such as `nonzero` or a boolean mask), or copies a host number to the device
+(`t.new_tensor(n)`), makes the host wait for every kernel queued before it. On CPU nothing waits, so `HostReads` tracks which tensors *would* live on the device and
 records each such read of one:
 
 - device tensors: the batch the loop moved (`Trainer._to_device`), the trained module's parameters and
@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 READS_VALUES = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2",
                 "unique_dim", "unique_consecutive", "repeat_interleave", "allclose"}  # fmt: skip
 PYTHON_READS = ("tolist", "numpy", "cpu")  # Tensor methods that read values without an op to dispatch
+# Host numbers copied to the device: on CUDA the copy from pageable memory waits for the stream as well.
+HOST_COPIES = ("new_tensor",)
 
 
 def _where() -> str:
@@ -97,7 +99,7 @@ class HostReads(TorchDispatchMode):
 
     def __enter__(self):
         self._patched = []
-        for method in (*PYTHON_READS, "to"):
+        for method in (*PYTHON_READS, *HOST_COPIES, "to"):
             original = getattr(torch.Tensor, method)
             setattr(torch.Tensor, method, self._watch(method, original))
             self._patched.append((method, original))
@@ -115,7 +117,9 @@ class HostReads(TorchDispatchMode):
             if method != "to" and mode.on_device(t):
                 mode.record(f"Tensor.{method}")
             out = original(t, *args, **kwargs)
-            if method == "to" and _names_a_device(args, kwargs):
+            if (method == "to" and _names_a_device(args, kwargs)) or (
+                method in HOST_COPIES and mode.on_device(t)
+            ):
                 mode.mark(out)  # on CPU `.to(device)` may return the host tensor itself; on CUDA it is a copy
             return out
 
@@ -133,8 +137,8 @@ def _names_a_device(args, kwargs) -> bool:
 
 def count_step_reads(trainer, steps: int, inject=None) -> Counter:
     """Run `steps` steps of `trainer.fit` (train_step and the per-step bookkeeping: window sums, the stop
-    vote, the save check) under `HostReads`. Host work is not counted: the loader's batches and their
-    sizes, logging, evaluation. `inject(batch)`, if given, runs on every device batch (to show that a read
+    vote, the save check) under `HostReads`. Host work is not counted: the loader's batches, their sizes and
+    the task's `prepare` (it runs on the host batch, before the copy), logging, evaluation. `inject(batch)`, if given, runs on every device batch (to show that a read
     is caught)."""
     from launch.tracking import Tracker
 
@@ -160,6 +164,13 @@ def count_step_reads(trainer, steps: int, inject=None) -> Counter:
 
     trainer._next_batch, trainer._log_window = host("_next_batch"), host("_log_window")
     trainer._to_device, trainer.evaluate = moved, lambda split="validation": {}
+    prepare = trainer.task.prepare
+
+    def prepared(batch, generator):
+        with mode.paused():
+            return prepare(batch, generator)
+
+    trainer.task.prepare = prepared
     trainer.total_steps = trainer.state.step + steps
     tracker = Tracker(Path("."), enabled=False, use_wandb=False, project="t", name="t", config={})
     try:
@@ -168,4 +179,5 @@ def count_step_reads(trainer, steps: int, inject=None) -> Counter:
     finally:
         for name, original in originals.items():
             setattr(trainer, name, original)
+        trainer.task.prepare = prepare
     return mode.reads

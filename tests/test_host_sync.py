@@ -29,9 +29,6 @@ KNOWN = {
     # transformers' SDPA mask builder asks `padding_mask.all()` at every forward, to drop a mask without
     # padding (compiled blocks do not change that: the mask is built before them).
     "transformers/masking_utils.py",
-    # The MLM head runs on the masked positions only: their number is read once per micro-batch (a fixed
-    # size would cost the head on every position, as the static-shape path does).
-    "recipes/mlm_nsp.py",
 }
 
 # In-process settings that build each recipe's task fast (the bundled toy data).
@@ -79,6 +76,8 @@ def test_a_read_planted_in_the_step_is_caught():
     assert sum(reads.values()) == 3 and all("test_host_sync.py" in where for _, where in reads), reads
     reads = count_step_reads(regression_trainer(), steps=2, inject=lambda batch: batch["valid"].tolist())
     assert sum(reads.values()) == 2, reads
+    reads = count_step_reads(regression_trainer(), steps=2, inject=lambda batch: batch["valid"].new_tensor(2))
+    assert list(reads.values()) == [2] and next(iter(reads))[0] == "Tensor.new_tensor", reads
 
 
 def recipe_trainer(name: str, tmp_path: Path, device: str, *extra: str) -> Trainer:
@@ -93,15 +92,21 @@ def recipe_trainer(name: str, tmp_path: Path, device: str, *extra: str) -> Train
     return Trainer(cfg, rt, backend, task)
 
 
-def test_mlm_nsp_reads_only_the_masked_count(tmp_path, tokenizer_dir):
-    trainer = recipe_trainer(
-        "mlm_nsp", tmp_path, "cpu", "--tokenizer", str(tokenizer_dir), "--grad-accum", "2"
-    )
-    reads = count_step_reads(trainer, steps=2)
+def test_mlm_nsp_reads_nothing_and_with_full_rows_neither_does_transformers(tmp_path, tokenizer_dir):
+    """The masked positions come from the host (`prepare`); padded batches keep transformers' mask check
+    (one read per forward), batches of full rows carry no mask and make no read at all."""
+    options = ("--tokenizer", str(tokenizer_dir), "--grad-accum", "2")
+    reads = count_step_reads(recipe_trainer("mlm_nsp", tmp_path / "padded", "cpu", *options), steps=2)
+    assert reads and all(k[1].startswith("transformers/masking_utils.py") for k in reads), reads
+    full = recipe_trainer("mlm_nsp", tmp_path / "full", "cpu", *options, "--max-length", "16")
+    assert not count_step_reads(full, steps=2)
+
+
+@pytest.mark.parametrize("name", sorted(set(RECIPES) - {"mlm_nsp"}))
+def test_recipe_steps_read_only_what_transformers_reads(name, tmp_path):
+    reads = count_step_reads(recipe_trainer(name, tmp_path, "cpu"), steps=2)
     unknown = {k: n for k, n in reads.items() if not any(k[1].startswith(f) for f in KNOWN)}
     assert not unknown, unknown
-    ours = {k: n for k, n in reads.items() if k[1].startswith("recipes/mlm_nsp.py")}
-    assert [(k[0], n) for k, n in ours.items()] == [("aten.nonzero", 4)], reads  # one per micro-batch
 
 
 @pytest.mark.gpu

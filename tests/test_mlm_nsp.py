@@ -224,7 +224,8 @@ def test_default_run_on_the_toy_corpus_beats_the_baselines(default_run):
 
 
 def test_static_shape_objective_matches_the_masked_positions_one():
-    """XLA's path (MLM head on every position, unlabelled ones ignored) gives the same loss and counts."""
+    """XLA's path (MLM head on every position, unlabelled ones ignored) gives the same loss and counts as the
+    head on the masked positions that `prepare` found on the host, with padding and without a mask."""
     import torch
     from transformers import BertConfig, BertForPreTraining
 
@@ -236,19 +237,23 @@ def test_static_shape_objective_matches_the_masked_positions_one():
     )
     model = BertForPreTraining(config).eval()
     ids = torch.randint(5, 50, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # one padded row
     labels = torch.full_like(ids, -100)
-    labels[torch.rand(ids.shape) < 0.3] = 7
+    labels[(torch.rand(ids.shape) < 0.3) & mask.bool()] = 7
     batch = {
         "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
+        "attention_mask": mask,
         "token_type_ids": (torch.arange(12) >= 6).long().expand(4, 12),
         "labels": labels,
         "next_sentence_label": torch.tensor([0, 1, 1, 0]),
     }
+    positions = (labels.flatten() != -100).nonzero().squeeze(1)
     with torch.no_grad():
-        dynamic = mlm_nsp.PretrainingObjective(model)(**batch)
-        static = mlm_nsp.PretrainingObjective(model, static_shapes=True)(**batch)
+        dynamic = mlm_nsp.PretrainingObjective(model)(**batch, masked_positions=positions)
+        static = mlm_nsp.PretrainingObjective(model)(**batch)
     assert static.mlm_logits.shape[:2] == ids.shape  # independent of how many positions are masked
+    assert dynamic.mlm_logits.shape[0] == len(positions) > 0
     torch.testing.assert_close(static.mlm_sum, dynamic.mlm_sum)
     torch.testing.assert_close(static.nsp_sum, dynamic.nsp_sum)
     # The same loss BertForPreTraining computes: each sum over its targets, then added.
@@ -259,6 +264,44 @@ def test_static_shape_objective_matches_the_masked_positions_one():
     assert counts["mlm_accuracy"][1] == (labels != -100).sum()
     for name, pair in mlm_nsp.MLMNSPTask.evaluate(None, None, batch, static, None)[0].items():
         assert torch.equal(pair, counts[name]), name
+
+
+def test_prepare_masks_on_the_host_and_drops_only_a_mask_that_hides_nothing():
+    """`prepare` hands the step the masked positions (so the head never asks the device how many there are)
+    and leaves out an all-ones attention mask (transformers would ask the device whether it hides anything);
+    without the mask the loss is the same."""
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    from recipes import mlm_nsp
+
+    task = object.__new__(mlm_nsp.MLMNSPTask)
+    task.static_shapes, task.special_ids = False, torch.tensor([0, 1, 2])
+    task.mask_options = dict(mask_token_id=3, vocab_size=50, mlm_probability=0.3, mask_replace_prob=0.8,
+                             random_replace_prob=0.1)  # fmt: skip
+    ids = torch.randint(5, 50, (4, 12), generator=torch.Generator().manual_seed(1))
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "next_sentence_label": torch.tensor([0, 1, 1, 0])}  # fmt: skip
+    padded = {**full, "attention_mask": full["attention_mask"].clone()}
+    padded["attention_mask"][2, 8:] = 0
+    out = task.prepare(full, torch.Generator().manual_seed(5))
+    assert "attention_mask" not in out and "attention_mask" in task.prepare(padded, torch.Generator())
+    assert torch.equal(out["masked_positions"], (out["labels"].flatten() != -100).nonzero().squeeze(1))
+    assert out["masked_positions"].numel() > 0
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    objective = mlm_nsp.PretrainingObjective(BertForPreTraining(config).eval())
+    with torch.no_grad():
+        unmasked = objective(**out)
+        masked = objective(**out, attention_mask=full["attention_mask"])
+    torch.testing.assert_close(unmasked.mlm_sum, masked.mlm_sum)
+    torch.testing.assert_close(unmasked.nsp_sum, masked.nsp_sum)
+
+    task.static_shapes = True  # XLA: one graph per shape, so the batch keeps every key
+    assert set(task.prepare(full, torch.Generator())) == {*full, "labels"}
 
 
 @pytest.mark.slow
