@@ -132,3 +132,23 @@ def test_recipe_steps_on_cuda_make_no_unknown_sync(name, tmp_path):
     unknown = [f"{w.filename}:{w.lineno}" for w in syncs if not any(w.filename.endswith(f) for f in KNOWN)]
     assert not unknown, unknown
     trainer.backend.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mlm_nsp_steps_of_full_rows_on_cuda_never_synchronise(tmp_path, tokenizer_dir):
+    """Pretraining rows filled to --max-length (as a packed corpus gives): the step runs under torch's sync
+    detection set to "error", so any wait for the device, ours or transformers', fails it."""
+    options = ("--tokenizer", str(tokenizer_dir), "--grad-accum", "2", "--max-length", "16")
+    trainer = recipe_trainer("mlm_nsp", tmp_path, "cuda", *options)
+    for _ in range(2):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    trainer.backend.close()
