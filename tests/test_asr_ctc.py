@@ -32,7 +32,7 @@ def toy_run(tmp_path_factory):
     """The default run on 2 ranks: 600 steps of 2 x 8 clips, about 1.5 minutes on 2 cores."""
     out = tmp_path_factory.mktemp("asr") / "toy"
     proc = recipe_runs.torchrun(RECIPE, "--output-dir", str(out), "--tracker", "none", "--log-every", "50",
-                                "--check-replicas", "true", timeout=1200)  # fmt: skip
+                                "--check-replicas", "true", timeout=2400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, read_metrics(out)
 

@@ -27,7 +27,7 @@ python = functools.partial(recipe_runs.python, RECIPE, timeout=300)
 def lm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm") / "run"
     proc = recipe_runs.torchrun(RECIPE, "--output-dir", str(out), "--tracker", "none", "--log-every", "10",
-                                "--save-every", "40", "--check-replicas", "true", timeout=1200)  # fmt: skip
+                                "--save-every", "40", "--check-replicas", "true", timeout=2400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, read_metrics(out)
 

@@ -28,7 +28,7 @@ def default_run(tmp_path_factory):
     """The quickstart's own command: defaults (bundled corpus, W&B offline), two ranks, plus the replica check;
     several tests read it."""
     out = tmp_path_factory.mktemp("run") / "default"
-    proc = torchrun("--output-dir", str(out), "--check-replicas", "true", timeout=1200)
+    proc = torchrun("--output-dir", str(out), "--check-replicas", "true", timeout=2400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

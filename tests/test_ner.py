@@ -27,7 +27,7 @@ def ner_run(tmp_path_factory):
     proc = recipe_runs.torchrun(
         RECIPE, "--config", "recipes/configs/ner.yaml", "--output-dir", str(out), "--tracker", "none",
         "--max-length", str(WINDOW), "--stride", "8", "--batch-size", "8", "--epochs", "1", "--log-every", "5", "--check-replicas", "true",
-        timeout=1200,
+        timeout=2400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, {k: v for r in read_metrics(out) for k, v in r.items()}

@@ -29,7 +29,7 @@ def qa_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("qa") / "run"
     proc = recipe_runs.torchrun(
         RECIPE, "--config", "recipes/configs/qa.yaml", "--output-dir", str(out), "--tracker", "none",
-        "--log-every", "10", "--check-replicas", "true", timeout=1800,
+        "--log-every", "10", "--check-replicas", "true", timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, {k: v for r in read_metrics(out) for k, v in r.items()}

@@ -31,7 +31,7 @@ python = functools.partial(recipe_runs.python, RECIPE, timeout=900)
 def t5_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sum") / "t5"
     proc = recipe_runs.torchrun(RECIPE, "--output-dir", str(out), "--tracker", "none", "--log-every", "20",
-                                "--check-replicas", "true", timeout=1200)  # fmt: skip
+                                "--check-replicas", "true", timeout=2400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, read_metrics(out)
 
