@@ -135,12 +135,12 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.backend.data_device
         pin = device.type == "cuda"  # what `prepare` made is not pinned yet: a pageable copy would wait
-        return {
-            k: (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
-            if isinstance(v, torch.Tensor)
-            else v
-            for k, v in batch.items()
-        }
+        moved = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = (v.pin_memory() if pin and not v.is_pinned() else v).to(device, non_blocking=True)
+            moved[k] = v
+        return moved
 
     def _all_ranks_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.rt.distributed:

@@ -2,8 +2,9 @@
 
 Features: a WordPiece tokenizer trained on the corpus when none is given; NSP pairs (50 % true next,
 50 % random from another document) tokenised with `datasets`; MLM masking fused into one pass on the
-host batch, with the MLM head on the masked positions only; DDP across ranks; bf16 autocast on GPUs; W&B and metrics.jsonl tracking; a Hugging Face export
-that `pipeline("fill-mask")` and `BertForNextSentencePrediction` load.
+host batch, with the MLM head on the masked positions only; DDP across ranks; bf16 autocast on GPUs; W&B
+and metrics.jsonl tracking; a Hugging Face export that `pipeline("fill-mask")` and
+`BertForNextSentencePrediction` load.
 
 Launch:
     python recipes/mlm_nsp.py                                   # one process, bundled toy corpus

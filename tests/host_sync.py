@@ -2,8 +2,8 @@
 
 On CUDA a step that reads a device value (`.item()`, `bool(t)`, `.tolist()`, a copy to the host, an op whose
 output size depends on the values such as `nonzero` or a boolean mask), or copies a host number to the device
-(`t.new_tensor(n)`), makes the host wait for every kernel queued before it. On CPU nothing waits, so `HostReads` tracks which tensors *would* live on the device and
-records each such read of one:
+(`t.new_tensor(n)`), makes the host wait for every kernel queued before it. On CPU nothing waits, so
+`HostReads` tracks which tensors *would* live on the device and records each such read of one:
 
 - device tensors: the batch the loop moved (`Trainer._to_device`), the trained module's parameters and
   buffers, results of `.to(<device>)`, tensors made by a factory op during the step (`torch.zeros`,
@@ -138,39 +138,34 @@ def _names_a_device(args, kwargs) -> bool:
 def count_step_reads(trainer, steps: int, inject=None) -> Counter:
     """Run `steps` steps of `trainer.fit` (train_step and the per-step bookkeeping: window sums, the stop
     vote, the save check) under `HostReads`. Host work is not counted: the loader's batches, their sizes and
-    the task's `prepare` (it runs on the host batch, before the copy), logging, evaluation. `inject(batch)`, if given, runs on every device batch (to show that a read
-    is caught)."""
+    the task's `prepare` (it runs on the host batch, before the copy), logging, evaluation. `inject(batch)`,
+    if given, runs on every device batch (to show that a read is caught)."""
     from launch.tracking import Tracker
 
     mode = HostReads([trainer.backend.raw_model])
     originals = {
         name: getattr(trainer, name) for name in ("_next_batch", "_to_device", "_log_window", "evaluate")
     }
+    prepare = trainer.task.prepare
 
-    def host(name):
-        def work(*args, **kwargs):
+    def host(work):
+        def paused(*args, **kwargs):
             with mode.paused():
-                return originals[name](*args, **kwargs)
+                return work(*args, **kwargs)
 
-        return work
+        return paused
 
     def moved(batch):
-        out = host("_to_device")(batch)
+        out = host(originals["_to_device"])(batch)
         for t in out.values():
             mode.mark(t)
         if inject is not None:
             inject(out)
         return out
 
-    trainer._next_batch, trainer._log_window = host("_next_batch"), host("_log_window")
+    trainer._next_batch, trainer._log_window = host(originals["_next_batch"]), host(originals["_log_window"])
     trainer._to_device, trainer.evaluate = moved, lambda split="validation": {}
-    prepare = trainer.task.prepare
-
-    def prepared(batch, generator):
-        with mode.paused():
-            return prepare(batch, generator)
-
-    trainer.task.prepare = prepared
+    trainer.task.prepare = host(prepare)
     trainer.total_steps = trainer.state.step + steps
     tracker = Tracker(Path("."), enabled=False, use_wandb=False, project="t", name="t", config={})
     try:

@@ -109,6 +109,19 @@ def test_recipe_steps_read_only_what_transformers_reads(name, tmp_path):
     assert not unknown, unknown
 
 
+def steps_under_sync_detection(trainer: Trainer, mode: str) -> None:
+    """Two warm-up steps, then three under torch.cuda's sync detection (`mode` "warn" or "error") alone."""
+    for _ in range(2):
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        for _ in range(3):
+            trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -117,17 +130,9 @@ def test_recipe_steps_on_cuda_make_no_unknown_sync(name, tmp_path):
     line that made it) around train_step alone, after two warm-up steps; every sync must be in KNOWN. "error"
     would stop at transformers' own mask check before reaching the rest of the step."""
     trainer = recipe_trainer(name, tmp_path, "cuda")
-    for _ in range(2):
-        trainer.train_step()
-    torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(3):
-                trainer.train_step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        steps_under_sync_detection(trainer, "warn")
     syncs = [w for w in caught if "synchronizing" in str(w.message)]
     unknown = [f"{w.filename}:{w.lineno}" for w in syncs if not any(w.filename.endswith(f) for f in KNOWN)]
     assert not unknown, unknown
@@ -141,14 +146,6 @@ def test_mlm_nsp_steps_of_full_rows_on_cuda_never_synchronise(tmp_path, tokenize
     detection set to "error", so any wait for the device, ours or transformers', fails it."""
     options = ("--tokenizer", str(tokenizer_dir), "--grad-accum", "2", "--max-length", "16")
     trainer = recipe_trainer("mlm_nsp", tmp_path, "cuda", *options)
-    for _ in range(2):
-        trainer.train_step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            trainer.train_step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    steps_under_sync_detection(trainer, "error")
     torch.cuda.synchronize()
     trainer.backend.close()
