@@ -17,6 +17,8 @@ from data.text import DataError, check_text_file
 
 DOCUMENTS = ("blank_line", "line")
 PACKING = ("blocks", "none")
+# A missing path with one of these suffixes is a missing text file; any other missing path is a `datasets` name.
+TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens", ".md")
 
 if TYPE_CHECKING:
     import datasets
@@ -33,7 +35,8 @@ def read_corpus(
     """Documents as strings, in file order, from text files, JSON lines (.jsonl/.json) or `datasets` names.
 
     A plain-text document's lines are joined with "\\n" as they are. A path that is not an existing file
-    and has no suffix is a `datasets` name (hub or local folder), read with `split` and `dataset_config`.
+    and has no text suffix (TEXT_SUFFIXES) is a `datasets` name (hub or local folder, dots allowed:
+    `org/corpus-v1.2`), read with `split` and `dataset_config`.
     Empty documents (an empty text field, an empty row) are skipped; a source with none left is an error.
     """
     if documents not in DOCUMENTS:
@@ -45,7 +48,7 @@ def read_corpus(
         p = Path(path)
         if p.suffix.lower() in (".jsonl", ".json"):
             docs.extend(_read_json_lines(check_text_file(p), text_key))
-        elif p.is_file() or p.suffix:
+        elif p.is_file() or p.suffix.lower() in TEXT_SUFFIXES:
             docs.extend(_read_text(check_text_file(p), documents))
         else:
             docs.extend(_read_dataset(str(path), dataset_config, split, text_key))

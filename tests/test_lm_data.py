@@ -65,6 +65,8 @@ def test_read_corpus_from_a_datasets_folder(tmp_path):
         read_corpus([str(folder)], text_key="body")
     with pytest.raises(DataError, match="not an existing file and not a loadable"):
         read_corpus([str(tmp_path / "no_such_dataset")])
+    with pytest.raises(DataError, match=r"^org/corpus-v1\.2: not an existing file and not a loadable"):
+        read_corpus(["org/corpus-v1.2"])  # a dotted name is still a `datasets` name, not a missing file
 
 
 @pytest.mark.parametrize(
