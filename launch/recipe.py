@@ -88,9 +88,8 @@ def run_recipe(
             tracker.log(test, trainer.state.step)
             tracker.summary(test)
         metrics.update(test)
-        rt.print(
-            "final: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items() if _is_headline(k))
-        )
+        headline = ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items() if _is_headline(k))
+        rt.print("final: " + (headline or "nothing evaluated (no validation or test data)"))
         export(trainer, task, cfg, run_dir / "export", metrics)
         return 0
     except USER_ERRORS as err:  # the same on every rank: all stop here

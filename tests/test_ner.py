@@ -147,6 +147,7 @@ def test_original_conll_2003_iob1_trains_with_a_notice(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert f"{train}: read as IOB1, converted to IOB2" in printed
+    assert "final: nothing evaluated (no validation or test data)" in printed
     from transformers import AutoConfig
 
     tags = set(AutoConfig.from_pretrained(out / "export").id2label.values())
