@@ -12,14 +12,17 @@ output size depends on the values such as `nonzero` or a boolean mask), or copie
 - host tensors (the batches the loader makes, `task.sizes`, `torch.tensor([...])` of Python numbers) are
   never counted.
 
-What it cannot see: reads inside C++ code that never reaches the dispatcher; the CUDA test
+A read in the backward is charged to the forward line that made the graph node being run (anomaly mode keeps
+each node's forward stack), not to the `.backward()` call. What it cannot see: reads inside C++ code that never reaches the dispatcher; the CUDA test
 (tests/test_host_sync.py, `gpu`) checks the same step with torch's own sync detection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import traceback
+import warnings
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -37,9 +40,18 @@ PYTHON_READS = ("tolist", "numpy", "cpu")  # Tensor methods that read values wit
 HOST_COPIES = ("new_tensor",)
 
 
+_FRAME = re.compile(r'File "(?P<filename>[^"]+)", line (?P<lineno>\d+), in (?P<name>\S+)')
+
+
 def _where() -> str:
-    """The innermost frame outside torch and this file: the code that asked for the read."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
+    """The innermost frame outside torch and this file: the code that asked for the read. In a backward, the
+    forward line that made the graph node being run (anomaly mode keeps it), not the `.backward()` call."""
+    stack = traceback.extract_stack()[:-2]
+    node = torch._C._current_autograd_node()
+    if node is not None and node.metadata.get("traceback_"):
+        stack = [_FRAME.search(line) for line in node.metadata["traceback_"]]
+        stack = [traceback.FrameSummary(m["filename"], int(m["lineno"]), m["name"]) for m in stack if m]
+    for frame in reversed(stack):
         if "/torch/" not in frame.filename and Path(frame.filename).name != "host_sync.py":
             path = frame.filename
             path = (
@@ -168,9 +180,11 @@ def count_step_reads(trainer, steps: int, inject=None) -> Counter:
     trainer.task.prepare = host(prepare)
     trainer.total_steps = trainer.state.step + steps
     tracker = Tracker(Path("."), enabled=False, use_wandb=False, project="t", name="t", config={})
-    try:
-        with mode:
-            trainer.fit(tracker)
+    try:  # anomaly mode: each graph node keeps its forward stack, so a backward read names its forward line
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Anomaly Detection has been enabled")
+            with mode, torch.autograd.detect_anomaly(check_nan=False):
+                trainer.fit(tracker)
     finally:
         for name, original in originals.items():
             setattr(trainer, name, original)
