@@ -17,7 +17,7 @@ from data.text import DataError, check_text_file
 
 DOCUMENTS = ("blank_line", "line")
 PACKING = ("blocks", "none")
-# A missing path with one of these suffixes is a missing text file; any other missing path is a `datasets` name.
+# A missing path with one of these suffixes is a missing text file; any other is a `datasets` name.
 TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens", ".md")
 
 if TYPE_CHECKING:

@@ -13,8 +13,9 @@ output size depends on the values such as `nonzero` or a boolean mask), or copie
   never counted.
 
 A read in the backward is charged to the forward line that made the graph node being run (anomaly mode keeps
-each node's forward stack), not to the `.backward()` call. What it cannot see: reads inside C++ code that never reaches the dispatcher; the CUDA test
-(tests/test_host_sync.py, `gpu`) checks the same step with torch's own sync detection.
+each node's forward stack), not to the `.backward()` call. What it cannot see: reads inside C++ code that
+never reaches the dispatcher; the CUDA test (tests/test_host_sync.py, `gpu`) checks the same step with
+torch's own sync detection.
 """
 
 from __future__ import annotations
