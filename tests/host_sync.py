@@ -47,11 +47,12 @@ _FRAME = re.compile(r'File "(?P<filename>[^"]+)", line (?P<lineno>\d+), in (?P<n
 def _where() -> str:
     """The innermost frame outside torch and this file: the code that asked for the read. In a backward, the
     forward line that made the graph node being run (anomaly mode keeps it), not the `.backward()` call."""
-    stack = traceback.extract_stack()[:-2]
     node = torch._C._current_autograd_node()
     if node is not None and node.metadata.get("traceback_"):
-        stack = [_FRAME.search(line) for line in node.metadata["traceback_"]]
-        stack = [traceback.FrameSummary(m["filename"], int(m["lineno"]), m["name"]) for m in stack if m]
+        found = (_FRAME.search(line) for line in node.metadata["traceback_"])
+        stack = [traceback.FrameSummary(m["filename"], int(m["lineno"]), m["name"]) for m in found if m]
+    else:
+        stack = traceback.extract_stack()[:-2]
     for frame in reversed(stack):
         if "/torch/" not in frame.filename and Path(frame.filename).name != "host_sync.py":
             path = frame.filename

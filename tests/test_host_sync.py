@@ -5,7 +5,7 @@ On CPU (tests/host_sync.py): every read of a tensor that would live on the devic
 `.tolist()`, `.cpu()`, `nonzero`, boolean masks) is recorded while `fit` runs its steps; logging, evaluation
 and the loader's host batches are left out. The loop and the one-process backend make none, and a read
 planted in the step is caught, so the count can fail. Recipes may make only the reads named in `KNOWN`
-(speech: `KNOWN_SPEECH` too).
+(and `KNOWN_FOR` their own).
 On CUDA (`gpu`): torch's own sync detection around the same steps of every recipe.
 """
 
@@ -31,14 +31,14 @@ KNOWN = {
     # padding (compiled blocks do not change that: the mask is built before them).
     "transformers/masking_utils.py",
 }
-# Speech alone: transformers' wav2vec2 draws SpecAugment's time spans on the host from each row's length
-# (`.tolist()`), then writes the mask embedding and zeroes padded frames through boolean masks (`nonzero`),
-# forward and backward. Passing host-drawn spans in would still leave the boolean writes.
-KNOWN_SPEECH = {"transformers/models/wav2vec2/modeling_wav2vec2.py"}
+# Per recipe, on top of KNOWN. Speech: transformers' wav2vec2 draws SpecAugment's time spans on the host from
+# each row's length (`.tolist()`), then writes the mask embedding and zeroes padded frames through boolean
+# masks (`nonzero`), forward and backward. Passing host-drawn spans in would still leave the boolean writes.
+KNOWN_FOR = {"asr_ctc": {"transformers/models/wav2vec2/modeling_wav2vec2.py"}}
 # ... and on CUDA, where the CPU count cannot see inside C++: torch's CUDA CTC loss copies its per-row length
 # tables to the device with blocking copies, in the forward (the warning names torch's `ctc_loss` wrapper) and
 # in the backward (replayed where autograd's engine was called).
-KNOWN_SPEECH_CUDA = {"torch/nn/functional.py", "torch/autograd/graph.py"}
+KNOWN_ON_CUDA_FOR = {"asr_ctc": {"torch/nn/functional.py", "torch/autograd/graph.py"}}
 
 # In-process settings that build each recipe's task fast (the bundled toy data).
 RECIPES = {
@@ -67,9 +67,7 @@ RECIPES = {
 
 def known(name: str, cuda: bool = False) -> set[str]:
     """Where recipe `name`'s steps may read: file paths as host_sync reports them (after site-packages/)."""
-    if name != "asr_ctc":
-        return KNOWN
-    return KNOWN | KNOWN_SPEECH | (KNOWN_SPEECH_CUDA if cuda else set())
+    return KNOWN | KNOWN_FOR.get(name, set()) | (KNOWN_ON_CUDA_FOR.get(name, set()) if cuda else set())
 
 
 class Regression(RegressionTask):
@@ -107,8 +105,8 @@ def test_a_read_planted_in_the_step_is_caught():
 def test_a_read_in_the_backward_is_charged_to_the_forward_line_that_made_it():
     reads = count_step_reads(regression_trainer(MaskedRegression), steps=2)
     assert {what for what, _ in reads} == {"aten.index", "aten.index_put"}, reads  # forward, backward
-    assert {where for _, where in reads} == {next(iter(reads))[1]}, reads
-    assert "test_host_sync.py" in next(iter(reads))[1] and "(loss)" in next(iter(reads))[1], reads
+    (where,) = {where for _, where in reads}
+    assert "test_host_sync.py" in where and "(loss)" in where, reads
 
 
 def recipe_trainer(name: str, tmp_path: Path, device: str, *extra: str) -> Trainer:
