@@ -104,8 +104,8 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     save too quick to catch. No documents are held out: the resumed run's final evaluation of that model
     took 30 of its 50 seconds and proves nothing here."""
     out = tmp_path / "run"
-    big = ["--hidden-size", "512", "--num-layers", "6", "--num-heads", "8", "--intermediate-size", "2048"]
-    big += ["--eval-fraction", "0"]
+    big = ["--hidden-size", "512", "--num-layers", "6", "--num-heads", "8", "--intermediate-size", "2048",
+           "--eval-fraction", "0"]  # fmt: skip
     cmd = command(out, tokenizer_dir, "--save-every", "2", *big, steps=400)
     proc = popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts, interrupted = out / "checkpoints", None

@@ -156,8 +156,9 @@ def steps_under_sync_detection(trainer: Trainer, mode: str) -> None:
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_steps_on_cuda_make_no_unknown_sync(name, tmp_path):
     """torch.cuda's sync detection ("warn": each synchronising call becomes a warning attributed to the Python
-    line that made it) around train_step alone, after two warm-up steps; every sync must be in KNOWN. "error"
-    would stop at transformers' own mask check before reaching the rest of the step."""
+    line that made it) around train_step alone, after two warm-up steps; every sync must be in
+    `known(name, cuda=True)`. "error" would stop at transformers' own mask check before reaching the rest of
+    the step."""
     trainer = recipe_trainer(name, tmp_path, "cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
