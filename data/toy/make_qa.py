@@ -2,8 +2,9 @@
 
 Writes data/toy/qa/{train,validation,test}.jsonl, one question per line in the flattened SQuAD form:
     {"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}, "is_impossible"}
-Contexts are made-up encyclopedia articles about clubs and societies, long enough (about 230-400 BERT word
-pieces) that about a third of the answers lie beyond the first 256-token window. One question in twelve
+Contexts are made-up encyclopedia articles about clubs and societies, 6 to 8 sentences (about 125-210 BERT
+word pieces): long enough that about 40 % of the answers lie beyond the first 128-token window of question
++ context, short enough that the default run trains in minutes on a CPU. One question in twelve
 asks for something the article does not state (empty answers, "is_impossible": true). Validation and test
 questions may list a second acceptable answer ("1987" and "in 1987"), as SQuAD's dev set does.
 
@@ -24,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 SEEDS = {"train": 11, "validation": 12, "test": 13}
 ARTICLES = {"train": 120, "validation": 20, "test": 28}
 QUESTIONS_PER_ARTICLE = 6  # every other article swaps one of them for an unanswerable question
-LATE_WORDS = 190  # about 256 word pieces of these articles: answers past it need a later window
+FACTS_PER = (4, 5)  # facts an article states besides its founding, fewest and most
+SENTENCES = 6  # most facts + fillers per article, besides the lead and the founding: 6-8 sentences in all
+LATE_WORDS = 80  # about 110 word pieces: the context in a 128-token window; answers past it need a later one
 
 # -- vocabularies: one per split, so no name, place or organisation crosses splits ------------------------
 FIRST = {
@@ -241,10 +244,12 @@ def question(ask: tuple, values: dict[str, str], split: str, rng: random.Random)
 def make_article(split: str, index: int, rng: random.Random, titles: set[str]) -> list[dict]:
     """One article and its questions; each record carries "_heldout" (phrasing unseen in training)."""
     values = draw_values(split, rng, titles)
-    facts = ["founding"] + rng.sample([f for f in FACTS if f != "founding"], n_facts := rng.randint(5, 9))
+    facts = ["founding"] + rng.sample(
+        [f for f in FACTS if f != "founding"], n_facts := rng.randint(*FACTS_PER)
+    )
     vague = rng.choice(facts[1:]) if index % 2 else None  # every other article: one unanswerable question
     body = [(FACTS[f]["vague"] if f == vague else rng.choice(FACTS[f]["say"]), f) for f in facts]
-    body += [(t, None) for t in rng.sample(FILLERS, rng.randint(4, 14 - n_facts))]
+    body += [(t, None) for t in rng.sample(FILLERS, rng.randint(0, SENTENCES - n_facts))]
     rng.shuffle(body)
     # Build the context piece by piece so the position of every slot is known, not searched for.
     context, spans = "", {}
