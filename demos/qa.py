@@ -21,7 +21,7 @@ def ask(export: Path, context: str, question: str) -> tuple[list, str]:
     marked = [(context[:start], None), (context[start:end], "answer"), (context[end:], None)]
     note = f"Answer: **{found['answer']}** (p = {found['confidence']:.4f}, characters {start}-{end})"
     tok = qa.load(str(export))[0]
-    n = len(tok(question, context)["input_ids"])
+    n = len(tok(question, context, verbose=False)["input_ids"])  # counted, never fed whole to the model
     if n > tok.model_max_length:
         note += f"\n\nThe document is longer than one window ({n} tokens): read in overlapping windows of {tok.model_max_length}."
     return [piece for piece in marked if piece[0]], note
