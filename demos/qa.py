@@ -20,10 +20,9 @@ def ask(export: Path, context: str, question: str) -> tuple[list, str]:
     start, end = found["start"], found["end"]
     marked = [(context[:start], None), (context[start:end], "answer"), (context[end:], None)]
     note = f"Answer: **{found['answer']}** (p = {found['confidence']:.4f}, characters {start}-{end})"
-    tok = qa.load(str(export))[0]
-    n = len(tok(question, context, verbose=False)["input_ids"])  # counted, never fed whole to the model
-    if n > tok.model_max_length:
-        note += f"\n\nThe document is longer than one window ({n} tokens): read in overlapping windows of {tok.model_max_length}."
+    if found["windows"] > 1:
+        size = qa.load(str(export))[0].model_max_length
+        note += f"\n\nThe document is longer than one window: read in {found['windows']} overlapping windows of {size} tokens."
     return [piece for piece in marked if piece[0]], note
 
 

@@ -260,9 +260,9 @@ def load(export_dir: str):
 
 
 def answer(export_dir: str, question: str, context: str) -> dict:
-    """{answer, start, end, confidence, nbest} for one question about `context`, however long: the same
-    windows and post-processing as the recipe's evaluation, with the settings saved in the export.
-    `start`/`end` are character offsets into `context` (-1 for no answer)."""
+    """{answer, start, end, confidence, nbest, windows} for one question about `context`, however long: the
+    same windows and post-processing as the recipe's evaluation, with the settings saved in the export.
+    `start`/`end` are character offsets into `context` (-1 for no answer); `windows` is how many were read."""
     tok, model = load(str(export_dir))
     qa = getattr(model.config, "qa", None) or {}
     stride = qa.get("doc_stride", tok.model_max_length // 4)
@@ -280,11 +280,11 @@ def answer(export_dir: str, question: str, context: str) -> dict:
         null_threshold=qa.get("null_score_diff_threshold", 0.0),
     )  # fmt: skip
     top = next((c for c in nbest if c["text"] == best), None) if best else None
+    read = {"nbest": nbest, "windows": len(rows)}
     if top is None:  # no answer (SQuAD 2.0), or no span at all
         null = next((c["probability"] for c in nbest if c["text"] == ""), 1.0)
-        return {"answer": "", "start": -1, "end": -1, "confidence": null, "nbest": nbest}
-    return {"answer": best, "start": top["start"], "end": top["end"], "confidence": top["probability"],
-            "nbest": nbest}  # fmt: skip
+        return {"answer": "", "start": -1, "end": -1, "confidence": null} | read
+    return {"answer": best, "start": top["start"], "end": top["end"], "confidence": top["probability"]} | read
 
 
 def predict(argv: list[str]) -> int:
