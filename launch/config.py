@@ -2,14 +2,19 @@
 
 Every recipe declares one dataclass that inherits `TrainConfig`; `parse_config` turns its fields into
 `--kebab-case` flags, so `--help` lists everything and a misspelt key in YAML is an error, not a no-op.
+The comment after a field (`lr: float = 1e-4  # peak learning rate`) is that flag's `--help` text.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
 import signal
 import sys
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
@@ -29,15 +34,15 @@ class TrainConfig:
 
     output_dir: str = ""  # run folder; empty means runs/<name>
     name: str = ""  # run name; empty means the recipe's name
-    seed: int = 42
+    seed: int = 42  # seeds new weights (models from scratch, new heads), data order, masking, dropout
     max_steps: int = 0  # optimizer steps; 0 means run --epochs
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training data (fractions allowed) when --max-steps is 0
     batch_size: int = 32  # per rank, per micro-step
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
+    grad_accum: int = 1  # micro-steps per optimizer step (global batch: batch size x this x ranks)
+    lr: float = 5e-4  # AdamW's peak learning rate, reached after the warmup, then decayed linearly to 0
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay (none on biases and norm weights)
+    warmup_ratio: float = 0.06  # share of the optimizer steps spent warming the learning rate up from 0
+    max_grad_norm: float = 1.0  # clip the gradients' global norm to this; 0: no clipping
     peak_tflops: float = 0.0  # the device's dense peak for train/mfu; 0: from launch.flops' table (GPUs)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deepspeed on GPU); auto: bf16 on GPUs, else fp32
     compile: bool = False  # torch.compile each transformer block (ddp, fsdp); names in checkpoints unchanged
@@ -50,7 +55,7 @@ class TrainConfig:
     xla_buckets: str = ""  # --backend xla: padded lengths, e.g. 32,64,128; empty: powers of 2 to max_length
     eval_every: int = 0  # steps between evaluations; 0 means only at the end
     eval_batch_size: int = 0  # per rank; 0 means --batch-size
-    log_every: int = 10
+    log_every: int = 10  # steps between train/ metrics (loss, learning rate, throughput)
     num_workers: int = 0  # DataLoader worker processes per rank
     save_every: int = 0  # steps between checkpoints; 0: only at the end and on a stop signal
     save_every_minutes: float = 0.0  # also save when this much time has passed since the last save
@@ -63,7 +68,7 @@ class TrainConfig:
     stop_signals: str = "SIGTERM,SIGUSR1"  # save at the next step boundary and exit 75
     requeue: bool = False  # under Slurm, requeue the job after a stop signal's save
     tracker: str = "wandb"  # wandb | none; wandb is offline unless WANDB_API_KEY or WANDB_MODE is set
-    wandb_project: str = "recipebox"
+    wandb_project: str = "recipebox"  # the W&B project the run is logged to
     check_replicas: bool = (
         False  # log a per-rank fingerprint of the final weights (a test's check: gathers all)
     )
@@ -119,20 +124,71 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's comment in its class body, `name: type = default  # comment` (also a comment inside a
+    default wrapped in parentheses); a subclass's comment wins, a field it redeclares without one keeps its
+    base class's."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source file (a class made at run time): no help text
+            continue
+        helps.update(_body_comments(source))
+    return helps
+
+
+def _body_comments(source: str) -> dict[str, str]:
+    comments: dict[str, str] = {}
+    body_col, field, at_start, prev = None, None, False, None
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.INDENT and body_col is None:
+            body_col = len(tok.string)
+        if tok.type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            field, at_start = None, True
+            continue
+        if tok.type == tokenize.COMMENT and field:
+            text = tok.string.lstrip("#").strip()
+            comments[field] = f"{comments[field]} {text}" if field in comments else text
+        elif tok.type == tokenize.OP and tok.string == ":" and prev is not None and prev.start[1] == body_col:
+            field = prev.string  # `name:` at the start of a statement in the class body
+        if tok.type not in (tokenize.NL, tokenize.COMMENT):
+            prev = tok if at_start and tok.type == tokenize.NAME else None
+            at_start = False
+    return comments
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def parse_config(cls: type, argv: list[str] | None = None, description: str | None = None):
     """Build `cls` from defaults < YAML (--config) < CLI flags; unknown keys and bad values raise ConfigError."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     # Each option's help names its real default itself: argparse's default is None (meaning "not given").
-    parser = argparse.ArgumentParser(description=description)
+    # The description keeps its line breaks (the recipes' docstrings list launch commands one per line).
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    helps = field_help(cls)
     parser.add_argument("--config", help="YAML file of options; CLI flags override it")
     # The deepspeed launcher appends --local_rank=N; the runtime reads LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for name, field in fields.items():
         tp = _field_type(hints[name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"(default: {default!r})"}
+        shown = "" if default is None else f"(default: {_shown(default)})"  # None: the comment says what
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": None,
+            "help": f"{helps.get(name, '')} {shown}".strip().replace("%", "%%"),  # argparse formats with %
+        }
         kwargs["type"] = _parse_bool if tp is bool else tp
         if tp is bool:
             kwargs["metavar"] = "{true,false}"

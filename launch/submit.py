@@ -161,7 +161,8 @@ def _recipe_options(recipe: Path, python: str) -> frozenset[str]:
     out = subprocess.run([python, str(recipe), "--help"], capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise SubmitError(f"{recipe} --help failed (status {out.returncode}):\n{out.stderr.strip()[-2000:]}")
-    return frozenset(re.findall(r"--([a-z][a-z0-9-]*)", out.stdout))
+    # The option list's own lines only: help texts and the description also mention flags (and torchrun's)
+    return frozenset(re.findall(r"^  (?:-\w, )?--([a-z][a-z0-9-]*)", out.stdout, re.MULTILINE))
 
 
 def check_options(recipe: Path, args: list[str], grid_keys: list[str], python: str = sys.executable) -> None:

@@ -1,4 +1,4 @@
-"""Fine-tune (or train from scratch) a wav2vec2 model for speech recognition with CTC; score WER and CER.
+r"""Fine-tune (or train from scratch) a wav2vec2 model for speech recognition with CTC; score WER and CER.
 
 Features: a manifest (CSV/TSV/JSON lines: an audio path relative to the manifest, a transcript), a folder of
 audio files with same-named .txt transcripts, or a `datasets` name with an audio column (read undecoded, its
@@ -67,27 +67,27 @@ class ASRConfig(TrainConfig):
     validation_manifest: str = str(TOY / "validation.csv")  # empty: no validation
     test_manifest: str = str(TOY / "test.csv")  # empty: none; evaluated once after training
     dataset_config: str = ""  # a `datasets` name given as a manifest: its config and split names
-    train_split: str = "train"
-    validation_split: str = "validation"
-    test_split: str = "test"
-    audio_column: str = "audio"
-    text_column: str = "text"
+    train_split: str = "train"  # a `datasets` name: the split to train on
+    validation_split: str = "validation"  # a `datasets` name: the split to validate on
+    test_split: str = "test"  # a `datasets` name: the split to test on
+    audio_column: str = "audio"  # the manifest column (or `datasets` field) holding the clip
+    text_column: str = "text"  # the manifest column (or `datasets` field) holding the transcript
     chars_to_ignore: str = ",?.!-;:\"%'“”‘’"  # removed from transcripts (after lowercasing)
     max_seconds: float = 20.0  # longer clips stop the run before training (or --skip-long)
     skip_long: bool = False  # drop clips over --max-seconds (counted) instead of stopping
     check_audio: str = "full"  # full: decode every clip before training | header: headers only (faster)
     model: str = ""  # folder or hub name of a wav2vec2-style CTC model; empty: one from the sizes below
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let a hub repository run its own model code
     freeze_feature_encoder: bool = False  # pretrained models: no gradient through the conv front end
     conv_channels: int = 32  # 7 conv layers (strides 5,2,2,2,2,2,2: 20 ms frames)
-    hidden_size: int = 128
-    num_layers: int = 3
-    num_heads: int = 4
-    intermediate_size: int = 256
-    dropout: float = 0.0
+    hidden_size: int = 128  # model built from scratch: width
+    num_layers: int = 3  # model built from scratch: transformer layers
+    num_heads: int = 4  # model built from scratch: attention heads
+    intermediate_size: int = 256  # model built from scratch: feed-forward width
+    dropout: float = 0.0  # model built from scratch: every dropout of the model
     layerdrop: float = 0.0  # > 0 only under --backend fsdp (other backends need every layer on every rank)
     mask_time_prob: float = 0.05  # SpecAugment; masks never longer than the shortest clip
-    mask_time_length: int = 4
+    mask_time_length: int = 4  # SpecAugment: frames per time mask
     epochs: float = 16.0  # the toy set: 600 steps on 2 ranks, test WER about 0.27 (docs/speech.md)
     batch_size: int = 8
     lr: float = 3e-3

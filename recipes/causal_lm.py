@@ -49,25 +49,27 @@ class CausalLMConfig(TrainConfig):
     eval_fraction: float = 0.1  # share of documents held out when no --validation-files is given
     documents: str = "blank_line"  # blank_line: a blank line ends a document; line: every line is one
     text_key: str = "text"  # JSON lines / `datasets`: the field holding the text
-    dataset_config: str = ""
-    train_split: str = "train"
-    validation_split: str = "validation"
+    dataset_config: str = ""  # the `datasets` configuration name, when the files are a `datasets` name
+    train_split: str = "train"  # a `datasets` name: the split to train on
+    validation_split: str = (
+        "validation"  # a `datasets` name: the split to validate on (missing: --eval-fraction)
+    )
     model: str = ""  # folder or hub name of a causal LM; empty: a GPT-2 built from the sizes below
     tokenizer: str = (
         ""  # folder or hub name; empty: the model's, or a byte-level BPE trained on the documents
     )
-    vocab_size: int = 2000
-    n_embd: int = 128
-    n_layer: int = 2
-    n_head: int = 2
-    dropout: float = 0.1
+    vocab_size: int = 2000  # byte-level BPE pieces to train when there is no tokenizer
+    n_embd: int = 128  # model built from scratch: width
+    n_layer: int = 2  # model built from scratch: transformer layers
+    n_head: int = 2  # model built from scratch: attention heads
+    dropout: float = 0.1  # model built from scratch: residual, embedding and attention dropout
     block_size: int = 128  # tokens per training row
     packing: str = "blocks"  # blocks: documents packed across row boundaries | none: one row per document
     prompts: str = "Then,|One morning at the|Later, the"  # evaluation's generation prompts, split at |
     max_new_tokens: int = 24  # evaluation's continuations (greedy), and the export's default
     temperature: float = 0.8  # the export's sampling defaults (predict, demo)
-    top_p: float = 0.95
-    trust_remote_code: bool = False
+    top_p: float = 0.95  # nucleus sampling: the smallest set of tokens holding this much probability
+    trust_remote_code: bool = False  # let a hub repository run its own model code
     epochs: float = 6.0
     batch_size: int = 16
     lr: float = 2e-3

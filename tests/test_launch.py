@@ -306,3 +306,57 @@ def test_text_rows_go_to_metrics_jsonl_and_a_wandb_table_but_not_to_summaries(tm
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["eval/samples"] == rows and record["eval/perplexity"] == 9.5
     assert scalars(record) == {"step": 3, "time": record["time"], "eval/perplexity": 9.5}
+
+
+@dataclass
+class CommentedConfig(DemoConfig):
+    max_length: int = 64
+    prefix: str | None = None  # prepended to every text; default: none
+    # fmt: off
+    wrapped: bool = (
+        True  # a comment that ruff moved inside the parentheses
+    )  # and one after them
+    # fmt: on
+    percent: str = "5%"  # a share, like 5%
+
+
+def test_field_comments_become_the_flags_help(capsys):
+    from launch.config import field_help
+
+    helps = field_help(CommentedConfig)
+    assert helps["lr"].startswith("AdamW's peak learning rate")  # TrainConfig's comment, inherited
+    assert helps["wrapped"] == "a comment that ruff moved inside the parentheses and one after them"
+    assert "max_length" not in helps and "train_files" not in helps
+    with pytest.raises(SystemExit):
+        parse_config(CommentedConfig, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--percent PERCENT a share, like 5% (default: '5%')" in out  # no crash on % in help
+    assert "--prefix PREFIX prepended to every text; default: none --" in out  # no "(default: None)"
+    assert "--wrapped {true,false} a comment that ruff moved" in out and "(default: true)" in out
+    assert "--max-length MAX_LENGTH (default: 64)" in out  # the subclass's default
+
+
+RECIPES = ["mlm_nsp", "text_classification", "ner", "qa", "causal_lm", "summarization", "asr_ctc"]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_option_has_help_and_predict_has_usage(name, capsys):
+    import dataclasses
+    import importlib
+
+    from launch.config import field_help
+
+    module = importlib.import_module(f"recipes.{name}")
+    (config,) = [v for k, v in vars(module).items() if k.endswith("Config") and v is not TrainConfig]
+    helps = field_help(config)
+    assert [f.name for f in dataclasses.fields(config) if not helps.get(f.name)] == []
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    commands = [line for line in module.__doc__.split("\nLaunch:\n")[1].splitlines() if line.strip()]
+    assert commands and set(commands) <= set(out.splitlines())  # the docstring's commands keep their lines
+    with pytest.raises(SystemExit) as done:
+        module.main(["predict", "--help"])
+    assert done.value.code == 0
+    assert f"{name}.py predict" in capsys.readouterr().out

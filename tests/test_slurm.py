@@ -213,6 +213,11 @@ def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch):
         submit.submit("recipes/nope.py", root=tmp_path, cluster="local")
     with pytest.raises(submit.SubmitError, match=r"mlm_nsp.py has no option --learning-rate; see"):
         submit.submit(RECIPE, [], [{"learning_rate": "1"}], root=tmp_path, cluster="local")
+    # asr_ctc's --help shows a default with a % in it; its usage mentions torchrun's --nproc_per_node
+    speech = submit.resolve_recipe("recipes/asr_ctc.py")
+    submit.check_options(speech, ["--train-manifest", "m.csv"], ["chars_to_ignore"])
+    with pytest.raises(submit.SubmitError, match=r"asr_ctc.py has no option --nproc"):
+        submit.check_options(speech, ["--nproc=2"], [])
     monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo
     with pytest.raises(submit.SubmitError, match=r"no Slurm cluster answers .*slurm/local_cluster.sh up"):
         submit.submit(RECIPE, root=tmp_path, check=False)
