@@ -13,7 +13,7 @@ from pathlib import Path
 
 TRAIN = {"train/loss": "train loss", "train/lr": "learning rate"}
 SPLITS = ("eval", "test")
-COUNTERS = {"examples", "sentences", "samples", "tokens", "steps", "runtime"}  # sizes, not scores
+COUNTERS = {"examples", "sentences", "samples", "tokens", "steps", "runtime", "total"}  # sizes, not scores
 MAX_PANELS = 8
 COLUMNS = 4
 PANEL_INCHES = (2.6, 1.9)  # width, height of one panel
@@ -47,9 +47,11 @@ def panels(curves: dict[str, dict[int, float]]) -> list[tuple[str, dict[str, dic
     grouped: dict[str, dict[str, dict[int, float]]] = {}
     for key, values in curves.items():
         split, _, name = key.partition("/")
-        if split in SPLITS and name and "/" not in name and name not in COUNTERS:
+        counter = name in COUNTERS or name.rsplit("_", 1)[-1] in COUNTERS  # QA's total, HasAns_total, ...
+        if split in SPLITS and name and "/" not in name and not counter:
             grouped.setdefault(name, {})[split] = values
-    for name in sorted(grouped, key=lambda name: name != "loss"):  # the loss first, then as logged
+    # The loss first, then as logged, with breakdowns by subset last (QA's HasAns_f1, NoAns_exact, ...)
+    for name in sorted(grouped, key=lambda name: (name != "loss", name[:1].isupper())):
         series = grouped[name]
         out.append((f"{' & '.join(series)} {name}", series))
     return out[:MAX_PANELS]

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from checkpoints.curves import plot_curves
+from checkpoints.sharded import CheckpointError
 
 PROCESSOR = "processor"  # RUN/processor, and hf/processor in every checkpoint
 CURVES = "curves.png"  # beside the model card, which embeds it
@@ -96,3 +97,18 @@ def _with_files(examples: dict, folder: Path) -> dict:
                 values.append(value)
             out[endpoint].append(values)
     return out
+
+
+def saved_examples(export_dir: str | Path, endpoint: str, fix: str) -> list[list]:
+    """The held-out inputs the recipe saved with an export for one endpoint (file names relative to the
+    export, as written); what a `predict` without input runs on. `fix` is how to give input instead."""
+    path = Path(export_dir) / "examples.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist (the recipe saves it with each export); {fix}")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")).get(endpoint, [])
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not rows:
+        raise CheckpointError(f"{path} holds no {endpoint!r} examples; {fix}")
+    return rows

@@ -230,6 +230,13 @@ def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
 def validate_train_config(cfg: TrainConfig) -> None:
     check_choice(cfg, "precision", ("auto", "fp32", "bf16", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
+    if cfg.tracker == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "--tracker wandb (the default) needs the wandb package: pip install wandb, or pass --tracker none"
+            )
     from launch.backends import BACKENDS
 
     check_choice(cfg, "backend", tuple(BACKENDS))

@@ -60,11 +60,12 @@ class Tracker:
 
     @staticmethod
     def _wandb_value(value):
-        """Rows of text (a causal LM's generated samples: [prompt, continuation]) become a W&B table."""
-        if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+        """Rows of text ({column: text}, e.g. a causal LM's {prompt, continuation}) become a W&B table."""
+        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
             import wandb
 
-            return wandb.Table(columns=["prompt", "continuation"][: len(value[0])], data=value)
+            columns = list(value[0])
+            return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in value])
         return value
 
     def summary(self, metrics: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from checkpoints.export import saved_examples
 from data.speech import (
     SAMPLE_RATE,
     build_vocab,
@@ -301,7 +302,10 @@ class ASRTask:
             for ref, hyp in records:
                 row = {"audio": self.clips[ref], "reference": self.references[ref], "transcript": hyp}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        shown = [[Path(self.clips[r]).name, self.references[r], h] for r, h in records[: self.cfg.samples]]
+        shown = [
+            {"clip": Path(self.clips[r]).name, "reference": self.references[r], "transcript": h}
+            for r, h in records[: self.cfg.samples]
+        ]
         return {"samples": shown} if shown else {}
 
     def before_export(self, model):
@@ -335,11 +339,17 @@ def transcribe(export_dir, audio_path) -> str:
 def predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="asr_ctc.py predict", description="Transcribe audio files.")
     parser.add_argument("export", help="an export folder (RUN/export)")
-    parser.add_argument("audio", nargs="+", help="wav, flac or ogg files")
+    parser.add_argument(
+        "audio", nargs="*", help="wav, flac or ogg files; default: the export's held-out clips"
+    )
     args = parser.parse_args(argv)
-    for path in args.audio:
+    clips = args.audio or [
+        str(Path(args.export) / name)
+        for (name,) in saved_examples(args.export, "transcribe", "give audio files")
+    ]
+    for path in clips:
         text = transcribe(args.export, path)
-        print(f"{path}\t{text}" if len(args.audio) > 1 else text)
+        print(f"{path}\t{text}" if len(clips) > 1 else text)
     return 0
 
 

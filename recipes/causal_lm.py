@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints.export import saved_examples
 from data.lm import read_corpus, tokenize_corpus
 from data.tokenizer import load_tokenizer, train_byte_bpe
 from kernels import collate_padded
@@ -213,7 +214,7 @@ class CausalLMTask:
             ids = generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id)  # fmt: skip
             texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            self.samples = [[p, t] for p, t in zip(self.prompts, texts)]
+            self.samples = [{"prompt": p, "continuation": t} for p, t in zip(self.prompts, texts)]
         return {}, []
 
     def summarize(self, records, means, split):
@@ -269,15 +270,21 @@ def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = 
 def predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="causal_lm.py predict", description="Continue a prompt.")
     parser.add_argument("export", help="an export folder (RUN/export)")
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", nargs="?", help="default: the export's evaluation prompts")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the export's")
     parser.add_argument("--temperature", type=float, default=None, help="0: greedy; default: the export's")
     parser.add_argument("--top-p", type=float, default=None, help="default: the export's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    text = generate_text(args.export, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # fmt: skip
-    print(args.prompt + text)
+    prompts = (
+        [args.prompt]
+        if args.prompt
+        else [r[0] for r in saved_examples(args.export, "generate", "give a prompt")]
+    )
+    for prompt in prompts:
+        text = generate_text(args.export, prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # fmt: skip
+        print(prompt + text)
     return 0
 
 

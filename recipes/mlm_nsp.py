@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import random
 import sys
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoints.export import saved_examples
 from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
 from data.text import read_documents
 from data.tokenizer import load_tokenizer, train_wordpiece
@@ -314,12 +314,10 @@ def predict(argv: list[str]) -> int:
         "--pair", nargs=2, metavar=("A", "B"), help="two sentences: is B the next one after A?"
     )
     args = parser.parse_args(argv)
-    saved = Path(args.export) / "examples.json"
-    examples = json.loads(saved.read_text()) if saved.is_file() else {}
-    texts = [args.text] if args.text else [t for (t,) in examples.get("fill_mask", [])]
-    pairs = [args.pair] if args.pair else examples.get("next_sentence", [])
-    if not texts and not pairs:
-        raise ConfigError(f"{saved} is missing: give --text and/or --pair")
+    texts, pairs = ([args.text] if args.text else []), ([args.pair] if args.pair else [])
+    if not texts and not pairs:  # the held-out examples saved with the export
+        texts = [t for (t,) in saved_examples(args.export, "fill_mask", "give --text and/or --pair")]
+        pairs = saved_examples(args.export, "next_sentence", "give --text and/or --pair")
     for text in texts:
         print(f"fill-mask: {text}")
         for token, score in fill_mask(args.export, text):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints.export import saved_examples
 from data.ner import (
     NO_WORD,
     TAG_SCHEMES,
@@ -218,10 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["predict"]:
         parser = argparse.ArgumentParser(prog="ner.py predict", description="Tag every word of a text.")
         parser.add_argument("export", help="an export folder (RUN/export)")
-        parser.add_argument("text", help="the text, quoted; printed back one word and its tag a line")
+        parser.add_argument(
+            "text",
+            nargs="?",
+            help="the text, quoted (printed back a word and its tag a line); default: held-out sentences",
+        )
         args = parser.parse_args(argv[1:])
-        for word, tag in predict(args.export, args.text):
-            print(f"{word}\t{tag}")
+        texts = (
+            [args.text] if args.text else [r[0] for r in saved_examples(args.export, "tag", "give a text")]
+        )
+        for i, text in enumerate(texts):
+            if i:
+                print()  # a blank line between sentences
+            for word, tag in predict(args.export, text):
+                print(f"{word}\t{tag}")
         return 0
     cfg = parse_config(NERConfig, argv, description=__doc__)
     _validate(cfg)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from checkpoints.export import saved_examples
 from data.qa import (
     encode_features,
     fit_null_threshold,
@@ -290,11 +291,18 @@ def answer(export_dir: str, question: str, context: str) -> dict:
 def predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="qa.py predict", description="Answer a question about a text.")
     parser.add_argument("export", help="an export folder (RUN/export)")
-    parser.add_argument("question")
-    given = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("question", nargs="?", help="default: the export's held-out questions")
+    given = parser.add_mutually_exclusive_group()
     given.add_argument("--context", help="the text that holds the answer")
     given.add_argument("--context-file", help="a UTF-8 text file that holds the answer")
     args = parser.parse_args(argv)
+    if not args.question and not (args.context or args.context_file):
+        for context, question in saved_examples(args.export, "answer", "give a question and --context"):
+            print(f"Q: {question}")
+            _print_answer(answer(args.export, question, context))
+        return 0
+    if not args.question or not (args.context or args.context_file):
+        parser.error("give a question and --context or --context-file (or neither: the held-out examples)")
     context = args.context
     if args.context_file:
         try:
@@ -303,12 +311,15 @@ def predict(argv: list[str]) -> int:
             raise ConfigError(
                 f"--context-file {args.context_file}: cannot read it as UTF-8 text ({err})"
             ) from None
-    found = answer(args.export, args.question, context)
+    _print_answer(answer(args.export, args.question, context))
+    return 0
+
+
+def _print_answer(found: dict) -> None:
     if not found["answer"]:
         print(f"no answer in the text (p={found['confidence']:.3f})")
     else:
         print(f"{found['answer']}\tp={found['confidence']:.3f}\tcharacters {found['start']}-{found['end']}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

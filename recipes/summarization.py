@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints.export import saved_examples
 from data.summarization import (
     ROUGE_KEYS,
     clean_summary,
@@ -324,7 +325,10 @@ class SummarizationTask:
                 row = {"text": self.texts[ref], "reference": self.references[ref], "summary": summary,
                        "rougeL": rouge_scores(summary, self.references[ref])["rougeL"]}  # fmt: skip
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        shown = [[self.texts[r], self.references[r], s] for r, s in records[: self.cfg.samples]]
+        shown = [
+            {"text": self.texts[r], "reference": self.references[r], "summary": s}
+            for r, s in records[: self.cfg.samples]
+        ]
         return {"samples": shown} if shown else {}
 
     def before_export(self, model):
@@ -401,12 +405,7 @@ def predict(argv: list[str]) -> int:
     elif args.text:
         texts = [args.text]
     else:
-        examples = Path(args.export) / "examples.json"
-        texts = (
-            [row[0] for row in json.loads(examples.read_text())["summarize"]] if examples.is_file() else []
-        )
-        if not texts:
-            raise ConfigError("give a text, or --file FILE")
+        texts = [row[0] for row in saved_examples(args.export, "summarize", "give a text, or --file FILE")]
     for text, summary in zip(texts, summarize_texts(args.export, texts, num_beams=args.num_beams,
                                                      max_new_tokens=args.max_new_tokens)):  # fmt: skip
         if len(texts) > 1:

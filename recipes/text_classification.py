@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from checkpoints.export import saved_examples
 from data.classification import (
     DEFAULT_THRESHOLD,
     MULTI_CLASS,
@@ -258,9 +259,16 @@ def main(argv: list[str] | None = None) -> int:
             prog="text_classification.py predict", description="Classify texts with an export's labels."
         )
         parser.add_argument("export", help="an export folder (RUN/export)")
-        parser.add_argument("texts", nargs="+", help="texts, quoted; each printed with its label(s)")
+        parser.add_argument(
+            "texts",
+            nargs="*",
+            help="texts, quoted, each printed with its label(s); default: the export's held-out texts",
+        )
         args = parser.parse_args(argv[1:])
-        for text, result in zip(args.texts, predict(args.export, args.texts)):
+        texts = args.texts or [
+            r[0] for r in saved_examples(args.export, "classify", "give one or more texts")
+        ]
+        for text, result in zip(texts, predict(args.export, texts)):
             print(f"{text}\t{result}")
         return 0
     cfg = parse_config(ClassificationConfig, argv, description=__doc__)

@@ -183,3 +183,12 @@ def job_completes(job_id: str, log, timeout: float) -> str:
     text = log.read_text() if log.exists() else ""
     assert state == "COMPLETED", f"job {job_id} {state}\n{text[-3000:]}"
     return text
+
+
+def wandb_tables(out, key: str) -> list[dict]:
+    """The W&B tables an offline run logged under `key` (e.g. "eval/samples"), oldest first, each
+    {"columns": [...], "data": [[...], ...]} as wandb wrote it under RUN/wandb/offline-run-*/files/media."""
+    prefix, name = key.rsplit("/", 1)
+    paths = list(out.glob(f"wandb/offline-run-*/files/media/table/{prefix}/{name}_*.table.json"))
+    paths.sort(key=lambda p: int(p.name.split("_")[-2]))  # <name>_<step>_<hash>.table.json
+    return [json.loads(p.read_text()) for p in paths]

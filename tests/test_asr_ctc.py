@@ -31,7 +31,8 @@ TOY = REPO / "data" / "toy" / "speech"
 def toy_run(tmp_path_factory):
     """The default run on 2 ranks: 600 steps of 2 x 8 clips, about 1.5 minutes on 2 cores."""
     out = tmp_path_factory.mktemp("asr") / "toy"
-    proc = recipe_runs.torchrun(RECIPE, "--output-dir", str(out), "--tracker", "none", "--log-every", "50",
+    # The README's command as it is (W&B offline is the default tracker), plus the replica check
+    proc = recipe_runs.torchrun(RECIPE, "--output-dir", str(out), "--log-every", "50",
                                 "--check-replicas", "true", timeout=2400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, read_metrics(out)
@@ -48,6 +49,11 @@ def test_the_default_run_transcribes_voices_it_never_heard(toy_run):
     assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
     rows = [json.loads(x) for x in (out / "predictions" / "test.jsonl").read_text().splitlines()]
     assert len(rows) == 80 and sum(r["transcript"] == r["reference"] for r in rows) > 40
+    tables = recipe_runs.wandb_tables(out, "eval/samples")  # every evaluation's first clips, as W&B tables
+    assert tables and all(t["columns"] == ["clip", "reference", "transcript"] for t in tables)
+    assert [r[1:] for r in tables[-1]["data"]] == [
+        [s["reference"], s["transcript"]] for s in m["eval/samples"]
+    ]
     for row in rows[:6]:
         print(f"{row['reference']!r:>24} -> {row['transcript']!r}")
 
@@ -87,6 +93,17 @@ def test_predict_transcribes_real_speech_as_the_pipeline_does(toy_run):
     asr = pipeline("automatic-speech-recognition", model=str(export))
     assert proc.stdout.rstrip("\n") == asr({"raw": read_audio(jfk), "sampling_rate": 16000})["text"]
     assert set(proc.stdout.strip()) <= set("zeroonetwthfivsxg ")  # the toy vocabulary's characters
+
+
+def test_predict_without_a_clip_transcribes_the_held_out_clips_of_the_export(toy_run, capsys):
+    from recipes.asr_ctc import main, transcribe
+
+    export = toy_run[0] / "export"
+    assert main(["predict", str(export)]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    saved = json.loads((export / "examples.json").read_text())["transcribe"]
+    assert [path for path, _ in lines] == [str(export / name) for (name,) in saved] and len(lines) == 3
+    assert all(text == transcribe(str(export), path) for path, text in lines)
 
 
 @pytest.mark.slow

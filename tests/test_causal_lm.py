@@ -64,12 +64,12 @@ def test_held_out_perplexity_is_far_below_a_unigram_models(lm_run):
     unigram = unigram_perplexity(train["input_ids"], evals["input_ids"])
     samples = m["eval/samples"]
     print(f"causal LM: held-out perplexity {m['eval/perplexity']:.2f} (unigram {unigram:.1f}); samples:")
-    for prompt, text in samples:
-        print(f"  {prompt!r} -> {text!r}")
+    for row in samples:
+        print(f"  {row['prompt']!r} -> {row['continuation']!r}")
     assert m["eval/perplexity"] == pytest.approx(math.exp(m["eval/loss"]))
     assert m["eval/perplexity"] < unigram / 4
-    assert [p for p, _ in samples] == ["Then,", "One morning at the", "Later, the"]
-    assert all(isinstance(t, str) and t.strip() for _, t in samples)
+    assert [r["prompt"] for r in samples] == ["Then,", "One morning at the", "Later, the"]
+    assert all(isinstance(r["continuation"], str) and r["continuation"].strip() for r in samples)
     assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
     # Model FLOP/s per device from the tokens/s; no MFU without a known peak (a CPU).
     flops = train_flops_per_token(GPT2Config.from_pretrained(out / "export"), seq_len=128)
@@ -93,7 +93,7 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_perplexity(lm_run,
 
 
 @pytest.mark.slow
-def test_export_generates_in_the_pipeline_and_predict_prints_the_same(lm_run):
+def test_export_generates_in_the_pipeline_and_predict_prints_the_same(lm_run, capsys):
     from transformers import pipeline
 
     from recipes.causal_lm import generate_text
@@ -110,6 +110,12 @@ def test_export_generates_in_the_pipeline_and_predict_prints_the_same(lm_run):
     proc = python("predict", str(export), "Then,", "--max-new-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.rstrip("\n") == "Then," + greedy
+    from recipes.causal_lm import main  # no prompt: the export's evaluation prompts, one continuation each
+
+    assert main(["predict", str(export), "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    prompts = ["Then,", "One morning at the", "Later, the"]
+    each = [p + generate_text(str(export), p, max_new_tokens=12, temperature=0) + "\n" for p in prompts]
+    assert capsys.readouterr().out == "".join(each) and each[0] == "Then," + greedy + "\n"
 
 
 @pytest.mark.slow

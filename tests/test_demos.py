@@ -214,7 +214,27 @@ def test_a_folder_without_an_export_stops_with_exit_2(tmp_path, target):
     assert "Traceback" not in proc.stderr
 
 
-def test_predict_entry_prints_the_saved_examples(exports):
+def test_predict_entry_prints_the_saved_examples(exports, capsys):
     proc = run([sys.executable, RECIPE, "predict", str(exports["mlm_nsp"])], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("fill-mask:") == 3 and proc.stdout.count("next sentence? p=") == 6
+    # The other recipes' predict entries do the same in this process (the command line is the same main)
+    from checkpoints.sharded import CheckpointError
+    from recipes import ner, text_classification
+
+    saved = json.loads((exports["ner"] / "examples.json").read_text())["tag"]
+    assert ner.main(["predict", str(exports["ner"])]) == 0
+    blocks = capsys.readouterr().out.strip("\n").split("\n\n")
+    assert blocks == [
+        "\n".join(f"{w}\t{t}" for w, t in ner.predict(str(exports["ner"]), s)) for (s,) in saved
+    ]
+    saved = [
+        t for (t,) in json.loads((exports["text_classification"] / "examples.json").read_text())["classify"]
+    ]
+    assert text_classification.main(["predict", str(exports["text_classification"])]) == 0
+    labels = text_classification.predict(str(exports["text_classification"]), saved)
+    assert capsys.readouterr().out.splitlines() == [f"{t}\t{r}" for t, r in zip(saved, labels)] and saved
+    missing = exports["ner"].parent / "no_examples"
+    missing.mkdir()
+    with pytest.raises(CheckpointError, match=r"no_examples/examples.json does not exist .*; give a text"):
+        ner.main(["predict", str(missing)])

@@ -58,6 +58,23 @@ def test_async_save_is_refused_where_the_backend_saves_its_own_format(backend):
         validate_train_config(cfg)
 
 
+def test_a_missing_wandb_package_is_named_before_anything_starts(monkeypatch):
+    """A GPU node's environment built without wandb: the default tracker says what to do, not a traceback."""
+    import importlib.util
+
+    from launch.config import validate_train_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(
+        ConfigError, match="needs the wandb package: pip install wandb, or pass --tracker none"
+    ):
+        validate_train_config(parse_config(DemoConfig, []))
+    validate_train_config(parse_config(DemoConfig, ["--tracker", "none"]))
+
+
 def test_missing_config_file_and_help(tmp_path, capsys):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(DemoConfig, ["--config", str(tmp_path / "nope.yaml")])
@@ -293,16 +310,26 @@ def test_text_rows_go_to_metrics_jsonl_and_a_wandb_table_but_not_to_summaries(tm
     logged = []
     tracker = Tracker(tmp_path, enabled=True, use_wandb=True, project="t", name="t", config={})
     monkeypatch.setattr(tracker.run, "log", lambda metrics, step: logged.append(metrics))
-    rows = [["Then,", " the bright signal."], ["Later, the", " old mug."]]
+    rows = [
+        {"prompt": "Then,", "continuation": " the bright signal."},
+        {"prompt": "Later, the", "continuation": " old mug."},
+    ]
     tracker.log({"eval/perplexity": 9.5, "eval/samples": rows}, step=3)
     tracker.summary({"eval/perplexity": 9.5, "eval/samples": rows})
     summary = tracker.run.summary
     assert summary.get("eval/perplexity") == 9.5 and "eval/samples" not in summary.keys()
     tracker.finish()
     table = logged[0]["eval/samples"]
-    assert (
-        isinstance(table, wandb.Table) and table.columns == ["prompt", "continuation"] and table.data == rows
-    )
+    assert isinstance(table, wandb.Table) and table.columns == ["prompt", "continuation"]
+    assert table.data == [["Then,", " the bright signal."], ["Later, the", " old mug."]]
+    # a summarization or speech table has three columns
+    rows3 = [{"clip": "a.flac", "reference": "five", "transcript": "fife"}]
+    tracker = Tracker(tmp_path / "asr", enabled=True, use_wandb=True, project="t", name="t", config={})
+    monkeypatch.setattr(tracker.run, "log", lambda metrics, step: logged.append(metrics))
+    tracker.log({"eval/samples": rows3}, step=1)
+    tracker.finish()
+    assert logged[1]["eval/samples"].columns == ["clip", "reference", "transcript"]
+    assert logged[1]["eval/samples"].data == [["a.flac", "five", "fife"]]
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["eval/samples"] == rows and record["eval/perplexity"] == 9.5
     assert scalars(record) == {"step": 3, "time": record["time"], "eval/perplexity": 9.5}

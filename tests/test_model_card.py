@@ -59,6 +59,18 @@ def test_panels_are_training_loss_lr_then_headline_metrics_with_test_beside_eval
     assert "examples" in COUNTERS  # eval/examples is a count, not a score, so it has no panel
 
 
+def test_question_answering_panels_skip_counts_and_put_subsets_last(tmp_path):
+    """QA logs exact and f1, then the same for answerable (HasAns_) and unanswerable (NoAns_) questions, with
+    their counts (total, HasAns_total): the counts get no panel, and best_f1 is not crowded out by subsets."""
+    names = ["exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact", "NoAns_f1",
+             "NoAns_total", "best_f1", "best_f1_threshold"]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, [train(1, 1.0), {"step": 1, "eval/loss": 0.5, **{f"eval/{n}": 60.0 for n in names}}])
+    titles = [title for title, _ in panels(read_curves(path))]
+    assert titles == ["train loss", "learning rate", "eval loss", "eval exact", "eval f1", "eval best_f1",
+                      "eval best_f1_threshold", "eval HasAns_exact"]  # fmt: skip
+
+
 def test_panels_are_at_most_eight(tmp_path):
     path = tmp_path / "metrics.jsonl"
     write_metrics(path, [train(1, 1.0), {"step": 1, **{f"eval/m{i}": i / 10 for i in range(10)}}])

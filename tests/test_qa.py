@@ -133,6 +133,21 @@ def test_predict_answers_beyond_the_first_window(qa_run, tmp_path):
     assert f"characters {found['start']}-{found['end']}" in proc.stdout
 
 
+def test_predict_without_a_question_answers_the_held_out_examples(qa_run, capsys):
+    from recipes.qa import answer, main
+
+    export = qa_run[0] / "export"
+    assert main(["predict", str(export)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    saved = json.loads((export / "examples.json").read_text())["answer"]
+    assert shown[0::2] == [f"Q: {question}" for _, question in saved] and len(shown) == 2 * len(saved) == 6
+    for line, (context, question) in zip(shown[1::2], saved):
+        assert line.split("\t")[0] == answer(str(export), question, context)["answer"]
+    with pytest.raises(SystemExit) as stop:  # a question needs its text
+        main(["predict", str(export), "Who founded the club?"])
+    assert stop.value.code == 2 and "give a question and --context" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_page_highlights_the_answer_in_the_document(qa_run, browser):
     from gradio_client import Client

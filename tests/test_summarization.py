@@ -30,7 +30,8 @@ python = functools.partial(recipe_runs.python, RECIPE, timeout=900)
 @pytest.fixture(scope="module")
 def t5_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sum") / "t5"
-    proc = recipe_runs.torchrun(RECIPE, "--output-dir", str(out), "--tracker", "none", "--log-every", "20",
+    # The README's command as it is (W&B offline is the default tracker), plus the replica check
+    proc = recipe_runs.torchrun(RECIPE, "--output-dir", str(out), "--log-every", "20",
                                 "--check-replicas", "true", timeout=2400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, read_metrics(out)
@@ -83,7 +84,13 @@ def test_the_default_run_beats_the_lead_baseline_by_a_clear_margin(run, request)
     assert {"text", "reference", "summary", "rougeL"} <= set(rows[0])
     mean = sum(r["rougeL"] for r in rows) / len(rows)
     assert mean == pytest.approx(m["test/rougeL"], abs=1e-6)  # the plain mean of per-example F1
-    assert len(m["test/samples"]) == 4 and all(len(s) == 3 for s in m["test/samples"])
+    assert len(m["test/samples"]) == 4 and all(
+        list(s) == ["text", "reference", "summary"] for s in m["test/samples"]
+    )
+    if run == "t5_run":  # the README's command as it is: W&B (offline) got the same rows as a table
+        (table,) = recipe_runs.wandb_tables(out, "test/samples")
+        assert table["columns"] == ["text", "reference", "summary"]
+        assert table["data"] == [list(s.values()) for s in m["test/samples"]]
 
 
 @pytest.mark.slow
@@ -115,7 +122,7 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_summaries_and_scor
 
 
 @pytest.mark.slow
-def test_export_loads_and_predict_and_compare_agree(t5_run, bart_run, tmp_path):
+def test_export_loads_and_predict_and_compare_agree(t5_run, bart_run, tmp_path, capsys):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from recipes.summarization import summarize_texts
@@ -135,6 +142,12 @@ def test_export_loads_and_predict_and_compare_agree(t5_run, bart_run, tmp_path):
     proc = python("predict", str(t5), texts[0])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == ours[0]
+    from recipes.summarization import main  # no text: the export's held-out examples
+
+    assert main(["predict", str(t5)]) == 0
+    saved = [text for (text,) in json.loads((t5 / "examples.json").read_text())["summarize"]]
+    shown = capsys.readouterr().out
+    assert shown == "".join(f"text: {t}\nsummary: {s}\n" for t, s in zip(saved, summarize_texts(t5, saved)))
 
     table = tmp_path / "compare.csv"
     proc = python("compare", str(t5), str(bart), "--test-file", str(TOY / "test.jsonl"), "--limit", "40",
