@@ -103,12 +103,17 @@ def saved_examples(export_dir: str | Path, endpoint: str, fix: str) -> list[list
     """The held-out inputs the recipe saved with an export for one endpoint (file names relative to the
     export, as written); what a `predict` without input runs on. `fix` is how to give input instead."""
     path = Path(export_dir) / "examples.json"
+    if not Path(export_dir).is_dir():
+        raise CheckpointError(f"{export_dir} is not a folder; give an export folder (RUN/export)")
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist (the recipe saves it with each export); {fix}")
+        raise CheckpointError(
+            f"{path} does not exist (a recipe's export carries one, `python -m checkpoints export` none); {fix}"
+        )
     try:
-        rows = json.loads(path.read_text(encoding="utf-8")).get(endpoint, [])
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); {fix}") from None
-    if not rows:
+    rows = saved.get(endpoint) if isinstance(saved, dict) else None
+    if not isinstance(rows, list) or not rows:
         raise CheckpointError(f"{path} holds no {endpoint!r} examples; {fix}")
     return rows

@@ -14,7 +14,6 @@ process group of their own, one checkpoint at a time. Until that commit the prev
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -33,6 +32,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from checkpoints.storage import RawReader, RawWriter
+
+# DCP warns on every save without a process group, even with no_dist=True passed; a one-process run means it.
+warnings.filterwarnings(
+    "ignore",
+    message="torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to save in a "
+    "single process",
+)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -162,28 +168,23 @@ class DCPState:
     def save(self, path: Path) -> dict[str, str]:
         """Writes this rank's share under `path`; returns the xxh3-64 of each file it wrote, by name."""
         writer = RawWriter(path)
-        with _one_process_is_meant():
-            dcp.save(
-                self._share(),
-                storage_writer=writer,
-                planner=self.save_planner,
-                no_dist=not dist.is_initialized(),
-            )
+        dcp.save(
+            self._share(), storage_writer=writer, planner=self.save_planner, no_dist=not dist.is_initialized()
+        )
         return writer.hashes
 
     def save_async(self, path: Path, background: BackgroundSaves) -> tuple[Future, dict[str, str]]:
         """Returns once model and optimizer are copied to host memory: the future ends with the write, and
         the dict holds this rank's file hashes from then on."""
         writer = RawWriter(path)
-        with _one_process_is_meant():
-            written = dcp.async_save(
-                self._share(),
-                storage_writer=writer,
-                planner=self.save_planner,
-                process_group=background.group,
-                async_stager=background.stager,
-                no_dist=not dist.is_initialized(),
-            )
+        written = dcp.async_save(
+            self._share(),
+            storage_writer=writer,
+            planner=self.save_planner,
+            process_group=background.group,
+            async_stager=background.stager,
+            no_dist=not dist.is_initialized(),
+        )
         return written, writer.hashes
 
     def load(self, path: Path, meta: dict[str, Any]) -> None:
@@ -192,17 +193,6 @@ class DCPState:
         dcp.load(state, storage_reader=reader, planner=self.load_planner, no_dist=not dist.is_initialized())
         model_sd = {**state["model"], **{alias: state["model"][key] for alias, key in aliases.items()}}
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=state["optim"])
-
-
-@contextlib.contextmanager
-def _one_process_is_meant():
-    """DCP warns "torch.distributed is disabled ... assuming the intent is to save in a single process" on
-    every save without a process group, even with no_dist=True passed: a one-process run means it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
-        )
-        yield
 
 
 class BackgroundSaves:

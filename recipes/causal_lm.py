@@ -184,7 +184,7 @@ class CausalLMTask:
         self.processor, self.splits, self.lengths, self.max_length = tok, splits, lengths, cfg.block_size
         self.cfg, self.prompts = cfg, [p for p in cfg.prompts.split(PROMPT_SEPARATOR) if p.strip()]
         self.examples = {"generate": [[p, cfg.max_new_tokens] for p in self.prompts]}
-        self.samples: list[list[str]] = []
+        self.samples: list[dict[str, str]] = []
         self.flops_per_token = flops_per_token_or_zero(model.config, seq_len=cfg.block_size)
         self._generate_next_eval = True  # set by every training step: one round of samples per evaluation
         self.collate = functools.partial(collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=8)

@@ -190,5 +190,5 @@ def wandb_tables(out, key: str) -> list[dict]:
     {"columns": [...], "data": [[...], ...]} as wandb wrote it under RUN/wandb/offline-run-*/files/media."""
     prefix, name = key.rsplit("/", 1)
     paths = list(out.glob(f"wandb/offline-run-*/files/media/table/{prefix}/{name}_*.table.json"))
-    paths.sort(key=lambda p: int(p.name.split("_")[-2]))  # <name>_<step>_<hash>.table.json
+    paths.sort(key=lambda p: int(p.name.split("_")[-2]))  # <name>_<W&B's history step>_<hash>.table.json
     return [json.loads(p.read_text()) for p in paths]

@@ -298,7 +298,7 @@ def test_a_model_path_that_does_not_exist_is_named_before_anything_loads(tmp_pat
 
 
 def test_text_rows_go_to_metrics_jsonl_and_a_wandb_table_but_not_to_summaries(tmp_path, monkeypatch):
-    """A causal LM's generated samples ([prompt, continuation] rows) next to numbers: metrics.jsonl keeps
+    """A causal LM's generated samples ({prompt, continuation} rows) next to numbers: metrics.jsonl keeps
     them as rows, W&B (offline) gets a table, and the summary and `scalars` keep the numbers only."""
     import json
 
