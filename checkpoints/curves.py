@@ -47,7 +47,7 @@ def panels(curves: dict[str, dict[int, float]]) -> list[tuple[str, dict[str, dic
     grouped: dict[str, dict[str, dict[int, float]]] = {}
     for key, values in curves.items():
         split, _, name = key.partition("/")
-        counter = name in COUNTERS or name.rsplit("_", 1)[-1] in COUNTERS  # QA's total, HasAns_total, ...
+        counter = name.rsplit("_", 1)[-1] in COUNTERS  # "examples", and QA's "total", "HasAns_total", ...
         if split in SPLITS and name and "/" not in name and not counter:
             grouped.setdefault(name, {})[split] = values
     # The loss first, then as logged, with breakdowns by subset last (QA's HasAns_f1, NoAns_exact, ...)

@@ -117,3 +117,8 @@ def saved_examples(export_dir: str | Path, endpoint: str, fix: str) -> list[list
     if not isinstance(rows, list) or not rows:
         raise CheckpointError(f"{path} holds no {endpoint!r} examples; {fix}")
     return rows
+
+
+def saved_inputs(export_dir: str | Path, endpoint: str, fix: str) -> list:
+    """The first value of each saved example: the whole input of a one-input endpoint (a text, a clip)."""
+    return [row[0] for row in saved_examples(export_dir, endpoint, fix)]

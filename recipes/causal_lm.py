@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import saved_examples
+from checkpoints.export import saved_inputs
 from data.lm import read_corpus, tokenize_corpus
 from data.tokenizer import load_tokenizer, train_byte_bpe
 from kernels import collate_padded
@@ -52,9 +52,7 @@ class CausalLMConfig(TrainConfig):
     text_key: str = "text"  # JSON lines / `datasets`: the field holding the text
     dataset_config: str = ""  # the `datasets` configuration name, when the files are a `datasets` name
     train_split: str = "train"  # a `datasets` name: the split to train on
-    validation_split: str = (
-        "validation"  # a `datasets` name: the split to validate on (missing: --eval-fraction)
-    )
+    validation_split: str = "validation"  # a `datasets` name: the split to validate on (or --eval-fraction)
     model: str = ""  # folder or hub name of a causal LM; empty: a GPT-2 built from the sizes below
     tokenizer: str = (
         ""  # folder or hub name; empty: the model's, or a byte-level BPE trained on the documents
@@ -276,11 +274,7 @@ def predict(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=None, help="default: the export's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    prompts = (
-        [args.prompt]
-        if args.prompt
-        else [r[0] for r in saved_examples(args.export, "generate", "give a prompt")]
-    )
+    prompts = [args.prompt] if args.prompt else saved_inputs(args.export, "generate", "give a prompt")
     for prompt in prompts:
         text = generate_text(args.export, prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # fmt: skip

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints.export import saved_examples
+from checkpoints.export import saved_examples, saved_inputs
 from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
 from data.text import read_documents
 from data.tokenizer import load_tokenizer, train_wordpiece
@@ -316,7 +316,7 @@ def predict(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     texts, pairs = ([args.text] if args.text else []), ([args.pair] if args.pair else [])
     if not texts and not pairs:  # the held-out examples saved with the export
-        texts = [t for (t,) in saved_examples(args.export, "fill_mask", "give --text and/or --pair")]
+        texts = saved_inputs(args.export, "fill_mask", "give --text and/or --pair")
         pairs = saved_examples(args.export, "next_sentence", "give --text and/or --pair")
     for text in texts:
         print(f"fill-mask: {text}")

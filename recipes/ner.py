@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import saved_examples
+from checkpoints.export import saved_inputs
 from data.ner import (
     NO_WORD,
     TAG_SCHEMES,
@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             help="the text, quoted (printed back a word and its tag a line); default: held-out sentences",
         )
         args = parser.parse_args(argv[1:])
-        texts = (
-            [args.text] if args.text else [r[0] for r in saved_examples(args.export, "tag", "give a text")]
-        )
+        texts = [args.text] if args.text else saved_inputs(args.export, "tag", "give a text")
         for i, text in enumerate(texts):
             if i:
                 print()  # a blank line between sentences

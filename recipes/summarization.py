@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import saved_examples
+from checkpoints.export import saved_inputs
 from data.summarization import (
     ROUGE_KEYS,
     clean_summary,
@@ -405,7 +405,7 @@ def predict(argv: list[str]) -> int:
     elif args.text:
         texts = [args.text]
     else:
-        texts = [row[0] for row in saved_examples(args.export, "summarize", "give a text, or --file FILE")]
+        texts = saved_inputs(args.export, "summarize", "give a text, or --file FILE")
     for text, summary in zip(texts, summarize_texts(args.export, texts, num_beams=args.num_beams,
                                                      max_new_tokens=args.max_new_tokens)):  # fmt: skip
         if len(texts) > 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import saved_examples
+from checkpoints.export import saved_inputs
 from data.classification import (
     DEFAULT_THRESHOLD,
     MULTI_CLASS,
@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             help="texts, quoted, each printed with its label(s); default: the export's held-out texts",
         )
         args = parser.parse_args(argv[1:])
-        texts = args.texts or [
-            r[0] for r in saved_examples(args.export, "classify", "give one or more texts")
-        ]
+        texts = args.texts or saved_inputs(args.export, "classify", "give one or more texts")
         for text, result in zip(texts, predict(args.export, texts)):
             print(f"{text}\t{result}")
         return 0
