@@ -22,7 +22,6 @@ from pathlib import Path
 
 from data.text import DataError
 
-VERSION_2_FLAG = "--version-2-with-negative"
 NO_OFFSET = [-1, -1]  # `offsets` of a token that is not part of the context (question, specials)
 
 
@@ -193,8 +192,8 @@ def _check(rows: list[tuple[str, object]], source: str, version_2: bool) -> QAEx
             answers = _answers(row["answers"], row["context"], label)
         if not answers["text"] and not version_2:
             raise DataError(
-                f"{label}: the question has no answer (unanswerable, as in SQuAD 2.0); pass {VERSION_2_FLAG} "
-                f"for SQuAD 2.0 data"
+                f"{label}: the question has no answer (unanswerable, as in SQuAD 2.0); pass "
+                f"--version-2-with-negative true (or auto) for SQuAD 2.0 data"
             )
         out.ids.append(qid)
         out.titles.append(title)

@@ -89,7 +89,7 @@ class ASRConfig(TrainConfig):
     layerdrop: float = 0.0  # > 0 only under --backend fsdp (other backends need every layer on every rank)
     mask_time_prob: float = 0.05  # SpecAugment; masks never longer than the shortest clip
     mask_time_length: int = 4  # SpecAugment: frames per time mask
-    epochs: float = 16.0  # passes over the training clips (toy set: 600 steps on 2 ranks, WER ~0.27)
+    epochs: float = 16.0  # passes over the training clips (toy set: 608 steps on 2 ranks, WER ~0.27)
     batch_size: int = 8
     lr: float = 3e-3
     warmup_ratio: float = 0.1
@@ -296,7 +296,7 @@ class ASRTask:
         return {"wer": sums[[0, 1]], "cer": sums[[2, 3]]}, list(zip(refs, hyps))
 
     def summarize(self, records, means, split):
-        """RUN/predictions/<split>.jsonl (clip, reference, transcript); the first --samples as a table."""
+        """RUN/predictions/<split>.jsonl (audio path, reference, transcript); the first --samples as a table."""
         self.predictions_dir.mkdir(parents=True, exist_ok=True)
         with open(self.predictions_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for ref, hyp in records:

@@ -4,7 +4,7 @@
 # so both are pinned and every other dependency resolves under that pin. recipebox goes in with --no-deps
 # because setup.cfg pins the main environment's torch. On a TPU host use torch_xla[tpu] (brings libtpu):
 #   RECIPEBOX_XLA_EXTRA=tpu bash scripts/env_xla.sh
-# A stamp of this script and setup.cfg makes a second call a no-op until they change.
+# A stamp of this script, scripts/venv.sh, setup.cfg and RECIPEBOX_XLA_EXTRA makes a second call a no-op until they change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh

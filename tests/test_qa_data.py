@@ -102,7 +102,7 @@ def test_unanswerable_questions_need_version_2(tmp_path):
     assert examples.answers[-1] == {"text": [], "answer_start": []}  # plausible answers are not answers
     with pytest.raises(DataError) as err:
         read_qa(path)
-    assert f"{path}: question q5: " in str(err.value) and "--version-2-with-negative" in str(err.value)
+    assert f"{path}: question q5: " in str(err.value) and "--version-2-with-negative true" in str(err.value)
     # The flat form marks them by empty answers alone; is_impossible wins over listed answers.
     rows = [flat(*UNANSWERABLE), flat(*QUESTIONS[0], is_impossible=True)]
     lines = read_qa(write(tmp_path, "v2.jsonl", "\n".join(map(json.dumps, rows))), version_2=True)
