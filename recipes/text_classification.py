@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import saved_inputs
+from checkpoints.export import saved_examples
 from data.classification import (
     DEFAULT_THRESHOLD,
     MULTI_CLASS,
@@ -116,8 +116,8 @@ def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
             for k, (cols, labels) in columns.items()
         }
     rt.print(f"data: {', '.join(f'{len(d)} {k}' for k, d in data.items())} examples, {len(names)} labels")
-    held = columns.get("test", columns.get("validation", columns["train"]))[0]  # demo inputs: single texts
-    examples = {"classify": [[t] for t in list(dict.fromkeys(held[0]))[:4]]} if len(held) == 1 else {}
+    held = columns.get("test", columns.get("validation", columns["train"]))[0]  # demo inputs: a text, a pair
+    examples = {"classify": [list(row) for row in dict.fromkeys(zip(*held))][:4]}
     lengths = list(data["train"]["length"])
     return names, lengths, {k: d.remove_columns("length") for k, d in data.items()}, examples
 
@@ -160,6 +160,7 @@ class ClassificationTask:
         self.model = self.trained = model
         self.processor, self.splits, self.lengths, self.max_length = tok, data, lengths, cfg.max_length
         self.names, self.multi_label, self.examples = names, cfg.task == MULTI_LABEL, examples
+        self.text_columns = _split(cfg.text_columns)
         self.flops_per_token = flops_per_token_or_zero(
             model.config, seq_len=cfg.max_length, head_fraction=0.0
         )
@@ -208,6 +209,7 @@ class ClassificationTask:
         return result
 
     def before_export(self, model):
+        model.config.text_columns = self.text_columns  # two: predict and the demo take sentence pairs
         if self.multi_label:
             model.config.label_thresholds = dict(zip(self.names, self.thresholds))
 
@@ -229,15 +231,30 @@ def load(export_dir: str):
     return pipeline("text-classification", model=export_dir, top_k=None)
 
 
-def predict(export_dir: str, inputs: list[str]) -> list[dict]:
-    """Per text: every label's score (the export's `pipeline("text-classification")`); the top label
-    (multi-class), or the labels at or over the thresholds saved in the export (multi-label; 0.5 where none
-    was fitted). Texts longer than the model's window are cut to it."""
+def text_columns(export_dir: str) -> list[str]:
+    """The columns the export was trained on: one (single texts) or two (sentence pairs); exports made
+    before this was saved, and `python -m checkpoints export` ones, read as single texts."""
+    return list(getattr(load(str(export_dir)).model.config, "text_columns", None) or ["text"])
+
+
+def predict(export_dir: str, inputs: list) -> list[dict]:
+    """Per input, a text or, for a sentence-pair export, a (first, second) pair: every label's score (the
+    export's `pipeline("text-classification")`); the top label (multi-class), or the labels at or over the
+    thresholds saved in the export (multi-label; 0.5 where none was fitted). Inputs longer than the model's
+    window are cut to it (a pair: the longer text first)."""
     classify = load(str(export_dir))
     cfg = classify.model.config
     multi = cfg.problem_type == "multi_label_classification"
+    columns = text_columns(export_dir)
+    for item in inputs:
+        if (len(columns) == 2) != (not isinstance(item, str) and len(item) == 2):
+            want = f"a pair of texts ({', '.join(columns)})" if len(columns) == 2 else "one text"
+            raise ConfigError(f"{export_dir} classifies {want} per input, got {item!r}")
+    if len(columns) == 2:
+        inputs = [{"text": first, "text_pair": second} for first, second in inputs]
     outputs = classify(list(inputs), function_to_apply="sigmoid" if multi else "softmax", truncation=True,
                        max_length=classify.tokenizer.model_max_length)  # fmt: skip
+    outputs = [outputs] if isinstance(outputs, list) and outputs and isinstance(outputs[0], dict) else outputs
     results = []
     for found in outputs:
         by_label = {entry["label"]: entry["score"] for entry in found}
@@ -262,12 +279,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             "texts",
             nargs="*",
-            help="texts, quoted, each printed with its label(s); default: the export's held-out texts",
+            help="texts, quoted, each printed with its label(s); a sentence-pair export takes them in twos "
+            "(first second first second ...); default: the export's held-out texts",
         )
         args = parser.parse_args(argv[1:])
-        texts = args.texts or saved_inputs(args.export, "classify", "give one or more texts")
-        for text, result in zip(texts, predict(args.export, texts)):
-            print(f"{text}\t{result}")
+        columns = text_columns(args.export) if Path(args.export).is_dir() else ["text"]
+        if len(args.texts) % len(columns):
+            raise ConfigError(
+                f"{args.export} classifies pairs ({', '.join(columns)}): give the texts in twos, got "
+                f"{len(args.texts)}"
+            )
+        n = len(columns)
+        rows = [args.texts[i : i + n] for i in range(0, len(args.texts), n)] or saved_examples(
+            args.export, "classify", "give one or more texts"
+        )
+        inputs = [row[0] if len(row) == 1 else row for row in rows]
+        for item, result in zip(inputs, predict(args.export, inputs)):
+            print("\t".join([item] if isinstance(item, str) else item) + f"\t{result}")
         return 0
     cfg = parse_config(ClassificationConfig, argv, description=__doc__)
     _validate(cfg)

@@ -206,3 +206,81 @@ def test_bad_input_stops_before_training_naming_the_file(tmp_path):
     assert "line 3: label 'never' is not one of" in proc.stderr and "Traceback" not in proc.stderr
     assert str(dev_csv) in proc.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+def topic_pairs(src, dst, seed: int) -> None:
+    """Sentence pairs from the toy headlines: (a headline, another one), labelled same or different topic,
+    half each; the test split's pairs are made of test headlines only."""
+    import random
+
+    headlines = rows(src)
+    rng = random.Random(seed)
+    by_topic = {}
+    for r in headlines:
+        by_topic.setdefault(r["topic"], []).append(r["title"])
+    with open(dst, "w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["first", "second", "label"])
+        for r in headlines:
+            same = rng.random() < 0.5
+            pool = [t for k, v in by_topic.items() if (k == r["topic"]) == same for t in v if t != r["title"]]
+            out.writerow([r["title"], rng.choice(pool), "same" if same else "different"])
+
+
+@pytest.mark.slow
+def test_sentence_pairs_train_predict_and_demo_as_pairs(tmp_path):
+    """--text-columns first,second: the pair is one input (token_type_ids 0/1) in training, in `predict`
+    (texts in twos; its held-out pairs by default) and in the demo (two boxes). Same or different topic on
+    held-out headlines: test accuracy 0.93 in one run (chance 0.5)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from demos import text_classification as demo
+    from recipes.text_classification import predict
+
+    files = {}
+    for seed, split in enumerate(("train", "validation", "test")):
+        files[split] = tmp_path / f"{split}.csv"
+        topic_pairs(TOY / "news" / f"{split}.csv", files[split], seed)
+    out = tmp_path / "run"
+    proc = python("--train-file", str(files["train"]), "--validation-file", str(files["validation"]),
+                  "--test-file", str(files["test"]), "--text-columns", "first,second", "--label-columns", "label",
+                  "--epochs", "2", "--lr", "2e-4", "--output-dir", str(out), "--tracker", "none")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = {k: v for r in read_metrics(out) for k, v in r.items()}
+    print(f"topic pairs: test accuracy {m['test/accuracy']:.3f}")
+    assert m["test/examples"] == len(rows(files["test"])) and m["test/accuracy"] >= 0.8
+    export = out / "export"
+
+    saved = python("predict", str(export))  # the held-out pairs saved with the export
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    lines = [line.split("\t") for line in saved.stdout.strip().splitlines()]
+    test_pairs = {(r["first"], r["second"]) for r in rows(files["test"])}
+    assert len(lines) == 4 and all((a, b) in test_pairs for a, b, _ in lines)
+    odd = python("predict", str(export), "Striker scores twice", "Keeper saves a penalty", "A third text")
+    assert (
+        odd.returncode == 2
+        and "give the texts in twos, got 3" in odd.stderr
+        and "first, second" in odd.stderr
+    )
+
+    # The pipeline's scores are the model's on the encoded pair, not on the first text alone.
+    pair = ["Strikers win the cup final", "Goalkeeper saves a penalty in extra time"]
+    (result,) = predict(str(export), [pair])
+    tok = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    with torch.no_grad():
+        probs = model(**tok(*pair, return_tensors="pt")).logits.softmax(-1)[0]
+        alone = model(**tok(pair[0], return_tensors="pt")).logits.softmax(-1)[0]
+    by_id = [result["scores"][model.config.id2label[i]] for i in range(2)]
+    assert by_id == pytest.approx(probs.tolist(), abs=1e-5) and by_id != pytest.approx(
+        alone.tolist(), abs=1e-5
+    )
+    with pytest.raises(ValueError, match="classifies a pair of texts"):
+        predict(str(export), [pair[0]])
+
+    blocks = demo.build(export)
+    boxes = [c for c in blocks.blocks.values() if type(c).__name__ == "Textbox"]
+    assert [b.label for b in boxes] == ["first", "second"]
+    scores, decision = demo.classify(export, *pair)
+    assert scores == result["scores"] and f"**{result['label']}**" in decision
+    assert demo.classify(export, pair[0], " ")[1] == "**Type both texts.**"
