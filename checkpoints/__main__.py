@@ -20,17 +20,24 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     import torch.distributed.checkpoint as dcp
     import transformers
 
-    from checkpoints.export import export_hf
+    from checkpoints.export import check_export_target, export_hf
     from checkpoints.storage import RawReader
 
     path = Path(path)
+    check_export_target(out)  # before any reading: the answer does not depend on the checkpoint
     meta = verify_checkpoint(path, checksums=checksums, report=print)["meta"]
     hf = path / "hf"
     if not (hf / "config.json").is_file():
         raise CheckpointError(
             f"{path}: no hf/config.json, so the model cannot be rebuilt; it was not saved by a recipe"
         )
-    config = transformers.AutoConfig.from_pretrained(hf)
+    try:
+        config = transformers.AutoConfig.from_pretrained(hf)
+        processor = load_processor(hf)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{hf}: the model config or processor saved there does not load ({err})"
+        ) from None
     arch = (config.architectures or [None])[0]
     model_class = getattr(transformers, arch or "", None)
     if model_class is None:
@@ -49,7 +56,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     metrics = path.parent.parent / "metrics.jsonl"  # RUN/checkpoints/step-N: the run's curves, if it is there
     return export_hf(
         model,
-        load_processor(hf),
+        processor,
         out,
         title=f"{arch} from {path.name}",
         metrics={},

@@ -58,8 +58,9 @@ def export_hf(
     examples: dict | None = None,
 ) -> Path:
     """Writes out_dir: the model, its tokenizer (if any), the model card with the curves of metrics_file
-    (a run's metrics.jsonl, if given and plottable), eval_results.json and examples.json (if given)."""
-    out_dir = Path(out_dir)
+    (a run's metrics.jsonl, if given and plottable), eval_results.json and examples.json (if given). An
+    earlier export there is replaced; any other folder there is refused (check_export_target)."""
+    out_dir = check_export_target(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -77,6 +78,24 @@ def export_hf(
         out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def is_export(folder: Path) -> bool:
+    """A folder export_hf wrote: a model config and safetensors weights at its top."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def check_export_target(out_dir: str | Path) -> Path:
+    """out_dir, when an export may be written there: it does not exist, is empty, or holds an earlier export
+    (which the new one replaces). Anything else (a run folder, a checkpoint, the user's files) would be
+    deleted by the replacement, so it is a CheckpointError naming the folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and (is_export(out_dir) or not any(out_dir.iterdir()))):
+        raise CheckpointError(
+            f"{out_dir} exists and is not an export (no config.json and *.safetensors at its top); writing "
+            f"the export there would replace what it holds, so choose a new or empty folder"
+        )
     return out_dir
 
 

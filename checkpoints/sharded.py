@@ -332,8 +332,18 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> 
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST}, so the save never finished") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{manifest_path}: corrupt ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_path}: corrupt ({err}); this checkpoint cannot be used") from None
+    shape = {"step": int, "files": dict, "meta": dict, "hashes": dict}  # hashes: none when size-only
+    if not isinstance(manifest, dict) or any(
+        not isinstance(manifest.get(key, {} if key == "hashes" else None), kind)
+        for key, kind in shape.items()
+    ):
+        raise CheckpointError(
+            f"{manifest_path}: corrupt (not a manifest: it needs a 'step' and 'files' and 'meta' tables); this "
+            f"checkpoint "
+            f"cannot be used"
+        )
     for name, size in manifest["files"].items():
         f = path / name
         if not f.is_file():

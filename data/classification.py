@@ -28,19 +28,22 @@ class Table:
     source: str
 
 
+TABLE = "table (.csv, .tsv or .jsonl) with a header or keys naming its columns"
+
+
 def read_table(path: str, *, dataset_config: str = "", split: str = "train") -> Table:
     """A CSV/TSV, JSON lines (.jsonl/.json) file, or else a `datasets` name (hub or local folder)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".csv", ".tsv"):
-        return _read_csv(check_text_file(path), "\t" if suffix == ".tsv" else ",")
+        return _read_csv(check_text_file(path, TABLE), "\t" if suffix == ".tsv" else ",")
     if suffix in (".jsonl", ".json"):
-        return _read_json_lines(check_text_file(path))
+        return _read_json_lines(check_text_file(path, TABLE))
     return _read_dataset(path, dataset_config, split)
 
 
 def _read_csv(path: Path, delimiter: str) -> Table:
     rows, where = [], []
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
             raise DataError(f"{path}: no header line; the first line must name the columns")
@@ -60,7 +63,7 @@ def _read_csv(path: Path, delimiter: str) -> Table:
 def _read_json_lines(path: Path) -> Table:
     rows, where = [], []
     # Lines end at "\n" only: JSON strings may hold U+2028 or U+0085, which str.splitlines would cut at.
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -131,6 +134,11 @@ def _label_values(table: Table, label_columns: list[str], task: str, separator: 
             value = row[label_columns[0]]
             if value is None or isinstance(value, str) and not value.strip():
                 raise DataError(f"{where}: no label in column {label_columns[0]!r}")
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise DataError(
+                    f"{where}: the label in column {label_columns[0]!r} must be a name or an integer id, got "
+                    f"{value!r}; fix the row (several labels per text: --task multi_label)"
+                )
             values.append(value.strip() if isinstance(value, str) else value)
         elif len(label_columns) > 1:  # one 0/1 column per label
             on = set()
@@ -157,7 +165,9 @@ def _label_values(table: Table, label_columns: list[str], task: str, separator: 
 def label_names(
     table: Table, label_columns: list[str], task: str, separator: str, fixed: list[str]
 ) -> list[str]:
-    """The labels in id order: --labels if given, the 0/1 columns, integer ids in order, else sorted names."""
+    """The labels in id order: --labels if given, the 0/1 columns, integer ids in order, else sorted names.
+    Integer ids are kept as ids when they are dense (the largest under twice their number: a class missing
+    from training keeps its id); sparse codes (20010, 30020) are names, in numeric order."""
     if fixed:
         return fixed
     if task == MULTI_LABEL and len(label_columns) > 1:
@@ -165,8 +175,10 @@ def label_names(
     values = _label_values(table, label_columns, task, separator)
     seen = set().union(*values) if task == MULTI_LABEL else set(values)
     if all(isinstance(v, int) or isinstance(v, str) and v.isdigit() for v in seen):
-        top = max(int(v) for v in seen)
-        return [str(i) for i in range(top + 1)]  # ids as given: label 3 stays id 3
+        ids = sorted({int(v) for v in seen})
+        if ids[0] >= 0 and ids[-1] < 2 * len(ids):
+            return [str(i) for i in range(ids[-1] + 1)]  # ids as given: label 3 stays id 3
+        return [str(i) for i in ids]
     return sorted(str(v) for v in seen)
 
 

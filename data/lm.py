@@ -47,7 +47,9 @@ def read_corpus(
     for path in paths:
         p = Path(path)
         if p.suffix.lower() in (".jsonl", ".json"):
-            docs.extend(_read_json_lines(check_text_file(p), text_key))
+            docs.extend(
+                _read_json_lines(check_text_file(p, f".jsonl file with a {text_key!r} key"), text_key)
+            )
         elif p.is_file() or p.suffix.lower() in TEXT_SUFFIXES:
             docs.extend(_read_text(check_text_file(p), documents))
         else:
@@ -57,7 +59,7 @@ def read_corpus(
 
 def _lines(path: Path) -> list[str]:
     # Universal newlines, but not str.splitlines: a form feed or U+2028 inside a line is text, not a break.
-    return path.read_text(encoding="utf-8").split("\n")
+    return path.read_text(encoding="utf-8-sig").split("\n")
 
 
 def _read_text(path: Path, documents: str) -> list[str]:

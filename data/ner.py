@@ -45,7 +45,7 @@ def read_tagged(
     """
     if tag_scheme not in TAG_SCHEMES:
         raise ValueError(f"tag_scheme must be one of {', '.join(TAG_SCHEMES)}; got {tag_scheme!r}")
-    file = check_text_file(path)
+    file = check_text_file(path, "CoNLL file (a token and its tag per line) or .jsonl of tokens and tags")
     if file.suffix.lower() in (".jsonl", ".json"):
         sents = _read_json_lines(file, tokens_key, tags_key, names)
     else:
@@ -64,7 +64,7 @@ def _read_conll(path: Path) -> TaggedSentences:
     words: list[str] = []
     tags: list[str] = []
     start = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         fields = line.split()
         if not fields or fields[0] == "-DOCSTART-":
             if words:
@@ -91,7 +91,7 @@ def _read_conll(path: Path) -> TaggedSentences:
 
 def _read_json_lines(path: Path, tokens_key: str, tags_key: str, names) -> TaggedSentences:
     out = TaggedSentences([], [], [], str(path))
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"

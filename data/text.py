@@ -23,13 +23,12 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
-def check_text_file(path: str | Path) -> Path:
-    """The file exists, is not empty, and decodes as UTF-8; otherwise a DataError naming the line."""
+def check_text_file(path: str | Path, kind: str = "text file (one sentence or paragraph per line)") -> Path:
+    """The file exists, is not empty, and decodes as UTF-8; otherwise a DataError naming the line. `kind`
+    says what file the caller reads, for the message of a missing one."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(
-            f"{path}: no such file; pass an existing text file (one sentence or paragraph per line)"
-        )
+        raise DataError(f"{path}: no such file; pass an existing {kind}")
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; give a file with text in it")
@@ -74,7 +73,8 @@ def read_documents(
 def _group_documents(lines, documents: str) -> list[list[str]]:
     docs: list[list[str]] = []
     current: list[str] = []
-    for line in lines:
+    for number, line in enumerate(lines):
+        line = line.removeprefix("\ufeff") if number == 0 else line  # a byte-order mark (Windows editors)
         if line.strip():
             current.extend(split_sentences(line))
         if current and (documents == "line" or not line.strip()):

@@ -98,6 +98,11 @@ def _coerce(name: str, value: Any, tp: type, source: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, int | float):
         return str(value)
     if tp is str and isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -115,6 +120,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err}); save it as UTF-8") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -209,6 +216,10 @@ def parse_config(cls: type, argv: list[str] | None = None, description: str | No
                 f"run with --help to see the valid ones"
             )
         for key, value in loaded.items():
+            if value is None and fields[key].default is not None:
+                raise ConfigError(
+                    f"config file {args.config}: option '{key}' has no value; give it one or delete the line"
+                )
             values[key] = _coerce(key, value, _field_type(hints[key]), f"config file {args.config}")
     for name in fields:
         cli_value = getattr(args, name)

@@ -98,6 +98,28 @@ def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, to
     assert losses(out) == {s: ref[s] for s in range(17, 25)}
 
 
+def test_a_manifest_that_is_not_one_is_named_and_skipped(tmp_path):
+    """A manifest that is not UTF-8 JSON, or JSON of another shape (a copy gone wrong, an edit): the
+    checkpoint is named corrupt and resume takes the previous one; `verify` says so with exit 2."""
+    from checkpoints.sharded import latest_complete_checkpoint
+
+    root = tmp_path / "checkpoints"
+    good = root / "step-000004"
+    good.mkdir(parents=True)
+    (good / "manifest.json").write_text(json.dumps({"step": 4, "meta": {}, "files": {}}), encoding="utf-8")
+    bad = [b"\xff\xfe\x00garbage", b"{}", b"[]", b'{"step": 8, "meta": {}, "files": ["state"]}']
+    for i, content in enumerate(bad):
+        (root / f"step-00001{i}").mkdir()
+        (root / f"step-00001{i}" / "manifest.json").write_bytes(content)
+    reported = []
+    assert latest_complete_checkpoint(root, report=reported.append) == good
+    assert len(reported) == len(bad) + 1  # the good one is size-only, which is said too
+    assert all("manifest.json: corrupt" in line and "cannot be used" in line for line in reported[: len(bad)])
+    verify = run([sys.executable, "-m", "checkpoints", "verify", str(root / "step-000010")])
+    assert verify.returncode == 2 and "Traceback" not in verify.stderr
+    assert f"{root / 'step-000010' / 'manifest.json'}: corrupt" in verify.stderr
+
+
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenizer_dir):
     """A bigger model (about 230 MB of model and AdamW state) makes a save last long enough to be
     interrupted by a real SIGKILL, on a busy machine too: raw writes made a 4-layer, 256-wide model's

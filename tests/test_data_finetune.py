@@ -69,6 +69,43 @@ def test_integer_labels_keep_their_ids(tmp_path):
     assert names == ["0", "1", "2"] and encode_labels(table, ["y"], MULTI_CLASS, "", names) == [2, 0]
 
 
+def test_sparse_integer_codes_are_names_and_a_list_label_is_named(tmp_path):
+    """Codes such as 20010 are not ids (20,011 output units for two labels): they become names, in numeric
+    order. A list or an object as a multi-class label is a DataError naming the line, not a TypeError."""
+    codes = read_table(write(tmp_path, "codes.csv", "text,code\na,30020\nb,20010\nc,100\n"))
+    names = label_names(codes, ["code"], MULTI_CLASS, "", [])
+    assert names == ["100", "20010", "30020"] and encode_labels(codes, ["code"], MULTI_CLASS, "", names) == [
+        2,
+        1,
+        0,
+    ]
+    gap = read_table(write(tmp_path, "gap.csv", "text,y\na,0\nb,3\n"))  # a class missing from training
+    assert label_names(gap, ["y"], MULTI_CLASS, "", []) == ["0", "1", "2", "3"]
+    for label in (["x"], {"name": "x"}, True):
+        rows = read_table(
+            write(
+                tmp_path,
+                "l.jsonl",
+                json.dumps({"t": "a", "y": "ok"}) + "\n" + json.dumps({"t": "b", "y": label}),
+            )
+        )
+        with pytest.raises(
+            DataError, match=r"l\.jsonl, line 2: the label in column 'y' must be a name or an integer id"
+        ):
+            label_names(rows, ["y"], MULTI_CLASS, "", [])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_or_token(tmp_path):
+    """Files saved as "CSV UTF-8" by spreadsheet programs and by Windows editors start with a BOM."""
+    bom = "\ufeff".encode()
+    table = read_table(write(tmp_path, "bom.csv", bom + b"text,label\nhello,a\n"))
+    assert texts(table, ["text"]) == [["hello"]]
+    lines = read_table(write(tmp_path, "bom.jsonl", bom + b'{"text": "hi", "label": "a"}\n'))
+    assert texts(lines, ["text"]) == [["hi"]]
+    conll = read_tagged(write(tmp_path, "bom.conll", bom + b"-DOCSTART- -X- O\n\nEU B-ORG\nrejects O\n"))
+    assert conll.tokens == [["EU", "rejects"]]
+
+
 def test_multi_label_from_columns_and_from_lists(tmp_path):
     cols = read_table(write(tmp_path, "c.csv", "text,a,b\nx,1,0\ny,1,1\nz,0,0\n"))
     names = label_names(cols, ["a", "b"], MULTI_LABEL, "", [])
@@ -101,6 +138,15 @@ def test_bad_tables_name_the_file_and_line(tmp_path, name, content, message):
         table = read_table(path)
         texts(table, ["text"])
     assert message in str(err.value) and path in str(err.value)
+
+
+def test_a_missing_table_says_what_file_to_pass(tmp_path):
+    with pytest.raises(
+        DataError, match=r"nofile\.csv: no such file; pass an existing table \(\.csv, \.tsv or \.jsonl\)"
+    ):
+        read_table(str(tmp_path / "nofile.csv"))
+    with pytest.raises(DataError, match=r"nofile\.conll: no such file; pass an existing CoNLL file"):
+        read_tagged(str(tmp_path / "nofile.conll"))
 
 
 def test_tokenised_pairs_carry_segments_and_lengths(tmp_path, minilm_tokenizer):

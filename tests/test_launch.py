@@ -27,6 +27,9 @@ def test_defaults_yaml_then_cli(tmp_path):
     cfg_file.write_text("lr: 0.1\nmax-length: 64\nlowercase: false\ntrain_files: [a.txt, b.txt]\n")
     cfg = parse_config(DemoConfig, ["--config", str(cfg_file), "--max-length", "32"])
     assert (cfg.lr, cfg.max_length, cfg.lowercase, cfg.train_files) == (0.1, 32, False, "a.txt,b.txt")
+    cfg_file.write_text("lr: 3e-5\nweight_decay: 2e-2\n")  # YAML 1.1 reads these as text; they are floats
+    cfg = parse_config(DemoConfig, ["--config", str(cfg_file)])
+    assert (cfg.lr, cfg.weight_decay) == (3e-5, 0.02)
     assert parse_config(DemoConfig, []).max_length == 128
     save_config(cfg, tmp_path / "resolved.yaml")
     assert parse_config(DemoConfig, ["--config", str(tmp_path / "resolved.yaml")]) == cfg
@@ -39,11 +42,15 @@ def test_defaults_yaml_then_cli(tmp_path):
         ("max_lenght: 3\n", "unknown option.*max_lenght"),
         ("lr: 0.1\n  bad: indent\n", "not valid YAML"),
         ("- just\n- a list\n", "must hold a mapping"),
+        ("batch_size:\n", "option 'batch_size' has no value; give it one or delete the line"),
+        ("lr: ~\n", "option 'lr' has no value"),
+        ("lr: one\n", "option 'lr' must be float, got 'one'"),
+        ("# caf\xe9\nlr: 0.1\n".encode("latin-1"), "is not UTF-8 text.*save it as UTF-8"),
     ],
 )
 def test_bad_config_files_are_named(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=message) as err:
         parse_config(DemoConfig, ["--config", str(path)])
     assert str(path) in str(err.value)

@@ -48,6 +48,15 @@ def test_read_corpus_blank_line_and_line_modes(tmp_path):
         read_corpus([path], documents="paragraph")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path):
+    from data.text import read_documents
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffhello there.\n\nsecond one.\n".encode())
+    assert read_corpus([str(path)]) == ["hello there.", "second one."]
+    assert read_documents([path]) == [["hello there."], ["second one."]]
+
+
 def test_read_corpus_json_lines(tmp_path):
     rows = [{"text": "first\n\ndoc", "id": 1}, {"text": "  "}, {"body": "x", "text": "second"}]
     path = write(tmp_path, "c.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")

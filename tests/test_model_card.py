@@ -165,3 +165,29 @@ def test_export_without_curves_says_nothing_of_them(tmp_path):
     out = export_hf(tiny_bert(), None, out, title="Tiny", metrics={}, config={}, metrics_file=empty)
     assert "curves" not in (out / "README.md").read_text(encoding="utf-8").lower()
     assert not (out / "curves.png").exists()
+
+
+def test_an_export_replaces_only_an_earlier_export(tmp_path):
+    """RUN/export is replaced as a whole by the next export; a folder that is not an export (a run, a
+    checkpoint, the user's files), named by mistake as `python -m checkpoints export CKPT OUT`'s OUT, is
+    refused before anything is read or written, and keeps every file."""
+    from checkpoints.__main__ import export_checkpoint
+    from checkpoints.sharded import CheckpointError
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine", encoding="utf-8")
+    for write in (
+        lambda: export_hf(tiny_bert(), None, run, title="Tiny", metrics={}, config={}),
+        lambda: export_checkpoint(tmp_path / "no-such-checkpoint", run),
+    ):
+        with pytest.raises(CheckpointError, match=f"{run} exists and is not an export.*new or empty folder"):
+            write()
+    assert (run / "notes.txt").read_text(encoding="utf-8") == "mine" and (run / "checkpoints").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no .tmp or .old left beside it
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    first = export_hf(tiny_bert(), None, empty, title="First", metrics={}, config={})
+    again = export_hf(tiny_bert(), None, first, title="Second", metrics={}, config={})
+    assert (again / "README.md").read_text(encoding="utf-8").startswith("# Second")
