@@ -99,6 +99,28 @@ def check_export_target(out_dir: str | Path) -> Path:
     return out_dir
 
 
+def check_export(export_dir: str | Path, *heads: str) -> str:
+    """export_dir as given, when it is an export whose model class ends with one of `heads` (the recipe's:
+    "ForTokenClassification", ...); else a CheckpointError naming the folder, what it holds and the fix.
+    Every recipe's `load` asks first: transformers loads another task's export with a new, random head
+    (and says so only in a load report), so predict would print confident nonsense."""
+    path = Path(export_dir)
+    fix = f"pass RUN/export of a run that trained a *{' or *'.join(heads)} model"
+    if not (path / "config.json").is_file():
+        inside = (path / "export" / "config.json").is_file()
+        where = f"; {path / 'export'} is the run's export" if inside else f"; {fix}"
+        raise CheckpointError(f"{export_dir} is not an export (no config.json){where}")
+    try:
+        archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path / 'config.json'} is not a readable model config ({err}); {fix}"
+        ) from None
+    if not any(arch.endswith(head) for arch in archs for head in heads):
+        raise CheckpointError(f"{export_dir} holds a {' / '.join(archs) or 'model of no named class'}; {fix}")
+    return str(export_dir)
+
+
 def _with_files(examples: dict, folder: Path) -> dict:
     """Example inputs that are paths: copied into folder/examples/ (numbered, suffix kept), the relative name
     in their place."""

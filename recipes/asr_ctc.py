@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import saved_inputs
+from checkpoints.export import check_export, saved_inputs
 from data.speech import (
     SAMPLE_RATE,
     build_vocab,
@@ -325,6 +325,7 @@ def _build(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> ASRTask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's automatic-speech-recognition pipeline, loaded once per folder."""
+    check_export(export_dir, "ForCTC")
     from transformers import pipeline
 
     return pipeline("automatic-speech-recognition", model=export_dir)

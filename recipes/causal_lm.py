@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import saved_inputs
+from checkpoints.export import check_export, saved_inputs
 from data.lm import read_corpus, tokenize_corpus
 from data.tokenizer import load_tokenizer, train_byte_bpe
 from kernels import collate_padded
@@ -242,6 +242,7 @@ def _build(cfg: CausalLMConfig, rt: Runtime, run_dir: Path) -> CausalLMTask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's text-generation pipeline, loaded once per folder (demo apps reuse it)."""
+    check_export(export_dir, "ForCausalLM", "LMHeadModel")
     from transformers import pipeline
 
     return pipeline("text-generation", model=export_dir)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints.export import saved_examples, saved_inputs
+from checkpoints.export import check_export, saved_examples, saved_inputs
 from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
 from data.text import read_documents
 from data.tokenizer import load_tokenizer, train_wordpiece
@@ -276,6 +276,7 @@ def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> MLMNSPTask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's fill-mask pipeline and next-sentence model, loaded once per folder (demo apps reuse them)."""
+    check_export(export_dir, "ForPreTraining")
     import transformers
     from transformers import AutoTokenizer, BertForNextSentencePrediction, pipeline
 

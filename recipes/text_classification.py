@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import saved_examples
+from checkpoints.export import check_export, saved_examples
 from data.classification import (
     DEFAULT_THRESHOLD,
     MULTI_CLASS,
@@ -226,6 +226,7 @@ def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> Classificat
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's text-classification pipeline, loaded once per folder (demo apps reuse it)."""
+    check_export(export_dir, "ForSequenceClassification")
     from transformers import pipeline
 
     return pipeline("text-classification", model=export_dir, top_k=None)
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "(first second first second ...); default: the export's held-out texts",
         )
         args = parser.parse_args(argv[1:])
-        columns = text_columns(args.export) if Path(args.export).is_dir() else ["text"]
+        columns = text_columns(args.export)
         if len(args.texts) % len(columns):
             raise ConfigError(
                 f"{args.export} classifies pairs ({', '.join(columns)}): give the texts in twos, got "

@@ -191,3 +191,30 @@ def test_an_export_replaces_only_an_earlier_export(tmp_path):
     first = export_hf(tiny_bert(), None, empty, title="First", metrics={}, config={})
     again = export_hf(tiny_bert(), None, first, title="Second", metrics={}, config={})
     assert (again / "README.md").read_text(encoding="utf-8").startswith("# Second")
+
+
+def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
+    """transformers loads another task's export with a new, random head (a load report is all it says):
+    each recipe's `load`, behind predict and the demos, names the folder and what it holds instead."""
+    import importlib
+
+    from checkpoints.sharded import CheckpointError
+
+    classifier = export_hf(tiny_bert(), None, tmp_path / "run" / "export", title="T", metrics={}, config={})
+    (tmp_path / "empty").mkdir()
+    for name in ("asr_ctc", "causal_lm", "mlm_nsp", "ner", "qa", "summarization", "text_classification"):
+        load = importlib.import_module(f"recipes.{name}").load
+        with pytest.raises(
+            CheckpointError, match=r"empty is not an export \(no config.json\); pass RUN/export"
+        ):
+            load(str(tmp_path / "empty"))
+        with pytest.raises(CheckpointError, match=rf"run is not an export.*{classifier} is the run's export"):
+            load(str(tmp_path / "run"))
+        if name != "text_classification":
+            with pytest.raises(
+                CheckpointError, match="holds a BertForSequenceClassification; pass RUN/export"
+            ):
+                load(str(classifier))
+    from checkpoints.export import check_export
+
+    assert check_export(classifier, "ForSequenceClassification") == str(classifier)  # its own recipe takes it
