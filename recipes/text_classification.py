@@ -255,7 +255,6 @@ def predict(export_dir: str, inputs: list) -> list[dict]:
         inputs = [{"text": first, "text_pair": second} for first, second in inputs]
     outputs = classify(list(inputs), function_to_apply="sigmoid" if multi else "softmax", truncation=True,
                        max_length=classify.tokenizer.model_max_length)  # fmt: skip
-    outputs = [outputs] if isinstance(outputs, list) and outputs and isinstance(outputs[0], dict) else outputs
     results = []
     for found in outputs:
         by_label = {entry["label"]: entry["score"] for entry in found}
