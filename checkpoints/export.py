@@ -82,8 +82,9 @@ def export_hf(
 
 
 def is_export(folder: Path) -> bool:
-    """A folder export_hf wrote: a model config and safetensors weights at its top."""
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    """A folder export_hf wrote: its model config and eval_results.json (a downloaded model has no such
+    file, so it is never replaced)."""
+    return (folder / "config.json").is_file() and (folder / "eval_results.json").is_file()
 
 
 def check_export_target(out_dir: str | Path) -> Path:
@@ -93,17 +94,30 @@ def check_export_target(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and (is_export(out_dir) or not any(out_dir.iterdir()))):
         raise CheckpointError(
-            f"{out_dir} exists and is not an export (no config.json and *.safetensors at its top); writing "
-            f"the export there would replace what it holds, so choose a new or empty folder"
+            f"{out_dir} exists and is not an export (no config.json and eval_results.json at its top); "
+            f"writing the export there would replace what it holds, so choose a new or empty folder"
         )
     return out_dir
 
 
+# Model class suffixes of each recipe's task (config.json "architectures"); demos/common.py's APPS likewise.
+TASK_HEADS = {
+    "mlm_nsp": ("ForPreTraining",),
+    "text_classification": ("ForSequenceClassification",),
+    "ner": ("ForTokenClassification",),
+    "qa": ("ForQuestionAnswering", "ForQuestionAnsweringSimple"),
+    "causal_lm": ("ForCausalLM", "LMHeadModel"),
+    "summarization": ("ForConditionalGeneration", "MTModel"),
+    "asr_ctc": ("ForCTC",),
+}
+
+
 def check_export(export_dir: str | Path, *heads: str) -> str:
-    """export_dir as given, when it is an export whose model class ends with one of `heads` (the recipe's:
-    "ForTokenClassification", ...); else a CheckpointError naming the folder, what it holds and the fix.
-    Every recipe's `load` asks first: transformers loads another task's export with a new, random head
-    (and says so only in a load report), so predict would print confident nonsense."""
+    """export_dir as given, unless it is not an export or holds another recipe's task (a model class that
+    ends with another task's suffix in TASK_HEADS and with none of `heads`, the caller's): then a
+    CheckpointError naming the folder, what it holds and the fix. Every recipe's `load` asks first:
+    transformers loads another task's export with a new, random head (and says so only in a load report),
+    so predict would print confident nonsense. A class no recipe trains (a hub model's) is let through."""
     path = Path(export_dir)
     fix = f"pass RUN/export of a run that trained a *{' or *'.join(heads)} model"
     if not (path / "config.json").is_file():
@@ -116,8 +130,10 @@ def check_export(export_dir: str | Path, *heads: str) -> str:
         raise CheckpointError(
             f"{path / 'config.json'} is not a readable model config ({err}); {fix}"
         ) from None
-    if not any(arch.endswith(head) for arch in archs for head in heads):
-        raise CheckpointError(f"{export_dir} holds a {' / '.join(archs) or 'model of no named class'}; {fix}")
+    others = {h for hs in TASK_HEADS.values() for h in hs} - set(heads)
+    ours = any(arch.endswith(head) for arch in archs for head in heads)
+    if not ours and any(arch.endswith(head) for arch in archs for head in others):
+        raise CheckpointError(f"{export_dir} holds a {' / '.join(archs)}; {fix}")
     return str(export_dir)
 
 

@@ -54,6 +54,22 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:06d}"
 
 
+def step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step-N folder under root, oldest first: by number, so step-1000000 comes
+    after step-999999 (by name it would not)."""
+    found = [(p.name.removeprefix("step-"), p) for p in Path(root).glob("step-*")]
+    return sorted((int(n), p) for n, p in found if n.isdigit())
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename inside it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _barrier(group=None) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier(group=group)
@@ -300,6 +316,8 @@ def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, grou
     hashes = _hash_shares(tmp, names, group, known) if checksums else {}
     if _rank() == 0:
         files = {name: (tmp / name).stat().st_size for name in names}
+        for folder in {tmp / name for name in names} | {(tmp / name).parent for name in names}:
+            _fsync(folder)  # every shard, copy and folder on the disk before the manifest says complete
         manifest = {"step": step, "meta": meta, "files": files}
         if checksums:
             manifest.update(hash=HASH, hashes=hashes)
@@ -308,14 +326,18 @@ def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, grou
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / LATEST, final.name)
-        _prune(root, keep_last)
+        _fsync(root)  # the rename and `latest` too
+        _prune(root, keep_last, step)
     _barrier(group)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, committed: int) -> None:
+    """Keeps the `keep_last` newest checkpoints up to the one just committed. Folders of later steps (a
+    history abandoned when resume skipped them as broken, or a run resumed from an earlier checkpoint) are
+    neither counted nor deleted here: the same step saved again replaces each one in turn."""
     if keep_last <= 0:
         return
-    for old in sorted(root.glob("step-*"))[:-keep_last]:
+    for _, old in [sp for sp in step_folders(root) if sp[0] <= committed][:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -340,8 +362,8 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> 
         for key, kind in shape.items()
     ):
         raise CheckpointError(
-            f"{manifest_path}: corrupt (not a manifest: it needs a 'step' and 'files' and 'meta' tables); this "
-            f"checkpoint "
+            f"{manifest_path}: corrupt (not a manifest: it needs a 'step' number, 'files' and 'meta' tables and "
+            f"'hashes', if any, as a table); this checkpoint "
             f"cannot be used"
         )
     for name, size in manifest["files"].items():
@@ -368,9 +390,7 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> 
 
 def latest_complete_checkpoint(root: str | Path, report=print, checksums: bool = True) -> Path | None:
     """The newest checkpoint under `root` that verifies; broken newer ones are named and skipped."""
-    root = Path(root)
-    candidates = sorted(root.glob("step-*"), reverse=True)
-    for path in candidates:
+    for _, path in reversed(step_folders(root)):
         try:
             verify_checkpoint(path, checksums=checksums, report=report)
             return path

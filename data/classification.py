@@ -166,8 +166,9 @@ def label_names(
     table: Table, label_columns: list[str], task: str, separator: str, fixed: list[str]
 ) -> list[str]:
     """The labels in id order: --labels if given, the 0/1 columns, integer ids in order, else sorted names.
-    Integer ids are kept as ids when they are dense (the largest under twice their number: a class missing
-    from training keeps its id); sparse codes (20010, 30020) are names, in numeric order."""
+    Integer ids are kept as ids (a class missing from training keeps its id) when they are small (under 256)
+    or dense (the largest under twice their number); sparse codes (20010, 30020) are names, in numeric
+    order, not 30,021 outputs."""
     if fixed:
         return fixed
     if task == MULTI_LABEL and len(label_columns) > 1:
@@ -176,7 +177,7 @@ def label_names(
     seen = set().union(*values) if task == MULTI_LABEL else set(values)
     if all(isinstance(v, int) or isinstance(v, str) and v.isdigit() for v in seen):
         ids = sorted({int(v) for v in seen})
-        if ids[0] >= 0 and ids[-1] < 2 * len(ids):
+        if ids[0] >= 0 and ids[-1] < max(2 * len(ids), 256):
             return [str(i) for i in range(ids[-1] + 1)]  # ids as given: label 3 stays id 3
         return [str(i) for i in ids]
     return sorted(str(v) for v in seen)

@@ -22,7 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from checkpoints.export import PROCESSOR, processor_folder
-from checkpoints.sharded import BackgroundSaves, latest_complete_checkpoint, load_checkpoint, save_checkpoint
+from checkpoints.sharded import (
+    BackgroundSaves,
+    latest_complete_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    step_folders,
+)
 from data.sampler import ShardedSampler
 from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from launch.config import ConfigError, TrainConfig
@@ -69,6 +75,9 @@ class Trainer:
         self.export_prefix = module_prefix(task.trained, task.model)
         self.stopped = False  # a stop request (preemption) ended the run early
         self._last_save = (-1, time.monotonic())  # (step, time) of the last save or resume
+        # The log window's running sums (this rank's loss share, grad norm, steps/samples/tokens), kept here
+        # so a checkpoint between two logs carries them: a resumed run logs the same mean over the window.
+        self._window: tuple = (0.0, 0.0, torch.zeros(3, dtype=torch.float64))
         self.peak_tflops = cfg.peak_tflops or _device_peak(rt.device, cfg.precision)
         pinned = rt.device.type == "cuda"
         self.background = BackgroundSaves(pinned) if cfg.async_save and run_dir is not None else None
@@ -283,6 +292,7 @@ class Trainer:
             "scheduler": self.backend.scheduler.state_dict(),
             "tracker_run_id": self.tracker.run_id if self.tracker else None,
             "export": {"model_prefix": self.export_prefix},
+            "log_window": self._window_meta(),
         }
         path = save_checkpoint(
             self.checkpoint_root,
@@ -302,6 +312,13 @@ class Trainer:
         self._last_save = (self.state.step, time.monotonic())
         return path
 
+    def _window_meta(self) -> dict:
+        """The log window so far, over all ranks (a checkpoint is a sync point): its steps, the loss summed
+        over ranks, the grad norm summed over steps (the same on every rank)."""
+        loss, norm, counts = self._window
+        total = self._all_ranks_sum(torch.as_tensor(loss, dtype=torch.float64).reshape(1).to(self.rt.device))
+        return {"steps": int(counts[0]), "loss": total.item(), "grad_norm": float(norm)}
+
     def finish_saves(self) -> None:
         """Wait for a checkpoint still being written in the background (--async-save) to be committed."""
         if self.background is not None:
@@ -311,23 +328,26 @@ class Trainer:
         """Restore from --resume (auto: the newest complete checkpoint of this run, if any); the saved meta."""
         mode, root = self.cfg.resume, self.checkpoint_root
         if mode == "never":
-            if any(root.glob("step-*")):
+            if step_folders(root):
                 raise ConfigError(
                     f"{root} already holds checkpoints and --resume never was given; "
                     f"use --resume auto to continue that run or another --output-dir to start afresh"
                 )
             return None
         checksums = self.cfg.checkpoint_checksums
-        if mode == "auto":  # verified here, content included, so loading checks sizes only
-            path = latest_complete_checkpoint(root, report=self.rt.print, checksums=checksums)
-        else:
+        # auto, and --resume PATH once the run has saved its own (a requeue or rerun of the same command
+        # continues; it does not start again from PATH): the newest verified here, so loading checks sizes.
+        path = latest_complete_checkpoint(root, report=self.rt.print, checksums=checksums)
+        verified = path is not None
+        if mode != "auto" and path is not None:
+            self.rt.print(f"--resume {mode}: this run has saved checkpoints of its own since; it continues from "
+                          f"its newest (to start again from {mode}, give a new --output-dir)")  # fmt: skip
+        elif mode != "auto":
             path = Path(mode)
         if path is None:
             return None
         state = self.backend.checkpoint_state()
-        meta, rank_state, rank_meta = load_checkpoint(
-            path, state=state, checksums=checksums and mode != "auto"
-        )
+        meta, rank_state, rank_meta = load_checkpoint(path, state=state, checksums=checksums and not verified)
         self.state.step = meta["step"]
         self.state.epoch = meta["epoch"]
         # Checkpoints from before the schedule was saved: its position is the step.
@@ -350,7 +370,19 @@ class Trainer:
             self.rt.print(
                 f"resharding {path}: saved by {meta['world_size']} rank(s), resumed by {self.rt.world_size}"
             )
+        saved_batch, batch = meta["batch_size"] * meta["world_size"], self.cfg.batch_size * self.rt.world_size
+        if saved_batch != batch:  # the epoch's order is cut into batches of that size before it is dealt
+            fits = saved_batch % self.rt.world_size == 0
+            hint = f" (--batch-size {saved_batch // self.rt.world_size} here)" if fits else ""
+            self.rt.print(
+                f"warning: {path} was saved with --batch-size x ranks = {saved_batch}, this run has {batch}: "
+                f"until this epoch ends some samples come again and others are skipped; keep {saved_batch}"
+                f"{hint} to continue exactly"
+            )
         self._last_save = (self.state.step, time.monotonic())
+        if window := meta.get("log_window"):  # rank 0 carries the loss summed over the saving ranks
+            counts = torch.tensor([window["steps"], 0, 0], dtype=torch.float64)  # throughput: from now on
+            self._window = (window["loss"] if self.rt.is_main else 0.0, window["grad_norm"], counts)
         self.rt.print(f"resumed from {path} at step {self.state.step}")
         return meta
 
@@ -372,8 +404,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not rt.is_main, desc="train")
         # Loss and norm add up where they are (on the GPU) and are read at log steps only: a step never waits
         # for the device. Sizes come from host batches.
-        window_loss, window_norm = 0.0, 0.0
-        window = torch.zeros(3, dtype=torch.float64)  # steps, samples, tokens since the last log
+        window_loss, window_norm, window = self._window  # window: steps, samples, tokens since the last log
         t0 = time.perf_counter()
         while self.state.step < self.total_steps:
             loss, norm, samples, tokens = self.train_step()
@@ -387,6 +418,7 @@ class Trainer:
                 window_loss, window_norm = 0.0, 0.0
                 window.zero_()
                 t0 = time.perf_counter()
+            self._window = (window_loss, window_norm, window)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
                 tracker.log(self.evaluate(), step)
                 t0 = time.perf_counter()
@@ -409,9 +441,21 @@ class Trainer:
             tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
         final = self.evaluate()  # overlaps the last checkpoint's write (--async-save)
         self.finish_saves()
+        if self.stop_voted():
+            return {}
         tracker.log(final, self.state.step)
         tracker.summary(final)
         return final
+
+    def stop_voted(self) -> bool:
+        """After training: a stop signal that came during the final save or an evaluation ends the run now
+        (exit 75, requeued with --requeue) rather than when the scheduler kills it mid-export; the last
+        checkpoint holds the final step, so the same command evaluates and exports without training."""
+        if self.run_dir is None or not self.rt.any_rank(self.rt.stop_requested):
+            return False
+        self.rt.print(f"stopped on request after step {self.state.step}, the last; its checkpoint is saved")
+        self.stopped = True
+        return True
 
     def _log_window(self, window_loss, window_norm, window: torch.Tensor, t0: float, bar) -> None:
         # The one read of the window's device values: at log steps only. The window's time ends after it, when

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from checkpoints.export import processor_folder
+from checkpoints.export import check_export_target, processor_folder
 from checkpoints.sharded import CheckpointError
 from data.text import DataError
 from launch.backends import backend_settings, make_backend
@@ -35,10 +35,14 @@ def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
     cfg.name = cfg.name or default_name
     run_dir = Path(cfg.output_dir or Path("runs") / cfg.name)
     cfg.output_dir = str(run_dir)
+    check_export_target(run_dir / "export")  # every rank, before any training: not after it
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     rt.barrier()
     return run_dir
+
+
+TRAINED_HERE = "(none: the processor was trained on this run's data)"  # a made_from without --model
 
 
 def saved_processor(
@@ -54,11 +58,14 @@ def saved_processor(
     the same folder that asks for another model is a ConfigError, not that model fed the old ids."""
     folder = processor_folder(run_dir)
     record = folder / "recipebox_made_from.txt"
+    if made_from and Path(made_from).expanduser().exists():
+        made_from = str(Path(made_from).expanduser().resolve())  # ./m, m and /abs/m are one model
     with rt.main_process_first():
         if rt.is_main and not any(folder.glob("*.json")):
-            make().save_pretrained(folder)
             if made_from:
+                folder.mkdir(parents=True, exist_ok=True)
                 record.write_text(made_from, encoding="utf-8")
+            make().save_pretrained(folder)
     if made_from and record.is_file() and (old := record.read_text(encoding="utf-8")) != made_from:
         raise ConfigError(
             f"{folder} was made from --model {old}, and this run asks for --model {made_from}; the run "
@@ -95,11 +102,11 @@ def run_recipe(
         )
         metrics = trainer.fit(tracker)
         clean = True
-        if trainer.stopped:
+        test = {} if trainer.stopped else trainer.evaluate("test")
+        if trainer.stopped or trainer.stop_voted():  # a stop during training, or during the test evaluation
             if cfg.requeue:
                 rt.requeue_slurm_job()
             return EXIT_PREEMPTED
-        test = trainer.evaluate("test")
         if test:
             tracker.log(test, trainer.state.step)
             tracker.summary(test)

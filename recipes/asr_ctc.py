@@ -52,7 +52,7 @@ from kernels import collate_padded
 from kernels.buckets import bucket_lengths, pick_bucket
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import train_flops_per_token
-from launch.recipe import run_main, run_recipe, saved_processor
+from launch.recipe import TRAINED_HERE, run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import as_is, label_targets, model_inputs
 
@@ -177,7 +177,9 @@ def _setup_processor(cfg: ASRConfig, rt: Runtime, run_dir: Path, train_texts: li
             processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=processor.tokenizer)
         return processor
 
-    return saved_processor(rt, run_dir, make, Wav2Vec2Processor.from_pretrained, made_from=cfg.model)
+    return saved_processor(
+        rt, run_dir, make, Wav2Vec2Processor.from_pretrained, made_from=cfg.model or TRAINED_HERE
+    )
 
 
 def _setup_model(cfg: ASRConfig, processor, shortest_frames: int):

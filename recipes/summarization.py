@@ -52,7 +52,7 @@ from kernels import collate_padded
 from launch.backends import backend_class
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import train_flops_per_token
-from launch.recipe import run_main, run_recipe, saved_processor
+from launch.recipe import TRAINED_HERE, run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import as_is, head_on_rows, label_targets, model_inputs, text_sizes, token_loss_sum
 
@@ -135,7 +135,9 @@ def _setup_tokenizer(cfg: SummarizationConfig, rt: Runtime, run_dir: Path, train
                 raise ConfigError(f"--model {cfg.model}: cannot load its tokenizer ({err})") from None
         return train_seq2seq_bpe(train.texts + train.summaries, cfg.family, vocab_size=cfg.vocab_size)
 
-    tok = saved_processor(rt, run_dir, make, AutoTokenizer.from_pretrained, made_from=cfg.model)
+    tok = saved_processor(
+        rt, run_dir, make, AutoTokenizer.from_pretrained, made_from=cfg.model or TRAINED_HERE
+    )
     tok.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids: seq2seq models take none
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise ConfigError(

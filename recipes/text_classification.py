@@ -161,6 +161,8 @@ class ClassificationTask:
         self.processor, self.splits, self.lengths, self.max_length = tok, data, lengths, cfg.max_length
         self.names, self.multi_label, self.examples = names, cfg.task == MULTI_LABEL, examples
         self.text_columns = _split(cfg.text_columns)
+        model.config.text_columns = self.text_columns  # two: predict and the demo take sentence pairs; set
+        # here, so every checkpoint's model config has it too (`python -m checkpoints export`)
         self.flops_per_token = flops_per_token_or_zero(
             model.config, seq_len=cfg.max_length, head_fraction=0.0
         )
@@ -209,7 +211,6 @@ class ClassificationTask:
         return result
 
     def before_export(self, model):
-        model.config.text_columns = self.text_columns  # two: predict and the demo take sentence pairs
         if self.multi_label:
             model.config.label_thresholds = dict(zip(self.names, self.thresholds))
 
@@ -234,7 +235,7 @@ def load(export_dir: str):
 
 def text_columns(export_dir: str) -> list[str]:
     """The columns the export was trained on: one (single texts) or two (sentence pairs); exports made
-    before this was saved, and `python -m checkpoints export` ones, read as single texts."""
+    before this was saved read as single texts."""
     return list(getattr(load(str(export_dir)).model.config, "text_columns", None) or ["text"])
 
 

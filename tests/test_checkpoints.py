@@ -432,3 +432,28 @@ def test_async_save_copies_the_state_before_training_goes_on(tmp_path):
     load_checkpoint(path, model=fresh, optimizer=torch.optim.AdamW(fresh.parameters()))
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_checkpoints_are_ordered_by_step_and_pruning_keeps_the_one_just_saved(tmp_path):
+    """step-1000000 is newer than step-999000 (not by name); a run resumed from step 16 after the broken
+    20 and 24 were skipped keeps its new step 18 under --keep-last 1 (the broken ones are not counted)."""
+    from checkpoints.sharded import _prune, latest_complete_checkpoint, step_folders
+
+    def make(root, *steps):
+        for step in steps:
+            folder = root / f"step-{step:06d}"
+            folder.mkdir(parents=True)
+            manifest = {"step": step, "meta": {}, "files": {}}
+            (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    big = tmp_path / "big"
+    make(big, 999_000, 1_000_000)
+    assert [s for s, _ in step_folders(big)] == [999_000, 1_000_000]
+    assert latest_complete_checkpoint(big, report=lambda _: None).name == "step-1000000"
+    _prune(big, 1, 1_000_000)
+    assert [p.name for _, p in step_folders(big)] == ["step-1000000"]
+
+    resumed = tmp_path / "resumed"
+    make(resumed, 16, 18, 20, 24)
+    _prune(resumed, 1, 18)
+    assert [s for s, _ in step_folders(resumed)] == [18, 20, 24]

@@ -428,3 +428,77 @@ def test_a_run_folder_keeps_the_processor_of_the_model_it_was_made_for(tmp_path)
                        "bert-base-uncased.*pass a new --output-dir"):  # fmt: skip
         saved_processor(OneRank(), run, make, lambda f: f, made_from="bert-base-uncased")
     assert saved_processor(OneRank(), run, make, lambda f: f) == folder  # a tokenizer trained here: no record
+
+
+def saving_trainer(run_dir, **overrides):
+    """A regression Trainer with a run folder: it saves real checkpoints there."""
+    options = dict(max_steps=10, batch_size=8, lr=0.1, warmup_ratio=0.0, weight_decay=0.0, log_every=5)
+    cfg = TrainConfig(**{**options, **overrides})
+    for folder in ("model_config", "processor"):  # what a recipe puts there, copied into each checkpoint
+        (run_dir / folder).mkdir(parents=True, exist_ok=True)
+    rt = Runtime()
+    backend = DDPBackend(rt, BackendSettings(precision=cfg.precision))
+    return Trainer(cfg, rt, backend, RegressionTask(regression_data(), regression_data(16)), run_dir=run_dir)
+
+
+def fit_logged(trainer, stop_at: int = 0):
+    """fit() with metrics.jsonl in the run folder; a stop request after step `stop_at` (0: none)."""
+    tracker = Tracker(trainer.run_dir, enabled=True, use_wandb=False, project="t", name="t", config={})
+    trainer.resume()
+    original = trainer.train_step
+
+    def step():
+        result = original()
+        if trainer.state.step == stop_at:
+            trainer.rt.stop_requested = True
+        return result
+
+    trainer.train_step = step
+    final = trainer.fit(tracker)
+    tracker.finish()
+    trainer.rt.stop_requested = False
+    return final
+
+
+def test_a_resume_between_two_logs_logs_the_same_window_mean(tmp_path):
+    """Stopped at step 3 of a 5-step log window: the resumed run's loss at steps 5 and 10 is the mean over
+    the same steps as an uninterrupted run's, not over the steps since the resume."""
+    fit_logged(saving_trainer(tmp_path / "whole"))
+    fit_logged(saving_trainer(tmp_path / "split"), stop_at=3)
+    fit_logged(saving_trainer(tmp_path / "split"))
+    logged = {
+        name: {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / name) if "train/loss" in r}
+        for name in ("whole", "split")
+    }
+    assert sorted(logged["whole"]) == [5, 10] and sorted(logged["split"]) == [5, 10]
+    for step in (5, 10):
+        assert logged["split"][step] == pytest.approx(logged["whole"][step], rel=1e-6), step
+
+
+def test_resume_path_starts_a_run_then_its_own_checkpoints_continue_it(tmp_path):
+    """`--resume PATH` on a rerun or requeue of the same command: the run continues from its own newest
+    checkpoint, not from PATH again (which would lose every step since)."""
+    fit_logged(saving_trainer(tmp_path / "a", max_steps=4))
+    start = tmp_path / "a" / "checkpoints" / "step-000004"
+    fit_logged(saving_trainer(tmp_path / "b", resume=str(start)), stop_at=7)  # preempted at step 7
+    again = saving_trainer(tmp_path / "b", resume=str(start))
+    assert again.resume()["step"] == 7 and again.state.step == 7
+
+
+def test_a_stop_during_the_final_evaluation_ends_the_run_resumable(tmp_path):
+    """A stop signal after the last step (during the final save or evaluation) ends the run with its final
+    checkpoint saved, instead of being ignored until the scheduler kills the export; the same command then
+    evaluates without training."""
+    trainer = saving_trainer(tmp_path / "run")
+    evaluate = trainer.evaluate
+
+    def evaluate_then_stop(*args, **kwargs):
+        trainer.rt.stop_requested = True
+        return evaluate(*args, **kwargs)
+
+    trainer.evaluate = evaluate_then_stop
+    assert fit_logged(trainer) == {} and trainer.stopped
+    assert (tmp_path / "run" / "checkpoints" / "step-000010").is_dir()
+    again = saving_trainer(tmp_path / "run")
+    final = fit_logged(again)
+    assert again.state.step == 10 and "eval/loss" in final and not again.stopped
