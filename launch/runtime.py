@@ -21,7 +21,11 @@ import torch.distributed as dist
 
 
 def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    """The first node of this srun step (of the job, outside a step): where rank 0 runs."""
+    env = os.environ
+    nodelist = (
+        env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    )
     if not nodelist:
         return "127.0.0.1"
     try:
@@ -31,6 +35,15 @@ def _slurm_master_addr() -> str:
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return nodelist.split(",")[0]
+
+
+def slurm_port() -> int:
+    """One port per job and srun step, so two jobs on a node, or two steps of one job, do not collide; in
+    20000-31999, under Linux's ephemeral ports (32768 up), which any connection may hold."""
+    env = os.environ
+    step = env.get("SLURM_STEP_ID", "0")
+    step = int(step) if step.isdigit() and int(step) < 1_000_000 else 0  # the batch shell's is a big marker
+    return 20000 + (int(env.get("SLURM_JOB_ID", "0") or 0) + 1009 * step) % 12000
 
 
 def read_environment() -> tuple[int, int, int]:
@@ -46,8 +59,7 @@ def read_environment() -> tuple[int, int, int]:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        # One port per job so two jobs on a node do not collide.
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(slurm_port()))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         return rank, world, local
     return 0, 1, 0
@@ -83,7 +95,8 @@ class Runtime:
     def start(cls, seed: int, device: str = "auto", stop_signals: str = "SIGTERM") -> Runtime:
         rank, world, local = read_environment()
         if device == "auto":
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+            # Slurm may bind one GPU per task (--gpus-per-task, --gpu-bind): then each rank sees only its own.
+            device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

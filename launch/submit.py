@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -190,7 +191,9 @@ def make_executor(cluster: str, folder: str | Path, options: SlurmOptions, name:
                 f"no Slurm cluster answers (sinfo: {detail.strip()}); start the local one with "
                 "`bash slurm/local_cluster.sh up`, or run with --cluster local"
             ) from None
-        executor: submitit.Executor = submitit.SlurmExecutor(folder=folder, python=sys.executable)
+        executor: submitit.Executor = submitit.SlurmExecutor(
+            folder=folder, python=shlex.quote(sys.executable)
+        )
         params: dict[str, Any] = {
             "job_name": name,
             "time": options.timeout_min,
@@ -284,7 +287,7 @@ def collect(tasks: list[Task]) -> list[dict[str, Any]]:
     for t in tasks:
         row: dict[str, Any] = {"task": task_name(t.params), **t.params}
         try:
-            metrics = t.job.result()
+            metrics = t.job.results()[0]  # one per Slurm task (rank); every rank must have succeeded
             row.update(status="done", **metrics)
         except Exception as err:  # the job's own failure, whatever it was, becomes a row
             row.update(status="failed", error=_error_line(err))

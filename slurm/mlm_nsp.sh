@@ -21,20 +21,21 @@
 #   NPROC_PER_NODE=2 sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 --partition=local slurm/mlm_nsp.sh
 #
 # Environment knobs (read at run time):
-#   RUN_DIR          run folder, kept across requeues      (default runs/mlm_nsp-<job name>)
+#   RUN_DIR          run folder, kept across requeues      (default runs/mlm_nsp-<job name>[-<array task>];
+#                    a job of the same name resumes it: give concurrent jobs their own name or RUN_DIR)
 #   NPROC_PER_NODE   workers per node                      (default: GPUs on the node, else 1)
 #   PYTHON           interpreter with recipebox installed  (default .venv/bin/python, else python3)
 #   BACKEND_FLAGS    recipe flags placed before yours (slurm/mlm_nsp_deepspeed.sh sets the backend here)
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
-RUN_DIR=${RUN_DIR:-runs/mlm_nsp-${SLURM_JOB_NAME:-local}}
+RUN_DIR=${RUN_DIR:-runs/mlm_nsp-${SLURM_JOB_NAME:-local}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 read -r -a backend_flags <<<"${BACKEND_FLAGS:-}"
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000)) # under the ephemeral ports (32768 up), as launch/runtime.py
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES node(s) x $NPROC_PER_NODE worker(s)," \
   "rendezvous $MASTER_ADDR:$MASTER_PORT, run folder $RUN_DIR"
 
@@ -56,7 +57,7 @@ srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=A
   --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
   --max_restarts=0 \
-  recipes/mlm_nsp.py --output-dir "$RUN_DIR" --requeue true "${backend_flags[@]}" "$@" &
+  recipes/mlm_nsp.py --output-dir "$RUN_DIR" --requeue true ${backend_flags[@]+"${backend_flags[@]}"} "$@" &
 srun_pid=$!
 
 # `wait` returns early when a trapped signal arrives; keep waiting for srun itself.

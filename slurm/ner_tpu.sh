@@ -23,7 +23,7 @@
 #     --max-steps 20 --tracker none
 #
 # Environment knobs (read at run time):
-#   RUN_DIR          run folder, kept across requeues        (default runs/ner_tpu-<job name>)
+#   RUN_DIR          run folder, kept across requeues        (default runs/ner_tpu-<job name>[-<array task>])
 #   PYTHON           interpreter with torch_xla and recipebox (default .venv-xla/bin/python)
 #   PJRT_DEVICE      TPU (default) or CPU; CPU_NUM_DEVICES sets the virtual device count on CPU
 #   XLA_FLAGS etc.   passed on unchanged
@@ -31,7 +31,7 @@ set -euo pipefail
 
 # sbatch runs a copy of this file from Slurm's spool; the repository is the submit folder.
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
-RUN_DIR=${RUN_DIR:-runs/ner_tpu-${SLURM_JOB_NAME:-local}}
+RUN_DIR=${RUN_DIR:-runs/ner_tpu-${SLURM_JOB_NAME:-local}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}
 PYTHON=${PYTHON:-.venv-xla/bin/python}
 export PJRT_DEVICE=${PJRT_DEVICE:-TPU}
 if ! "$PYTHON" -c "import torch_xla" 2>/dev/null; then

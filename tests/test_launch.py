@@ -115,6 +115,11 @@ def test_read_environment(monkeypatch):
     import os
 
     assert os.environ["WORLD_SIZE"] == "4" and os.environ["MASTER_PORT"] == "20123"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # filled in by the call above
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_STEP_ID", "2")  # a second srun step of the same job: another port
+    read_environment()
+    assert os.environ["MASTER_PORT"] == str(20000 + (123 + 2 * 1009) % 12000)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -413,7 +418,7 @@ def test_a_run_folder_keeps_the_processor_of_the_model_it_was_made_for(tmp_path)
 
     class Processor:
         def save_pretrained(self, folder):
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
             (folder / "tokenizer.json").write_text("{}")
 
     def make():

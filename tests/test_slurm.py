@@ -247,3 +247,35 @@ def test_a_task_takes_its_ranks_from_slurm_not_the_submitting_shell(monkeypatch)
     env = submit.RecipeRun.child_env()
     assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & env.keys()
     assert env["SLURM_PROCID"] == "0" and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_a_task_of_several_ranks_is_done_when_every_rank_is(tmp_path):
+    """--gpus-per-node 2 gives each task 2 Slurm tasks (ranks): submitit's result() refuses such a job, so
+    the row reads every rank's result, and a rank that failed fails the row."""
+
+    class Job:
+        paths = type("Paths", (), {"stdout": tmp_path / "log.out"})()
+
+        def __init__(self, *outcomes):
+            self.outcomes = outcomes
+
+        def result(self):
+            assert len(self.outcomes) == 1, "You should use `results()` if your job has subtasks."
+            return self.results()[0]
+
+        def results(self):
+            for outcome in self.outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
+            return list(self.outcomes)
+
+    done = {"eval/loss": 1.5}
+    tasks = [
+        submit.Task({"lr": "1e-3"}, tmp_path / "a", Job(done, done)),
+        submit.Task(
+            {"lr": "1e-2"}, tmp_path / "b", Job(done, submit.RecipeFailed("rank 1 exited with status 1"))
+        ),
+    ]
+    rows = submit.collect(tasks)
+    assert rows[0]["status"] == "done" and rows[0]["eval/loss"] == 1.5
+    assert rows[1]["status"] == "failed" and "rank 1 exited" in rows[1]["error"]
