@@ -332,9 +332,12 @@ def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, grou
 
 
 def _prune(root: Path, keep_last: int, committed: int) -> None:
-    """Keeps the `keep_last` newest checkpoints up to the one just committed. Folders of later steps (a
+    """Keeps the `keep_last` newest checkpoints up to the one just committed, and removes what killed saves
+    left (`.tmp-step-*`; a save in the background commits before the next begins). Folders of later steps (a
     history abandoned when resume skipped them as broken, or a run resumed from an earlier checkpoint) are
     neither counted nor deleted here: the same step saved again replaces each one in turn."""
+    for stale in root.glob(".tmp-step-*"):  # a save killed mid-way (this one's was just renamed)
+        shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
     for _, old in [sp for sp in step_folders(root) if sp[0] <= committed][:-keep_last]:

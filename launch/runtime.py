@@ -100,16 +100,18 @@ class Runtime:
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        rt = cls(rank=rank, world_size=world, local_rank=local, device=dev)
+        # Before the rendezvous, which can wait: a stop signal there is a stop (exit 75), not the default
+        # action (SIGUSR1's kills the process).
+        rt._install_signal_handlers([s.strip() for s in stop_signals.split(",") if s.strip()])
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             dist.init_process_group(
                 backend=backend, rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None
             )
-        rt = cls(rank=rank, world_size=world, local_rank=local, device=dev)
         if world > 1 and dev.type == "cuda":  # votes on host flags must not wait for the GPU
             rt.host_group = dist.new_group(backend="gloo")
         seed_everything(seed + rank)
-        rt._install_signal_handlers([s.strip() for s in stop_signals.split(",") if s.strip()])
         return rt
 
     def _install_signal_handlers(self, names: list[str]) -> None:

@@ -455,5 +455,6 @@ def test_checkpoints_are_ordered_by_step_and_pruning_keeps_the_one_just_saved(tm
 
     resumed = tmp_path / "resumed"
     make(resumed, 16, 18, 20, 24)
+    (resumed / ".tmp-step-000017" / "state").mkdir(parents=True)  # a save that was killed
     _prune(resumed, 1, 18)
-    assert [s for s, _ in step_folders(resumed)] == [18, 20, 24]
+    assert [s for s, _ in step_folders(resumed)] == [18, 20, 24] and not list(resumed.glob(".tmp-*"))
