@@ -147,6 +147,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     again = run(command(out, tokenizer_dir, *big, steps=int(latest[5:]) + 2))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {ckpts / latest}" in again.stdout
+    assert not interrupted.exists()  # the next commit removed what the killed save left
 
 
 def _has_shards(folder) -> bool:
