@@ -18,7 +18,9 @@ IS_NEXT, NOT_NEXT = 0, 1  # BertForPreTraining's convention
 
 
 def split_documents(documents: list[list[str]], eval_fraction: float, seed: int):
-    """Hold out whole documents (not pairs), so eval sentences were never seen in training."""
+    """Hold out whole documents (not pairs), so eval sentences were never seen in training. Each side gets
+    two documents at least (random next sentences come from another document; under 4 documents nothing is
+    held out) and, where the corpus allows, one with two sentences (a true next sentence)."""
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval fraction must be in [0, 1), got {eval_fraction}")
     order = list(range(len(documents)))
@@ -26,6 +28,13 @@ def split_documents(documents: list[list[str]], eval_fraction: float, seed: int)
     n_eval = round(len(documents) * eval_fraction)
     if eval_fraction > 0:
         n_eval = min(max(n_eval, 2), len(documents) - 2)  # each side needs two documents for random pairs
+        n_eval = n_eval if n_eval >= 2 else 0
+    multi = [p for p, k in enumerate(order) if len(documents[k]) >= 2]  # positions of 2+ sentence documents
+    if n_eval and len(multi) >= 2:  # trade one document where a side has no true next sentence
+        if multi[0] >= n_eval:
+            order[0], order[multi[0]] = order[multi[0]], order[0]
+        elif multi[-1] < n_eval:
+            order[n_eval], order[multi[-1]] = order[multi[-1]], order[n_eval]
     eval_ids = set(order[:n_eval])
     train = [d for i, d in enumerate(documents) if i not in eval_ids]
     held = [d for i, d in enumerate(documents) if i in eval_ids]
@@ -63,24 +72,28 @@ def build_nsp_pairs(
             labels = [IS_NEXT] * ((len(slots) + 1) // 2) + [NOT_NEXT] * (len(slots) // 2)
             rng.shuffle(labels)
         for (d, i), label in zip(slots, labels):
+            b, label = _partner(documents, d, i, label, rng)
             cols["a"].append(documents[d][i])
-            cols["b"].append(_partner(documents, d, i, label, rng))
-        cols["next_sentence_label"].extend(labels)
+            cols["b"].append(b)
+            cols["next_sentence_label"].append(label)
     return cols
 
 
-def _partner(documents: list[list[str]], d: int, i: int, label: int, rng: random.Random) -> str:
+def _partner(documents: list[list[str]], d: int, i: int, label: int, rng: random.Random) -> tuple[str, int]:
+    """The second sentence for `label`, and the label it really has: a random sentence equal to the true
+    next one (boilerplate repeated across documents) is redrawn, and where every other sentence is that
+    same one, the pair is labelled IS_NEXT rather than wrongly NOT_NEXT."""
     true_next = documents[d][i + 1]
     if label == IS_NEXT:
-        return true_next
-    b = true_next
-    for _ in range(100):  # a sentence repeated across documents could equal the true next one
+        return true_next, IS_NEXT
+    for _ in range(100):
         other = rng.randrange(len(documents) - 1)
         other += other >= d  # any document but this one
         b = rng.choice(documents[other])
         if b != true_next:
-            break
-    return b
+            return b, NOT_NEXT
+    rest = [s for k, doc in enumerate(documents) if k != d for s in doc if s != true_next]
+    return (rng.choice(rest), NOT_NEXT) if rest else (true_next, IS_NEXT)
 
 
 def _fingerprint(pairs: dict[str, list], tokenizer, max_length: int) -> str:

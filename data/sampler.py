@@ -51,7 +51,6 @@ class ShardedSampler(Sampler[int]):
         order = (
             torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
         )
-        order = order[:total]
         global_batch = self.batch_size * self.world_size
         if self.lengths is not None:
             # Sort chunks of many global batches by length so a batch pads little, then shuffle the batches
@@ -67,6 +66,10 @@ class ShardedSampler(Sampler[int]):
             if self.shuffle:
                 batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
             order = torch.cat(batches + tail)
+        # The remainder goes from the end of the whole order, after grouping: the order itself depends on
+        # the global batch only, so a checkpoint resumed on other ranks with the same global batch sees the
+        # same samples next (cut before grouping, chunks and batch edges moved with the world size).
+        order = order[:total]
         batches = order.split(global_batch)
         return torch.cat([b[self.rank :: self.world_size] for b in batches])
 

@@ -160,10 +160,12 @@ def collate_padded(
 
 
 class MLMCollator:
-    """collate_padded followed by mask_tokens on the host, with its own generator seeded once.
+    """collate_padded followed by mask_tokens on the host, with its own generator.
 
     pad_id is always treated as special, so padding is never masked. The batch's "labels" come from
-    masking, so rows must not carry a "labels" feature of their own.
+    masking, so rows must not carry a "labels" feature of their own. Each rank (`rank`) and each DataLoader
+    worker process draws its own stream from `seed` (workers start with copies of the generator: the same
+    state would mask their batches alike); rank 0 in the main process draws from `seed` itself.
     """
 
     def __init__(
@@ -178,6 +180,7 @@ class MLMCollator:
         random_replace_prob: float = 0.1,
         pad_to_multiple_of: int | None = None,
         seed: int = 0,
+        rank: int = 0,
     ):
         _check_args(mask_token_id, vocab_size, mlm_probability, mask_replace_prob, random_replace_prob)
         _padded_length(0, pad_to_multiple_of)
@@ -193,9 +196,17 @@ class MLMCollator:
             mask_replace_prob=mask_replace_prob,
             random_replace_prob=random_replace_prob,
         )
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.rank, self._worker = seed, rank, None
+        self.generator = torch.Generator().manual_seed(self._stream_seed(None))
+
+    def _stream_seed(self, worker: int | None) -> int:
+        return self.seed + 1_000_003 * self.rank + (0 if worker is None else 7_919 * (worker + 1))
 
     def __call__(self, features: list[dict]) -> dict[str, Tensor]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.id != self._worker:  # first batch in this worker process
+            self._worker = info.id
+            self.generator.manual_seed(self._stream_seed(info.id))
         if features and "labels" in features[0]:
             raise ValueError(
                 "MLMCollator makes 'labels' by masking, but the rows already have a 'labels' feature; "

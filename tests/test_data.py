@@ -218,6 +218,19 @@ def test_wordpiece_counts_words_exactly_as_its_normalizer_and_pre_tokenizer_spli
 # -- sampler ----------------------------------------------------------------------------------------------
 
 
+def test_each_side_of_the_split_has_a_true_next_sentence_and_labels_are_true():
+    """Held-out documents were drawn at random, so with few multi-sentence documents a seed could leave the
+    eval side without a true next sentence (a DataError before training); under 4 documents nothing is held
+    out. A random partner that cannot differ from the true next sentence makes the pair IS_NEXT."""
+    docs = [[f"Single {i}."] for i in range(8)] + [["Pair one.", "Pair two."], ["Other one.", "Other two."]]
+    for seed in range(100):
+        train, held = split_documents(docs, 0.2, seed)
+        assert any(len(d) >= 2 for d in train) and any(len(d) >= 2 for d in held), seed
+    assert [len(side) for side in split_documents(docs[:3], 0.2, 0)] == [3, 0]
+    pairs = build_nsp_pairs([["A.", "Same."], ["Same."], ["Same."]], seed=0, copies=8)
+    assert set(zip(pairs["b"], pairs["next_sentence_label"])) == {("Same.", IS_NEXT)}
+
+
 def test_sampler_shards_are_disjoint_equal_and_cover():
     orders = [list(ShardedSampler(103, rank=r, world_size=4, batch_size=5, seed=1)) for r in range(4)]
     assert {len(o) for o in orders} == {25}
@@ -239,6 +252,28 @@ def test_sampler_resumes_mid_epoch_without_iterating_the_skipped_part():
     full = list(s)
     s.set_epoch(3, start=136)
     assert list(s) == full[136:] and len(s) == len(full) - 136
+
+
+def test_the_same_global_batch_on_other_ranks_sees_the_same_samples_next():
+    """A checkpoint resumed on another number of ranks with the same global batch (2 x 4 = 4 x 2 = 8):
+    the rest of the epoch holds the same samples, length-grouped too (103 samples: the remainder each
+    world size drops comes off the end of one order, not before grouping)."""
+    lengths = torch.randint(5, 128, (103,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def rest(world, steps, grouped):
+        samplers = [ShardedSampler(103, rank=r, world_size=world, batch_size=8 // world, seed=3, lengths=grouped)
+                    for r in range(world)]  # fmt: skip
+        for s in samplers:
+            s.set_epoch(0, start=steps * 8 // world)  # what a checkpoint after `steps` steps restores
+        return {i for s in samplers for i in s}
+
+    for grouped in (None, lengths):
+        for steps in (1, 5, 11):
+            two, four = rest(2, steps, grouped), rest(4, steps, grouped)
+            assert four <= two and len(two - four) == 2, (
+                grouped is not None,
+                steps,
+            )  # 2 ranks drop 1, 4 drop 3
 
 
 def test_length_grouping_cuts_padding_and_keeps_ranks_in_step():

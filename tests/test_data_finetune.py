@@ -178,6 +178,13 @@ def test_multi_class_metrics_macro_and_micro():
     m = multi_class_metrics([0, 0, 1, 2], [0, 1, 1, 2], 3)
     assert m["accuracy"] == 0.75 and m["micro_f1"] == 0.75
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    # Labels 3 and 4 occur nowhere in this split: scikit-learn's macro average, not two zeros in it.
+    from sklearn.metrics import f1_score
+
+    golds, preds = [0, 1, 2, 2, 1, 0], [0, 2, 2, 2, 0, 0]
+    assert multi_class_metrics(preds, golds, 5)["macro_f1"] == pytest.approx(
+        f1_score(golds, preds, average="macro")
+    )
 
 
 def test_fitted_thresholds_beat_one_half_on_a_shy_label():

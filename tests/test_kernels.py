@@ -272,6 +272,21 @@ def test_mlm_collator_masks_deterministically_and_never_masks_padding():
         collator([{"input_ids": [2, 5, 3], "labels": [1, 1, 1]}])
 
 
+def test_mlm_collator_masks_each_worker_and_rank_differently():
+    """DataLoader workers start with copies of the collator: without a stream of their own, worker 0 and
+    worker 1 masked the same positions of same-shaped batches; ranks likewise."""
+    row = {"input_ids": make_rows(1, 48, seed=3)[0]}
+    kwargs = {"pad_id": PAD, "mask_token_id": MASK, "vocab_size": VOCAB, "special_ids": SPECIALS, "seed": 1}
+    loader = torch.utils.data.DataLoader(
+        [row] * 16, batch_size=4, num_workers=2, collate_fn=MLMCollator(**kwargs)
+    )
+    batches = [b["labels"] for b in loader]  # batches 0 and 2 from worker 0, 1 and 3 from worker 1
+    assert not torch.equal(batches[0], batches[1]) and not torch.equal(batches[2], batches[3])
+    rank0, rank1 = (MLMCollator(rank=r, **kwargs)([row] * 4)["labels"] for r in (0, 1))
+    assert not torch.equal(rank0, rank1)
+    assert torch.equal(rank0, MLMCollator(**kwargs)([row] * 4)["labels"])  # rank 0, main process: `seed`
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
