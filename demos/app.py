@@ -24,6 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from demos.common import APPS, DemoError, app_for, find_export, launch, quiet_environment  # noqa: E402
 
 
+def _app(export: Path, asked: str | None) -> str:
+    """The app for an export: from its model class; --app where the class is one no app knows, and only
+    when it agrees where one does (another task's export would load with a new, random head)."""
+    try:
+        found = app_for(export)
+    except DemoError:
+        if asked:
+            return asked
+        raise
+    if asked and asked != found:
+        raise DemoError(f"{export} holds a {found} model; --app {asked} does not fit it (leave --app out)")
+    return found
+
+
 def main(argv: list[str] | None = None, block: bool = True):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -41,9 +55,11 @@ def main(argv: list[str] | None = None, block: bool = True):
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=2, help="predictions run at once (default 2)")
     args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be 1 or more, got {args.concurrency}")
     try:
         exports = [find_export(e) for e in args.export]
-        names = {args.app or app_for(e) for e in exports}
+        names = {_app(e, args.app) for e in exports}
         if len(names) > 1:
             raise DemoError(f"the exports need different apps ({', '.join(sorted(names))}); pass one kind")
         name = names.pop()
@@ -64,7 +80,14 @@ def main(argv: list[str] | None = None, block: bool = True):
             'error: gradio is not installed: pip install -e ".[demo]" (scripts/env.sh does)', file=sys.stderr
         )
         return 2
-    blocks = app.build(*exports)
+    try:
+        blocks = app.build(*exports)
+    except (DemoError, ValueError, RuntimeError) as err:  # e.g. --app for another task's export
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.share:
+        print("warning: --share opens a public gradio.live link (it needs the internet): anyone with the link "
+              "can use this app and the machine it runs on", file=sys.stderr)  # fmt: skip
     try:
         return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,
                       block=block)  # fmt: skip

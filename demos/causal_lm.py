@@ -14,14 +14,18 @@ def continue_text(
     export: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int
 ):
     """The continuation (the prompt left out), and a note when the prompt is longer than the model reads."""
-    if not prompt.strip():
+    if not (prompt or "").strip():
         return "", "**Type a prompt.**"
-    text = causal_lm.generate_text(str(export), prompt, max_new_tokens=int(max_new_tokens),
-                                   temperature=float(temperature), top_p=float(top_p), seed=int(seed))  # fmt: skip
-    model = causal_lm.load(str(export)).model
-    window = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 0)
-    n = len(causal_lm.load(str(export)).tokenizer(prompt)["input_ids"])
-    note = f"The prompt has {n} tokens; the model reads at most {window}." if window and n > window else ""
+    try:
+        kept, n = causal_lm.prompt_kept(str(export), prompt, int(max_new_tokens))
+        text = causal_lm.generate_text(str(export), prompt, max_new_tokens=int(max_new_tokens),
+                                       temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0))  # fmt: skip
+    except causal_lm.ConfigError as err:  # no room for a prompt: fewer new tokens
+        return "", f"**{err}**"
+    window = causal_lm.model_window(causal_lm.load(str(export)).model)
+    read = len(causal_lm.load(str(export)).tokenizer(kept)["input_ids"])
+    note = (f"The prompt has {n} tokens; with {int(max_new_tokens)} new ones in the model's {window}-token "
+            f"window, it read the last {read}.") if kept != prompt else ""  # fmt: skip
     return text, note
 
 
@@ -31,12 +35,14 @@ def build(export: Path) -> gr.Blocks:
         gr.Markdown(f"# Text generation\n`{export}`")
         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="lm-prompt")
         with gr.Row():
-            max_new = gr.Slider(1, 256, value=defaults.max_new_tokens or 40, step=1, label="Max new tokens")
-            temperature = gr.Slider(
-                0, 2, value=defaults.temperature or 1.0, step=0.05, label="Temperature (0: greedy)"
-            )
+            new = (
+                defaults.max_new_tokens or 40
+            )  # the run's settings, even where they pass a slider's usual end
+            max_new = gr.Slider(1, max(256, new), value=new, step=1, label="Max new tokens")
+            t = 1.0 if defaults.temperature is None else defaults.temperature  # 0 (greedy) stays 0
+            temperature = gr.Slider(0, max(2, t), value=t, step=0.05, label="Temperature (0: greedy)")
             top_p = gr.Slider(0.05, 1, value=defaults.top_p or 1.0, step=0.05, label="Top-p")
-            seed = gr.Number(value=0, precision=0, label="Seed")
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
         run = gr.Button("Generate", variant="primary")
         out = gr.Textbox(label="Continuation", lines=4, elem_id="lm-out")
         note = gr.Markdown(elem_id="lm-note")

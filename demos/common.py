@@ -30,9 +30,11 @@ APPS = {
     "ForSequenceClassification": "text_classification",
     "ForTokenClassification": "ner",
     "ForQuestionAnswering": "qa",
+    "ForQuestionAnsweringSimple": "qa",  # XLNet, XLM
     "ForCausalLM": "causal_lm",
     "LMHeadModel": "causal_lm",  # GPT2LMHeadModel
     "ForConditionalGeneration": "summarization",  # T5, BART, Pegasus
+    "MTModel": "summarization",  # MarianMTModel
     "ForCTC": "asr_ctc",  # Wav2Vec2ForCTC
 }
 

@@ -9,6 +9,8 @@ import gradio as gr
 from demos.common import examples
 from recipes import ner
 
+MAX_CHARS = 100_000  # every window of a text goes through the model in one batch
+
 
 def spans(tagged: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
     """(text, entity type or None) pieces: the words of one entity (B-X, I-X ...) joined into one piece."""
@@ -23,8 +25,10 @@ def spans(tagged: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
 
 
 def tag(export: Path, text: str) -> tuple[list, list[list[str]], str]:
-    if not text.strip():
+    if not (text or "").strip():
         return [], [], "**Type a text.**"
+    if len(text) > MAX_CHARS:
+        return [], [], f"**The text has {len(text):,} characters; this app reads up to {MAX_CHARS:,}.**"
     tagged = ner.predict(str(export), text)
     tok = ner.load(str(export))[0]
     n = len(tok(text)["input_ids"])

@@ -9,12 +9,19 @@ import gradio as gr
 from demos.common import examples
 from recipes import qa
 
+MAX_CHARS = 100_000  # every window of a document goes through the model in one batch
+
 
 def ask(export: Path, context: str, question: str) -> tuple[list, str]:
     """The document with the answer's span marked, and the answer with its probability and where it is."""
-    if not context.strip() or not question.strip():
+    if not (context or "").strip() or not (question or "").strip():
         return [], "**Paste a document and type a question.**"
-    found = qa.answer(str(export), question, context)
+    if len(context) > MAX_CHARS:
+        return [], f"**The document has {len(context):,} characters; this app reads up to {MAX_CHARS:,}.**"
+    try:
+        found = qa.answer(str(export), question, context)
+    except ValueError as err:  # a question too long for the window (data.qa's DataError)
+        return [], f"**{err}**"
     if not found["answer"]:
         return [(context, None)], f"No answer in the document (p = {found['confidence']:.4f})."
     start, end = found["start"], found["end"]

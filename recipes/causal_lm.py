@@ -24,6 +24,7 @@ import functools
 import math
 import random
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,13 +249,39 @@ def load(export_dir: str):
     return pipeline("text-generation", model=export_dir)
 
 
+_SEEDED = threading.Lock()  # torch's global generator: one seeded generation at a time (the demo runs two)
+
+
+def model_window(model) -> int:
+    """Positions the model reads (GPT-2's n_positions); 0 when its config does not say."""
+    return (
+        getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 0) or 0
+    )
+
+
+def prompt_kept(export_dir: str, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    """The prompt as generation reads it, and its token count before: the last tokens that leave room for
+    `max_new_tokens` in the model's window (a longer prompt would run past its position table)."""
+    generator = load(str(export_dir))
+    ids = generator.tokenizer(prompt)["input_ids"]
+    window = model_window(generator.model)
+    if not window or len(ids) + max_new_tokens <= window:
+        return prompt, len(ids)
+    if max_new_tokens >= window:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {export_dir}'s "
+                          f"{window}-token window; ask for fewer")  # fmt: skip
+    return generator.tokenizer.decode(ids[len(ids) - (window - max_new_tokens) :]), len(ids)
+
+
 def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, seed: int = 0) -> str:  # fmt: skip
     """The continuation of `prompt` (without it), sampled with the export's defaults unless given; a fixed
-    `seed` gives the same text every time. temperature 0 means greedy."""
+    `seed` gives the same text every time. temperature 0 means greedy. A prompt longer than the window
+    leaves for the new tokens is read from its end (prompt_kept)."""
     generator = load(str(export_dir))
     defaults = generator.model.generation_config
     options = {"max_new_tokens": max_new_tokens or defaults.max_new_tokens}
+    prompt, _ = prompt_kept(export_dir, prompt, options["max_new_tokens"])
     temperature = defaults.temperature if temperature is None else temperature
     if temperature <= 0:
         options["do_sample"] = False
@@ -262,8 +289,9 @@ def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = 
         options.update(
             do_sample=True, temperature=temperature, top_p=defaults.top_p if top_p is None else top_p
         )
-    torch.manual_seed(seed)
-    return generator(prompt, return_full_text=False, **options)[0]["generated_text"]
+    with _SEEDED:
+        torch.manual_seed(seed)
+        return generator(prompt, return_full_text=False, **options)[0]["generated_text"]
 
 
 def predict(argv: list[str]) -> int:

@@ -238,3 +238,36 @@ def test_predict_entry_prints_the_saved_examples(exports, capsys):
     missing.mkdir()
     with pytest.raises(CheckpointError, match=r"no_examples/examples.json does not exist .*; give a text"):
         ner.main(["predict", str(missing)])
+
+
+def test_a_long_prompt_a_shared_seed_and_a_wrong_app_get_answers_not_errors(tmp_path):
+    """In process, on a tiny GPT-2 with a 32-token window: a prompt longer than the window leaves for the
+    new tokens is read from its end (it ran past the position table: IndexError); too many new tokens for
+    any prompt is a message; the same seed gives the same text; --concurrency 0 and an --app that does not
+    fit the export stop with exit 2 before serving."""
+    import transformers
+
+    from checkpoints.export import export_hf
+    from data.tokenizer import train_byte_bpe
+    from demos import causal_lm as demo
+    from demos.app import main
+
+    tok = train_byte_bpe(["The harbour saw ships arrive in spring and leave in autumn."] * 20, vocab_size=300)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    export = export_hf(
+        transformers.GPT2LMHeadModel(config), tok, tmp_path / "lm", title="T", metrics={}, config={}
+    )
+    long = "The harbour saw ships arrive in spring and leave in autumn. " * 10
+    text, note = demo.continue_text(export, long, 8, 1.0, 1.0, 0)
+    assert isinstance(text, str) and "in the model's 32-token window, it read the last 24" in note
+    assert demo.continue_text(export, long, 40, 1.0, 1.0, 0) == (
+        "",
+        f"**--max-new-tokens 40 leaves no room for a prompt in {export}'s 32-token window; ask for fewer**",
+    )
+    assert demo.continue_text(export, "The harbour", 8, 1.0, 1.0, None) == demo.continue_text(
+        export, "The harbour", 8, 1.0, 1.0, 0
+    )  # an emptied seed box is seed 0
+    with pytest.raises(SystemExit) as stopped:
+        main([str(export), "--concurrency", "0"])
+    assert stopped.value.code == 2
+    assert main([str(export), "--app", "ner"], block=False) == 2
