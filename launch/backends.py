@@ -136,7 +136,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype for `precision`, or None for full fp32; refuses what the hardware cannot do."""
     if precision == "fp32":
         return None
-    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16_ok = device.type == "cpu" or (
+        device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    )  # emulated bf16 (V100, T4) would run slower than fp32
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and bf16_ok else None
     if precision == "bf16":

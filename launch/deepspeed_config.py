@@ -84,34 +84,49 @@ def build_deepspeed_config(cfg, world_size: int, device_type: str) -> dict[str, 
 
 
 def _merge_precision(cfg, user: dict, ds: dict, source: str, device_type: str) -> None:
-    wanted = cfg.precision if cfg.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    json_fp16 = _get(user, ("fp16", "enabled")) is True
-    json_bf16 = _get(user, ("bf16", "enabled")) is True
-    if json_fp16 or cfg.precision == "fp16":
-        if device_type != "cuda":
-            raise ConfigError(
-                f"{source if json_fp16 else '--precision fp16'}: fp16 needs a GPU (DeepSpeed refuses it on "
-                f"CPU); use bf16 or fp32 here"
-            )
-        if cfg.precision not in ("auto", "fp16"):
-            raise ConfigError(f"{source}: fp16.enabled is true but --precision is {cfg.precision}; pick one")
-        wanted = "fp16"
-    elif json_bf16 and cfg.precision not in ("auto", "bf16"):
-        raise ConfigError(f"{source}: bf16.enabled is true but --precision is {cfg.precision}; pick one")
-    elif json_bf16:
-        wanted = "bf16"
+    """bf16.enabled / fp16.enabled in the JSON and --precision: one precision, or a ConfigError; under
+    --precision auto the JSON's choice wins, then bf16 on GPUs that have it natively, else fp32."""
+    said = {k: _get(user, (k, "enabled")) for k in ("fp16", "bf16")}
+    on = [k for k, v in said.items() if v is True]
+    if len(on) == 2:
+        raise ConfigError(
+            f"{source}: fp16.enabled and bf16.enabled are both true; DeepSpeed takes one, keep one"
+        )
+    if cfg.precision != "auto":
+        wanted = cfg.precision
+        for key, value in said.items():
+            if value is not None and value != (key == wanted):  # an explicit true or false that disagrees
+                raise ConfigError(
+                    f"{source}: {key}.enabled is {str(value).lower()} but --precision is {wanted}; pick one "
+                    f'(or leave "enabled" out of the JSON)'
+                )
+    elif on:
+        wanted = on[0]
+    else:
+        native = device_type == "cuda" and bf16_native()
+        wanted = "bf16" if native and said["bf16"] is not False else "fp32"
+    if wanted == "fp16" and device_type != "cuda":
+        raise ConfigError(
+            f"{source if said['fp16'] else '--precision fp16'}: fp16 needs a GPU (DeepSpeed refuses it on "
+            f"CPU); use bf16 or fp32 here"
+        )
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": wanted == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": wanted == "fp16"}
 
 
 def _merge_offload(cfg, ds: dict, source: str, device_type: str) -> None:
     zero = ds.setdefault("zero_optimization", {})
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if cfg.offload_params:
-        if cfg.zero_stage != 3:
-            raise ConfigError("--offload-params needs --zero-stage 3 (only ZeRO-3 partitions parameters)")
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params and cfg.zero_stage != 3:
+        raise ConfigError("--offload-params needs --zero-stage 3 (only ZeRO-3 partitions parameters)")
+    for flag, key in (("offload_optimizer", "offload_optimizer"), ("offload_params", "offload_param")):
+        if getattr(cfg, flag):  # the JSON's own block (nvme, buffer counts) is kept; only its device must fit
+            block = zero.get(key) or {}
+            if block.get("device", "cpu") not in ("cpu", "nvme"):
+                raise ConfigError(
+                    f"{source}: zero_optimization.{key}.device is {block['device']!r} but "
+                    f"--{flag.replace('_', '-')} is true; make them agree"
+                )
+            zero[key] = {"device": "cpu", "pin_memory": True, **block}
     offloading = any(
         _get(zero, (k, "device")) not in (None, "none") for k in ("offload_optimizer", "offload_param")
     )
@@ -124,7 +139,15 @@ def _merge_offload(cfg, ds: dict, source: str, device_type: str) -> None:
 
 
 def offloads(ds: dict) -> bool:
-    zero = ds.get("zero_optimization", {})
-    return any(
-        _get(zero, (k, "device")) not in (None, "none") for k in ("offload_optimizer", "offload_param")
-    )
+    """Whether the optimizer state lives in CPU memory or on NVMe: then DeepSpeed's CPU Adam, built from the
+    config, must replace the client optimizer (parameter offload alone keeps the client optimizer, and
+    so needs no fused op compiled)."""
+    return _get(ds.get("zero_optimization", {}), ("offload_optimizer", "device")) in ("cpu", "nvme")
+
+
+def bf16_native() -> bool:
+    """bf16 in the GPU's hardware (Ampere and later), not emulated: V100/T4 would run it slowly. Where no
+    GPU answers (a config built ahead of the run), taken as yes."""
+    import torch
+
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)

@@ -235,6 +235,8 @@ GPU_POINTS = {
     "optimizer-offload": ["--zero-stage", "2", "--precision", "bf16", "--offload-optimizer", "true"],
     "zero3-param-offload": ["--zero-stage", "3", "--precision", "bf16", "--offload-optimizer", "true",
                             "--offload-params", "true"],
+    # parameters alone in CPU memory: the client AdamW stays (no fused Adam to compile)
+    "zero3-param-offload-only": ["--zero-stage", "3", "--precision", "bf16", "--offload-params", "true"],
 }  # fmt: skip
 
 
@@ -255,3 +257,35 @@ def test_gpu_only_options_train_save_and_resume(point, tmp_path, tokenizer_dir):
     from safetensors.torch import load_file
 
     assert all(v.dtype == torch.float32 for v in load_file(out / "export" / "model.safetensors").values())
+
+
+def test_the_json_and_the_flags_agree_on_precision_and_offload_or_the_run_stops(tmp_path):
+    """README: a key the JSON shares with a flag must agree with it. bf16/fp16 "enabled" did not: the flag
+    won silently (bf16 false with --precision auto still trained in bf16). An offload block of the JSON
+    (nvme, its buffers) is kept under --offload-optimizer; parameter offload alone keeps the client optimizer."""
+    from launch.deepspeed_config import offloads
+
+    def build(json_config, **flags):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(json_config))
+        cfg = TrainConfig(backend="deepspeed", batch_size=8, deepspeed_config=str(path), **flags)
+        return build_deepspeed_config(cfg, 2, "cuda")
+
+    def precision(ds):
+        return [k for k in ("bf16", "fp16") if ds[k]["enabled"]] or ["fp32"]
+
+    assert precision(build({"bf16": {"enabled": False}})) == ["fp32"]  # auto: the JSON's "no bf16" holds
+    assert precision(build({"fp16": {"enabled": True}})) == ["fp16"]
+    assert precision(build({})) == ["bf16"]
+    for json_config, flag, message in [
+        ({"bf16": {"enabled": True}}, "fp16", "bf16.enabled is true but --precision is fp16"),
+        ({"fp16": {"enabled": False}}, "fp16", "fp16.enabled is false but --precision is fp16"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "auto", "both true; DeepSpeed takes one"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build(json_config, precision=flag)
+    nvme = {"device": "nvme", "nvme_path": "/local_nvme", "buffer_count": 4}
+    ds = build({"zero_optimization": {"offload_optimizer": nvme}}, offload_optimizer=True)
+    assert ds["zero_optimization"]["offload_optimizer"] == {**nvme, "pin_memory": True} and offloads(ds)
+    ds = build({}, zero_stage=3, offload_params=True)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu" and not offloads(ds)
