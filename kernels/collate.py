@@ -165,7 +165,8 @@ class MLMCollator:
     pad_id is always treated as special, so padding is never masked. The batch's "labels" come from
     masking, so rows must not carry a "labels" feature of their own. Each rank (`rank`) and each DataLoader
     worker process draws its own stream from `seed` (workers start with copies of the generator: the same
-    state would mask their batches alike); rank 0 in the main process draws from `seed` itself.
+    state would mask their batches alike; the workers of each epoch anew); rank 0 in the main process
+    draws from `seed` itself.
     """
 
     def __init__(
@@ -205,8 +206,8 @@ class MLMCollator:
     def __call__(self, features: list[dict]) -> dict[str, Tensor]:
         info = torch.utils.data.get_worker_info()
         if info is not None and info.id != self._worker:  # first batch in this worker process
-            self._worker = info.id
-            self.generator.manual_seed(self._stream_seed(info.id))
+            self._worker = info.id  # info.seed: new per epoch's workers, drawn from torch's seeded generator
+            self.generator.manual_seed((self._stream_seed(info.id) + info.seed) % 2**63)
         if features and "labels" in features[0]:
             raise ValueError(
                 "MLMCollator makes 'labels' by masking, but the rows already have a 'labels' feature; "

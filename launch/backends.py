@@ -136,11 +136,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype for `precision`, or None for full fp32; refuses what the hardware cannot do."""
     if precision == "fp32":
         return None
-    bf16_ok = device.type == "cpu" or (
-        device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    )  # emulated bf16 (V100, T4) would run slower than fp32
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and bf16_ok else None
+    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "auto":  # bf16 where the GPU has it in hardware: emulated (V100, T4) is slower than fp32
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else None
     if precision == "bf16":
         if not bf16_ok:
             raise ConfigError(

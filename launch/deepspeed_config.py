@@ -87,6 +87,7 @@ def _merge_precision(cfg, user: dict, ds: dict, source: str, device_type: str) -
     """bf16.enabled / fp16.enabled in the JSON and --precision: one precision, or a ConfigError; under
     --precision auto the JSON's choice wins, then bf16 on GPUs that have it natively, else fp32."""
     said = {k: _get(user, (k, "enabled")) for k in ("fp16", "bf16")}
+    said = {k: v if v in (True, False) else None for k, v in said.items()}  # "auto" (HF's template): the flag
     on = [k for k, v in said.items() if v is True]
     if len(on) == 2:
         raise ConfigError(

@@ -259,18 +259,26 @@ def model_window(model) -> int:
     )
 
 
-def prompt_kept(export_dir: str, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+def prompt_kept(export_dir: str, prompt: str, max_new_tokens: int | None) -> tuple[str, int]:
     """The prompt as generation reads it, and its token count before: the last tokens that leave room for
-    `max_new_tokens` in the model's window (a longer prompt would run past its position table)."""
+    `max_new_tokens` in the model's window (a longer prompt would run past its position table). The cut
+    text is encoded again as generation will encode it (a cut inside a character, or a BOS token, can
+    count more), and cut further until it fits."""
     generator = load(str(export_dir))
-    ids = generator.tokenizer(prompt)["input_ids"]
+    tok = generator.tokenizer
+    ids = tok(prompt)["input_ids"]
     window = model_window(generator.model)
-    if not window or len(ids) + max_new_tokens <= window:
+    if not window or max_new_tokens is None or len(ids) + max_new_tokens <= window:
         return prompt, len(ids)
     if max_new_tokens >= window:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {export_dir}'s "
                           f"{window}-token window; ask for fewer")  # fmt: skip
-    return generator.tokenizer.decode(ids[len(ids) - (window - max_new_tokens) :]), len(ids)
+    keep = window - max_new_tokens
+    text = tok.decode(ids[len(ids) - keep :], skip_special_tokens=True)
+    while keep > 1 and len(tok(text)["input_ids"]) + max_new_tokens > window:
+        keep -= 1
+        text = tok.decode(ids[len(ids) - keep :], skip_special_tokens=True)
+    return text, len(ids)
 
 
 def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = None,

@@ -277,6 +277,10 @@ def test_the_json_and_the_flags_agree_on_precision_and_offload_or_the_run_stops(
     assert precision(build({"bf16": {"enabled": False}})) == ["fp32"]  # auto: the JSON's "no bf16" holds
     assert precision(build({"fp16": {"enabled": True}})) == ["fp16"]
     assert precision(build({})) == ["bf16"]
+    auto = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}  # the Hugging Face template's values
+    assert precision(build(auto, precision="bf16")) == ["bf16"] and precision(
+        build(auto, precision="fp32")
+    ) == ["fp32"]
     for json_config, flag, message in [
         ({"bf16": {"enabled": True}}, "fp16", "bf16.enabled is true but --precision is fp16"),
         ({"fp16": {"enabled": False}}, "fp16", "fp16.enabled is false but --precision is fp16"),

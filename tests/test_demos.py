@@ -267,6 +267,15 @@ def test_a_long_prompt_a_shared_seed_and_a_wrong_app_get_answers_not_errors(tmp_
     assert demo.continue_text(export, "The harbour", 8, 1.0, 1.0, None) == demo.continue_text(
         export, "The harbour", 8, 1.0, 1.0, 0
     )  # an emptied seed box is seed 0
+    # Characters the tokenizer never saw are bytes: a cut inside one re-encodes longer, and is cut again.
+    for start in range(4):
+        text, note = demo.continue_text(export, "港口的船在春天到达。" * 6 + "x" * start, 8, 1.0, 1.0, 0)
+        assert int(note.split("read the last ")[1].rstrip(".")) <= 24
+    from recipes import causal_lm
+
+    assert isinstance(
+        causal_lm.generate_text(str(export), "The harbour", temperature=0), str
+    )  # no max_new_tokens
     with pytest.raises(SystemExit) as stopped:
         main([str(export), "--concurrency", "0"])
     assert stopped.value.code == 2
