@@ -112,13 +112,13 @@ TASK_HEADS = {
 }
 
 
-def check_export(export_dir: str | Path, *heads: str) -> str:
+def check_export(export_dir: str | Path, task: str) -> str:
     """export_dir as given, unless it is not an export or holds another recipe's task (a model class that
-    ends with another task's suffix in TASK_HEADS and with none of `heads`, the caller's): then a
+    ends with another task's suffix in TASK_HEADS and with none of `task`'s): then a
     CheckpointError naming the folder, what it holds and the fix. Every recipe's `load` asks first:
     transformers loads another task's export with a new, random head (and says so only in a load report),
     so predict would print confident nonsense. A class no recipe trains (a hub model's) is let through."""
-    path = Path(export_dir)
+    path, heads = Path(export_dir), TASK_HEADS[task]
     fix = f"pass RUN/export of a run that trained a *{' or *'.join(heads)} model"
     if not (path / "config.json").is_file():
         inside = (path / "export" / "config.json").is_file()

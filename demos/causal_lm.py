@@ -17,13 +17,12 @@ def continue_text(
     if not (prompt or "").strip():
         return "", "**Type a prompt.**"
     try:
-        kept, n = causal_lm.prompt_kept(str(export), prompt, int(max_new_tokens))
-        text = causal_lm.generate_text(str(export), prompt, max_new_tokens=int(max_new_tokens),
+        kept, n, read = causal_lm.prompt_kept(str(export), prompt, int(max_new_tokens))
+        text = causal_lm.generate_text(str(export), kept, max_new_tokens=int(max_new_tokens),
                                        temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0))  # fmt: skip
     except causal_lm.ConfigError as err:  # no room for a prompt: fewer new tokens
         return "", f"**{err}**"
     window = causal_lm.model_window(causal_lm.load(str(export)).model)
-    read = len(causal_lm.load(str(export)).tokenizer(kept)["input_ids"])
     note = (f"The prompt has {n} tokens; with {int(max_new_tokens)} new ones in the model's {window}-token "
             f"window, it read the last {read}.") if kept != prompt else ""  # fmt: skip
     return text, note
@@ -35,9 +34,8 @@ def build(export: Path) -> gr.Blocks:
         gr.Markdown(f"# Text generation\n`{export}`")
         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="lm-prompt")
         with gr.Row():
-            new = (
-                defaults.max_new_tokens or 40
-            )  # the run's settings, even where they pass a slider's usual end
+            # The run's settings, even where they pass a slider's usual end.
+            new = defaults.max_new_tokens or 40
             max_new = gr.Slider(1, max(256, new), value=new, step=1, label="Max new tokens")
             t = 1.0 if defaults.temperature is None else defaults.temperature  # 0 (greedy) stays 0
             temperature = gr.Slider(0, max(2, t), value=t, step=0.05, label="Temperature (0: greedy)")

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kernels.buckets import bucket_lengths, parse_buckets
 from launch.config import ConfigError, TrainConfig
-from launch.runtime import Runtime
+from launch.runtime import Runtime, bf16_native
 
 ADAM_BETAS = (0.9, 0.999)  # every backend's AdamW, DeepSpeed's CPU Adam under offload included
 ADAM_EPS = 1e-8
@@ -138,7 +138,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return None
     bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
     if precision == "auto":  # bf16 where the GPU has it in hardware: emulated (V100, T4) is slower than fp32
-        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        native = device.type == "cuda" and bf16_native()
         return torch.bfloat16 if native else None
     if precision == "bf16":
         if not bf16_ok:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.config import ConfigError
+from launch.runtime import bf16_native
 
 # JSON key path -> the flag that owns it. "auto" in the JSON means "take the flag's value".
 _OWNED = {
@@ -86,8 +87,8 @@ def build_deepspeed_config(cfg, world_size: int, device_type: str) -> dict[str, 
 def _merge_precision(cfg, user: dict, ds: dict, source: str, device_type: str) -> None:
     """bf16.enabled / fp16.enabled in the JSON and --precision: one precision, or a ConfigError; under
     --precision auto the JSON's choice wins, then bf16 on GPUs that have it natively, else fp32."""
-    said = {k: _get(user, (k, "enabled")) for k in ("fp16", "bf16")}
-    said = {k: v if v in (True, False) else None for k, v in said.items()}  # "auto" (HF's template): the flag
+    said = {k: _get(user, (k, "enabled")) for k in ("fp16", "bf16")}  # "auto" (HF's template): the flag's
+    said = {k: v if v in (True, False) else None for k, v in said.items()}
     on = [k for k, v in said.items() if v is True]
     if len(on) == 2:
         raise ConfigError(
@@ -144,11 +145,3 @@ def offloads(ds: dict) -> bool:
     config, must replace the client optimizer (parameter offload alone keeps the client optimizer, and
     so needs no fused op compiled)."""
     return _get(ds.get("zero_optimization", {}), ("offload_optimizer", "device")) in ("cpu", "nvme")
-
-
-def bf16_native() -> bool:
-    """bf16 in the GPU's hardware (Ampere and later), not emulated: V100/T4 would run it slowly. Where no
-    GPU answers (a config built ahead of the run), taken as yes."""
-    import torch
-
-    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)

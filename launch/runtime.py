@@ -65,6 +65,12 @@ def read_environment() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def bf16_native() -> bool:
+    """bf16 in the GPU's hardware (Ampere and later), not emulated: V100/T4 would run it slowly. Where no
+    GPU answers (a config built ahead of the run), taken as yes."""
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA generators too

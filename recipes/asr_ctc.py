@@ -327,7 +327,7 @@ def _build(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> ASRTask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's automatic-speech-recognition pipeline, loaded once per folder."""
-    check_export(export_dir, "ForCTC")
+    check_export(export_dir, "asr_ctc")
     from transformers import pipeline
 
     return pipeline("automatic-speech-recognition", model=export_dir)

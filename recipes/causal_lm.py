@@ -243,7 +243,7 @@ def _build(cfg: CausalLMConfig, rt: Runtime, run_dir: Path) -> CausalLMTask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's text-generation pipeline, loaded once per folder (demo apps reuse it)."""
-    check_export(export_dir, "ForCausalLM", "LMHeadModel")
+    check_export(export_dir, "causal_lm")
     from transformers import pipeline
 
     return pipeline("text-generation", model=export_dir)
@@ -259,8 +259,8 @@ def model_window(model) -> int:
     )
 
 
-def prompt_kept(export_dir: str, prompt: str, max_new_tokens: int | None) -> tuple[str, int]:
-    """The prompt as generation reads it, and its token count before: the last tokens that leave room for
+def prompt_kept(export_dir: str, prompt: str, max_new_tokens: int | None) -> tuple[str, int, int]:
+    """The prompt as generation reads it, its token count before and after: the last tokens that leave room for
     `max_new_tokens` in the model's window (a longer prompt would run past its position table). The cut
     text is encoded again as generation will encode it (a cut inside a character, or a BOS token, can
     count more), and cut further until it fits."""
@@ -269,16 +269,17 @@ def prompt_kept(export_dir: str, prompt: str, max_new_tokens: int | None) -> tup
     ids = tok(prompt)["input_ids"]
     window = model_window(generator.model)
     if not window or max_new_tokens is None or len(ids) + max_new_tokens <= window:
-        return prompt, len(ids)
+        return prompt, len(ids), len(ids)
     if max_new_tokens >= window:
         raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {export_dir}'s "
                           f"{window}-token window; ask for fewer")  # fmt: skip
     keep = window - max_new_tokens
-    text = tok.decode(ids[len(ids) - keep :], skip_special_tokens=True)
-    while keep > 1 and len(tok(text)["input_ids"]) + max_new_tokens > window:
-        keep -= 1
+    while True:
         text = tok.decode(ids[len(ids) - keep :], skip_special_tokens=True)
-    return text, len(ids)
+        kept = len(tok(text)["input_ids"])
+        if keep == 1 or kept + max_new_tokens <= window:
+            return text, len(ids), kept
+        keep -= 1
 
 
 def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = None,
@@ -289,7 +290,7 @@ def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = 
     generator = load(str(export_dir))
     defaults = generator.model.generation_config
     options = {"max_new_tokens": max_new_tokens or defaults.max_new_tokens}
-    prompt, _ = prompt_kept(export_dir, prompt, options["max_new_tokens"])
+    prompt = prompt_kept(export_dir, prompt, options["max_new_tokens"])[0]
     temperature = defaults.temperature if temperature is None else temperature
     if temperature <= 0:
         options["do_sample"] = False

@@ -276,7 +276,7 @@ def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> MLMNSPTask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's fill-mask pipeline and next-sentence model, loaded once per folder (demo apps reuse them)."""
-    check_export(export_dir, "ForPreTraining")
+    check_export(export_dir, "mlm_nsp")
     import transformers
     from transformers import AutoTokenizer, BertForNextSentencePrediction, pipeline
 

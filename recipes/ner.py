@@ -189,7 +189,7 @@ def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> NERTask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's tokenizer and model, loaded once per folder (demo apps reuse them)."""
-    check_export(export_dir, "ForTokenClassification")
+    check_export(export_dir, "ner")
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     model = AutoModelForTokenClassification.from_pretrained(export_dir, use_safetensors=True).eval()

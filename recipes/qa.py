@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import TASK_HEADS, check_export, saved_examples
+from checkpoints.export import check_export, saved_examples
 from data.qa import (
     encode_features,
     fit_null_threshold,
@@ -254,7 +254,7 @@ def _build(cfg: QAConfig, rt: Runtime, run_dir: Path) -> QATask:
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's tokenizer and model, loaded once per folder (demo apps reuse them)."""
-    check_export(export_dir, *TASK_HEADS["qa"])
+    check_export(export_dir, "qa")
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     model = AutoModelForQuestionAnswering.from_pretrained(export_dir, use_safetensors=True).eval()

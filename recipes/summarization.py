@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import TASK_HEADS, check_export, saved_inputs
+from checkpoints.export import check_export, saved_inputs
 from data.summarization import (
     ROUGE_KEYS,
     clean_summary,
@@ -357,7 +357,7 @@ def _build(cfg: SummarizationConfig, rt: Runtime, run_dir: Path) -> Summarizatio
 @functools.lru_cache(maxsize=8)
 def load(export_dir: str):
     """(tokenizer, model, prefix, max source tokens) of an export, loaded once per folder."""
-    check_export(export_dir, *TASK_HEADS["summarization"])
+    check_export(export_dir, "summarization")
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     model = AutoModelForSeq2SeqLM.from_pretrained(export_dir, use_safetensors=True).eval()

@@ -227,7 +227,7 @@ def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> Classificat
 @functools.lru_cache(maxsize=4)
 def load(export_dir: str):
     """The export's text-classification pipeline, loaded once per folder (demo apps reuse it)."""
-    check_export(export_dir, "ForSequenceClassification")
+    check_export(export_dir, "text_classification")
     from transformers import pipeline
 
     return pipeline("text-classification", model=export_dir, top_k=None)
