@@ -24,7 +24,8 @@ QUIET = {
     "DO_NOT_TRACK": "1",
 }
 
-# The app for an export, by the suffix of its model class (config.json "architectures").
+# The app for an export, by the suffix of its model class (config.json "architectures"); the recipes' own
+# check is checkpoints.export.TASK_HEADS (demos do not import checkpoints), keep the two alike.
 APPS = {
     "ForPreTraining": "mlm_nsp",
     "ForSequenceClassification": "text_classification",
