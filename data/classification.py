@@ -9,12 +9,11 @@ the recipe, its tests and its predictor share one implementation.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.text import DataError, check_text_file
+from data.text import DataError, check_text_file, content_key, map_args
 
 MULTI_CLASS, MULTI_LABEL = "multi_class", "multi_label"
 
@@ -227,18 +226,12 @@ def tokenize_texts(
         enc = {k: v for k, v in enc.items() if k in ("input_ids", "token_type_ids")}
         return {**enc, "length": [len(x) for x in enc["input_ids"]]}
 
-    cache_file = None
-    if cache_dir is not None:
-        h = hashlib.sha256(json.dumps([data, max_length], ensure_ascii=False).encode())
-        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"cls-{h.hexdigest()[:16]}.arrow")
+    key = content_key(data, max_length, tokenizer.get_vocab())
     return datasets.Dataset.from_dict(data).map(
         encode,
         batched=True,
         remove_columns=[k for k in ("a", "b") if k in data],
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
+        **map_args(cache_dir, f"cls-{key}"),
         desc="tokenise texts",
     )
 
@@ -248,16 +241,31 @@ DEFAULT_THRESHOLD = 0.5
 MIN_FIT_POSITIVES = 5  # a label with fewer positive validation examples keeps DEFAULT_THRESHOLD
 
 
+def f1_scores(hits, golds) -> tuple:
+    """Per-column F1 of 0/1 arrays (rows x labels) and the micro F1 over all cells; a label with no gold and
+    no predicted positive scores 0, as scikit-learn's `f1_score(..., zero_division=0)` does."""
+    import numpy as np
+
+    hits, golds = np.asarray(hits, dtype=bool), np.asarray(golds, dtype=bool)
+    tp = (hits & golds).sum(axis=0)
+    wrong = (hits ^ golds).sum(axis=0)  # false positives + false negatives
+    per_label = np.divide(2 * tp, 2 * tp + wrong, out=np.zeros(tp.shape), where=2 * tp + wrong > 0)
+    total = 2 * tp.sum() + wrong.sum()
+    return per_label, float(2 * tp.sum() / total) if total else 0.0
+
+
 def multi_class_metrics(preds: list[int], golds: list[int], num_labels: int) -> dict[str, float]:
     """macro_f1 averages over the labels that occur in the split (gold or predicted), as scikit-learn and
     the Hugging Face examples do: a label absent from a small held-out split would add an F1 of 0."""
-    from sklearn.metrics import f1_score
+    import numpy as np
 
-    labels = sorted(set(golds) | set(preds))
+    p, g = np.asarray(preds), np.asarray(golds)
+    labels = np.asarray(sorted(set(golds) | set(preds)))
+    per_label, micro = f1_scores(p[:, None] == labels, g[:, None] == labels)
     return {
-        "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds),
-        "macro_f1": f1_score(golds, preds, labels=labels, average="macro", zero_division=0),
-        "micro_f1": f1_score(golds, preds, labels=labels, average="micro", zero_division=0),
+        "accuracy": float((p == g).mean()),
+        "macro_f1": float(per_label.mean()),
+        "micro_f1": micro,
         "examples": float(len(golds)),
     }
 
@@ -267,18 +275,17 @@ def multi_label_metrics(
 ) -> dict[str, float]:
     """Subset accuracy, per-label accuracy, macro/micro F1 and F1 per label, at the given thresholds."""
     import numpy as np
-    from sklearn.metrics import f1_score
 
     p, g = np.asarray(probs), np.asarray(golds).astype(int)
     hits = (p >= np.asarray(thresholds)).astype(int)
+    per_label, micro = f1_scores(hits, g)
     result = {
         "subset_accuracy": float((hits == g).all(axis=1).mean()),
         "accuracy": float((hits == g).mean()),
-        "macro_f1": float(f1_score(g, hits, average="macro", zero_division=0)),
-        "micro_f1": float(f1_score(g, hits, average="micro", zero_division=0)),
+        "macro_f1": float(per_label.mean()),
+        "micro_f1": micro,
         "examples": float(len(g)),
     }
-    per_label = f1_score(g, hits, average=None, zero_division=0)
     result.update({f"f1/{n}": float(v) for n, v in zip(names, per_label)})
     return result
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data.text import DataError, check_text_file
+from data.text import DataError, check_text_file, map_args
 
 DOCUMENTS = ("blank_line", "line")
 PACKING = ("blocks", "none")
@@ -203,7 +203,7 @@ def tokenize_corpus(
         tokenize,
         batched=True,
         remove_columns=["text"],
-        **_cache_args(cache_dir, f"lm-tokens-{tokens_key}"),
+        **map_args(cache_dir, f"lm-tokens-{tokens_key}"),
         desc="tokenise documents",
     )
     total = sum(tokenized["n"])
@@ -216,7 +216,7 @@ def tokenize_corpus(
         batched=True,
         batch_size=None,  # one batch: blocks run across document boundaries
         remove_columns=tokenized.column_names,
-        **_cache_args(cache_dir, f"lm-{packing}-{block_size}-{packed_key}"),
+        **map_args(cache_dir, f"lm-{packing}-{block_size}-{packed_key}"),
         desc="pack into blocks" if packing == "blocks" else "split long documents",
     )
     dropped = total - len(packed) * block_size if packing == "blocks" else 0
@@ -234,12 +234,3 @@ def _tokenizer_key(tokenizer) -> str:
     spec.pop("padding", None)
     spec.pop("truncation", None)
     return json.dumps(spec, sort_keys=True)
-
-
-def _cache_args(cache_dir: str | Path | None, name: str) -> dict:
-    # The fingerprint is the content hash, so `datasets` never hashes the closure (and the tokenizer in it).
-    args = {"new_fingerprint": name}
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        args.update(cache_file_name=str(Path(cache_dir) / f"{name}.arrow"), load_from_cache_file=True)
-    return args

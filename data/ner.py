@@ -9,12 +9,11 @@ one tag per word for metrics and output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.text import DataError, check_text_file
+from data.text import DataError, check_text_file, content_key, map_args
 
 IGNORE = -100
 NO_WORD = -1  # `_word_ids` of positions that are not a word's first piece (specials, padding, later pieces)
@@ -281,19 +280,13 @@ def tokenize_windows(
         cols["_example"] = [ids[e] for e in cols["_example"]]  # sentence index in the whole split
         return cols
 
-    cache_file = None
-    if cache_dir is not None:
-        h = hashlib.sha256(json.dumps([data, names, max_length, stride, label_all_tokens]).encode())
-        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"ner-{h.hexdigest()[:16]}.arrow")
+    key = content_key(data, names, max_length, stride, label_all_tokens, tokenizer.get_vocab())
     return datasets.Dataset.from_dict(data).map(
         encode,
         batched=True,
         with_indices=True,
         remove_columns=["tokens", "tag_ids"],
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
+        **map_args(cache_dir, f"ner-{key}"),
         desc="tokenise sentences into windows",
     )
 

@@ -7,12 +7,10 @@ rank builds the same pairs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from pathlib import Path
 
-from data.text import DataError
+from data.text import DataError, content_key, map_args
 
 IS_NEXT, NOT_NEXT = 0, 1  # BertForPreTraining's convention
 
@@ -96,14 +94,6 @@ def _partner(documents: list[list[str]], d: int, i: int, label: int, rng: random
     return (rng.choice(rest), NOT_NEXT) if rest else (true_next, IS_NEXT)
 
 
-def _fingerprint(pairs: dict[str, list], tokenizer, max_length: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(pairs, ensure_ascii=False).encode())
-    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    h.update(f"{type(tokenizer).__name__}:{max_length}".encode())
-    return h.hexdigest()[:16]
-
-
 def tokenize_pairs(pairs: dict[str, list], tokenizer, max_length: int, cache_dir: str | Path | None = None):
     """A `datasets.Dataset` of input_ids, token_type_ids, next_sentence_label and length.
 
@@ -127,16 +117,11 @@ def tokenize_pairs(pairs: dict[str, list], tokenizer, max_length: int, cache_dir
             "length": [len(x) for x in enc["input_ids"]],
         }
 
-    cache_file = None
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"nsp-{_fingerprint(pairs, tokenizer, max_length)}.arrow")
-    ds = datasets.Dataset.from_dict(pairs)
-    return ds.map(
+    key = content_key(pairs, tokenizer.get_vocab(), f"{type(tokenizer).__name__}:{max_length}")
+    return datasets.Dataset.from_dict(pairs).map(
         encode,
         batched=True,
         remove_columns=["a", "b"],
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
+        **map_args(cache_dir, f"nsp-{key}"),
         desc="tokenise NSP pairs",
     )

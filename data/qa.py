@@ -11,7 +11,6 @@ question is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -20,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.text import DataError
+from data.text import DataError, content_key, map_args
 
 NO_OFFSET = [-1, -1]  # `offsets` of a token that is not part of the context (question, specials)
 
@@ -371,20 +370,14 @@ def tokenize_features(
         cols["_example"] = [ids[e] for e in cols["_example"]]  # question index in the whole split
         return cols
 
-    cache_file = None
-    if cache_dir is not None:
-        settings = [max_length, doc_stride, labels, tokenizer.padding_side, type(tokenizer).__name__]
-        h = hashlib.sha256(json.dumps([data, settings], ensure_ascii=False).encode())
-        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"qa-{h.hexdigest()[:16]}.arrow")
+    settings = [max_length, doc_stride, labels, tokenizer.padding_side, type(tokenizer).__name__]
+    key = content_key(data, settings, tokenizer.get_vocab())
     return datasets.Dataset.from_dict(data).map(
         encode,
         batched=True,
         with_indices=True,
         remove_columns=list(data),
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
+        **map_args(cache_dir, f"qa-{key}"),
         desc="tokenise questions into windows",
     )
 

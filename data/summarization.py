@@ -10,13 +10,12 @@ predictor share this one implementation.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.classification import check_columns, read_table
-from data.text import DataError, split_sentences
+from data.text import DataError, content_key, map_args, split_sentences
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -90,20 +89,14 @@ def tokenize_pairs(
         )["input_ids"]
         return {"input_ids": sources, "labels": labels, "length": [len(x) for x in sources]}
 
-    cache_file = None
-    if cache_dir is not None:
-        settings = [prefix, max_source_length, max_target_length]
-        h = hashlib.sha256(json.dumps([data, settings], ensure_ascii=False).encode())
-        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-        h.update(_post_processor(tokenizer).encode())  # which special tokens are added
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file = str(Path(cache_dir) / f"sum-{h.hexdigest()[:16]}.arrow")
+    settings = [prefix, max_source_length, max_target_length]
+    # _post_processor: which special tokens are added
+    key = content_key(data, settings, tokenizer.get_vocab(), _post_processor(tokenizer))
     return datasets.Dataset.from_dict(data).map(
         encode,
         batched=True,
         remove_columns=list(data),
-        cache_file_name=cache_file,
-        load_from_cache_file=cache_file is not None,
+        **map_args(cache_dir, f"sum-{key}"),
         desc="tokenise texts and summaries",
     )
 

@@ -6,6 +6,8 @@ paragraphs). Problems are reported before any training, naming the file, the lin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +15,26 @@ from pathlib import Path
 
 class DataError(ValueError):
     """Input data the user must fix; the message names the file and what to do."""
+
+
+def content_key(*parts: object) -> str:
+    """16 hex digits of SHA-256 over the parts as JSON: what names a tokenised table (settings, texts and
+    the tokenizer's vocabulary or definition), in the cache folder and for `datasets`."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, ensure_ascii=False, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def map_args(cache_dir: str | Path | None, name: str) -> dict:
+    """`Dataset.map` arguments for a table named by its content: with `cache_dir` it is written there once
+    and reused by later runs and the other ranks. The name is also the fingerprint, so `datasets` never
+    hashes the mapped function and the tokenizer it holds (seconds per split at start-up)."""
+    args = {"new_fingerprint": name}
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        args.update(cache_file_name=str(Path(cache_dir) / f"{name}.arrow"), load_from_cache_file=True)
+    return args
 
 
 # A sentence ends at . ! or ? (optionally followed by a closing quote or bracket) and then whitespace.

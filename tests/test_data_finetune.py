@@ -187,6 +187,33 @@ def test_multi_class_metrics_macro_and_micro():
     )
 
 
+def test_f1_matches_scikit_learn_on_random_splits():
+    """Our F1 (numpy, no scikit-learn import in a run) against scikit-learn's, multi-class and multi-label,
+    empty labels and all-wrong splits included."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n, k = int(rng.integers(1, 40)), int(rng.integers(2, 7))
+        golds, preds = rng.integers(0, k, n).tolist(), rng.integers(0, k, n).tolist()
+        labels = sorted(set(golds) | set(preds))
+        m = multi_class_metrics(preds, golds, k)
+        assert m["macro_f1"] == pytest.approx(f1_score(golds, preds, labels=labels, average="macro"))
+        assert m["micro_f1"] == pytest.approx(f1_score(golds, preds, labels=labels, average="micro"))
+        g = (rng.random((n, k)) < rng.random()).astype(int)
+        probs = rng.random((n, k))
+        if trial % 5 == 0:
+            g[:, 0] = 0  # a label no example has: F1 0 (zero_division=0), in the macro average too
+        ml = multi_label_metrics(probs.tolist(), g.tolist(), [str(j) for j in range(k)], [0.5] * k)
+        hits = (probs >= 0.5).astype(int)
+        kw = {"zero_division": 0}
+        assert ml["macro_f1"] == pytest.approx(f1_score(g, hits, average="macro", **kw))
+        assert ml["micro_f1"] == pytest.approx(f1_score(g, hits, average="micro", **kw))
+        per = f1_score(g, hits, average=None, **kw)
+        assert [ml[f"f1/{j}"] for j in range(k)] == pytest.approx(per.tolist())
+
+
 def test_fitted_thresholds_beat_one_half_on_a_shy_label():
     # Label 1 is always scored low but ranks its positives first: 0.5 misses them, a fitted cut finds them.
     probs = [[0.9, 0.3], [0.8, 0.1], [0.2, 0.35], [0.1, 0.05]]
