@@ -54,9 +54,17 @@ def main(argv: list[str] | None = None, block: bool = True):
     parser.add_argument("--port", type=int, default=None, help="default: the first free one from 7860")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=2, help="predictions run at once (default 2)")
+    parser.add_argument(
+        "--cache-minutes",
+        type=float,
+        default=60,
+        help="uploads older than this are deleted, checked as often; all when the app stops (default 60)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be 1 or more, got {args.concurrency}")
+    if not args.cache_minutes > 0:
+        parser.error(f"--cache-minutes must be more than 0, got {args.cache_minutes}")
     try:
         exports = [find_export(e) for e in args.export]
         names = {_app(e, args.app) for e in exports}
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None, block: bool = True):
               "can use this app and the machine it runs on", file=sys.stderr)  # fmt: skip
     try:
         return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,
-                      block=block)  # fmt: skip
+                      cache_minutes=args.cache_minutes, block=block)  # fmt: skip
     except OSError as err:  # the port is taken, or the host is not an address of this machine
         print(
             f"error: cannot serve on {args.host}:{args.port}: {err}; pick another --port or --host",

@@ -96,8 +96,21 @@ def examples(export: Path, endpoint: str) -> list[list]:
         return []
 
 
-def launch(blocks, *, host: str, port: int | None, share: bool, concurrency: int, block: bool = True):
-    """Serve on host:port (127.0.0.1 unless asked): at most `concurrency` predictions at once, 64 waiting."""
+def launch(
+    blocks,
+    *,
+    host: str,
+    port: int | None,
+    share: bool,
+    concurrency: int,
+    cache_minutes: float = 60,
+    block: bool = True,
+):
+    """Serve on host:port (127.0.0.1 unless asked): at most `concurrency` predictions at once, 64 waiting.
+    Uploaded files (clips, on a shared machine) are deleted once older than `cache_minutes`, checked as
+    often, and all of them when the app stops."""
+    seconds = max(1, round(cache_minutes * 60))
+    blocks.delete_cache = (seconds, seconds)
     blocks.queue(default_concurrency_limit=concurrency, max_size=64)
     blocks.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=False

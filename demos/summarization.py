@@ -15,6 +15,7 @@ MAX_MODELS = 3
 def summarize_all(exports: list[Path], text: str) -> list[str]:
     """Each export's summary of `text`, in the order the exports were given."""
     if not text.strip():
+        gr.Warning("Paste a text to summarise, or pick a held-out document below.")
         return ["" for _ in exports]
     return [summarization.summarize_texts(e, [text])[0] for e in exports]
 

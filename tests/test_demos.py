@@ -240,23 +240,70 @@ def test_predict_entry_prints_the_saved_examples(exports, capsys):
         ner.main(["predict", str(missing)])
 
 
+def tiny_gpt2_export(folder):
+    """A GPT-2 of one layer and a 32-token window, exported with a byte-level BPE trained here (seconds)."""
+    import transformers
+
+    from checkpoints.export import export_hf
+    from data.tokenizer import train_byte_bpe
+
+    tok = train_byte_bpe(["The harbour saw ships arrive in spring and leave in autumn."] * 20, vocab_size=300)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    return export_hf(transformers.GPT2LMHeadModel(config), tok, folder, title="T", metrics={}, config={})
+
+
+def test_uploads_are_deleted_after_cache_minutes(tmp_path):
+    """A file uploaded to the app (as the speech page does with a clip) is gone once older than
+    --cache-minutes: on a shared machine, users' recordings do not pile up in the temp folder."""
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from conftest import free_port
+
+    from demos.app import main
+
+    export = tiny_gpt2_export(tmp_path / "lm")
+    port = free_port()
+    blocks = main([str(export), "--port", str(port), "--cache-minutes", "0.05"], block=False)  # 3 s
+    try:
+        boundary = "recipeboxboundary"
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="clip.wav"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + b"RIFF0000WAVE"
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/gradio_api/upload",
+            data=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            (uploaded,) = json.loads(answer.read())
+        assert Path(uploaded).read_bytes() == b"RIFF0000WAVE"
+        deadline = time.time() + 30
+        while Path(uploaded).exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not Path(uploaded).exists(), f"{uploaded} still there after 30 s"
+    finally:
+        blocks.close()
+    with pytest.raises(SystemExit) as stopped:
+        main([str(export), "--cache-minutes", "0"])
+    assert stopped.value.code == 2
+
+
 def test_a_long_prompt_a_shared_seed_and_a_wrong_app_get_answers_not_errors(tmp_path):
     """In process, on a tiny GPT-2 with a 32-token window: a prompt longer than the window leaves for the
     new tokens is read from its end (it ran past the position table: IndexError); too many new tokens for
     any prompt is a message; the same seed gives the same text; --concurrency 0 and an --app that does not
     fit the export stop with exit 2 before serving."""
-    import transformers
-
-    from checkpoints.export import export_hf
-    from data.tokenizer import train_byte_bpe
     from demos import causal_lm as demo
     from demos.app import main
 
-    tok = train_byte_bpe(["The harbour saw ships arrive in spring and leave in autumn."] * 20, vocab_size=300)
-    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2)
-    export = export_hf(
-        transformers.GPT2LMHeadModel(config), tok, tmp_path / "lm", title="T", metrics={}, config={}
-    )
+    export = tiny_gpt2_export(tmp_path / "lm")
     long = "The harbour saw ships arrive in spring and leave in autumn. " * 10
     text, note = demo.continue_text(export, long, 8, 1.0, 1.0, 0)
     assert isinstance(text, str) and "in the model's 32-token window, it read the last 24" in note

@@ -174,6 +174,8 @@ def test_demo_page_shows_two_summaries_side_by_side(t5_run, bart_run, browser):
         wait_for_server(proc, url)
         page = browser.new_page()
         page.goto(url)
+        page.get_by_role("button", name="Summarise", exact=True).click()  # nothing pasted yet: said so
+        page.get_by_text("Paste a text to summarise").first.wait_for(timeout=30_000)
         page.locator("#sum-text textarea").fill(text)
         page.get_by_role("button", name="Summarise", exact=True).click()
         page.wait_for_function(
