@@ -46,6 +46,7 @@ from launch.runtime import Runtime
 from launch.task import as_is, label_targets, model_inputs, nothing_to_export, text_sizes, token_loss_sum
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "ner"
+PREDICT_WINDOWS = 32  # windows per forward pass in predict and the demo: a long text in several batches
 
 
 @dataclass
@@ -207,10 +208,15 @@ def predict(export_dir: str, text: str, stride: int = 16) -> list[tuple[str, str
         [words], None, tok, tok.model_max_length, min(stride, tok.model_max_length // 4), False, None
     )
     rows = [{"input_ids": i, "_word_ids": w} for i, w in zip(cols["input_ids"], cols["_word_ids"])]
-    batch = collate_padded(rows, pad_id=tok.pad_token_id, pad_values={"_word_ids": NO_WORD})
-    with torch.no_grad():
-        logits = model(**model_inputs(batch)).logits
-    records = window_records(logits, torch.tensor(cols["_example"]), batch["_word_ids"])
+    records = []
+    for first in range(0, len(rows), PREDICT_WINDOWS):  # a long text: memory bounded by one batch
+        batch = collate_padded(
+            rows[first : first + PREDICT_WINDOWS], pad_id=tok.pad_token_id, pad_values={"_word_ids": NO_WORD}
+        )
+        with torch.no_grad():
+            logits = model(**model_inputs(batch)).logits
+        examples = torch.tensor(cols["_example"][first : first + PREDICT_WINDOWS])
+        records += window_records(logits, examples, batch["_word_ids"])
     (tags,) = merge_windows(records, [len(words)], model.config.num_labels)
     return [(w, model.config.id2label[t]) for w, t in zip(words, tags)]
 

@@ -46,6 +46,7 @@ from launch.runtime import Runtime
 from launch.task import as_is, model_inputs, row_targets, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "qa"
+PREDICT_WINDOWS = 32  # windows per forward pass in predict and the demo: a long text in several batches
 
 
 @dataclass
@@ -271,13 +272,14 @@ def answer(export_dir: str, question: str, context: str) -> dict:
     cols = encode_features([question], [context], None, tok, tok.model_max_length, stride)
     rows = [{k: cols[k][i] for k in ("input_ids", "token_type_ids", "_context", "_cls") if k in cols}
             for i in range(len(cols["input_ids"]))]  # fmt: skip
-    batch = collate_padded(rows, pad_id=tok.pad_token_id)
-    batch["_window"] = torch.arange(len(rows))
-    with torch.no_grad():
-        out = model(**model_inputs(batch))
-    n_best = qa.get("n_best", 20)
+    n_best, records = qa.get("n_best", 20), []
+    for first in range(0, len(rows), PREDICT_WINDOWS):  # a long document: memory bounded by one batch
+        batch = collate_padded(rows[first : first + PREDICT_WINDOWS], pad_id=tok.pad_token_id)
+        batch["_window"] = torch.arange(first, first + len(batch["input_ids"]))
+        with torch.no_grad():
+            records += window_records(model(**model_inputs(batch)), batch, n_best)
     (best,), (nbest,) = postprocess(
-        [context], cols["_example"], cols["offsets"], window_records(out, batch, n_best), n_best=n_best,
+        [context], cols["_example"], cols["offsets"], records, n_best=n_best,
         max_answer_length=qa.get("max_answer_length", 30), version_2=qa.get("version_2_with_negative", False),
         null_threshold=qa.get("null_score_diff_threshold", 0.0),
     )  # fmt: skip

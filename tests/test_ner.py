@@ -85,7 +85,7 @@ def test_two_rank_metrics_equal_a_one_process_evaluation(ner_run, test_sentences
 
 
 @pytest.mark.slow
-def test_sentence_longer_than_the_window_is_tagged_end_to_end(ner_run, test_sentences):
+def test_sentence_longer_than_the_window_is_tagged_end_to_end(ner_run, test_sentences, monkeypatch):
     out, _ = ner_run
     from transformers import AutoTokenizer
 
@@ -101,6 +101,10 @@ def test_sentence_longer_than_the_window_is_tagged_end_to_end(ner_run, test_sent
     right = sum(t == g for (_, t), g in zip(tagged[tail:], gold[tail:]))
     assert right / (len(words) - tail) >= 0.8
     assert any(t != "O" for _, t in tagged[tail:])
+    from recipes import ner  # the windows two at a time (a long text in batches): the same tags
+
+    monkeypatch.setattr(ner, "PREDICT_WINDOWS", 2)
+    assert [list(p) for p in ner.predict(str(out / "export"), " ".join(words))] == [list(t) for t in tagged]
 
 
 @pytest.mark.slow

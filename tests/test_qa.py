@@ -106,9 +106,11 @@ def test_two_rank_metrics_equal_a_one_process_evaluation(qa_run, test_questions)
 
 
 @pytest.mark.slow
-def test_predict_answers_beyond_the_first_window(qa_run, tmp_path):
+def test_predict_answers_beyond_the_first_window(qa_run, tmp_path, monkeypatch):
     """A question whose answer lies past the first window of a long text, from the command line and in
-    process: the same answer, its probability and its character span."""
+    process: the same answer, its probability and its character span; the same when the windows go
+    through the model three at a time (a long document is read in batches)."""
+    from recipes import qa
     from recipes.qa import answer, load
 
     out, _ = qa_run
@@ -121,6 +123,11 @@ def test_predict_answers_beyond_the_first_window(qa_run, tmp_path):
     found = answer(str(export), "Who built the lighthouse of Vellmar?", context)
     assert found["answer"] and context[found["start"] : found["end"]] == found["answer"]
     assert found["start"] > len(filler) - 10, found
+    monkeypatch.setattr(qa, "PREDICT_WINDOWS", 3)
+    assert found["windows"] > 3
+    batched = answer(str(export), "Who built the lighthouse of Vellmar?", context)
+    assert batched["answer"] == found["answer"] and batched["start"] == found["start"]
+    assert batched["confidence"] == pytest.approx(found["confidence"], abs=1e-5)
     proc = python(
         "predict",
         str(export),
