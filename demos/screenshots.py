@@ -59,6 +59,8 @@ def shoot(exports: list[Path], out_dir: Path, browser) -> list[Path]:
             if tab:
                 page.get_by_role("tab", name=tab).click()
             example = examples[endpoint][0]
+            if name == "text_classification" and len(example) == 2:  # a sentence pair: a box per text
+                inputs = ["cls-text-0", "cls-text-1"]
             for elem_id, value in zip(inputs, example):  # text inputs come first
                 page.locator(f"#{elem_id} textarea").fill(str(value))
             for elem_id, value in zip(FILES.get(name, []), example[len(inputs) :]):
