@@ -2,7 +2,8 @@
 
 Export turns any complete checkpoint into a Hugging Face folder without the recipe that made it: the model
 config and the processor (tokenizer, feature extractor) travel inside the checkpoint, the weights are read with torch.distributed.checkpoint
-(no pickles), and the folder loads with `transformers.pipeline`.
+or DeepSpeed's loaders, weights-only (a pickled object beyond weights and plain state is refused, not run), and
+the folder loads with `transformers.pipeline`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from checkpoints.export import processor_folder
-from checkpoints.sharded import CheckpointError, tied_aliases, verify_checkpoint
+from checkpoints.sharded import CheckpointError, loading_safely, tied_aliases, verify_checkpoint
 
 
 def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True) -> Path:
@@ -21,7 +22,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     import transformers
 
     from checkpoints.export import check_export_target, export_hf
-    from checkpoints.storage import RawReader
+    from checkpoints.storage import RawReader, check_index
 
     path = Path(path)
     check_export_target(out)  # before any reading: the answer does not depend on the checkpoint
@@ -45,12 +46,18 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     model = model_class(config)
     prefix = meta.get("export", {}).get("model_prefix", "")
     if meta.get("state_format", "dcp") == "deepspeed":
-        _load_deepspeed_weights(model, path, prefix)
+        from checkpoints.deepspeed import SAFE_CLASSES, import_deepspeed
+
+        import_deepspeed()  # before SAFE_CLASSES are imported
+        with loading_safely(path, SAFE_CLASSES):
+            _load_deepspeed_weights(model, path, prefix)
     else:
         own = model.state_dict()
         aliases = tied_aliases(own)  # written once (older and XLA checkpoints hold them twice: not read)
         wanted = {"model": {prefix + k: v for k, v in own.items() if k not in aliases}}
-        dcp.load(wanted, storage_reader=RawReader(path / "state"), no_dist=True)
+        with loading_safely(path):
+            check_index(path / "state")
+            dcp.load(wanted, storage_reader=RawReader(path / "state"), no_dist=True)
         loaded = {k[len(prefix) :]: v for k, v in wanted["model"].items()}
         model.load_state_dict({**loaded, **{alias: loaded[key] for alias, key in aliases.items()}})
     metrics = path.parent.parent / "metrics.jsonl"  # RUN/checkpoints/step-N: the run's curves, if it is there

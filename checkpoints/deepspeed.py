@@ -1,8 +1,10 @@
 """DeepSpeed checkpoints: model, optimizer and schedule in DeepSpeed's own sharded files (`state/ds/*`),
 inside a checkpoint folder of `checkpoints.sharded`, which adds the manifest, atomic rename and `latest`.
 
-The files are DeepSpeed's torch.save pickles, read back only from this run's own checkpoint folders; the
-export (`python -m checkpoints export`) consolidates them in one process without a process group.
+The files are DeepSpeed's torch.save pickles; DeepSpeed's loaders read them with weights_only=False, so
+every load here runs weights-only (`checkpoints.storage.weights_only_loads`, SAFE_CLASSES allowed): a
+crafted file is refused, not run. The export (`python -m checkpoints export`) consolidates them in one
+process without a process group.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ import torch.distributed as dist
 from checkpoints.sharded import CheckpointError
 
 TAG = "ds"  # the one tag inside a checkpoint's state/ folder
+# What DeepSpeed's .pt files hold besides tensors and plain containers: its optimizer's stage and loss scaler,
+# the fragment addresses of its flat groups. Loads are weights-only, with these classes allowed.
+SAFE_CLASSES = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
 
 
 def import_deepspeed():
@@ -34,6 +44,7 @@ class DeepSpeedState:
     """A DeepSpeed engine's model, optimizer and schedule, for `save_checkpoint` / `load_checkpoint`."""
 
     format = "deepspeed"
+    safe_classes = SAFE_CLASSES
 
     def __init__(self, engine, zero_stage: int, rank: int, world_size: int):
         self.engine, self.zero_stage, self.rank, self.world_size = engine, zero_stage, rank, world_size

@@ -14,8 +14,11 @@ process group of their own, one checkpoint at a time. Until that commit the prev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +34,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from checkpoints.storage import RawReader, RawWriter
+from checkpoints.storage import RawReader, RawWriter, check_index, weights_only_loads
 
 # DCP warns on every save without a process group, even with no_dist=True passed; a one-process run means it.
 warnings.filterwarnings(
@@ -48,6 +51,39 @@ CHUNK = 8 << 20
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and the file at fault."""
+
+
+def _refused_pickle(err: BaseException | None, seen: int = 0) -> pickle.UnpicklingError | None:
+    """The refused pickle behind a load's error: DCP wraps each rank's error in a CheckpointException (a
+    BaseException) and reports a failed index read as an AssertionError raised while handling it."""
+    if err is None or seen > 20:
+        return None
+    if isinstance(err, pickle.UnpicklingError):
+        return err
+    for inner in [failure[0] for failure in getattr(err, "failures", {}).values()]:
+        if found := _refused_pickle(inner, seen + 1):
+            return found
+    return _refused_pickle(err.__cause__ or err.__context__, seen + 1)
+
+
+@contextlib.contextmanager
+def loading_safely(path: Path, allowed: tuple = ()):
+    """`weights_only_loads` (with `allowed` classes), and a pickle it refuses as a CheckpointError naming
+    the checkpoint: one that holds code or objects beyond weights and plain state is not loaded."""
+    try:
+        with weights_only_loads(*allowed):
+            yield
+    except BaseException as err:
+        refused = _refused_pickle(err)
+        if refused is None:
+            raise
+        text = str(refused).strip()
+        named = re.search(r"nsupported:? GLOBAL ([\w.]+)", text)  # torch's weights-only refusal names it
+        first = f"{named.group(1)} is not allowed in a checkpoint" if named else text.splitlines()[0]
+        raise CheckpointError(
+            f"{path}: holds pickled objects beyond weights and plain state ({first}); they are not loaded, "
+            f"since they could run code: use a checkpoint written by recipebox"
+        ) from None
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -204,6 +240,7 @@ class DCPState:
         return written, writer.hashes
 
     def load(self, path: Path, meta: dict[str, Any]) -> None:
+        check_index(path)
         state, aliases = self._state()  # checkpoints that hold the aliases too load the same way
         reader = RawReader(path)
         dcp.load(state, storage_reader=reader, planner=self.load_planner, no_dist=not dist.is_initialized())
@@ -423,7 +460,8 @@ def load_checkpoint(
             f"this backend ({state.format}) cannot read; resume with the backend that saved it, or export "
             f"it (python -m checkpoints export {path} OUT) and start a new run from that model"
         )
-    state.load(path / "state", manifest["meta"])
+    with loading_safely(path, getattr(state, "safe_classes", ())):
+        state.load(path / "state", manifest["meta"])
     rank_file = path / f"rank-{_rank():05d}.safetensors"
     if manifest["meta"].get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
         return manifest["meta"], None, None

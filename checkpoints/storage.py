@@ -5,7 +5,8 @@ tensor), and its FileSystemReader torch.loads each one into a fresh tensor befor
 belongs. `RawWriter` writes a tensor's bytes as they are, hashing them (xxh3-64) on the way, so the manifest
 needs no second read of the files; `RawReader` reads each tensor's bytes into the tensor being restored
 (one copy, from the file or the page cache). Plans, `.metadata`, resharding on load and the non-tensor items
-stay DCP's own.
+stay DCP's own, except that nothing in a checkpoint is unpickled freely: `.metadata` (a pickle) may build
+only the classes a DCP index is made of, and `weights_only_loads` makes every torch.load weights-only.
 
 A raw item carries the descriptor `RAW` in its storage info: DCP's stock reader refuses it by that name
 rather than misreading it, and `RawReader` reads checkpoints of the stock writer (older recipebox ones,
@@ -14,8 +15,11 @@ XLA's) through DCP's own code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,6 +31,59 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 RAW = "recipebox.raw/1"
+# What a DCP index (.metadata) is built from, besides torch dtypes and the classes of
+# torch.distributed.checkpoint.metadata; anything else in it stops the load.
+INDEX_GLOBALS = {
+    ("pathlib", "PosixPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"),
+}
+FORCE_WEIGHTS_ONLY = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+class IndexUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file: DCP's own reader would build anything a crafted file names (and so
+    run its code); this one builds only the index's classes, and names anything else."""
+
+    def find_class(self, module: str, name: str):
+        if "." not in name:
+            if (module, name) in INDEX_GLOBALS:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            if module == "torch.distributed.checkpoint.metadata":
+                found = super().find_class(module, name)
+                if isinstance(found, type):
+                    return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's index")
+
+
+def check_index(state_dir: str | Path) -> None:
+    """Unpickles a DCP checkpoint's `.metadata` with IndexUnpickler, before DCP reads it: DCP reports a
+    refused index only as text, so this names the refusal (pickle.UnpicklingError) first."""
+    with open(Path(state_dir) / ".metadata", "rb") as f:
+        IndexUnpickler(f).load()
+
+
+@contextlib.contextmanager
+def weights_only_loads(*allowed: tuple[str, str]):
+    """Every torch.load inside reads tensors and plain containers only, whatever its caller asks: DCP's load
+    planner (the optimizer's hyperparameters) and DeepSpeed's loaders pass weights_only=False, so a crafted
+    file in a checkpoint folder could run code as the user. `allowed`: (module, class) pairs that may be
+    built too; anything else stops the load with torch's pickle.UnpicklingError naming it."""
+    torch.serialization.add_safe_globals([getattr(importlib.import_module(m), n) for m, n in allowed])
+    saved = {key: os.environ.pop(key, None) for key in FORCE_WEIGHTS_ONLY}
+    os.environ[FORCE_WEIGHTS_ONLY[0]] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _bytes_of(tensor: torch.Tensor):
@@ -90,6 +147,16 @@ class RawReader(FileSystemReader):
     """Reads raw items into the restored tensors in place (through a temporary and a copy only when a
     request is a slice of the saved chunk, or the target is not a contiguous CPU tensor of the saved dtype);
     everything else goes through DCP's FileSystemReader."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = IndexUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:  # as DCP's reader does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
     def set_up_storage_reader(self, metadata, is_coordinator: bool, *args, **kwargs) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)

@@ -8,12 +8,18 @@ and friends, which use `transformers.pipeline` where transformers 5 has one for 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+MAX_UPLOAD = (
+    "200mb"  # a clip of 10 minutes (the speech app's cap) is at most about 110 MB as 48 kHz stereo WAV
+)
 
 # Set before gradio (or huggingface_hub) is imported: no analytics or telemetry threads (they can keep the
 # process alive on a network that accepts and never answers), no hub downloads, localhost never proxied.
@@ -46,6 +52,10 @@ class DemoError(Exception):
 
 def quiet_environment() -> None:
     os.environ.update(QUIET)
+    if not os.environ.get("GRADIO_TEMP_DIR"):  # uploads in a folder of this app's own (0700), not a shared
+        private = tempfile.mkdtemp(prefix="recipebox-demo-")  # /tmp/gradio another user may own
+        os.environ["GRADIO_TEMP_DIR"] = private
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
     local = "127.0.0.1,localhost"
     for key in ("NO_PROXY", "no_proxy"):
         os.environ[key] = f"{os.environ[key]},{local}" if os.environ.get(key) else local
@@ -113,6 +123,11 @@ def launch(
     blocks.delete_cache = (seconds, seconds)
     blocks.queue(default_concurrency_limit=concurrency, max_size=64)
     blocks.launch(
-        server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=False
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=not block,
+        show_error=False,
+        max_file_size=MAX_UPLOAD,
     )
     return blocks

@@ -330,7 +330,7 @@ def load(export_dir: str):
     check_export(export_dir, "asr_ctc")
     from transformers import pipeline
 
-    return pipeline("automatic-speech-recognition", model=export_dir)
+    return pipeline("automatic-speech-recognition", model=export_dir, model_kwargs={"use_safetensors": True})
 
 
 def transcribe(export_dir, audio_path) -> str:

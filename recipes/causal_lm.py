@@ -246,7 +246,7 @@ def load(export_dir: str):
     check_export(export_dir, "causal_lm")
     from transformers import pipeline
 
-    return pipeline("text-generation", model=export_dir)
+    return pipeline("text-generation", model=export_dir, model_kwargs={"use_safetensors": True})
 
 
 _SEEDED = threading.Lock()  # torch's global generator: one seeded generation at a time (the demo runs two)

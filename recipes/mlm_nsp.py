@@ -154,7 +154,12 @@ def _setup_model(cfg: MLMNSPConfig, tok):
     from transformers import BertConfig, BertForPreTraining
 
     if cfg.model:
-        return BertForPreTraining.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        try:
+            return BertForPreTraining.from_pretrained(
+                cfg.model, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+            )
+        except OSError as err:
+            raise ConfigError(f"--model {cfg.model}: cannot load a safetensors checkpoint ({err})") from None
     config = BertConfig(
         vocab_size=len(tok),
         hidden_size=cfg.hidden_size,
@@ -282,7 +287,7 @@ def load(export_dir: str):
 
     transformers.logging.set_verbosity_error()  # the NSP model skips the MLM head by design: no load report
     tok = AutoTokenizer.from_pretrained(export_dir)
-    fill = pipeline("fill-mask", model=export_dir, tokenizer=tok)
+    fill = pipeline("fill-mask", model=export_dir, tokenizer=tok, model_kwargs={"use_safetensors": True})
     return tok, fill, BertForNextSentencePrediction.from_pretrained(export_dir, use_safetensors=True).eval()
 
 

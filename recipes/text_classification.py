@@ -230,7 +230,9 @@ def load(export_dir: str):
     check_export(export_dir, "text_classification")
     from transformers import pipeline
 
-    return pipeline("text-classification", model=export_dir, top_k=None)
+    return pipeline(
+        "text-classification", model=export_dir, top_k=None, model_kwargs={"use_safetensors": True}
+    )
 
 
 def text_columns(export_dir: str) -> list[str]:

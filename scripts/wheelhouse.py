@@ -4,8 +4,8 @@ firewalled cluster): recipebox's dependencies that the node lacks, for the node'
 Run it where pip reaches an index, with the project's .venv (its installed versions are the ones fetched):
     python3 -m pip list --format=freeze > node.txt                       # on the node
     .venv/bin/python scripts/wheelhouse.py --have node.txt --dest wheels  # here
-    python3 -m pip install --no-index --no-deps --target /tmp/site wheels/*.whl  # on the node, then
-    PYTHONPATH=/tmp/site:$PWD RECIPEBOX_PYTHON=python3 bash bench/gpu.sh
+    site=$(mktemp -d) && python3 -m pip install --no-index --no-deps --target "$site" wheels/*.whl
+    PYTHONPATH=$site:$PWD RECIPEBOX_PYTHON=python3 bash bench/gpu.sh  # on the node (a folder of your own)
 The closure walks recipebox's requirements (with --extras) through the installed metadata, stopping at what
 the node has (--have: `pip freeze` lines, or bare names), at torch and its CUDA libraries, and at --without.
 A version on the node that a requirement rejects is printed as a warning, torch's pin too (recipebox's own

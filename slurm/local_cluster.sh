@@ -61,12 +61,22 @@ install_packages() {
   return 0
 }
 
-render() { # template, destination
-  local topology
+render() { # template, destination[, umask]
+  local topology text
   topology=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //')
-  sed -e "s|@HOST@|$HOST|g" -e "s|@DIR@|$DIR|g" -e "s|@DBPORT@|$DBPORT|g" \
-    -e "s|@DBPASS@|$(cat "$DIR/db.password")|g" -e "s|@TOPOLOGY@|$topology|g" "$1" >"$2.tmp"
+  text=$(sed -e "s|@HOST@|$HOST|g" -e "s|@DIR@|$DIR|g" -e "s|@DBPORT@|$DBPORT|g" \
+    -e "s|@TOPOLOGY@|$topology|g" "$1")
+  text=${text//@DBPASS@/$(<"$DIR/db.password")} # in the shell: no command line shows the password
+  (umask "${3:-022}" && printf '%s\n' "$text" >"$2.tmp")
   mv "$2.tmp" "$2"
+}
+
+# The folder root writes, locks and starts daemons from: refused if another user made it first (in a shared
+# /var/tmp they could plant links, pid files or a MariaDB config there).
+own_dir() {
+  mkdir -p "$DIR"
+  [ ! -L "$DIR" ] && [ "$(stat -c %u "$DIR")" -eq 0 ] ||
+    die "$DIR is a link or belongs to another user (uid $(stat -c %u "$DIR")); remove it, or set RECIPEBOX_SLURM_DIR to a folder of root's"
 }
 
 write_configs() {
@@ -79,7 +89,7 @@ write_configs() {
     fi
   done
   render "$here/local/slurm.conf.in" "$CONF"
-  render "$here/local/slurmdbd.conf.in" "$DBD_CONF"
+  render "$here/local/slurmdbd.conf.in" "$DBD_CONF" 077 # it holds the database password
   chmod 600 "$DBD_CONF"
   render "$here/local/my.cnf.in" "$DIR/my.cnf"
   getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >>/etc/hosts # torch's MASTER_ADDR
@@ -153,7 +163,7 @@ node_ready() {
 cmd_up() {
   [ "$(id -u)" -eq 0 ] || die "the local cluster runs as root; run: sudo bash $0 up"
   install_packages
-  mkdir -p "$DIR"
+  own_dir
   exec 9>"$DIR/lock"
   flock 9
   write_configs
@@ -193,6 +203,7 @@ stop_daemon() {
 
 cmd_down() {
   [ -d "$DIR" ] || return 0
+  own_dir
   exec 9>"$DIR/lock"
   flock 9
   # Job steps outlive slurmd: end the jobs while slurmctld and slurmd can still deliver the kill.

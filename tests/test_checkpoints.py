@@ -360,6 +360,62 @@ def test_same_size_corruption_of_any_file_is_caught(small_checkpoint, which):
     verify_checkpoint(path, checksums=False)  # sizes only: the switch's documented blind spot
 
 
+class RunsCode:
+    """Unpickled, it runs a shell command: what a crafted checkpoint could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def replace_and_resize(path, name: str, data: bytes) -> None:
+    """Puts `data` in the checkpoint's file `name`, with a manifest that agrees (as whoever made it would)."""
+    from checkpoints.sharded import MANIFEST
+
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest.pop("hash", None), manifest.pop("hashes", None)
+    manifest["files"][name] = len(data)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_whose_pickles_hold_code_is_refused_not_run(small_checkpoint, tmp_path):
+    """DCP's index (.metadata) is a pickle, and its planner torch.loads the optimizer's plain state with
+    weights_only=False: a checkpoint someone else made could run code as the user who resumes or exports it.
+    Only the index's own classes are built, every torch.load is weights-only, and the load is refused."""
+    import io
+    import pickle
+
+    import torch
+
+    from checkpoints.__main__ import export_checkpoint
+    from checkpoints.sharded import CheckpointError, load_checkpoint, loading_safely
+
+    path, model, optimizer = small_checkpoint
+    marker = tmp_path / "ran"
+    replace_and_resize(path, "state/.metadata", pickle.dumps(RunsCode(marker)))
+    with pytest.raises(CheckpointError, match=r"posix.system is not part of a checkpoint's index"):
+        load_checkpoint(path, model=model, optimizer=optimizer)
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=8, architectures=["BertForMaskedLM"])  # fmt: skip
+    replace_and_resize(path, "hf/config.json", config.to_json_string().encode())  # an exportable checkpoint
+    with pytest.raises(CheckpointError, match="holds pickled objects beyond weights and plain state"):
+        export_checkpoint(path, tmp_path / "export")
+    buffer = io.BytesIO()
+    torch.save({"param_groups": [{"lr": 0.1}], "x": RunsCode(marker)}, buffer)
+    with pytest.raises(CheckpointError, match="posix.system is not allowed"), loading_safely(path):
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)  # as DCP's planner and DeepSpeed ask
+    assert not marker.exists()
+    assert torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)["param_groups"]  # outside: as asked
+    assert marker.exists()  # (the test's own file, to show the payload is real)
+
+
 def test_checkpoints_without_hashes_still_load_with_a_notice(small_checkpoint):
     """Checkpoints written before content hashes (or with --checkpoint-checksums false) have sizes only."""
     from checkpoints.sharded import MANIFEST, load_checkpoint, verify_checkpoint

@@ -93,6 +93,31 @@ def test_zero_stage_trains_like_ddp_and_exports_a_fill_mask_model(stage, ds_refe
     assert same_weights(again, out / "export")
 
 
+def test_a_deepspeed_checkpoint_whose_pickles_hold_code_is_refused_not_run(tmp_path, ds_reference):
+    """DeepSpeed's loaders torch.load its files with weights_only=False; under recipebox every load is
+    weights-only (DeepSpeed's own few state classes allowed), so a crafted file is refused, not run."""
+    import shutil
+
+    from test_checkpoints import RunsCode, replace_and_resize
+
+    source = ds_reference(2) / "checkpoints" / f"step-{STEPS:06d}"
+    path = tmp_path / source.name
+    shutil.copytree(source, path)
+    marker = tmp_path / "ran"
+    model_file = "state/ds/mp_rank_00_model_states.pt"
+    state = torch.load(path / model_file, weights_only=True)  # loads weights-only as it is
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({**state, "client_state": RunsCode(marker)}, buffer)
+    replace_and_resize(path, model_file, buffer.getvalue())
+    import sys
+
+    proc = run([sys.executable, "-m", "checkpoints", "export", str(path), str(tmp_path / "export")])
+    assert proc.returncode == 2 and "posix.system is not allowed in a checkpoint" in proc.stderr, proc.stderr
+    assert not marker.exists() and not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sigkill_then_the_same_command_continues_exactly(stage, tmp_path, tokenizer_dir, ds_reference):
     """Stages 2 and 3: ZeRO-1 saves and loads through the same DeepSpeed optimizer class and checkpoint code as

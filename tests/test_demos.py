@@ -253,8 +253,10 @@ def tiny_gpt2_export(folder):
 
 
 def test_uploads_are_deleted_after_cache_minutes(tmp_path):
-    """A file uploaded to the app (as the speech page does with a clip) is gone once older than
-    --cache-minutes: on a shared machine, users' recordings do not pile up in the temp folder."""
+    """A file uploaded to the app (as the speech page does with a clip) lands in a folder of the app's own
+    and is gone once older than --cache-minutes: on a shared machine, users' recordings do not pile up in a
+    temp folder others can read."""
+    import os
     import time
     import urllib.request
     from pathlib import Path
@@ -284,6 +286,9 @@ def test_uploads_are_deleted_after_cache_minutes(tmp_path):
         with urllib.request.urlopen(request, timeout=30) as answer:
             (uploaded,) = json.loads(answer.read())
         assert Path(uploaded).read_bytes() == b"RIFF0000WAVE"
+        private = Path(os.environ["GRADIO_TEMP_DIR"])  # the app's own, not /tmp/gradio shared by all users
+        assert Path(uploaded).is_relative_to(private) and private.name.startswith("recipebox-demo-")
+        assert private.stat().st_mode & 0o777 == 0o700
         deadline = time.time() + 30
         while Path(uploaded).exists() and time.time() < deadline:
             time.sleep(0.5)
