@@ -78,7 +78,7 @@ def loading_safely(path: Path, allowed: tuple = ()):
         if refused is None:
             raise
         text = str(refused).strip()
-        named = re.search(r"nsupported:? GLOBAL ([\w.]+)", text)  # torch's weights-only refusal names it
+        named = re.search(r"GLOBAL ([\w.]+)", text)  # torch's weights-only refusal names it
         first = f"{named.group(1)} is not allowed in a checkpoint" if named else text.splitlines()[0]
         raise CheckpointError(
             f"{path}: holds pickled objects beyond weights and plain state ({first}); they are not loaded, "

@@ -35,6 +35,7 @@ RAW = "recipebox.raw/1"
 # torch.distributed.checkpoint.metadata; anything else in it stops the load.
 INDEX_GLOBALS = {
     ("pathlib", "PosixPath"),
+    ("pathlib._local", "PosixPath"),  # its name from Python 3.13 on
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),

@@ -20,10 +20,8 @@ class DataError(ValueError):
 def content_key(*parts: object) -> str:
     """16 hex digits of SHA-256 over the parts as JSON: what names a tokenised table (settings, texts and
     the tokenizer's vocabulary or definition), in the cache folder and for `datasets`."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, ensure_ascii=False, sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    text = json.dumps(list(parts), ensure_ascii=False, sort_keys=True)  # one list: (128, 32) is not (1283, 2)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def map_args(cache_dir: str | Path | None, name: str) -> dict:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import signal
 import sys
 from pathlib import Path
 
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None, block: bool = True):
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be 1 or more, got {args.concurrency}")
-    if not args.cache_minutes > 0:
-        parser.error(f"--cache-minutes must be more than 0, got {args.cache_minutes}")
+    if not 0 < args.cache_minutes < math.inf:
+        parser.error(f"--cache-minutes must be a number of minutes over 0, got {args.cache_minutes}")
     try:
         exports = [find_export(e) for e in args.export]
         names = {_app(e, args.app) for e in exports}
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None, block: bool = True):
     if args.share:
         print("warning: --share opens a public gradio.live link (it needs the internet): anyone with the link "
               "can use this app and the machine it runs on", file=sys.stderr)  # fmt: skip
+    if block:  # `kill` or a scheduler's SIGTERM stops the server as Ctrl-C does: its uploads are deleted
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,
                       cache_minutes=args.cache_minutes, block=block)  # fmt: skip
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None, block: bool = True):
             file=sys.stderr,
         )
         return 2
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 DIR=${RECIPEBOX_SLURM_DIR:-/var/tmp/recipebox-slurm}
+DIR=${DIR%/} # a trailing slash would make the link check below follow the link
 DBPORT=${RECIPEBOX_SLURM_DB_PORT:-3307}
 HOST=$(hostname -s)
 CONF=/etc/slurm/slurm.conf
@@ -62,11 +63,12 @@ install_packages() {
 }
 
 render() { # template, destination[, umask]
-  local topology text
+  local topology text pass
   topology=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //')
   text=$(sed -e "s|@HOST@|$HOST|g" -e "s|@DIR@|$DIR|g" -e "s|@DBPORT@|$DBPORT|g" \
     -e "s|@TOPOLOGY@|$topology|g" "$1")
-  text=${text//@DBPASS@/$(<"$DIR/db.password")} # in the shell: no command line shows the password
+  pass=$(<"$DIR/db.password")
+  text=${text//@DBPASS@/"$pass"} # in the shell: no command line shows the password
   (umask "${3:-022}" && printf '%s\n' "$text" >"$2.tmp")
   mv "$2.tmp" "$2"
 }

@@ -497,3 +497,11 @@ def test_toy_sets_hold_out_names():
 
     assert len(entities(test)) >= 20 and not entities(train) & entities(test)
     assert max(len(t) for t in test.tokens) > 48  # long sentences that need several windows
+
+
+def test_cache_keys_keep_their_parts_apart():
+    """A tokenised table is named by its content; neighbouring settings must not run together."""
+    from data.text import content_key
+
+    assert content_key(128, 32) != content_key(1283, 2) and content_key(512, 0) != content_key(51, 20)
+    assert content_key({"b": 1, "a": 2}) == content_key({"a": 2, "b": 1})  # key order is not content

@@ -252,52 +252,53 @@ def tiny_gpt2_export(folder):
     return export_hf(transformers.GPT2LMHeadModel(config), tok, folder, title="T", metrics={}, config={})
 
 
-def test_uploads_are_deleted_after_cache_minutes(tmp_path):
-    """A file uploaded to the app (as the speech page does with a clip) lands in a folder of the app's own
-    and is gone once older than --cache-minutes: on a shared machine, users' recordings do not pile up in a
-    temp folder others can read."""
-    import os
-    import time
+def upload(url: str, name: str, data: bytes) -> str:
+    """POSTs one file to a running app's upload endpoint, as the page does; the path it was stored at."""
     import urllib.request
-    from pathlib import Path
 
-    from conftest import free_port
+    boundary = "recipeboxboundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n\r\n'
+    request = urllib.request.Request(
+        f"{url}gradio_api/upload",
+        data=head.encode() + data + f"\r\n--{boundary}--\r\n".encode(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        (stored,) = json.loads(answer.read())
+    return stored
+
+
+def test_uploads_stay_private_and_are_deleted_after_cache_minutes_and_on_stop(tmp_path):
+    """`python demos/app.py EXPORT --cache-minutes 0.05`: a file uploaded (as the speech page does with a
+    clip) lands in a 0700 folder of the app's own, not /tmp/gradio that every user shares; it is gone once
+    older than 3 s, and the folder with everything in it when the app is stopped with SIGTERM (`kill`, a
+    scheduler): on a shared machine, users' recordings do not pile up where others can read them."""
+    import time
+    from pathlib import Path
 
     from demos.app import main
 
     export = tiny_gpt2_export(tmp_path / "lm")
-    port = free_port()
-    blocks = main([str(export), "--port", str(port), "--cache-minutes", "0.05"], block=False)  # 3 s
+    proc, url, _ = start_app(export, "--cache-minutes", "0.05")
     try:
-        boundary = "recipeboxboundary"
-        body = (
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="clip.wav"\r\n'
-                f"Content-Type: application/octet-stream\r\n\r\n"
-            ).encode()
-            + b"RIFF0000WAVE"
-            + f"\r\n--{boundary}--\r\n".encode()
-        )
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/gradio_api/upload",
-            data=body,
-            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            (uploaded,) = json.loads(answer.read())
-        assert Path(uploaded).read_bytes() == b"RIFF0000WAVE"
-        private = Path(os.environ["GRADIO_TEMP_DIR"])  # the app's own, not /tmp/gradio shared by all users
-        assert Path(uploaded).is_relative_to(private) and private.name.startswith("recipebox-demo-")
+        wait_for_server(proc, url)
+        first = Path(upload(url, "clip.wav", b"RIFF0000WAVE"))
+        private = first.parent.parent  # the app's folder / a content hash / the file
+        assert first.read_bytes() == b"RIFF0000WAVE" and private.name.startswith("recipebox-demo-")
         assert private.stat().st_mode & 0o777 == 0o700
         deadline = time.time() + 30
-        while Path(uploaded).exists() and time.time() < deadline:
+        while first.exists() and time.time() < deadline:
             time.sleep(0.5)
-        assert not Path(uploaded).exists(), f"{uploaded} still there after 30 s"
+        assert not first.exists(), f"{first} still there after 30 s"
+        second = Path(upload(url, "again.wav", b"RIFF1111WAVE"))
+        assert second.is_relative_to(private)
     finally:
-        blocks.close()
-    with pytest.raises(SystemExit) as stopped:
-        main([str(export), "--cache-minutes", "0"])
-    assert stopped.value.code == 2
+        stop_apps([proc])
+    assert proc.returncode == 0 and not private.exists()  # stopped by SIGTERM as by Ctrl-C: folder removed
+    for bad in ("0", "inf"):
+        with pytest.raises(SystemExit) as stopped:
+            main([str(export), "--cache-minutes", bad])
+        assert stopped.value.code == 2
 
 
 def test_a_long_prompt_a_shared_seed_and_a_wrong_app_get_answers_not_errors(tmp_path):
