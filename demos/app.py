@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from demos.common import APPS, DemoError, app_for, find_export, launch, quiet_environment  # noqa: E402
+
+MAX_CACHE_MINUTES = 525_600  # a year
 
 
 def _app(export: Path, asked: str | None) -> str:
@@ -65,8 +66,10 @@ def main(argv: list[str] | None = None, block: bool = True):
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be 1 or more, got {args.concurrency}")
-    if not 0 < args.cache_minutes < math.inf:
-        parser.error(f"--cache-minutes must be a number of minutes over 0, got {args.cache_minutes}")
+    if not 0 < args.cache_minutes <= MAX_CACHE_MINUTES:
+        parser.error(
+            f"--cache-minutes must be over 0 and at most {MAX_CACHE_MINUTES} (a year), got {args.cache_minutes}"
+        )
     try:
         exports = [find_export(e) for e in args.export]
         names = {_app(e, args.app) for e in exports}
@@ -80,7 +83,9 @@ def main(argv: list[str] | None = None, block: bool = True):
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    quiet_environment()  # before gradio is imported
+    quiet_environment()  # before gradio is imported; it makes the app's private upload folder
+    if block:  # `kill` or a scheduler's SIGTERM stops the app as Ctrl-C does: that folder is removed
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         app = importlib.import_module(f"demos.{name}")
     except ModuleNotFoundError as err:
@@ -98,8 +103,6 @@ def main(argv: list[str] | None = None, block: bool = True):
     if args.share:
         print("warning: --share opens a public gradio.live link (it needs the internet): anyone with the link "
               "can use this app and the machine it runs on", file=sys.stderr)  # fmt: skip
-    if block:  # `kill` or a scheduler's SIGTERM stops the server as Ctrl-C does: its uploads are deleted
-        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,
                       cache_minutes=args.cache_minutes, block=block)  # fmt: skip
@@ -116,5 +119,8 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # stopped while the model was still loading
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -7,7 +7,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 DIR=${RECIPEBOX_SLURM_DIR:-/var/tmp/recipebox-slurm}
-DIR=${DIR%/} # a trailing slash would make the link check below follow the link
+DIR=${DIR%"${DIR##*[!/]}"} # no trailing slashes: they would make the link check below follow the link
 DBPORT=${RECIPEBOX_SLURM_DB_PORT:-3307}
 HOST=$(hostname -s)
 CONF=/etc/slurm/slurm.conf
@@ -76,6 +76,7 @@ render() { # template, destination[, umask]
 # The folder root writes, locks and starts daemons from: refused if another user made it first (in a shared
 # /var/tmp they could plant links, pid files or a MariaDB config there).
 own_dir() {
+  [ -n "$DIR" ] || die "RECIPEBOX_SLURM_DIR may not be /; give a folder of its own"
   mkdir -p "$DIR"
   [ ! -L "$DIR" ] && [ "$(stat -c %u "$DIR")" -eq 0 ] ||
     die "$DIR is a link or belongs to another user (uid $(stat -c %u "$DIR")); remove it, or set RECIPEBOX_SLURM_DIR to a folder of root's"

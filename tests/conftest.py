@@ -135,8 +135,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_"))
-    }
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_")) and k != "GRADIO_TEMP_DIR"
+    }  # each demo app makes its own upload folder
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env

@@ -295,7 +295,7 @@ def test_uploads_stay_private_and_are_deleted_after_cache_minutes_and_on_stop(tm
     finally:
         stop_apps([proc])
     assert proc.returncode == 0 and not private.exists()  # stopped by SIGTERM as by Ctrl-C: folder removed
-    for bad in ("0", "inf"):
+    for bad in ("0", "inf", "1e307"):
         with pytest.raises(SystemExit) as stopped:
             main([str(export), "--cache-minutes", bad])
         assert stopped.value.code == 2
