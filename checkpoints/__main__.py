@@ -22,7 +22,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     import transformers
 
     from checkpoints.export import check_export_target, export_hf
-    from checkpoints.storage import RawReader, check_index
+    from checkpoints.storage import RawReader
 
     path = Path(path)
     check_export_target(out)  # before any reading: the answer does not depend on the checkpoint
@@ -46,17 +46,12 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     model = model_class(config)
     prefix = meta.get("export", {}).get("model_prefix", "")
     if meta.get("state_format", "dcp") == "deepspeed":
-        from checkpoints.deepspeed import SAFE_CLASSES, import_deepspeed
-
-        import_deepspeed()  # before SAFE_CLASSES are imported
-        with loading_safely(path, SAFE_CLASSES):
-            _load_deepspeed_weights(model, path, prefix)
+        _load_deepspeed_weights(model, path, prefix)
     else:
         own = model.state_dict()
         aliases = tied_aliases(own)  # written once (older and XLA checkpoints hold them twice: not read)
         wanted = {"model": {prefix + k: v for k, v in own.items() if k not in aliases}}
         with loading_safely(path):
-            check_index(path / "state")
             dcp.load(wanted, storage_reader=RawReader(path / "state"), no_dist=True)
         loaded = {k[len(prefix) :]: v for k, v in wanted["model"].items()}
         model.load_state_dict({**loaded, **{alias: loaded[key] for alias, key in aliases.items()}})
@@ -94,12 +89,12 @@ def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:
     again, and any other missing weight is an error rather than a silently random layer."""
     import torch
 
-    from checkpoints.deepspeed import TAG, import_deepspeed
+    from checkpoints.deepspeed import SAFE_CLASSES, TAG, import_deepspeed
 
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with torch.no_grad():
+    with torch.no_grad(), loading_safely(path, SAFE_CLASSES):
         state = get_fp32_state_dict_from_zero_checkpoint(str(path / "state"), tag=TAG)
     ours = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(ours, strict=False)

@@ -69,8 +69,12 @@ def _refused_pickle(err: BaseException | None, seen: int = 0) -> pickle.Unpickli
 @contextlib.contextmanager
 def loading_safely(path: Path, allowed: tuple = ()):
     """`weights_only_loads` (with `allowed` classes), and a pickle it refuses as a CheckpointError naming
-    the checkpoint: one that holds code or objects beyond weights and plain state is not loaded."""
+    the checkpoint: one that holds code or objects beyond weights and plain state is not loaded. A DCP
+    checkpoint's index (state/.metadata) is checked first, here for every format and reader: DCP would
+    unpickle it freely, and report a refusal only as text."""
     try:
+        if (Path(path) / "state" / ".metadata").is_file():
+            check_index(Path(path) / "state")
         with weights_only_loads(*allowed):
             yield
     except BaseException as err:
@@ -240,7 +244,6 @@ class DCPState:
         return written, writer.hashes
 
     def load(self, path: Path, meta: dict[str, Any]) -> None:
-        check_index(path)
         state, aliases = self._state()  # checkpoints that hold the aliases too load the same way
         reader = RawReader(path)
         dcp.load(state, storage_reader=reader, planner=self.load_planner, no_dist=not dist.is_initialized())

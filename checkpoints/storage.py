@@ -5,8 +5,8 @@ tensor), and its FileSystemReader torch.loads each one into a fresh tensor befor
 belongs. `RawWriter` writes a tensor's bytes as they are, hashing them (xxh3-64) on the way, so the manifest
 needs no second read of the files; `RawReader` reads each tensor's bytes into the tensor being restored
 (one copy, from the file or the page cache). Plans, `.metadata`, resharding on load and the non-tensor items
-stay DCP's own, except that nothing in a checkpoint is unpickled freely: `.metadata` (a pickle) may build
-only the classes a DCP index is made of, and `weights_only_loads` makes every torch.load weights-only.
+stay DCP's own; before a load, `check_index` makes sure `.metadata` (a pickle) builds only the classes a
+DCP index is made of, and `weights_only_loads` makes every torch.load weights-only.
 
 A raw item carries the descriptor `RAW` in its storage info: DCP's stock reader refuses it by that name
 rather than misreading it, and `RawReader` reads checkpoints of the stock writer (older recipebox ones,
@@ -62,8 +62,8 @@ class IndexUnpickler(pickle.Unpickler):
 
 
 def check_index(state_dir: str | Path) -> None:
-    """Unpickles a DCP checkpoint's `.metadata` with IndexUnpickler, before DCP reads it: DCP reports a
-    refused index only as text, so this names the refusal (pickle.UnpicklingError) first."""
+    """Unpickles a DCP checkpoint's `.metadata` with IndexUnpickler before DCP reads it (with pickle, freely);
+    a refusal is a pickle.UnpicklingError naming the class."""
     with open(Path(state_dir) / ".metadata", "rb") as f:
         IndexUnpickler(f).load()
 
@@ -148,16 +148,6 @@ class RawReader(FileSystemReader):
     """Reads raw items into the restored tensors in place (through a temporary and a copy only when a
     request is a slice of the saved chunk, or the target is not a contiguous CPU tensor of the saved dtype);
     everything else goes through DCP's FileSystemReader."""
-
-    def read_metadata(self, *args, **kwargs):
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-            metadata = IndexUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:  # as DCP's reader does
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
     def set_up_storage_reader(self, metadata, is_coordinator: bool, *args, **kwargs) -> None:
         super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)

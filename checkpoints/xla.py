@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from checkpoints.sharded import DCPState
-from checkpoints.storage import check_index
 
 WRAPPER = "_orig_module."  # the attribute under which SpmdFullyShardedDataParallel keeps the module
 
@@ -84,7 +83,6 @@ class XLAState(DCPState):
             # SPMDLoadPlanner reads only tensors whose every local shard is a slice of the whole (it fails on
             # some it classes as sharded but indexes with Ellipsis); the rest goes through host copies.
             sharded, rest = _split(state, _spmd_loadable if self.spmd else lambda t: False)
-            check_index(path)  # DCP's stock reader unpickles the index freely
             if sharded:
                 dcp.load(sharded, checkpoint_id=path, planner=self.load_planner)
             host = _to_host(rest)

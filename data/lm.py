@@ -8,12 +8,11 @@ is lost. Labels equal input_ids: the model shifts them itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data.text import DataError, check_text_file, map_args
+from data.text import DataError, check_text_file, content_key, map_args
 
 DOCUMENTS = ("blank_line", "line")
 PACKING = ("blocks", "none")
@@ -182,11 +181,8 @@ def tokenize_corpus(
     if eos_id is None:
         raise DataError(f"{tokenizer.name_or_path}: the tokenizer has no eos token; a causal LM needs one")
 
-    h = hashlib.sha256(json.dumps(docs).encode())
-    h.update(_tokenizer_key(tokenizer).encode())
-    tokens_key = h.hexdigest()[:16]
-    h.update(json.dumps([block_size, packing, eos_id]).encode())
-    packed_key = h.hexdigest()[:16]
+    tokens_key = content_key(docs, _tokenizer_key(tokenizer))
+    packed_key = content_key(tokens_key, block_size, packing, eos_id)
 
     def tokenize(batch):
         enc = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)

@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MAX_UPLOAD = (
-    "200mb"  # a clip of 10 minutes (the speech app's cap) is at most about 110 MB as 48 kHz stereo WAV
-)
+# A clip of 10 minutes (the speech app's cap) is at most about 110 MB as 48 kHz stereo WAV.
+MAX_UPLOAD = "200mb"
 
 # Set before gradio (or huggingface_hub) is imported: no analytics or telemetry threads (they can keep the
 # process alive on a network that accepts and never answers), no hub downloads, localhost never proxied.
