@@ -4,7 +4,8 @@
     python demos/app.py runs/toxic/export --port 7861
     python demos/app.py runs/quickstart                   # a run folder: its export/
     python demos/app.py runs/t5/export runs/bart/export   # summarisation: up to 3 models side by side
-    python demos/app.py EXPORT --host 0.0.0.0             # every interface (anyone who reaches the machine)
+    python demos/app.py EXPORT --auth-file ~/.demo_logins  # a login first (user:password lines, chmod 600)
+    python demos/app.py EXPORT --host 0.0.0.0 --auth-file ~/.demo_logins  # every interface, with a login
 
 Apps: BERT MLM+NSP (fill-mask, is-next), text classification (scores, fitted thresholds), NER (entities
 highlighted), extractive QA, text generation, summarisation (several exports side by side). Each button is
@@ -22,7 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demos.common import APPS, DemoError, app_for, find_export, launch, quiet_environment  # noqa: E402
+from demos.common import (  # noqa: E402
+    APPS,
+    DemoError,
+    app_for,
+    find_export,
+    launch,
+    quiet_environment,
+    read_auth_file,
+)
 
 MAX_CACHE_MINUTES = 525_600  # a year
 
@@ -63,6 +72,11 @@ def main(argv: list[str] | None = None, block: bool = True):
         default=60,
         help="uploads older than this are deleted, checked as often; all when the app stops (default 60)",
     )
+    parser.add_argument(
+        "--auth-file",
+        help="ask for a login: a file of user:password lines only you can read (chmod 600); on a shared "
+        "node every user can reach 127.0.0.1",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be 1 or more, got {args.concurrency}")
@@ -71,6 +85,7 @@ def main(argv: list[str] | None = None, block: bool = True):
             f"--cache-minutes must be over 0 and at most {MAX_CACHE_MINUTES} (a year), got {args.cache_minutes}"
         )
     try:
+        auth = read_auth_file(args.auth_file) if args.auth_file else None
         exports = [find_export(e) for e in args.export]
         names = {_app(e, args.app) for e in exports}
         if len(names) > 1:
@@ -100,12 +115,15 @@ def main(argv: list[str] | None = None, block: bool = True):
     except (DemoError, ValueError, RuntimeError) as err:  # e.g. --app for another task's export
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.share:
+    if args.share and not auth:
         print("warning: --share opens a public gradio.live link (it needs the internet): anyone with the link "
-              "can use this app and the machine it runs on", file=sys.stderr)  # fmt: skip
+              "can use this app and the machine it runs on; add --auth-file", file=sys.stderr)  # fmt: skip
+    elif args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
+        print(f"warning: --host {args.host} serves anyone who reaches this machine; add --auth-file",
+              file=sys.stderr)  # fmt: skip
     try:
         return launch(blocks, host=args.host, port=args.port, share=args.share, concurrency=args.concurrency,
-                      cache_minutes=args.cache_minutes, block=block)  # fmt: skip
+                      cache_minutes=args.cache_minutes, auth=auth, block=block)  # fmt: skip
     except OSError as err:  # the port is taken, or the host is not an address of this machine
         print(
             f"error: cannot serve on {args.host}:{args.port}: {err}; pick another --port or --host",

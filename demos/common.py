@@ -105,6 +105,34 @@ def examples(export: Path, endpoint: str) -> list[list]:
         return []
 
 
+def read_auth_file(path: str | Path) -> list[tuple[str, str]]:
+    """The logins of `--auth-file`: one `user:password` a line (blank lines and `# ...` skipped), from a file
+    only its owner can read, as ssh wants of a key: a password others can read guards nothing."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DemoError(
+            f"--auth-file {path} is not readable ({err}); write user:password lines in it"
+        ) from err
+    if mode & 0o077:
+        raise DemoError(
+            f"--auth-file {path} can be read by other users (mode {mode & 0o777:o}); chmod 600 {path}"
+        )
+    logins = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        if not (colon and user.strip() and password):
+            raise DemoError(f"--auth-file {path} line {number} is not user:password (both non-empty)")
+        logins.append((user.strip(), password))
+    if not logins:
+        raise DemoError(f"--auth-file {path} holds no user:password line; add one")
+    return logins
+
+
 def launch(
     blocks,
     *,
@@ -113,11 +141,13 @@ def launch(
     share: bool,
     concurrency: int,
     cache_minutes: float = 60,
+    auth: list[tuple[str, str]] | None = None,
     block: bool = True,
 ):
     """Serve on host:port (127.0.0.1 unless asked): at most `concurrency` predictions at once, 64 waiting.
     Uploaded files (clips, on a shared machine) are deleted once older than `cache_minutes`, checked as
-    often, and all of them when the app stops."""
+    often, and all of them when the app stops. With `auth` (user, password) pairs, the page, its API and
+    uploads answer only after a login."""
     seconds = max(1, round(cache_minutes * 60))
     blocks.delete_cache = (seconds, seconds)
     blocks.queue(default_concurrency_limit=concurrency, max_size=64)
@@ -128,5 +158,7 @@ def launch(
         prevent_thread_lock=not block,
         show_error=False,
         max_file_size=MAX_UPLOAD,
+        auth=auth or None,
+        auth_message="Log in with a user and password from the app's --auth-file.",
     )
     return blocks

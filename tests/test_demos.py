@@ -252,7 +252,7 @@ def tiny_gpt2_export(folder):
     return export_hf(transformers.GPT2LMHeadModel(config), tok, folder, title="T", metrics={}, config={})
 
 
-def upload(url: str, name: str, data: bytes) -> str:
+def upload(url: str, name: str, data: bytes, opener=None) -> str:
     """POSTs one file to a running app's upload endpoint, as the page does; the path it was stored at."""
     import urllib.request
 
@@ -263,26 +263,53 @@ def upload(url: str, name: str, data: bytes) -> str:
         data=head.encode() + data + f"\r\n--{boundary}--\r\n".encode(),
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
     )
-    with urllib.request.urlopen(request, timeout=30) as answer:
+    with (opener or urllib.request.build_opener()).open(request, timeout=30) as answer:
         (stored,) = json.loads(answer.read())
     return stored
 
 
-def test_uploads_stay_private_and_are_deleted_after_cache_minutes_and_on_stop(tmp_path):
-    """`python demos/app.py EXPORT --cache-minutes 0.05`: a file uploaded (as the speech page does with a
-    clip) lands in a 0700 folder of the app's own, not /tmp/gradio that every user shares; it is gone once
-    older than 3 s, and the folder with everything in it when the app is stopped with SIGTERM (`kill`, a
-    scheduler): on a shared machine, users' recordings do not pile up where others can read them."""
+def log_in(url: str, user: str, password: str):
+    """An opener holding the app's session cookie after a login through its /login form, or HTTPError 400."""
+    import http.cookiejar
+    import urllib.parse
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    form = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    opener.open(urllib.request.Request(f"{url}login", data=form), timeout=30).close()
+    return opener
+
+
+def test_a_login_guards_the_app_and_uploads_stay_private_until_cache_minutes_and_the_stop(tmp_path):
+    """`python demos/app.py EXPORT --auth-file LOGINS --cache-minutes 0.05`, as on a shared login node where
+    every user reaches 127.0.0.1: without a login the page's config, its API and uploads answer 401, a wrong
+    password 400; logged in, a file uploaded (as the speech page does with a clip) lands in a 0700 folder of
+    the app's own, not /tmp/gradio that every user shares; it is gone once older than 3 s, and the folder
+    with everything in it when the app is stopped with SIGTERM (`kill`, a scheduler)."""
     import time
+    import urllib.error
+    import urllib.request
     from pathlib import Path
 
     from demos.app import main
 
     export = tiny_gpt2_export(tmp_path / "lm")
-    proc, url, _ = start_app(export, "--cache-minutes", "0.05")
+    logins = tmp_path / "logins"
+    logins.write_text("# who may use the app\nanna:two words\n")
+    logins.chmod(0o600)
+    proc, url, _ = start_app(export, "--auth-file", logins, "--cache-minutes", "0.05")
     try:
         wait_for_server(proc, url)
-        first = Path(upload(url, "clip.wav", b"RIFF0000WAVE"))
+        for refused in (lambda: urllib.request.urlopen(f"{url}config", timeout=30),
+                        lambda: upload(url, "clip.wav", b"RIFF0000WAVE")):  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                refused()
+            assert answer.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            log_in(url, "anna", "two")
+        assert answer.value.code == 400
+        anna = log_in(url, "anna", "two words")
+        first = Path(upload(url, "clip.wav", b"RIFF0000WAVE", anna))
         private = first.parent.parent  # the app's folder / a content hash / the file
         assert first.read_bytes() == b"RIFF0000WAVE" and private.name.startswith("recipebox-demo-")
         assert private.stat().st_mode & 0o777 == 0o700
@@ -290,7 +317,7 @@ def test_uploads_stay_private_and_are_deleted_after_cache_minutes_and_on_stop(tm
         while first.exists() and time.time() < deadline:
             time.sleep(0.5)
         assert not first.exists(), f"{first} still there after 30 s"
-        second = Path(upload(url, "again.wav", b"RIFF1111WAVE"))
+        second = Path(upload(url, "again.wav", b"RIFF1111WAVE", anna))
         assert second.is_relative_to(private)
     finally:
         stop_apps([proc])
@@ -299,6 +326,28 @@ def test_uploads_stay_private_and_are_deleted_after_cache_minutes_and_on_stop(tm
         with pytest.raises(SystemExit) as stopped:
             main([str(export), "--cache-minutes", bad])
         assert stopped.value.code == 2
+
+
+def test_an_auth_file_others_can_read_or_without_logins_stops_before_serving(tmp_path, capsys):
+    """--auth-file refuses, naming the file and the fix, a file group or others can read, a line that is not
+    user:password, a file with no login and a missing file: exit 2 before the model loads."""
+    from demos.app import main
+
+    export = tiny_gpt2_export(tmp_path / "lm")
+    logins = tmp_path / "logins"
+    cases = {
+        ("anna:pw\n", 0o644): f"can be read by other users (mode 644); chmod 600 {logins}",
+        ("anna:pw\nbob\n", 0o600): "line 2 is not user:password",
+        ("anna:\n", 0o600): "line 1 is not user:password",
+        ("# nobody yet\n\n", 0o600): "holds no user:password line",
+    }
+    for (text, mode), message in cases.items():
+        logins.write_text(text)
+        logins.chmod(mode)
+        assert main([str(export), "--auth-file", str(logins)]) == 2
+        assert message in capsys.readouterr().err
+    assert main([str(export), "--auth-file", str(tmp_path / "none")]) == 2
+    assert f"--auth-file {tmp_path / 'none'} is not readable" in capsys.readouterr().err
 
 
 def test_a_long_prompt_a_shared_seed_and_a_wrong_app_get_answers_not_errors(tmp_path):
