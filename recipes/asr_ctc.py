@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints.export import check_export, saved_inputs
+from checkpoints.sharded import CheckpointError
 from data.speech import (
     SAMPLE_RATE,
     build_vocab,
@@ -346,9 +347,15 @@ def predict(argv: list[str]) -> int:
         "audio", nargs="*", help="wav, flac or ogg files; default: the export's held-out clips"
     )
     args = parser.parse_args(argv)
+    export = Path(args.export)
     clips = args.audio or [
-        str(Path(args.export) / name) for name in saved_inputs(args.export, "transcribe", "give audio files")
+        str(export / name) for name in saved_inputs(export, "transcribe", "give audio files")
     ]
+    outside = [c for c in clips if not args.audio and not Path(c).resolve().is_relative_to(export.resolve())]
+    if outside:  # as in the demo: an export someone shared never points predict at other files
+        raise CheckpointError(
+            f"{export / 'examples.json'} names {outside[0]}, outside the export; give audio files instead"
+        )
     for path in clips:
         text = transcribe(args.export, path)
         print(f"{path}\t{text}" if len(clips) > 1 else text)

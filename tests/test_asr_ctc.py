@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -95,7 +96,8 @@ def test_predict_transcribes_real_speech_as_the_pipeline_does(toy_run):
     assert set(proc.stdout.strip()) <= set("zeroonetwthfivsxg ")  # the toy vocabulary's characters
 
 
-def test_predict_without_a_clip_transcribes_the_held_out_clips_of_the_export(toy_run, capsys):
+def test_predict_without_a_clip_transcribes_the_held_out_clips_of_the_export(toy_run, capsys, tmp_path):
+    from checkpoints.sharded import CheckpointError
     from recipes.asr_ctc import main, transcribe
 
     export = toy_run[0] / "export"
@@ -104,6 +106,11 @@ def test_predict_without_a_clip_transcribes_the_held_out_clips_of_the_export(toy
     saved = json.loads((export / "examples.json").read_text())["transcribe"]
     assert [path for path, _ in lines] == [str(export / name) for (name,) in saved] and len(lines) == 3
     assert all(text == transcribe(str(export), path) for path, text in lines)
+    shared = tmp_path / "shared"  # an export from someone else whose examples.json points outside it
+    shutil.copytree(export, shared)
+    (shared / "examples.json").write_text(json.dumps({"transcribe": [["../../home/secret.wav"]]}))
+    with pytest.raises(CheckpointError, match=r"names .*secret.wav, outside the export; give audio files"):
+        main(["predict", str(shared)])
 
 
 @pytest.mark.slow
