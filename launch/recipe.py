@@ -84,6 +84,7 @@ def run_recipe(
         run_dir = setup_run_dir(cfg, rt, default_name)
         with objects_kept_for_the_run():
             task = build(cfg, rt, run_dir)
+        rt.seed_ranks(cfg.seed)
         if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
             save_config(cfg, run_dir / "config.yaml")
             task.model.config.architectures = [type(task.model).__name__]

@@ -1,7 +1,8 @@
 """Who am I: rank, world size and device, read from torchrun, Slurm (srun) or nothing (one process).
 
-`Runtime.start()` sets up the process group (nccl on CUDA, gloo on CPU) and per-rank seeds; `close()` shuts
-it down with a barrier first, because a process that exits with a live gloo group sometimes aborts.
+`Runtime.start()` sets up the process group (nccl on CUDA, gloo on CPU) and one seed for every rank
+(`seed_ranks` parts them once the model is built); `close()` shuts it down with a barrier first, because a
+process that exits with a live gloo group sometimes aborts.
 """
 
 from __future__ import annotations
@@ -117,8 +118,14 @@ class Runtime:
             )
         if world > 1 and dev.type == "cuda":  # votes on host flags must not wait for the GPU
             rt.host_group = dist.new_group(backend="gloo")
-        seed_everything(seed + rank)
+        # The same seed on every rank while the model is built: FSDP2 and XLA replicas keep each rank's own
+        # new weights (DDP and DeepSpeed copy rank 0's), so they must be drawn alike. `seed_ranks` parts them.
+        seed_everything(seed)
         return rt
+
+    def seed_ranks(self, seed: int) -> None:
+        """After the model is built: a seed per rank, so dropout and masking differ between ranks."""
+        seed_everything(seed + self.rank)
 
     def _install_signal_handlers(self, names: list[str]) -> None:
         first = []

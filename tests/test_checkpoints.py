@@ -183,6 +183,14 @@ def saved_runs(tmp_path_factory, tokenizer_dir):
     return get
 
 
+def test_fsdp_starts_from_the_weights_ddp_starts_from(saved_runs):
+    """A model trained from scratch: FSDP2 keeps each rank's own slice of the new weights (DDP copies rank
+    0's), so every rank draws them under one seed; the same seed then trains alike on either backend."""
+    ddp, fsdp = losses(saved_runs(2, "ddp")), losses(saved_runs(2, "fsdp"))
+    for step in range(1, 5):  # same weights, same batches: only reduction order may differ
+        assert fsdp[step] == pytest.approx(ddp[step], rel=1e-5), step
+
+
 @pytest.fixture(scope="module")
 def checkpoint_exports(tmp_path_factory):
     """`python -m checkpoints export` of a checkpoint, made once: two cases below read the same one."""
