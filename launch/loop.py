@@ -382,7 +382,9 @@ class Trainer:
         self._last_save = (self.state.step, time.monotonic())
         if window := meta.get("log_window"):  # rank 0 carries the loss summed over the saving ranks
             counts = torch.tensor([window["steps"], 0, 0], dtype=torch.float64)  # throughput: from now on
-            self._window = (window["loss"] if self.rt.is_main else 0.0, window["grad_norm"], counts)
+            # Each rank's loss share is its part times the world size: rescaled to this run's world size.
+            loss = window["loss"] / meta["world_size"] * self.rt.world_size if self.rt.is_main else 0.0
+            self._window = (loss, window["grad_norm"], counts)
         self.rt.print(f"resumed from {path} at step {self.state.step}")
         return meta
 

@@ -231,6 +231,18 @@ def test_resharding_keeps_weights_exact_and_training_on_course(
     assert abs(mean_got - mean_ref) / mean_ref < 0.03
 
 
+def test_a_log_window_cut_by_a_checkpoint_logs_its_mean_on_another_world_size(tmp_path, tokenizer_dir):
+    """Logged every 8 steps, saved at 4 by one process, resumed there by two ranks: the loss logged at step 8
+    is the mean over all 8 steps, as in the uninterrupted run (within the noise of other masking draws),
+    not 0.75 of it (the saved half was counted at one rank's weight)."""
+    whole = tmp_path / "whole"
+    _launch(tokenizer_dir, whole, 1, "ddp", 8, "--log-every", "8")
+    ckpt = whole / "checkpoints" / "step-000004"
+    _launch(tokenizer_dir, tmp_path / "resumed", 2, "ddp", 8, "--log-every", "8", "--resume", str(ckpt))
+    (mean,), (resumed,) = losses(whole).values(), losses(tmp_path / "resumed").values()
+    assert resumed == pytest.approx(mean, rel=0.03)
+
+
 def test_resume_never_refuses_an_existing_run(tmp_path, tokenizer_dir, reference):
     proc = run(command(reference, tokenizer_dir, "--resume", "never", nproc=1))
     assert (
