@@ -53,17 +53,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and the file at fault."""
 
 
-def _refused_pickle(err: BaseException | None, seen: int = 0) -> pickle.UnpicklingError | None:
-    """The refused pickle behind a load's error: DCP wraps each rank's error in a CheckpointException (a
-    BaseException) and reports a failed index read as an AssertionError raised while handling it."""
+def _behind(err: BaseException | None, wanted, seen: int = 0) -> BaseException | None:
+    """The first error behind a load's error that `wanted` accepts: DCP wraps each rank's error in a
+    CheckpointException (a BaseException) and reports a failed index read as an AssertionError raised while
+    handling it."""
     if err is None or seen > 20:
         return None
-    if isinstance(err, pickle.UnpicklingError):
+    if wanted(err):
         return err
     for inner in [failure[0] for failure in getattr(err, "failures", {}).values()]:
-        if found := _refused_pickle(inner, seen + 1):
+        if found := _behind(inner, wanted, seen + 1):
             return found
-    return _refused_pickle(err.__cause__ or err.__context__, seen + 1)
+    return _behind(err.__cause__ or err.__context__, wanted, seen + 1)
+
+
+# How torch, DCP and DeepSpeed word a saved tensor that the model being loaded has in another shape or not at all.
+MISFIT = re.compile(r"size mismatch|missing key|unexpected key", re.IGNORECASE)
+
+
+def _misfit(err: BaseException) -> bool:
+    return isinstance(err, (ValueError, RuntimeError, KeyError)) and bool(MISFIT.search(str(err)))
 
 
 @contextlib.contextmanager
@@ -71,23 +80,31 @@ def loading_safely(path: Path, allowed: tuple = ()):
     """`weights_only_loads` (with `allowed` classes), and a pickle it refuses as a CheckpointError naming
     the checkpoint: one that holds code or objects beyond weights and plain state is not loaded. A DCP
     checkpoint's index (state/.metadata) is checked first, here for every format and reader: DCP would
-    unpickle it freely, and report a refusal only as text."""
+    unpickle it freely, and report a refusal only as text. A checkpoint of a model in other shapes (a run
+    resumed with another --hidden-size) is a CheckpointError too, naming the first tensor that differs."""
     try:
         if (Path(path) / "state" / ".metadata").is_file():
             check_index(Path(path) / "state")
         with weights_only_loads(*allowed):
             yield
     except BaseException as err:
-        refused = _refused_pickle(err)
-        if refused is None:
+        if isinstance(err, CheckpointError):
             raise
-        text = str(refused).strip()
-        named = re.search(r"GLOBAL ([\w.]+)", text)  # torch's weights-only refusal names it
-        first = f"{named.group(1)} is not allowed in a checkpoint" if named else text.splitlines()[0]
-        raise CheckpointError(
-            f"{path}: holds pickled objects beyond weights and plain state ({first}); they are not loaded, "
-            f"since they could run code: use a checkpoint written by recipebox"
-        ) from None
+        if refused := _behind(err, lambda e: isinstance(e, pickle.UnpicklingError)):
+            text = str(refused).strip()
+            named = re.search(r"GLOBAL ([\w.]+)", text)  # torch's weights-only refusal names it
+            first = f"{named.group(1)} is not allowed in a checkpoint" if named else text.splitlines()[0]
+            raise CheckpointError(
+                f"{path}: holds pickled objects beyond weights and plain state ({first}); they are not "
+                f"loaded, since they could run code: use a checkpoint written by recipebox"
+            ) from None
+        if misfit := _behind(err, _misfit):
+            first = next(line.strip() for line in str(misfit).splitlines() if MISFIT.search(line))
+            raise CheckpointError(
+                f"{path} does not fit the model this run builds ({first}): resume with the model settings "
+                f"it was saved with ({Path(path) / 'hf' / 'config.json'} holds them) or give a new --output-dir"
+            ) from None
+        raise
 
 
 def step_dir(root: Path, step: int) -> Path:

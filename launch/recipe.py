@@ -31,7 +31,8 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
     """RUN = --output-dir or runs/<name>; rank 0 creates it. (The resolved config is saved there once the
-    task is built: a run stopped by bad input leaves an earlier run's config.yaml as it was.)"""
+    task is built and any checkpoint loaded: a run stopped by bad input leaves an earlier run's config.yaml
+    as it was.)"""
     cfg.name = cfg.name or default_name
     run_dir = Path(cfg.output_dir or Path("runs") / cfg.name)
     cfg.output_dir = str(run_dir)
@@ -85,13 +86,13 @@ def run_recipe(
         with objects_kept_for_the_run():
             task = build(cfg, rt, run_dir)
         rt.seed_ranks(cfg.seed)
+        backend = make_backend(cfg.backend, rt, backend_settings(cfg, task.max_length))
+        trainer = Trainer(cfg, rt, backend, task, run_dir=run_dir)
+        resumed = trainer.resume()  # a checkpoint that does not fit this model stops here, config untouched
         if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
             save_config(cfg, run_dir / "config.yaml")
             task.model.config.architectures = [type(task.model).__name__]
             task.model.config.save_pretrained(run_dir / "model_config")
-        backend = make_backend(cfg.backend, rt, backend_settings(cfg, task.max_length))
-        trainer = Trainer(cfg, rt, backend, task, run_dir=run_dir)
-        resumed = trainer.resume()
         tracker = Tracker(
             run_dir,
             enabled=rt.is_main,

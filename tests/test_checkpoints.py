@@ -250,6 +250,21 @@ def test_resume_never_refuses_an_existing_run(tmp_path, tokenizer_dir, reference
     )
 
 
+def test_resuming_with_another_model_size_stops_naming_the_tensor_and_keeps_the_runs_config(
+    tokenizer_dir, reference
+):
+    """The same command with --hidden-size 48 where the run's checkpoints hold 32: exit 2 with the first
+    tensor that differs and the fix (it was a DCP traceback), and config.yaml and model_config still
+    describe the checkpoints (they were rewritten before the load failed)."""
+    kept = {p: p.read_bytes() for p in [reference / "config.yaml", *(reference / "model_config").iterdir()]}
+    proc = run(command(reference, tokenizer_dir, "--hidden-size", "48", nproc=1))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "does not fit the model this run builds (" in proc.stderr and "mismatch" in proc.stderr
+    assert "hf/config.json holds them) or give a new --output-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
 def test_resuming_late_in_a_big_epoch_costs_no_more_than_early():
     """The position is an index into a permutation; nothing before it is read or iterated."""
     sampler = ShardedSampler(4_000_000, rank=1, world_size=2, batch_size=32, seed=0)
