@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 
 from checkpoints.export import processor_folder
-from checkpoints.sharded import CheckpointError, loading_safely, tied_aliases, verify_checkpoint
+from checkpoints.sharded import (
+    CheckpointError,
+    checkpoint_folder,
+    loading_safely,
+    tied_aliases,
+    verify_checkpoint,
+)
 
 
 def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True) -> Path:
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--sizes-only", action="store_true", help="skip the content hashes (reads no file)")
     args = parser.parse_args(argv)
     try:
+        args.checkpoint = checkpoint_folder(args.checkpoint)
         if args.command == "export":
             print(f"exported to {export_checkpoint(args.checkpoint, args.out, not args.sizes_only)}")
         else:

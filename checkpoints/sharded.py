@@ -448,6 +448,21 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> 
     return manifest
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """The checkpoint a user names: a step folder, or the `latest` pointer (the folder it names). A run
+    folder, or its checkpoints/ folder, is a CheckpointError naming the newest checkpoint in it to pass."""
+    path = Path(path)
+    if path.name == LATEST and path.is_file():
+        return path.parent / path.read_text(encoding="utf-8").strip()
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        for root in (path / "checkpoints", path):
+            if found := step_folders(root):
+                raise CheckpointError(
+                    f"{path} is not a checkpoint but holds them; pass one, e.g. the newest: {found[-1][1]}"
+                )
+    return path
+
+
 def latest_complete_checkpoint(root: str | Path, report=print, checksums: bool = True) -> Path | None:
     """The newest checkpoint under `root` that verifies; broken newer ones are named and skipped."""
     for _, path in reversed(step_folders(root)):

@@ -283,9 +283,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for name in filter(None, cfg.stop_signals.split(",")):
         if not hasattr(signal, name.strip()):
             raise ConfigError(f"--stop-signals: unknown signal {name!r}; use names such as SIGTERM,SIGUSR1")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+    resume = Path(cfg.resume)
+    pointer = resume.name == "latest" and resume.is_file()  # RUN/checkpoints/latest: the step it names
+    if cfg.resume not in ("auto", "never") and not (resume.is_dir() or pointer):
         raise ConfigError(
-            f"--resume {cfg.resume}: no such checkpoint folder; use auto, never or a step-* folder"
+            f"--resume {cfg.resume}: no such checkpoint folder; use auto, never, a step-* folder or its latest"
         )
     if not 0 <= cfg.warmup_ratio < 1:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")

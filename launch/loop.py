@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from checkpoints.export import PROCESSOR, processor_folder
 from checkpoints.sharded import (
     BackgroundSaves,
+    checkpoint_folder,
     latest_complete_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -343,7 +344,7 @@ class Trainer:
             self.rt.print(f"--resume {mode}: this run has saved checkpoints of its own since; it continues from "
                           f"its newest (to start again from {mode}, give a new --output-dir)")  # fmt: skip
         elif mode != "auto":
-            path = Path(mode)
+            path = checkpoint_folder(mode)
         if path is None:
             return None
         state = self.backend.checkpoint_state()

@@ -250,6 +250,19 @@ def test_resume_never_refuses_an_existing_run(tmp_path, tokenizer_dir, reference
     )
 
 
+def test_verify_follows_latest_and_a_run_folder_is_told_its_newest_checkpoint(reference, capsys):
+    from checkpoints.__main__ import main
+
+    newest = reference / "checkpoints" / "step-000024"
+    assert main(["verify", "--sizes-only", str(reference / "checkpoints" / "latest")]) == 0
+    assert f"{newest}: complete, step 24" in capsys.readouterr().out
+    for folder in (reference, reference / "checkpoints"):
+        assert main(["verify", str(folder)]) == 2
+        assert f"{folder} is not a checkpoint but holds them; pass one, e.g. the newest: {newest}" in (
+            capsys.readouterr().err
+        )
+
+
 def test_resuming_with_another_model_size_stops_naming_the_tensor_and_keeps_the_runs_config(
     tokenizer_dir, reference
 ):
