@@ -27,6 +27,7 @@ MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
 
 _CONVERT = "convert it to 16-bit WAV or FLAC (e.g. ffmpeg -i IN -ac 1 -ar 16000 OUT.wav)"
+MANIFEST_FIX = "remove it from the manifest"
 
 
 @dataclass
@@ -38,47 +39,42 @@ class Utterance:
 
 
 # -- audio -----------------------------------------------------------------------------------------------
-def _info(path: Path, where: str):
+def _info(path: Path, where: str, drop: str = MANIFEST_FIX):
     """soundfile.info of an existing, non-empty audio file; otherwise a DataError naming it and the fix."""
     import soundfile
 
     if not path.is_file():
-        raise DataError(f"{where}: no such audio file {path}; fix the path or remove it from the manifest")
+        raise DataError(f"{where}: no such audio file {path}; fix the path or {drop}")
     if path.stat().st_size == 0:
-        raise DataError(
-            f"{where}: {path} is empty (0 bytes); re-export the clip or remove it from the manifest"
-        )
+        raise DataError(f"{where}: {path} is empty (0 bytes); re-export the clip or {drop}")
     try:
         info = soundfile.info(str(path))
     except (soundfile.SoundFileError, RuntimeError) as err:
         reason = getattr(err, "error_string", None) or str(err)
-        raise DataError(
-            f"{where}: soundfile cannot read {path} ({reason}); {_CONVERT}, or remove it from the manifest"
-        ) from None
+        raise DataError(f"{where}: soundfile cannot read {path} ({reason}); {_CONVERT}, or {drop}") from None
     if info.frames <= 0 or info.samplerate <= 0:
-        raise DataError(f"{where}: {path} holds no audio samples; remove it from the manifest")
+        raise DataError(f"{where}: {path} holds no audio samples; {drop}")
     return info
 
 
-def read_audio(path: str | Path, rate: int = SAMPLE_RATE) -> np.ndarray:
-    """float32 mono samples at `rate`: channels averaged, then resampled (polyphase) from the file's rate."""
+def read_audio(path: str | Path, rate: int = SAMPLE_RATE, drop: str = MANIFEST_FIX) -> np.ndarray:
+    """float32 mono samples at `rate`: channels averaged, then resampled (polyphase) from the file's rate.
+    `drop` ends a message on a file that cannot be used: what else the user can do (a manifest's clip: remove it)."""
     import soundfile
     from scipy.signal import resample_poly
 
     path = Path(path)
-    _info(path, str(path))
+    _info(path, str(path), drop)
     try:
         samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as err:  # a header that opens, data that does not
         reason = getattr(err, "error_string", None) or str(err)
-        raise DataError(
-            f"{path}: soundfile cannot decode it ({reason}); {_CONVERT}, or remove it from the manifest"
-        ) from None
+        raise DataError(f"{path}: soundfile cannot decode it ({reason}); {_CONVERT}, or {drop}") from None
     if samples.shape[0] == 0:
-        raise DataError(f"{path}: holds no audio samples; remove it from the manifest")
+        raise DataError(f"{path}: holds no audio samples; {drop}")
     mono = samples.mean(axis=1)
     if not np.isfinite(mono).all():
-        raise DataError(f"{path}: has NaN or infinite samples; {_CONVERT}, or remove it from the manifest")
+        raise DataError(f"{path}: has NaN or infinite samples; {_CONVERT}, or {drop}")
     if file_rate != rate:
         g = gcd(rate, file_rate)
         mono = resample_poly(mono, rate // g, file_rate // g)

@@ -336,7 +336,7 @@ def load(export_dir: str):
 
 def transcribe(export_dir, audio_path) -> str:
     """The transcript of one clip: read with soundfile, mono, 16 kHz, through the export's pipeline."""
-    samples = read_audio(audio_path)
+    samples = read_audio(audio_path, drop="give another clip")  # not a manifest's: nothing to remove
     return load(str(export_dir))({"raw": samples, "sampling_rate": SAMPLE_RATE})["text"]
 
 

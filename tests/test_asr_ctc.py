@@ -98,6 +98,7 @@ def test_predict_transcribes_real_speech_as_the_pipeline_does(toy_run):
 
 def test_predict_without_a_clip_transcribes_the_held_out_clips_of_the_export(toy_run, capsys, tmp_path):
     from checkpoints.sharded import CheckpointError
+    from data.text import DataError
     from recipes.asr_ctc import main, transcribe
 
     export = toy_run[0] / "export"
@@ -111,6 +112,10 @@ def test_predict_without_a_clip_transcribes_the_held_out_clips_of_the_export(toy
     (shared / "examples.json").write_text(json.dumps({"transcribe": [["../../home/secret.wav"]]}))
     with pytest.raises(CheckpointError, match=r"names .*secret.wav, outside the export; give audio files"):
         main(["predict", str(shared)])
+    with pytest.raises(
+        DataError, match=r"no such audio file .*nowhere.flac; fix the path or give another clip$"
+    ):
+        main(["predict", str(export), str(tmp_path / "nowhere.flac")])  # a manifest's fix does not apply
 
 
 @pytest.mark.slow
