@@ -86,12 +86,13 @@ def run_recipe(
         with objects_kept_for_the_run():
             task = build(cfg, rt, run_dir)
         rt.seed_ranks(cfg.seed)
+        arch = type(task.model).__name__  # before FSDP2, which renames a wrapped module's class FSDP<name>
         backend = make_backend(cfg.backend, rt, backend_settings(cfg, task.max_length))
         trainer = Trainer(cfg, rt, backend, task, run_dir=run_dir)
         resumed = trainer.resume()  # a checkpoint that does not fit this model stops here, config untouched
         if rt.is_main:  # travels with every checkpoint, so any of them exports on its own
             save_config(cfg, run_dir / "config.yaml")
-            task.model.config.architectures = [type(task.model).__name__]
+            task.model.config.architectures = [arch]
             task.model.config.save_pretrained(run_dir / "model_config")
         tracker = Tracker(
             run_dir,

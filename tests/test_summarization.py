@@ -256,6 +256,12 @@ def test_generation_in_evaluation_finishes_under_sharded_backends(backend, tmp_p
     m = final_metrics(read_metrics(out))
     assert 0 < m["eval/gen_len"] <= 8 and m["eval/rougeL"] >= 0
     assert len((out / "predictions" / "validation.jsonl").read_text().splitlines()) == 9
+    # The checkpoint names the model's own class (FSDP2 renames a wrapped module's class to FSDP...), so it
+    # exports on its own like the run's export.
+    from checkpoints.__main__ import export_checkpoint
+
+    again = export_checkpoint(out / "checkpoints" / "step-000003", tmp_path / "exported")
+    assert json.loads((again / "config.json").read_text())["architectures"] == ["T5ForConditionalGeneration"]
 
 
 @pytest.mark.parametrize("problem", ["missing_file", "missing_column", "empty_summary"])
