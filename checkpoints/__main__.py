@@ -22,6 +22,9 @@ from checkpoints.sharded import (
     verify_checkpoint,
 )
 
+# A checkpoint whose tensors do not fit the model its own hf/config.json builds: not one a recipe saved whole.
+EXPORT_FIX = "its weights were not saved from the model {hf} describes; export a checkpoint a recipe wrote"
+
 
 def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True) -> Path:
     import torch.distributed.checkpoint as dcp
@@ -57,7 +60,7 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
         own = model.state_dict()
         aliases = tied_aliases(own)  # written once (older and XLA checkpoints hold them twice: not read)
         wanted = {"model": {prefix + k: v for k, v in own.items() if k not in aliases}}
-        with loading_safely(path):
+        with loading_safely(path, misfit_fix=EXPORT_FIX):
             dcp.load(wanted, storage_reader=RawReader(path / "state"), no_dist=True)
         loaded = {k[len(prefix) :]: v for k, v in wanted["model"].items()}
         model.load_state_dict({**loaded, **{alias: loaded[key] for alias, key in aliases.items()}})
@@ -100,7 +103,7 @@ def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with torch.no_grad(), loading_safely(path, SAFE_CLASSES):
+    with torch.no_grad(), loading_safely(path, SAFE_CLASSES, misfit_fix=EXPORT_FIX):
         state = get_fp32_state_dict_from_zero_checkpoint(str(path / "state"), tag=TAG)
     ours = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(ours, strict=False)

@@ -57,7 +57,7 @@ def _behind(err: BaseException | None, wanted, seen: int = 0) -> BaseException |
     """The first error behind a load's error that `wanted` accepts: DCP wraps each rank's error in a
     CheckpointException (a BaseException) and reports a failed index read as an AssertionError raised while
     handling it."""
-    if err is None or seen > 20:
+    if err is None or seen > 20 or isinstance(err, (KeyboardInterrupt, SystemExit)):
         return None
     if wanted(err):
         return err
@@ -75,20 +75,24 @@ def _misfit(err: BaseException) -> bool:
     return isinstance(err, (ValueError, RuntimeError, KeyError)) and bool(MISFIT.search(str(err)))
 
 
+RESUME_FIX = "resume with the model settings it was saved with ({hf} holds them) or give a new --output-dir"
+
+
 @contextlib.contextmanager
-def loading_safely(path: Path, allowed: tuple = ()):
+def loading_safely(path: Path, allowed: tuple = (), misfit_fix: str = RESUME_FIX):
     """`weights_only_loads` (with `allowed` classes), and a pickle it refuses as a CheckpointError naming
     the checkpoint: one that holds code or objects beyond weights and plain state is not loaded. A DCP
     checkpoint's index (state/.metadata) is checked first, here for every format and reader: DCP would
     unpickle it freely, and report a refusal only as text. A checkpoint of a model in other shapes (a run
-    resumed with another --hidden-size) is a CheckpointError too, naming the first tensor that differs."""
+    resumed with another --hidden-size) is a CheckpointError too, naming the first tensor that differs and
+    `misfit_fix` ({hf}: the checkpoint's hf/config.json)."""
     try:
         if (Path(path) / "state" / ".metadata").is_file():
             check_index(Path(path) / "state")
         with weights_only_loads(*allowed):
             yield
     except BaseException as err:
-        if isinstance(err, CheckpointError):
+        if isinstance(err, (CheckpointError, KeyboardInterrupt, SystemExit)):
             raise
         if refused := _behind(err, lambda e: isinstance(e, pickle.UnpicklingError)):
             text = str(refused).strip()
@@ -100,9 +104,9 @@ def loading_safely(path: Path, allowed: tuple = ()):
             ) from None
         if misfit := _behind(err, _misfit):
             first = next(line.strip() for line in str(misfit).splitlines() if MISFIT.search(line))
+            fix = misfit_fix.format(hf=Path(path) / "hf" / "config.json")
             raise CheckpointError(
-                f"{path} does not fit the model this run builds ({first}): resume with the model settings "
-                f"it was saved with ({Path(path) / 'hf' / 'config.json'} holds them) or give a new --output-dir"
+                f"{path} does not fit the model it is loaded into ({first}): {fix}"
             ) from None
         raise
 
@@ -450,16 +454,21 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> 
 
 def checkpoint_folder(path: str | Path) -> Path:
     """The checkpoint a user names: a step folder, or the `latest` pointer (the folder it names). A run
-    folder, or its checkpoints/ folder, is a CheckpointError naming the newest checkpoint in it to pass."""
+    folder, or its checkpoints/ folder, is a CheckpointError naming the checkpoint in it to pass."""
     path = Path(path)
     if path.name == LATEST and path.is_file():
-        return path.parent / path.read_text(encoding="utf-8").strip()
+        named = path.read_text(encoding="utf-8").strip()
+        if not named.startswith("step-") or "/" in named:
+            raise CheckpointError(f"{path} names {named!r}, not a step-* checkpoint; pass a step-* folder")
+        return path.parent / named
     if path.is_dir() and not (path / MANIFEST).is_file():
         for root in (path / "checkpoints", path):
             if found := step_folders(root):
-                raise CheckpointError(
-                    f"{path} is not a checkpoint but holds them; pass one, e.g. the newest: {found[-1][1]}"
+                pointer = root / LATEST  # the newest complete one, if the pointer is there
+                newest = (
+                    root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else found[-1][1]
                 )
+                raise CheckpointError(f"{path} is not a checkpoint but holds them; pass one, e.g. {newest}")
     return path
 
 

@@ -106,31 +106,34 @@ def examples(export: Path, endpoint: str) -> list[list]:
 
 
 def read_auth_file(path: str | Path) -> list[tuple[str, str]]:
-    """The logins of `--auth-file`: one `user:password` a line (blank lines and `# ...` skipped), from a file
-    only its owner can read, as ssh wants of a key: a password others can read guards nothing."""
+    """The logins of `--auth-file`: one `user:password` a line (spaces around either ignored, blank lines
+    and `# ...` skipped), from a file only its owner can read or change, as ssh wants of a key."""
     path = Path(path)
     try:
-        mode = path.stat().st_mode
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open(path, "rb") as f:  # the mode of the file read, not of one put in its place meanwhile
+            mode = os.fstat(f.fileno()).st_mode
+            lines = f.read().decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise DemoError(
             f"--auth-file {path} is not readable ({err}); write user:password lines in it"
         ) from err
     if mode & 0o077:
         raise DemoError(
-            f"--auth-file {path} can be read by other users (mode {mode & 0o777:o}); chmod 600 {path}"
+            f"--auth-file {path} is open to other users (mode {mode & 0o777:o}); chmod 600 {path}"
         )
-    logins = []
+    logins: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        user, colon, password = line.partition(":")
-        if not (colon and user.strip() and password):
+        user, colon, password = (part.strip() for part in line.partition(":"))
+        if not (colon and user and password):
             raise DemoError(f"--auth-file {path} line {number} is not user:password (both non-empty)")
-        logins.append((user.strip(), password))
+        if user in logins:
+            raise DemoError(f"--auth-file {path} line {number} names {user} again; keep one line per user")
+        logins[user] = password
     if not logins:
         raise DemoError(f"--auth-file {path} holds no user:password line; add one")
-    return logins
+    return list(logins.items())
 
 
 def launch(

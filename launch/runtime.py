@@ -124,7 +124,7 @@ class Runtime:
         return rt
 
     def seed_ranks(self, seed: int) -> None:
-        """After the model is built: a seed per rank, so dropout and masking differ between ranks."""
+        """After the model is built: a seed per rank for the global generators, so dropout differs by rank."""
         seed_everything(seed + self.rank)
 
     def _install_signal_handlers(self, names: list[str]) -> None:

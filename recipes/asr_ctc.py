@@ -340,6 +340,13 @@ def transcribe(export_dir, audio_path) -> str:
     return load(str(export_dir))({"raw": samples, "sampling_rate": SAMPLE_RATE})["text"]
 
 
+def saved_clip(export: Path, name: str) -> Path | None:
+    """A held-out clip an export carries (examples.json names it relative to the export); None for a name
+    that leads outside it: an export someone shared never points predict or the demo at other files."""
+    path = export / name
+    return path if path.resolve().is_relative_to(export.resolve()) else None
+
+
 def predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="asr_ctc.py predict", description="Transcribe audio files.")
     parser.add_argument("export", help="an export folder (RUN/export)")
@@ -347,15 +354,13 @@ def predict(argv: list[str]) -> int:
         "audio", nargs="*", help="wav, flac or ogg files; default: the export's held-out clips"
     )
     args = parser.parse_args(argv)
-    export = Path(args.export)
-    clips = args.audio or [
-        str(export / name) for name in saved_inputs(export, "transcribe", "give audio files")
-    ]
-    outside = [c for c in clips if not args.audio and not Path(c).resolve().is_relative_to(export.resolve())]
-    if outside:  # as in the demo: an export someone shared never points predict at other files
-        raise CheckpointError(
-            f"{export / 'examples.json'} names {outside[0]}, outside the export; give audio files instead"
-        )
+    export, clips = Path(args.export), args.audio
+    for name in [] if clips else saved_inputs(export, "transcribe", "give audio files"):
+        if (clip := saved_clip(export, name)) is None:
+            raise CheckpointError(
+                f"{export / 'examples.json'} names {export / name}, outside the export; give audio files instead"
+            )
+        clips.append(str(clip))
     for path in clips:
         text = transcribe(args.export, path)
         print(f"{path}\t{text}" if len(clips) > 1 else text)

@@ -79,8 +79,8 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_transcripts_and_co
 
 @pytest.mark.slow
 def test_predict_transcribes_real_speech_as_the_pipeline_does(toy_run):
-    """An 11-second recording of real speech at 44.1 kHz (the toy model knows only digits, so the words are
-    wrong, but the clip goes through reading, resampling, the export and the pipeline end to end)."""
+    """62.5 s of real speech, 16 kHz stereo (the toy model knows only digits, so the words are wrong, but
+    the clip goes through reading, downmixing, the export and the pipeline end to end)."""
     from transformers import pipeline
 
     from data.speech import read_audio

@@ -258,7 +258,7 @@ def test_verify_follows_latest_and_a_run_folder_is_told_its_newest_checkpoint(re
     assert f"{newest}: complete, step 24" in capsys.readouterr().out
     for folder in (reference, reference / "checkpoints"):
         assert main(["verify", str(folder)]) == 2
-        assert f"{folder} is not a checkpoint but holds them; pass one, e.g. the newest: {newest}" in (
+        assert f"{folder} is not a checkpoint but holds them; pass one, e.g. {newest}" in (
             capsys.readouterr().err
         )
 
@@ -272,7 +272,7 @@ def test_resuming_with_another_model_size_stops_naming_the_tensor_and_keeps_the_
     kept = {p: p.read_bytes() for p in [reference / "config.yaml", *(reference / "model_config").iterdir()]}
     proc = run(command(reference, tokenizer_dir, "--hidden-size", "48", nproc=1))
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "does not fit the model this run builds (" in proc.stderr and "mismatch" in proc.stderr
+    assert "does not fit the model it is loaded into (" in proc.stderr and "mismatch" in proc.stderr
     assert "hf/config.json holds them) or give a new --output-dir" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert {p: p.read_bytes() for p in kept} == kept

@@ -295,7 +295,9 @@ def test_a_login_guards_the_app_and_uploads_stay_private_until_cache_minutes_and
 
     export = tiny_gpt2_export(tmp_path / "lm")
     logins = tmp_path / "logins"
-    logins.write_text("# who may use the app\nanna:two words\n")
+    logins.write_text(
+        "\ufeff# who may use the app (saved with a BOM, as some editors do)\r\nanna : two words \r\n"
+    )
     logins.chmod(0o600)
     proc, url, _ = start_app(export, "--auth-file", logins, "--cache-minutes", "0.05")
     try:
@@ -336,8 +338,9 @@ def test_an_auth_file_others_can_read_or_without_logins_stops_before_serving(tmp
     export = tiny_gpt2_export(tmp_path / "lm")
     logins = tmp_path / "logins"
     cases = {
-        ("anna:pw\n", 0o644): f"can be read by other users (mode 644); chmod 600 {logins}",
+        ("anna:pw\n", 0o644): f"is open to other users (mode 644); chmod 600 {logins}",
         ("anna:pw\nbob\n", 0o600): "line 2 is not user:password",
+        ("anna:pw\nanna:other\n", 0o600): "line 2 names anna again",
         ("anna:\n", 0o600): "line 1 is not user:password",
         ("# nobody yet\n\n", 0o600): "holds no user:password line",
     }
