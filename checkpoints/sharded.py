@@ -457,19 +457,21 @@ def checkpoint_folder(path: str | Path) -> Path:
     folder, or its checkpoints/ folder, is a CheckpointError naming the checkpoint in it to pass."""
     path = Path(path)
     if path.name == LATEST and path.is_file():
-        named = path.read_text(encoding="utf-8").strip()
-        if not named.startswith("step-") or "/" in named:
-            raise CheckpointError(f"{path} names {named!r}, not a step-* checkpoint; pass a step-* folder")
-        return path.parent / named
+        return _pointed(path)
     if path.is_dir() and not (path / MANIFEST).is_file():
         for root in (path / "checkpoints", path):
             if found := step_folders(root):
-                pointer = root / LATEST  # the newest complete one, if the pointer is there
-                newest = (
-                    root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else found[-1][1]
-                )
+                newest = _pointed(root / LATEST) if (root / LATEST).is_file() else found[-1][1]
                 raise CheckpointError(f"{path} is not a checkpoint but holds them; pass one, e.g. {newest}")
     return path
+
+
+def _pointed(pointer: Path) -> Path:
+    """The step folder a `latest` pointer names, beside it."""
+    named = pointer.read_text(encoding="utf-8").strip()
+    if not named.startswith("step-") or "/" in named:
+        raise CheckpointError(f"{pointer} names {named!r}, not a step-* checkpoint; pass a step-* folder")
+    return pointer.parent / named
 
 
 def latest_complete_checkpoint(root: str | Path, report=print, checksums: bool = True) -> Path | None:
