@@ -218,7 +218,9 @@ class Trainer:
         # 0, counting nothing.
         shard = Subset(data, indices or [0])
         loader = self._loader(shard, None, self.cfg.eval_batch_size or self.cfg.batch_size)
-        # The same masks at every evaluation, so successive numbers are comparable.
+        # Each batch names its rows (`_row`, their indices in the split; the loader keeps `indices` in order), so
+        # a task can draw each row's randomness from the row alone: the same on any number of ranks.
+        row_ids = torch.tensor(indices or [0])
         g = torch.Generator().manual_seed(self.cfg.seed + 7919 * (rt.rank + 1))
         generate = None if backend.static_shapes else backend.generate
         sums: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator]
@@ -227,10 +229,13 @@ class Trainer:
         batches = torch.tensor([len(loader)], device=rt.device)
         if rt.distributed:
             dist.all_reduce(batches, op=dist.ReduceOp.MAX)
-        it, batch, records = iter(loader), None, []
+        it, batch, records, seen = iter(loader), None, [], 0
         for _ in range(int(batches.item())):
             fresh = next(it, None)
-            batch = self._to_device(task.prepare(fresh, g)) if fresh is not None else batch
+            if fresh is not None:
+                n = len(next(iter(fresh.values())))
+                fresh["_row"], seen = row_ids[seen : seen + n], seen + n
+                batch = self._to_device(task.prepare(fresh, g))
             with backend.autocast():
                 losses, outputs = backend.to_data_device(task.loss(model, backend.place_batch(batch)))
             counts, rows = task.evaluate(model, batch, outputs, generate)

@@ -59,7 +59,9 @@ class Task(Protocol):
 
     def prepare(self, batch: dict, generator: torch.Generator) -> dict:
         """The host batch with task randomness drawn from `generator` (MLM masking), or as is; the loop moves
-        it to the device after, so what this decides is known on the host without asking the device."""
+        it to the device after, so what this decides is known on the host without asking the device. In
+        evaluation the batch also holds `_row`, each row's index in its split: randomness drawn from
+        (seed, row) gives the same numbers on any number of ranks and at every evaluation."""
 
     def sizes(self, batch: dict) -> tuple[int, int]:
         """(samples, real tokens or frames) of a host batch, for throughput."""

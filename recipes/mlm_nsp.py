@@ -229,7 +229,7 @@ class MLMNSPTask:
         self.flops_per_token = flops_per_token_or_zero(
             model.config, seq_len=cfg.max_length, head_fraction=1.0 if static else cfg.mlm_probability
         )
-        self.max_length = cfg.max_length
+        self.max_length, self.seed = cfg.max_length, cfg.seed
         self.collate = functools.partial(
             collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=cfg.pad_to_multiple_of
         )
@@ -244,16 +244,30 @@ class MLMNSPTask:
     def prepare(self, batch, generator):
         """MLM masking of the host batch, fused into one pass (kernels.mask_tokens). Off the static-shape
         path it also finds the masked positions for the head, and drops a mask that hides nothing (rows as
-        long as the batch): given one, transformers would ask the device whether it hides anything."""
-        ids, labels = mask_tokens(
-            batch["input_ids"], special_ids=self.special_ids, generator=generator, **self.mask_options
-        )
+        long as the batch): given one, transformers would ask the device whether it hides anything.
+        Evaluation rows (`_row`) are masked one by one from (seed, row): the same masks on 1 or 64 ranks."""
+        if "_row" in batch:
+            ids, labels = self._mask_rows(batch["input_ids"], batch["attention_mask"], batch["_row"])
+        else:
+            ids, labels = mask_tokens(
+                batch["input_ids"], special_ids=self.special_ids, generator=generator, **self.mask_options
+            )
         batch = {**batch, "input_ids": ids, "labels": labels}
         if not self.static_shapes:
             batch["masked_positions"] = (labels.flatten() != -100).nonzero().squeeze(1)
             if batch["attention_mask"].all():
                 del batch["attention_mask"]
         return batch
+
+    def _mask_rows(self, input_ids, attention_mask, rows):
+        """Each row's real tokens masked from a generator seeded by (seed, row), padding left as is."""
+        ids, labels = input_ids.clone(), torch.full_like(input_ids, -100)
+        for i, (row, n) in enumerate(zip(rows.tolist(), attention_mask.sum(1).tolist())):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + row)
+            ids[i, :n], labels[i, :n] = mask_tokens(
+                input_ids[i, :n], special_ids=self.special_ids, generator=g, **self.mask_options
+            )
+        return ids, labels
 
     def targets(self, batch):
         pairs = batch["next_sentence_label"]

@@ -15,6 +15,7 @@ import pytest
 from recipe_runs import (
     command,
     export_checkpoint,
+    final_metrics,
     final_sums,
     kill_tree,
     losses,
@@ -26,6 +27,7 @@ from recipe_runs import (
 )
 
 from data.sampler import ShardedSampler
+from launch.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -189,6 +191,18 @@ def test_fsdp_starts_from_the_weights_ddp_starts_from(saved_runs):
     ddp, fsdp = losses(saved_runs(2, "ddp")), losses(saved_runs(2, "fsdp"))
     for step in range(1, 5):  # same weights, same batches: only reduction order may differ
         assert fsdp[step] == pytest.approx(ddp[step], rel=1e-5), step
+
+
+def test_the_same_checkpoint_evaluates_alike_on_one_and_two_ranks(tmp_path, tokenizer_dir, saved_runs):
+    """Held-out rows are masked from (seed, row), not from each rank's stream: the 2-rank run's last
+    checkpoint, resumed by one process with no step left, counts the same masked tokens right."""
+    saved = saved_runs(2, "ddp")
+    _launch(
+        tokenizer_dir, tmp_path / "one", 1, "ddp", 16, "--resume", str(saved / "checkpoints" / "step-000016")
+    )
+    two, one = (final_metrics(read_metrics(out)) for out in (saved, tmp_path / "one"))
+    assert one["eval/mlm_accuracy"] == two["eval/mlm_accuracy"]  # exact: counts summed over ranks
+    assert one["eval/loss/mlm"] == pytest.approx(two["eval/loss/mlm"], rel=1e-6)  # fp32 sums per batch
 
 
 @pytest.fixture(scope="module")
