@@ -42,14 +42,16 @@ def toy_run(tmp_path_factory):
 @pytest.mark.slow
 def test_the_default_run_transcribes_voices_it_never_heard(toy_run):
     """Untrained, the model transcribes nothing right (WER 1.0, measured at step 100 of this run's schedule);
-    after 600 steps the held-out voices of the test split come out at WER about 0.27, CER about 0.1."""
+    after 600 steps the held-out voices of the test split come out at WER 0.22-0.41, CER 0.06-0.14, with 33
+    to 49 of the 80 clips exact (seeds 42, 1, 2, 3 on one machine; the same seed moves with the CPU: 0.31
+    and 0.35 for seed 42 on two machines)."""
     out, records = toy_run
     m = final_metrics(records)
     print({k: round(m[k], 4) for k in ("test/wer", "test/cer", "eval/wer", "eval/cer")})
     assert m["test/wer"] < 0.5 and m["test/cer"] < 0.25
     assert m["replica_param_sums"][0] == m["replica_param_sums"][1]
     rows = [json.loads(x) for x in (out / "predictions" / "test.jsonl").read_text().splitlines()]
-    assert len(rows) == 80 and sum(r["transcript"] == r["reference"] for r in rows) > 40
+    assert len(rows) == 80 and sum(r["transcript"] == r["reference"] for r in rows) >= 25
     tables = recipe_runs.wandb_tables(out, "eval/samples")  # every evaluation's first clips, as W&B tables
     assert tables and all(t["columns"] == ["clip", "reference", "transcript"] for t in tables)
     assert [r[1:] for r in tables[-1]["data"]] == [
