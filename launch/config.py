@@ -289,5 +289,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--resume {cfg.resume}: no such checkpoint folder; use auto, never, a step-* folder or its latest"
         )
+    if pointer:  # caught here, before the data is read, rather than when the run resumes
+        named = resume.read_text(encoding="utf-8", errors="replace").strip()
+        if not named.startswith("step-") or "/" in named or not (resume.parent / named).is_dir():
+            raise ConfigError(
+                f"--resume {cfg.resume} names {named!r}, which is no step-* folder beside it; pass a step-* folder"
+            )
     if not 0 <= cfg.warmup_ratio < 1:
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")

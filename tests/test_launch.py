@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -63,6 +64,24 @@ def test_async_save_is_refused_where_the_backend_saves_its_own_format(backend):
     cfg = parse_config(DemoConfig, ["--async-save", "true", "--backend", backend])
     with pytest.raises(ConfigError, match=f"--async-save works with --backend ddp or fsdp.*{backend}"):
         validate_train_config(cfg)
+
+
+def test_resume_latest_naming_no_step_folder_stops_at_validation(tmp_path):
+    """`--resume RUN/checkpoints/latest` whose step is gone (pruned, copied without it) or that names
+    something else stops before the data is read; a pointer to a step folder passes."""
+    from launch.config import validate_train_config
+
+    latest = tmp_path / "checkpoints" / "latest"
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    for named in ("step-000008", "../elsewhere", "garbage"):
+        latest.write_text(named)
+        cfg = parse_config(DemoConfig, ["--resume", str(latest), "--tracker", "none"])
+        with pytest.raises(
+            ConfigError, match=f"names '{re.escape(named)}', which is no step-\\* folder beside it"
+        ):
+            validate_train_config(cfg)
+    latest.write_text("step-000004")
+    validate_train_config(parse_config(DemoConfig, ["--resume", str(latest), "--tracker", "none"]))
 
 
 def test_a_missing_wandb_package_is_named_before_anything_starts(monkeypatch):
