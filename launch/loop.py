@@ -221,6 +221,7 @@ class Trainer:
         # Each batch names its rows (`_row`, their indices in the split; the loader keeps `indices` in order), so
         # a task can draw each row's randomness from the row alone: the same on any number of ranks.
         row_ids = torch.tensor(indices or [0])
+        # Randomness drawn without `_row` comes from one stream per rank, the same at every evaluation.
         g = torch.Generator().manual_seed(self.cfg.seed + 7919 * (rt.rank + 1))
         generate = None if backend.static_shapes else backend.generate
         sums: dict[str, torch.Tensor] = {}  # name -> [numerator, denominator]
