@@ -69,9 +69,7 @@ class TrainConfig:
     requeue: bool = False  # under Slurm, requeue the job after a stop signal's save
     tracker: str = "wandb"  # wandb | none; wandb is offline unless WANDB_API_KEY or WANDB_MODE is set
     wandb_project: str = "recipebox"  # the W&B project the run is logged to
-    check_replicas: bool = (
-        False  # log a per-rank fingerprint of the final weights (a test's check: gathers all)
-    )
+    check_replicas: bool = False  # tests: ranks built alike; per-rank fingerprints of the final weights
 
 
 def _field_type(tp: Any) -> type:

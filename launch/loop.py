@@ -50,6 +50,32 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused)
 
 
+@torch.no_grad()
+def param_sums(rt: Runtime, model: nn.Module) -> list[float]:
+    """Collective: one float64 fingerprint of `model`'s weights per rank (equal weights, equal numbers)."""
+    mine = torch.zeros(1, dtype=torch.float64)
+    for i, p in enumerate(model.parameters()):
+        p = p.detach().double()
+        mine += p.sum() * (1 + i % 7) + p.square().sum()
+    if not rt.distributed:
+        return [mine.item()]
+    mine = mine.to(rt.device)
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    return [t.item() for t in every]
+
+
+def check_built_alike(rt: Runtime, model: nn.Module) -> None:
+    """--check-replicas, before the backend wraps the model: every rank built the same weights. FSDP2 keeps
+    each rank's own slice of what it built, so ranks that drew differently would train a patchwork."""
+    sums = param_sums(rt, model)
+    if len(set(sums)) > 1:
+        raise RuntimeError(
+            f"the ranks built different weights (fingerprints {sums}): a build step drew random numbers "
+            "differently on some ranks; build under the run's seed on every rank (Runtime.start seeds it)"
+        )
+
+
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -192,16 +218,7 @@ class Trainer:
         """Collective: one float64 fingerprint of the trained weights per rank; replicas must agree exactly.
         A check for tests (--check-replicas), not part of a run: it gathers the whole model on every rank."""
         whole = whole_model(self.task, self.backend.full_state_dict(every_rank=True), self.export_prefix)
-        mine = torch.zeros(1, dtype=torch.float64)
-        for i, p in enumerate(whole.parameters()):
-            p = p.detach().double()
-            mine += p.sum() * (1 + i % 7) + p.square().sum()
-        if not self.rt.distributed:
-            return [mine.item()]
-        mine = mine.to(self.rt.device)
-        every = [torch.zeros_like(mine) for _ in range(self.rt.world_size)]
-        dist.all_gather(every, mine)
-        return [t.item() for t in every]
+        return param_sums(self.rt, whole)
 
     @torch.no_grad()
     def evaluate(self, split: str = "validation") -> dict[str, float]:

@@ -21,7 +21,7 @@ from checkpoints.sharded import CheckpointError
 from data.text import DataError
 from launch.backends import backend_settings, make_backend
 from launch.config import ConfigError, TrainConfig, save_config
-from launch.loop import EXIT_PREEMPTED, Trainer
+from launch.loop import EXIT_PREEMPTED, Trainer, check_built_alike
 from launch.runtime import Runtime
 from launch.task import Task, whole_model
 from launch.tracking import Tracker, scalars
@@ -85,6 +85,8 @@ def run_recipe(
         run_dir = setup_run_dir(cfg, rt, default_name)
         with objects_kept_for_the_run():
             task = build(cfg, rt, run_dir)
+        if cfg.check_replicas:
+            check_built_alike(rt, task.model)
         rt.seed_ranks(cfg.seed)
         arch = type(task.model).__name__  # before FSDP2, which renames a wrapped module's class FSDP<name>
         backend = make_backend(cfg.backend, rt, backend_settings(cfg, task.max_length))

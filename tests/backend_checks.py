@@ -6,7 +6,8 @@ Groups:
   round trip that continues exactly, the full state dict on every rank, and the learning rate.
 - generate: the loop's evaluation with `generate` in it (tiny GPT-2 and T5 built from configs), on uneven
   shards, under every backend that can run here; the generated ids per eval row.
-- shard: FSDP2 on tiny BERT, GPT-2, T5, BART and wav2vec2: wrapped by their outermost layer lists, one step.
+- shard: FSDP2 on tiny BERT, GPT-2, T5, BART and wav2vec2: wrapped by their outermost layer lists, one step;
+  and --check-replicas' check that every rank built the same weights.
 """
 
 from __future__ import annotations
@@ -281,6 +282,20 @@ def xla_generation_refused(rt) -> dict:
     return {"static_shapes": t.backend.static_shapes, "refused": refused, "metrics": sorted(metrics)}
 
 
+def built_alike(rt) -> dict:
+    """--check-replicas' first check: a model built under one seed passes; one drawn per rank is named."""
+    from launch.loop import check_built_alike
+
+    torch.manual_seed(0)
+    check_built_alike(rt, torch.nn.Linear(8, 8))
+    torch.manual_seed(rt.rank)  # a build step that draws differently on each rank
+    try:
+        check_built_alike(rt, torch.nn.Linear(8, 8))
+        return {"refused": ""}
+    except RuntimeError as err:
+        return {"refused": str(err)}
+
+
 def main(out: Path, groups: list[str]) -> None:
     rt = Runtime.start(seed=0)
     work = Path(tempfile.mkdtemp(prefix="backend-checks-")) if rt.is_main else None
@@ -300,6 +315,7 @@ def main(out: Path, groups: list[str]) -> None:
             results[f"generate/{name}{cfg.get('zero_stage', '')}"] = generation(rt, name, **cfg)
     if "shard" in groups:
         results["shard"] = shard(rt)
+        results["built_alike"] = built_alike(rt)
     if "xla" in groups:
         results["contract/xla"] = contract(rt, "xla", work)
         results["generate/xla"] = xla_generation_refused(rt)

@@ -46,6 +46,13 @@ def test_backend_keeps_the_contract_on_two_ranks(two_ranks, backend):
     assert r["full_state_keys_match"] and r["full_state_same_on_every_rank"] and r["export_state_on_rank_0"]
 
 
+def test_ranks_that_built_different_weights_are_stopped_under_check_replicas(two_ranks):
+    """FSDP2 keeps each rank's own slice of the model it built: a build that drew differently per rank would
+    train a patchwork, so --check-replicas compares the built weights before the backend wraps them."""
+    refused = two_ranks["built_alike"]["refused"]
+    assert refused.startswith("the ranks built different weights (fingerprints [") and "seed" in refused
+
+
 def test_every_backend_takes_the_same_first_step(two_ranks):
     """Same init, same data: the normalised loss is one number whichever backend computes it."""
     losses = {b: two_ranks[f"contract/{b}"]["loss"] for b in TWO_RANKS}
