@@ -8,6 +8,7 @@ happen.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -66,12 +67,21 @@ def param_sums(rt: Runtime, model: nn.Module) -> list[float]:
 
 
 def check_built_alike(rt: Runtime, model: nn.Module) -> None:
-    """--check-replicas, before the backend wraps the model: every rank built the same weights. FSDP2 keeps
-    each rank's own slice of what it built, so ranks that drew differently would train a patchwork."""
-    sums = param_sums(rt, model)
-    if len(set(sums)) > 1:
+    """--check-replicas, before the backend wraps the model: every rank built the same weights, byte for byte
+    (a hash of the bytes, not a float sum, whose last bit may depend on the CPU). FSDP2 keeps each rank's
+    own slice of what it built, so ranks that drew differently would train a patchwork."""
+    digest = hashlib.blake2b(digest_size=8)
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    mine = torch.tensor([int.from_bytes(digest.digest(), "little", signed=True)], dtype=torch.int64)
+    if not rt.distributed:
+        return
+    every = [torch.zeros_like(mine, device=rt.device) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine.to(rt.device))
+    hashes = [f"{t.item() & (2**64 - 1):016x}" for t in every]
+    if len(set(hashes)) > 1:
         raise RuntimeError(
-            f"the ranks built different weights (fingerprints {sums}): a build step drew random numbers "
+            f"the ranks built different weights (hashes by rank {hashes}): a build step drew random numbers "
             "differently on some ranks; build under the run's seed on every rank (Runtime.start seeds it)"
         )
 

@@ -50,7 +50,7 @@ def test_ranks_that_built_different_weights_are_stopped_under_check_replicas(two
     """FSDP2 keeps each rank's own slice of the model it built: a build that drew differently per rank would
     train a patchwork, so --check-replicas compares the built weights before the backend wraps them."""
     refused = two_ranks["built_alike"]["refused"]
-    assert refused.startswith("the ranks built different weights (fingerprints [") and "seed" in refused
+    assert refused.startswith("the ranks built different weights (hashes by rank [") and "seed" in refused
 
 
 def test_every_backend_takes_the_same_first_step(two_ranks):
