@@ -288,8 +288,14 @@ def validate_train_config(cfg: TrainConfig) -> None:
             f"--resume {cfg.resume}: no such checkpoint folder; use auto, never, a step-* folder or its latest"
         )
     if pointer:  # caught here, before the data is read, rather than when the run resumes
-        named = resume.read_text(encoding="utf-8", errors="replace").strip()
-        if not named.startswith("step-") or "/" in named or not (resume.parent / named).is_dir():
+        from checkpoints.sharded import CheckpointError, checkpoint_folder  # the rule resume itself follows
+
+        try:
+            found = checkpoint_folder(resume).is_dir()
+        except (CheckpointError, ValueError):  # not a step-* name, or not text
+            found = False
+        if not found:
+            named = resume.read_text(encoding="utf-8", errors="replace").strip()
             raise ConfigError(
                 f"--resume {cfg.resume} names {named!r}, which is no step-* folder beside it; pass a step-* folder"
             )

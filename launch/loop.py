@@ -58,12 +58,17 @@ def param_sums(rt: Runtime, model: nn.Module) -> list[float]:
     for i, p in enumerate(model.parameters()):
         p = p.detach().double()
         mine += p.sum() * (1 + i % 7) + p.square().sum()
+    return [t.item() for t in _from_every_rank(rt, mine)]
+
+
+def _from_every_rank(rt: Runtime, mine: torch.Tensor) -> list[torch.Tensor]:
+    """Collective: every rank's `mine` (one element), in rank order."""
     if not rt.distributed:
-        return [mine.item()]
+        return [mine]
     mine = mine.to(rt.device)
     every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
     dist.all_gather(every, mine)
-    return [t.item() for t in every]
+    return every
 
 
 def check_built_alike(rt: Runtime, model: nn.Module) -> None:
@@ -74,11 +79,7 @@ def check_built_alike(rt: Runtime, model: nn.Module) -> None:
     for p in model.parameters():
         digest.update(p.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
     mine = torch.tensor([int.from_bytes(digest.digest(), "little", signed=True)], dtype=torch.int64)
-    if not rt.distributed:
-        return
-    every = [torch.zeros_like(mine, device=rt.device) for _ in range(rt.world_size)]
-    dist.all_gather(every, mine.to(rt.device))
-    hashes = [f"{t.item() & (2**64 - 1):016x}" for t in every]
+    hashes = [f"{t.item() & (2**64 - 1):016x}" for t in _from_every_rank(rt, mine)]
     if len(set(hashes)) > 1:
         raise RuntimeError(
             f"the ranks built different weights (hashes by rank {hashes}): a build step drew random numbers "
