@@ -8,11 +8,12 @@ launch/task.py for what a Task holds).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import dataclasses
 import faulthandler
 import gc
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -239,16 +240,20 @@ def run_main(main: Callable[[], int]) -> None:
 
 
 def exit_quickly(code: int) -> NoReturn:
-    """End the process with `code` once main() has returned, skipping the interpreter's teardown.
+    """End the process with `code` once main() has returned: run the atexit hooks, then `os._exit`.
 
-    By then everything the run writes is closed: metrics and tracker, background checkpoint saves, the export,
-    the process group. Teardown has nothing left to save; it only destroys what torch, DeepSpeed, datasets
-    (Arrow) and tokenizers made, native thread pools among them, in an order no library promises, and a pool
-    torn down while the interpreter finalizes can abort a finished process ("terminate called without an
-    active exception", SIGABRT): torchrun and Slurm then report a job that finished as failed. It also
-    costs about a second per process in final garbage collections over every object made at import."""
-    logging.shutdown()
+    By then the run has closed what it writes: metrics and tracker, background checkpoint saves, the export,
+    the process group. The atexit hooks still run (W&B stops its service and removes its temporary folders,
+    multiprocessing ends DataLoader workers, logging flushes). What is skipped is the interpreter's
+    finalization: it destroys what torch, DeepSpeed, datasets (Arrow) and tokenizers made, native thread
+    pools among them, in an order no library promises, and a pool torn down while the interpreter finalizes
+    can abort a finished process ("terminate called without an active exception", SIGABRT): torchrun and
+    Slurm then report a job that finished as failed. An uncaught exception does not come here; it ends
+    through the interpreter's usual teardown."""
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)  # what native code printed through C stdio
     os._exit(code)

@@ -79,9 +79,6 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
-            import wandb
-
-            wandb.teardown()  # stops W&B's service process now: a recipe process ends without atexit hooks
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
