@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import REPO, subprocess_env
 from torch import nn
 
 from launch.backends import BackendSettings, DDPBackend, resolve_precision
@@ -526,3 +529,37 @@ def test_a_stop_during_the_final_evaluation_ends_the_run_resumable(tmp_path):
     again = saving_trainer(tmp_path / "run")
     final = fit_logged(again)
     assert again.state.step == 10 and "eval/loss" in final and not again.stopped
+
+
+ENDING = """
+import atexit, os, sys
+from pathlib import Path
+
+class TornDownLate:  # a native pool that aborts when the interpreter finalizes, as gloo's and Arrow's can
+    def __del__(self):
+        os.abort()
+
+KEEP = TornDownLate()
+atexit.register(lambda: Path(sys.argv[1]).write_text("atexit ran"))
+print("the run's last line", end="")
+if sys.argv[2] == "sys.exit":
+    sys.exit(3)
+from launch.recipe import exit_quickly
+exit_quickly(3)
+"""
+
+
+def test_a_finished_recipe_process_keeps_its_exit_code_past_a_teardown_that_aborts(tmp_path):
+    """A recipe ends through `exit_quickly`: the atexit hooks run and the output is flushed, the interpreter's
+    finalization, where a native pool's teardown can abort a finished process, does not."""
+
+    def end(how):
+        marker = tmp_path / how
+        proc = subprocess.run([sys.executable, "-c", ENDING, str(marker), how], capture_output=True, text=True,
+                              cwd=REPO, env=subprocess_env(), timeout=120)  # fmt: skip
+        return proc, marker.read_text()
+
+    proc, hooks = end("sys.exit")
+    assert proc.returncode < 0 and proc.stdout == "the run's last line" and hooks == "atexit ran"  # the fault
+    proc, hooks = end("exit_quickly")
+    assert (proc.returncode, proc.stdout, hooks) == (3, "the run's last line", "atexit ran"), proc.stderr
