@@ -100,7 +100,8 @@ def check_export_target(out_dir: str | Path) -> Path:
     return out_dir
 
 
-# Model class suffixes of each recipe's task (config.json "architectures"); demos/common.py's APPS likewise.
+# Model class suffixes of each recipe's task (config.json "architectures"); demos/common.py's APPS likewise
+# (tests/test_demos.py holds the two alike).
 TASK_HEADS = {
     "mlm_nsp": ("ForPreTraining",),
     "text_classification": ("ForSequenceClassification",),

@@ -30,7 +30,7 @@ QUIET = {
 }
 
 # The app for an export, by the suffix of its model class (config.json "architectures"); the recipes' own
-# check is checkpoints.export.TASK_HEADS (demos do not import checkpoints), keep the two alike.
+# check is checkpoints.export.TASK_HEADS (demos do not import checkpoints); a test holds the two alike.
 APPS = {
     "ForPreTraining": "mlm_nsp",
     "ForSequenceClassification": "text_classification",

@@ -385,3 +385,11 @@ def test_a_long_prompt_a_shared_seed_and_a_wrong_app_get_answers_not_errors(tmp_
         main([str(export), "--concurrency", "0"])
     assert stopped.value.code == 2
     assert main([str(export), "--app", "ner"], block=False) == 2
+
+
+def test_the_demo_for_each_model_class_is_the_recipe_that_exports_it():
+    """demos/ does not import checkpoints/, so the app table and the export check each hold the suffixes."""
+    from checkpoints.export import TASK_HEADS
+    from demos.common import APPS
+
+    assert APPS == {suffix: task for task, suffixes in TASK_HEADS.items() for suffix in suffixes}
