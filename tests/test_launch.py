@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 
 import pytest
+import recipe_runs
 import torch
-from conftest import REPO, subprocess_env
 from torch import nn
 
 from launch.backends import BackendSettings, DDPBackend, resolve_precision
@@ -555,8 +554,7 @@ def test_a_finished_recipe_process_keeps_its_exit_code_past_a_teardown_that_abor
 
     def end(how):
         marker = tmp_path / how
-        proc = subprocess.run([sys.executable, "-c", ENDING, str(marker), how], capture_output=True, text=True,
-                              cwd=REPO, env=subprocess_env(), timeout=120)  # fmt: skip
+        proc = recipe_runs.run([sys.executable, "-c", ENDING, str(marker), how], timeout=120)
         return proc, marker.read_text()
 
     proc, hooks = end("sys.exit")
