@@ -10,6 +10,7 @@ one tag per word for metrics and output.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,10 @@ def _read_conll(path: Path) -> TaggedSentences:
     words: list[str] = []
     tags: list[str] = []
     start = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        fields = line.split()
+    # Lines end at "\n" and fields at spaces and tabs only: a token may hold U+0085, U+2028 or a no-break
+    # space, which str.splitlines and str.split would cut at.
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
+        fields = re.findall(r"[^ \t\r]+", line)
         if not fields or fields[0] == "-DOCSTART-":
             if words:
                 out.tokens.append(words)
@@ -90,7 +93,7 @@ def _read_conll(path: Path) -> TaggedSentences:
 
 def _read_json_lines(path: Path, tokens_key: str, tags_key: str, names) -> TaggedSentences:
     out = TaggedSentences([], [], [], str(path))
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):  # as in _read_conll
         if not line.strip():
             continue
         where = f"{path}, line {number}"

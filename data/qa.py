@@ -97,7 +97,7 @@ def _is_object(line: str) -> bool:
 
 def _json_lines(path: Path, text: str) -> list[tuple[str, object]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: strings may hold U+2028 or U+0085
         if not line.strip():
             continue
         try:

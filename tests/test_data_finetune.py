@@ -265,6 +265,21 @@ def test_toxic_toy_set_holds_out_phrasings_and_every_label_has_support():
 
 
 # ---- NER ----
+def test_line_and_field_breaks_are_newlines_spaces_and_tabs_only(tmp_path):
+    """Text exported with ensure_ascii=False holds U+2028, U+0085 or a no-break space raw; they are not line or
+    field breaks in JSON lines or CoNLL (CRLF files read the same)."""
+    odd = "Caf\u00e9\u00a0Nord\u2028x\u0085y"
+    conll = read_tagged(write(tmp_path, "odd.conll", f"{odd}\tB-ORG\r\nopens O\r\n"))
+    assert conll.tokens == [[odd, "opens"]] and conll.tags == [["B-ORG", "O"]]
+    row = {"tokens": [odd, "opens"], "tags": ["B-ORG", "O"]}
+    lines = read_tagged(write(tmp_path, "odd.jsonl", json.dumps(row, ensure_ascii=False) + "\r\n"))
+    assert lines.tokens == conll.tokens and lines.where == [f"{tmp_path / 'odd.jsonl'}, line 1"]
+    table = read_table(
+        write(tmp_path, "odd_table.jsonl", json.dumps({"text": odd, "label": "a"}, ensure_ascii=False))
+    )
+    assert texts(table, ["text"]) == [[odd]]
+
+
 def test_conll_reads_last_field_skips_docstart_and_builds_tags(tmp_path):
     path = write(
         tmp_path, "a.conll", "-DOCSTART- -X- O\n\nEU NNP B-ORG\nrejects VBZ O\n\nPeter B-PER\nBlack I-PER\n"

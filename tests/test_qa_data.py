@@ -96,6 +96,19 @@ def test_nested_squad_flat_list_and_json_lines_read_the_same(tmp_path):
     assert lines.source.endswith("flat.jsonl") and nested.source.endswith("squad.json")
 
 
+def test_json_lines_break_at_newlines_only(tmp_path):
+    """A context holding U+2028 or U+0085 raw (json.dumps with ensure_ascii=False) is one line, not two."""
+    context = "Denver won.\u2028The game was in Santa Clara.\u0085It rained."
+    row = {
+        "id": "q1",
+        "context": context,
+        "question": "Who won?",
+        "answers": {"text": ["Denver"], "answer_start": [0]},
+    }
+    read = read_qa(write(tmp_path, "odd.jsonl", json.dumps(row, ensure_ascii=False) + "\r\n"))
+    assert read.ids == ["q1"] and read.contexts == [context]
+
+
 def test_unanswerable_questions_need_version_2(tmp_path):
     path = write(tmp_path, "v2.json", json.dumps(squad([*QUESTIONS, UNANSWERABLE], impossible={"q5"})))
     examples = read_qa(path, version_2=True)
