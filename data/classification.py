@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +89,17 @@ def _read_dataset(name: str, config: str, split: str) -> Table:
             f"{name}: not a .csv/.tsv/.jsonl file and not a loadable `datasets` name or split {split!r} ({err})"
         ) from None
     label_names = {k: f.names for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
-    rows = [
-        {k: (label_names[k][v] if k in label_names else v) for k, v in row.items()} for row in ds
-    ]  # ClassLabel ids become their names, so the exported label map is readable
-    return Table(rows, [f"{name}[{split}] row {i}" for i in range(len(rows))], f"{name}[{split}]")
+    rows, where = [], [f"{name}[{split}] row {i}" for i in range(len(ds))]
+    for row, at in zip(ds, where):  # ClassLabel ids become their names, so the exported label map is readable
+        for k in label_names.keys() & row.keys():
+            if row[k] is not None and row[k] < 0:  # GLUE's test splits: -1 (no label), not names[-1]
+                raise DataError(
+                    f"{at}: column {k!r} is {row[k]} (unlabelled); pick a labelled split (--train-split, "
+                    f'--validation-split, --test-split) or leave the split out (--test-file "")'
+                )
+            row[k] = label_names[k][row[k]] if row[k] is not None else None
+        rows.append(row)
+    return Table(rows, where, f"{name}[{split}]")
 
 
 def check_columns(table: Table, columns: list[str], flag: str) -> None:
@@ -138,6 +146,11 @@ def _label_values(table: Table, label_columns: list[str], task: str, separator: 
                     f"{where}: the label in column {label_columns[0]!r} must be a name or an integer id, got "
                     f"{value!r}; fix the row (several labels per text: --task multi_label)"
                 )
+            if re.fullmatch(r"\s*-\d+(\.0*)?\s*", str(value)):  # not a name, and ids count from 0
+                raise DataError(
+                    f"{where}: label {value!r} in column {label_columns[0]!r} is negative, which marks an "
+                    f"unlabelled row in many datasets; drop such rows (ids count from 0)"
+                )
             values.append(value.strip() if isinstance(value, str) else value)
         elif len(label_columns) > 1:  # one 0/1 column per label
             on = set()
@@ -150,6 +163,15 @@ def _label_values(table: Table, label_columns: list[str], task: str, separator: 
             values.append(on)
         else:  # one column holding a list of names, as a JSON list or joined by `separator`
             value = row[label_columns[0]]
+            joined = (
+                re.search(r"\w\s*([,;|])\s*\w", value) if isinstance(value, str) and not separator else None
+            )
+            if joined:
+                raise DataError(
+                    f"{where}: {value!r} in column {label_columns[0]!r} looks like several labels joined by "
+                    f"{joined.group(1)!r}; pass --label-separator {joined.group(1)!r}, or write the labels "
+                    f"as a JSON list (names that hold {joined.group(1)!r} themselves)"
+                )
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(separator)] if separator else [value.strip()]
             if not isinstance(value, list):
@@ -183,17 +205,21 @@ def label_names(
 
 
 def encode_labels(
-    table: Table, label_columns: list[str], task: str, separator: str, names: list[str]
+    table: Table, label_columns: list[str], task: str, separator: str, names: list[str], given: bool = False
 ) -> list:
-    """Label ids (multi-class) or multi-hot float vectors (multi-label); an unknown label is a DataError."""
+    """Label ids (multi-class) or multi-hot float vectors (multi-label); an unknown label is a DataError.
+    `given`: `names` is --labels, in id order, so a file of integer ids reads id i as names[i]."""
     index = {n: i for i, n in enumerate(names)}
+    if given:
+        index |= {str(i): i for i in range(len(names)) if str(i) not in index}
     out = []
     for value, where in zip(_label_values(table, label_columns, task, separator), table.where):
         unknown = [str(v) for v in (value if task == MULTI_LABEL else [value]) if str(v) not in index]
         if unknown:
+            known = ", ".join(names) + (f"; or their ids 0 to {len(names) - 1}" if given else "")
             raise DataError(
-                f"{where}: label {unknown[0]!r} is not one of the training labels ({', '.join(names)}); "
-                f"fix the row, or list every label with --labels"
+                f"{where}: label {unknown[0]!r} is not one of the {'--labels' if given else 'training labels'} "
+                f"({known}); fix the row, or list every label with --labels"
             )
         if task == MULTI_CLASS:
             out.append(index[str(value)])

@@ -108,7 +108,8 @@ def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
         k: read_table(path, dataset_config=cfg.dataset_config, split=s) for k, (path, s) in splits.items()
     }
     names = label_names(tables["train"], label_cols, cfg.task, cfg.label_separator, _split(cfg.labels))
-    columns = {k: (texts(t, text_cols), encode_labels(t, label_cols, cfg.task, cfg.label_separator, names))
+    given = bool(cfg.labels)  # a file of ids then reads id i as the i-th name
+    columns = {k: (texts(t, text_cols), encode_labels(t, label_cols, cfg.task, cfg.label_separator, names, given))
                for k, t in tables.items()}  # fmt: skip
     with rt.main_process_first():
         data = {

@@ -95,6 +95,62 @@ def test_sparse_integer_codes_are_names_and_a_list_label_is_named(tmp_path):
             label_names(rows, ["y"], MULTI_CLASS, "", [])
 
 
+def test_unlabelled_rows_are_errors_not_the_last_class(tmp_path, monkeypatch):
+    """-1 marks a row without a label (GLUE's test splits); Python would read names[-1] or shift every id."""
+    import datasets
+
+    labels = datasets.ClassLabel(names=["negative", "positive"])
+    features = datasets.Features({"sentence": datasets.Value("string"), "label": labels})
+    split = datasets.Dataset.from_dict({"sentence": ["fine", "meh"], "label": [1, -1]}, features=features)
+    splits = {"test": split, "train": split.select([0])}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: splits[split])
+    with pytest.raises(
+        DataError, match=r"glue\[test\] row 1: column 'label' is -1 \(unlabelled\); pick a labelled split"
+    ):
+        read_table("glue", dataset_config="sst2", split="test")
+    train = read_table("glue", dataset_config="sst2", split="train")
+    assert train.rows == [{"sentence": "fine", "label": "positive"}]
+    for value in ("-1", -1):
+        table = read_table(
+            write(
+                tmp_path,
+                "neg.jsonl",
+                json.dumps({"t": "a", "y": 0}) + "\n" + json.dumps({"t": "b", "y": value}),
+            )
+        )
+        with pytest.raises(DataError, match=r"neg\.jsonl, line 2: label '?-1'? in column 'y' is negative"):
+            label_names(table, ["y"], MULTI_CLASS, "", [])
+
+
+def test_labels_given_in_id_order_name_a_file_of_ids(tmp_path):
+    """--labels negative,positive over a file of 0/1 ids: id i is the i-th name; an id past them is named."""
+    table = read_table(write(tmp_path, "ids.csv", "text,label\ngood,1\nbad,0\nfine,positive\n"))
+    names = label_names(table, ["label"], MULTI_CLASS, "", ["negative", "positive"])
+    assert encode_labels(table, ["label"], MULTI_CLASS, "", names, given=True) == [1, 0, 1]
+    far = read_table(write(tmp_path, "far.csv", "text,label\ngood,2\n"))
+    with pytest.raises(
+        DataError,
+        match=r"far\.csv, line 2: label '2' is not one of the --labels \(negative, positive; or their ids 0 to 1\)",
+    ):
+        encode_labels(far, ["label"], MULTI_CLASS, "", names, given=True)
+    with pytest.raises(
+        DataError, match=r"label '1' is not one of the training labels \(negative, positive\)"
+    ):
+        encode_labels(table, ["label"], MULTI_CLASS, "", names)  # names from training, not --labels
+
+
+def test_multi_label_names_joined_without_a_separator_ask_for_one(tmp_path):
+    joined = read_table(write(tmp_path, "j.csv", 't,y\nx,sports\ny,"sports, politics"\n'))
+    with pytest.raises(
+        DataError,
+        match=r"j\.csv, line 3: 'sports, politics' in column 'y' looks like several labels joined by ','; pass --label-separator ','",
+    ):
+        label_names(joined, ["y"], MULTI_LABEL, "", [])
+    assert label_names(joined, ["y"], MULTI_LABEL, ",", []) == ["politics", "sports"]
+    listed = read_table(write(tmp_path, "l.jsonl", json.dumps({"t": "x", "y": ["Arts, Culture"]})))
+    assert label_names(listed, ["y"], MULTI_LABEL, "", []) == ["Arts, Culture"]
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_column_or_token(tmp_path):
     """Files saved as "CSV UTF-8" by spreadsheet programs and by Windows editors start with a BOM."""
     bom = "\ufeff".encode()
