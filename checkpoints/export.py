@@ -125,6 +125,10 @@ def check_export(export_dir: str | Path, task: str) -> str:
         inside = (path / "export" / "config.json").is_file()
         where = f"; {path / 'export'} is the run's export" if inside else f"; {fix}"
         raise CheckpointError(f"{export_dir} is not an export (no config.json){where}")
+    if not any(path.glob("*.safetensors")):  # a hub folder may hold only pytorch_model.bin, a pickle
+        raise CheckpointError(
+            f"{export_dir} has a config.json but no safetensors weights, the only ones loaded; {fix}"
+        )
     try:
         archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError, AttributeError) as err:

@@ -418,7 +418,7 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> 
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST}, so the save never finished") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (OSError, ValueError) as err:  # not JSON, not UTF-8, a folder, unreadable
         raise CheckpointError(f"{manifest_path}: corrupt ({err}); this checkpoint cannot be used") from None
     shape = {"step": int, "files": dict, "meta": dict, "hashes": dict}  # hashes: none when size-only
     if not isinstance(manifest, dict) or any(
@@ -468,7 +468,10 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 def _pointed(pointer: Path) -> Path:
     """The step folder a `latest` pointer names, beside it."""
-    named = pointer.read_text(encoding="utf-8").strip()
+    try:
+        named = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{pointer}: unreadable ({err}); pass a step-* folder instead") from None
     if not named.startswith("step-") or "/" in named:
         raise CheckpointError(f"{pointer} names {named!r}, not a step-* checkpoint; pass a step-* folder")
     return pointer.parent / named

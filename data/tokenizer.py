@@ -9,8 +9,11 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from data.text import DataError
 
 BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PREFIX = "##"  # marks a piece that continues a word
@@ -149,7 +152,18 @@ def train_seq2seq_bpe(
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    """A saved tokenizer (a folder, or a model name in the local Hugging Face cache); one that does not load
+    is a DataError naming it."""
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no such folder or name, or a half-written tokenizer.json
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+            first = "no such folder"
+        raise DataError(
+            f"{name_or_path}: cannot load a tokenizer from it ({first}); give a folder holding tokenizer.json "
+            f"(and its config), or a model name already in the local Hugging Face cache"
+        ) from err
     if "token_type_ids" not in tok.model_input_names:
         # transformers 5 fast tokenizers drop token_type_ids unless asked; sentence pairs need them.
         tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]

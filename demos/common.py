@@ -85,7 +85,7 @@ def app_for(export: Path) -> str:
         raise DemoError(
             f"{export / 'config.json'} is not readable JSON ({err}); export the model again"
         ) from err
-    archs = config.get("architectures") or []
+    archs = (config.get("architectures") if isinstance(config, dict) else None) or []
     for arch in archs:
         for suffix, app in APPS.items():
             if arch.endswith(suffix):

@@ -28,6 +28,23 @@ class ConfigError(ValueError):
     """A configuration the user must fix; the message says where and how."""
 
 
+def number(kind: type = int, low: float = 1, high: float | None = None):
+    """An argparse `type` for the predict and compare commands' options: a `kind` in [low, high], so
+    `--num-beams 0` is a usage error (exit 2) instead of a failure deep inside generation."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
 @dataclass
 class TrainConfig:
     """Options every recipe shares: where the run lives, how long and how it trains, how it is tracked."""

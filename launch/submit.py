@@ -26,6 +26,7 @@ from typing import Any
 
 import submitit
 
+from launch.config import number
 from launch.tracking import read_metrics
 
 EXIT_PREEMPTED = 75  # the recipe saved after a stop signal (launch.loop.EXIT_PREEMPTED)
@@ -340,13 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2")
     parser.add_argument("--partition", default="")
     parser.add_argument("--account", default="")
-    parser.add_argument("--time", type=int, default=60, metavar="MINUTES", help="per task, per requeue")
-    parser.add_argument("--gpus-per-node", type=int, default=0)
-    parser.add_argument("--cpus-per-task", type=int, default=1)
-    parser.add_argument("--mem-gb", type=float, default=0)
-    parser.add_argument("--signal-delay", type=int, default=120, metavar="SECONDS")
-    parser.add_argument("--max-requeues", type=int, default=3)
-    parser.add_argument("--array-parallelism", type=int, default=64)
+    parser.add_argument("--time", type=number(), default=60, metavar="MINUTES", help="per task, per requeue")
+    parser.add_argument("--gpus-per-node", type=number(low=0), default=0)
+    parser.add_argument("--cpus-per-task", type=number(), default=1)
+    parser.add_argument("--mem-gb", type=number(float, 0), default=0)
+    parser.add_argument("--signal-delay", type=number(low=0), default=120, metavar="SECONDS")
+    parser.add_argument("--max-requeues", type=number(low=0), default=3)
+    parser.add_argument("--array-parallelism", type=number(), default=64)
     parser.add_argument("--no-wait", action="store_true", help="queue and exit; no results table")
     parser.add_argument("recipe", help="a recipe script, e.g. recipes/mlm_nsp.py")
     parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help="flags passed to every task")
@@ -369,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except SubmitError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a --root that is a file, or a folder it may not write in
+        print(f"error: --root {root}: cannot write its folders there ({err})", file=sys.stderr)
+        return 2
+    except submitit.core.utils.FailedJobError as err:  # sbatch refused the job (partition, account, time)
+        print(f"error: sbatch refused the job array: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
     for t in tasks:
         print(f"queued {t.job.job_id}: {t.run_dir}  (log {t.job.paths.stdout})", flush=True)

@@ -316,11 +316,33 @@ class ASRTask:
         model.config.layerdrop = 0.0
 
 
+def _without_untrainable(rt: Runtime, utts, texts, processor, model) -> tuple[list, list]:
+    """The training clips that CTC can align: a clip needs a frame per character, and one more between two
+    equal ones ("ll"). A shorter one (a manifest row with another clip's transcript, a clip cut short) has an
+    infinite loss, which the model's CTC setting would zero: it is dropped here, counted and named instead."""
+    frames = model._get_feat_extract_output_lengths(
+        torch.tensor([round(u.seconds * SAMPLE_RATE) for u in utts])
+    )
+    ids = processor.tokenizer(texts).input_ids
+    need = [len(i) + sum(a == b for a, b in zip(i, i[1:])) for i in ids]
+    keep = [n <= f for n, f in zip(need, frames.tolist())]
+    if all(keep):
+        return utts, texts
+    first = keep.index(False)
+    if not any(keep):
+        raise DataError(f"every training clip is shorter than its transcript needs (first: {utts[first].where}); "
+                        f"check that the manifest pairs each clip with its own transcript")  # fmt: skip
+    rt.print(f"data: {keep.count(False)} train clip(s) too short for their transcripts left out (first: "
+             f"{utts[first].where}: {frames[first]} frames, its transcript needs {need[first]})")  # fmt: skip
+    return [u for u, k in zip(utts, keep) if k], [t for t, k in zip(texts, keep) if k]
+
+
 def _build(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> ASRTask:
     splits = _read_splits(cfg, rt, run_dir)
     processor = _setup_processor(cfg, rt, run_dir, splits["train"][1])
     shortest = min(u.seconds for u in splits["train"][0])
     model = _setup_model(cfg, processor, int(shortest * FRAMES_PER_SECOND))
+    splits["train"] = _without_untrainable(rt, *splits["train"], processor, model)
     return ASRTask(cfg, processor, splits, model, run_dir)
 
 

@@ -34,9 +34,9 @@ from checkpoints.export import check_export, saved_inputs
 from data.lm import read_corpus, tokenize_corpus
 from data.tokenizer import load_tokenizer, train_byte_bpe
 from kernels import collate_padded
-from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.config import ConfigError, TrainConfig, check_choice, number, parse_config, validate_train_config
 from launch.flops import flops_per_token_or_zero
-from launch.recipe import run_main, run_recipe, saved_processor
+from launch.recipe import check_model_fits, run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import as_is, label_targets, model_inputs, text_sizes, token_loss_sum
 
@@ -237,7 +237,9 @@ class CausalLMTask:
 
 def _build(cfg: CausalLMConfig, rt: Runtime, run_dir: Path) -> CausalLMTask:
     tok, splits, lengths = _setup_data(cfg, rt, run_dir)
-    return CausalLMTask(cfg, tok, splits, lengths, _setup_model(cfg, tok))
+    model = _setup_model(cfg, tok)
+    check_model_fits(model, tok, cfg.block_size, "--block-size")
+    return CausalLMTask(cfg, tok, splits, lengths, model)
 
 
 @functools.lru_cache(maxsize=4)
@@ -291,7 +293,10 @@ def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = 
     defaults = generator.model.generation_config
     options = {"max_new_tokens": max_new_tokens or defaults.max_new_tokens}
     prompt = prompt_kept(export_dir, prompt, options["max_new_tokens"])[0]
-    temperature = defaults.temperature if temperature is None else temperature
+    if temperature is None:  # the export's: a recipe's samples; one without generation settings is greedy
+        temperature = (
+            (1.0 if defaults.temperature is None else defaults.temperature) if defaults.do_sample else 0.0
+        )
     if temperature <= 0:
         options["do_sample"] = False
     else:
@@ -307,11 +312,13 @@ def predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="causal_lm.py predict", description="Continue a prompt.")
     parser.add_argument("export", help="an export folder (RUN/export)")
     parser.add_argument("prompt", nargs="?", help="default: the export's evaluation prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the export's")
-    parser.add_argument("--temperature", type=float, default=None, help="0: greedy; default: the export's")
-    parser.add_argument("--top-p", type=float, default=None, help="default: the export's")
+    parser.add_argument("--max-new-tokens", type=number(), default=None, help="default: the export's")
+    parser.add_argument("--temperature", type=number(float, 0), help="0: greedy; default: the export's")
+    parser.add_argument("--top-p", type=number(float, 0, 1), default=None, help="default: the export's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("the prompt is empty; give a text to continue (none: the export's evaluation prompts)")
     prompts = [args.prompt] if args.prompt else saved_inputs(args.export, "generate", "give a prompt")
     for prompt in prompts:
         text = generate_text(args.export, prompt, max_new_tokens=args.max_new_tokens,

@@ -1,8 +1,8 @@
 """Pretrain BERT with masked-language modelling plus next-sentence prediction.
 
-Features: a WordPiece tokenizer trained on the corpus when none is given; NSP pairs (50 % true next,
-50 % random from another document) tokenised with `datasets`; MLM masking fused into one pass on the
-host batch, with the MLM head on the masked positions only; DDP across ranks; bf16 autocast on GPUs; W&B
+Features: a WordPiece tokenizer trained on the corpus when neither --tokenizer nor --model gives one; NSP
+pairs (50 % true next, 50 % random from another document) tokenised with `datasets`; MLM masking fused into
+one pass on the host batch, with the MLM head on the masked positions only; DDP across ranks; bf16 autocast on GPUs; W&B
 and metrics.jsonl tracking; a Hugging Face export that `pipeline("fill-mask")` and
 `BertForNextSentencePrediction` load.
 
@@ -38,7 +38,7 @@ from kernels import collate_padded, mask_tokens
 from launch.backends import backend_class
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import flops_per_token_or_zero
-from launch.recipe import run_main, run_recipe, saved_processor
+from launch.recipe import check_model_fits, run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import (
     label_targets,
@@ -60,8 +60,8 @@ class MLMNSPConfig(TrainConfig):
     eval_fraction: float = 0.15  # share of documents held out for evaluation
     nsp_copies: int = 5  # pair sets drawn from the corpus, each with its own random partners (dupe factor)
     max_length: int = 128  # tokens per sentence pair, [CLS] A [SEP] B [SEP]
-    tokenizer: str = ""  # folder or hub name; empty trains a WordPiece on the training documents
-    vocab_size: int = 2000  # WordPiece pieces to train when --tokenizer is empty
+    tokenizer: str = ""  # folder or hub name; empty: --model's own, or a WordPiece trained on the documents
+    vocab_size: int = 2000  # WordPiece pieces to train when neither --tokenizer nor --model gives a tokenizer
     lowercase: bool = True  # the trained WordPiece lowercases (and strips accents)
     model: str = ""  # folder or hub name of a BertForPreTraining; empty builds one from the sizes below
     hidden_size: int = 128  # model built from scratch: width
@@ -90,11 +90,12 @@ def _validate(cfg: MLMNSPConfig) -> None:
 
 
 def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: list[list[str]]):
-    """--tokenizer, or a WordPiece trained on the training documents; saved once as the run's processor."""
+    """--tokenizer, --model's own, or a WordPiece trained on the training documents; saved once as the run's
+    processor."""
 
     def make():
-        if cfg.tokenizer:
-            tok = load_tokenizer(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+        if source := cfg.tokenizer or cfg.model:
+            tok = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
         else:
             texts = (s for doc in documents for s in doc)
             tok = train_wordpiece(texts, vocab_size=cfg.vocab_size, lowercase=cfg.lowercase)
@@ -104,7 +105,7 @@ def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: l
     tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)))
     if tok.mask_token_id is None or tok.pad_token_id is None:
         raise ConfigError(
-            f"tokenizer {cfg.tokenizer or run_dir} has no [MASK] or [PAD] token; MLM needs both"
+            f"tokenizer {cfg.tokenizer or cfg.model or run_dir} has no [MASK] or [PAD] token; MLM needs both"
         )
     return tok
 
@@ -289,7 +290,9 @@ class MLMNSPTask:
 
 def _build(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path) -> MLMNSPTask:
     tok, splits, lengths, examples = _setup_data(cfg, rt, run_dir)
-    return MLMNSPTask(cfg, tok, splits, lengths, examples, _setup_model(cfg, tok))
+    model = _setup_model(cfg, tok)
+    check_model_fits(model, tok, cfg.max_length, "--max-length")
+    return MLMNSPTask(cfg, tok, splits, lengths, examples, model)
 
 
 @functools.lru_cache(maxsize=4)
@@ -334,13 +337,19 @@ def predict(argv: list[str]) -> int:
         "--pair", nargs=2, metavar=("A", "B"), help="two sentences: is B the next one after A?"
     )
     args = parser.parse_args(argv)
+    if args.text is not None and not args.text.strip():
+        parser.error("--text is empty; give a sentence with one mask token")
     texts, pairs = ([args.text] if args.text else []), ([args.pair] if args.pair else [])
     if not texts and not pairs:  # the held-out examples saved with the export
         texts = saved_inputs(args.export, "fill_mask", "give --text and/or --pair")
         pairs = saved_examples(args.export, "next_sentence", "give --text and/or --pair")
     for text in texts:
+        try:
+            filled = fill_mask(args.export, text)
+        except ValueError as err:  # no mask, several, or one past the window
+            parser.error(f"--text {text!r}: {err}")
         print(f"fill-mask: {text}")
-        for token, score in fill_mask(args.export, text):
+        for token, score in filled:
             print(f"  {token:>15s}  {score:.3f}")
     for a, b in pairs:
         p_next = next_sentence(args.export, a, b)

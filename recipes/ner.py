@@ -41,7 +41,7 @@ from data.ner import (
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import flops_per_token_or_zero
-from launch.recipe import load_labelled_model, pretrained_tokenizer, run_main, run_recipe
+from launch.recipe import check_model_fits, load_labelled_model, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
 from launch.task import as_is, label_targets, model_inputs, nothing_to_export, text_sizes, token_loss_sum
 
@@ -184,7 +184,9 @@ class NERTask:
 def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> NERTask:
     tok = pretrained_tokenizer(rt, cfg, run_dir)
     names, sents, lengths, data, examples = _setup_data(cfg, rt, run_dir, tok)
-    return NERTask(cfg, tok, names, sents, data, lengths, examples, _setup_model(cfg, names))
+    model = _setup_model(cfg, names)
+    check_model_fits(model, tok, cfg.max_length, "--max-length")
+    return NERTask(cfg, tok, names, sents, data, lengths, examples, model)
 
 
 @functools.lru_cache(maxsize=4)
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             help="the text, quoted (printed back a word and its tag a line); default: held-out sentences",
         )
         args = parser.parse_args(argv[1:])
+        if args.text is not None and not args.text.strip():
+            parser.error("the text is empty; give a text to tag (none: the export's held-out sentences)")
         texts = [args.text] if args.text else saved_inputs(args.export, "tag", "give a text")
         for i, text in enumerate(texts):
             if i:

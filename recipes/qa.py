@@ -41,7 +41,7 @@ from data.qa import (
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import flops_per_token_or_zero
-from launch.recipe import pretrained_source, pretrained_tokenizer, run_main, run_recipe
+from launch.recipe import check_model_fits, pretrained_source, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
 from launch.task import as_is, model_inputs, row_targets, text_sizes
 
@@ -249,7 +249,9 @@ class QATask:
 def _build(cfg: QAConfig, rt: Runtime, run_dir: Path) -> QATask:
     tok = pretrained_tokenizer(rt, cfg, run_dir)
     examples, windows, data, lengths, version_2 = _setup_data(cfg, rt, run_dir, tok)
-    return QATask(cfg, tok, examples, windows, data, lengths, version_2, _setup_model(cfg), run_dir)
+    model = _setup_model(cfg)
+    check_model_fits(model, tok, cfg.max_length, "--max-length")
+    return QATask(cfg, tok, examples, windows, data, lengths, version_2, model, run_dir)
 
 
 @functools.lru_cache(maxsize=4)

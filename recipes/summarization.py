@@ -50,9 +50,9 @@ from data.summarization import (
 from data.tokenizer import SEQ2SEQ_SPECIAL, train_seq2seq_bpe
 from kernels import collate_padded
 from launch.backends import backend_class
-from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
+from launch.config import ConfigError, TrainConfig, check_choice, number, parse_config, validate_train_config
 from launch.flops import train_flops_per_token
-from launch.recipe import TRAINED_HERE, run_main, run_recipe, saved_processor
+from launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import as_is, head_on_rows, label_targets, model_inputs, text_sizes, token_loss_sum
 
@@ -346,10 +346,10 @@ def _build(cfg: SummarizationConfig, rt: Runtime, run_dir: Path) -> Summarizatio
     pairs = _read_splits(cfg)  # every split checked before anything is built
     tok = _setup_tokenizer(cfg, rt, run_dir, pairs["train"])
     model = _setup_model(cfg, tok)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if model.config.model_type != "t5" and limit and cfg.max_source_length > limit:
-        raise ConfigError(f"--max-source-length {cfg.max_source_length} is more than the model's "
-                          f"{limit} positions; lower it")  # fmt: skip
+    check_model_fits(model, tok, cfg.max_source_length, "--max-source-length")
+    check_model_fits(
+        model, tok, cfg.max_target_length, "--max-target-length"
+    )  # BART's decoder has positions too
     return SummarizationTask(cfg, tok, pairs, model, run_dir, rt)
 
 
@@ -400,9 +400,11 @@ def predict(argv: list[str]) -> int:
     parser.add_argument("export", help="an export folder (RUN/export)")
     parser.add_argument("text", nargs="?", help="the text; default: the export's held-out examples")
     parser.add_argument("--file", help="a UTF-8 text file to summarise")
-    parser.add_argument("--num-beams", type=int)
-    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--num-beams", type=number())
+    parser.add_argument("--max-new-tokens", type=number())
     args = parser.parse_args(argv)
+    if args.text is not None and not args.text.strip():
+        parser.error("the text is empty; give a text to summarise, or --file FILE")
     if args.file:
         texts = [_read_text(args.file)]
     elif args.text:
@@ -426,12 +428,18 @@ def compare(argv: list[str]) -> int:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--summary-column", default="summary")
     parser.add_argument("--split", default="test", help="the split of a `datasets` name")
-    parser.add_argument("--limit", type=int, default=0, help="score the first N documents only (0: all)")
-    parser.add_argument("--lead", type=int, default=1, help="the lead-k baseline's k (0: no baseline row)")
-    parser.add_argument("--show", type=int, default=3, help="examples printed side by side")
+    parser.add_argument(
+        "--limit", type=number(low=0), default=0, help="score the first N documents only (0: all)"
+    )
+    parser.add_argument(
+        "--lead", type=number(low=0), default=1, help="the lead-k baseline's k (0: no baseline row)"
+    )
+    parser.add_argument("--show", type=number(low=0), default=3, help="examples printed side by side")
     parser.add_argument("--output", default="compare.csv", help="the table as CSV")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=number(), default=8)
     args = parser.parse_args(argv)
+    if not Path(args.output).parent.is_dir():  # found now, not after every model has summarised the file
+        parser.error(f"--output {args.output}: the folder {Path(args.output).parent} does not exist")
     for export in args.exports:
         if not (Path(export) / "config.json").is_file():
             raise ConfigError(f"{export}: not an export folder (no config.json); pass RUN/export folders")

@@ -45,7 +45,7 @@ from data.classification import (
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import flops_per_token_or_zero
-from launch.recipe import load_labelled_model, pretrained_tokenizer, run_main, run_recipe
+from launch.recipe import check_model_fits, load_labelled_model, pretrained_tokenizer, run_main, run_recipe
 from launch.runtime import Runtime
 from launch.task import as_is, model_inputs, row_targets, text_sizes
 
@@ -220,6 +220,7 @@ def _build(cfg: ClassificationConfig, rt: Runtime, run_dir: Path) -> Classificat
     tok = pretrained_tokenizer(rt, cfg, run_dir)
     names, lengths, data, examples = _setup_data(cfg, rt, run_dir, tok)
     model = _setup_model(cfg, names)
+    check_model_fits(model, tok, cfg.max_length, "--max-length")
     if cfg.task == MULTI_LABEL and cfg.prior_bias and not init_prior_bias(model, data["train"]["labels"]):
         rt.print("--prior-bias: no output layer with one output per label found; the head keeps its init")
     return ClassificationTask(cfg, tok, names, data, lengths, examples, model)
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             "(first second first second ...); default: the export's held-out texts",
         )
         args = parser.parse_args(argv[1:])
+        if empty := [i + 1 for i, t in enumerate(args.texts) if not t.strip()]:
+            parser.error(f"text {empty[0]} is empty; give texts with words in them")
         columns = text_columns(args.export)
         if len(args.texts) % len(columns):
             raise ConfigError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import sys
 
@@ -209,7 +210,7 @@ def test_the_export_loads_in_the_pipeline_and_predict_transcribes(asr_run, tmp_p
     assert all((export / row[0]).is_file() for row in examples)  # the clips travel with the export
 
 
-@pytest.mark.parametrize("problem", ["corrupt", "missing", "empty_transcript", "too_long"])
+@pytest.mark.parametrize("problem", ["corrupt", "missing", "empty_transcript", "too_long", "too_short"])
 def test_bad_audio_or_manifest_stops_before_training_naming_the_file(tmp_path, problem):
     manifest = write_clips(tmp_path, n=3)
     clip = tmp_path / "clips" / "01.flac"
@@ -220,6 +221,12 @@ def test_bad_audio_or_manifest_stops_before_training_naming_the_file(tmp_path, p
         clip.unlink()
     elif problem == "empty_transcript":
         manifest.write_text(manifest.read_text().replace("THREE!", "!!"))
+    elif problem == "too_short":  # 0.5-0.64 s clips have 24-31 frames: no room for 40 characters
+        manifest.write_text(
+            re.sub(
+                r"(?m)^(clips/.*?),.*$", r"\1,a transcript of forty letters for a clip", manifest.read_text()
+            )
+        )
     else:
         extra = ["--max-seconds", "0.55"]
     out = tmp_path / "run"
@@ -233,9 +240,22 @@ def test_bad_audio_or_manifest_stops_before_training_naming_the_file(tmp_path, p
         "missing": str(clip),
         "empty_transcript": "line 3",
         "too_long": "--max-seconds",
+        "too_short": "every training clip is shorter than its transcript needs (first: ",
     }
     assert named[problem] in last_line
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_clip_too_short_for_its_transcript_is_left_out_of_training_and_named(tmp_path):
+    """CTC needs a frame per character: such a row would only add a zeroed infinite loss."""
+    manifest = write_clips(tmp_path, n=3)
+    manifest.write_text(manifest.read_text().replace("THREE!", "three three three three three three three"))
+    out = tmp_path / "run"
+    proc = python("--train-manifest", str(manifest), "--validation-manifest", "", "--test-manifest", "",
+                  "--output-dir", str(out), "--tracker", "none", "--max-steps", "1", timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data: 1 train clip(s) too short for their transcripts left out (first: " in proc.stdout
+    assert "train.csv, line 3: 28 frames, its transcript needs 48)" in proc.stdout  # 41 + 7 between "ee"s
 
 
 @pytest.mark.slow

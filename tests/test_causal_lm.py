@@ -90,6 +90,13 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_perplexity(lm_run,
     mine, theirs = final_metrics(read_metrics(tmp_path / "one")), final_metrics(records)
     assert mine["eval/loss"] == pytest.approx(theirs["eval/loss"], rel=1e-5)
     assert mine["eval/samples"] == theirs["eval/samples"]  # greedy: the same continuations
+    # The checkpoint exported on its own has no sampling settings: predict continues greedily, as it says.
+    from checkpoints.__main__ import main as checkpoints_main
+    from recipes.causal_lm import generate_text
+
+    assert checkpoints_main(["export", str(ckpt), str(tmp_path / "from_ckpt")]) == 0
+    greedy = generate_text(str(out / "export"), "Then,", max_new_tokens=12, temperature=0)
+    assert generate_text(str(tmp_path / "from_ckpt"), "Then,", max_new_tokens=12) == greedy
 
 
 @pytest.mark.slow

@@ -277,6 +277,18 @@ def test_verify_follows_latest_and_a_run_folder_is_told_its_newest_checkpoint(re
         )
 
 
+def test_verify_names_an_unreadable_pointer_or_manifest(tmp_path, capsys):
+    from checkpoints.__main__ import main
+
+    step = tmp_path / "step-000001"
+    (step / "manifest.json").mkdir(parents=True)  # not a file
+    (tmp_path / "latest").write_bytes(b"\xffstep-000001")  # not UTF-8
+    assert main(["verify", str(step)]) == 2
+    assert f"{step / 'manifest.json'}: corrupt (" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "latest")]) == 2
+    assert f"{tmp_path / 'latest'}: unreadable (" in capsys.readouterr().err
+
+
 def test_resuming_with_another_model_size_stops_naming_the_tensor_and_keeps_the_runs_config(
     tokenizer_dir, reference
 ):

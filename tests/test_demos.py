@@ -202,12 +202,16 @@ def test_apps_listen_on_localhost_only(servers):
         assert listening_addresses(servers[f"{name}_port"]) == {loopback}, name
 
 
-@pytest.mark.parametrize("target", ["missing", "not_an_export"])
+@pytest.mark.parametrize("target", ["missing", "not_an_export", "config_not_an_object"])
 def test_a_folder_without_an_export_stops_with_exit_2(tmp_path, target):
     folder = tmp_path / target
     if target == "not_an_export":
         folder.mkdir()
         (folder / "notes.txt").write_text("no model here")
+    elif target == "config_not_an_object":
+        folder.mkdir()
+        (folder / "config.json").write_text("[]")
+        (folder / "model.safetensors").write_bytes(b"")
     proc = python(APP, str(folder), timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: {folder}") and "Running on" not in proc.stdout

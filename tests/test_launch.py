@@ -330,6 +330,43 @@ def test_a_model_path_that_does_not_exist_is_named_before_anything_loads(tmp_pat
     assert pretrained_source(str(tmp_path)) == str(tmp_path)
 
 
+def test_a_length_or_vocabulary_the_model_cannot_take_is_a_config_error():
+    """Position tables (BERT, GPT-2, RoBERTa's offset by its padding id) bound the length; T5's relative
+    positions do not; a tokenizer with more ids than the embedding rows is refused."""
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2Model,
+        RobertaConfig,
+        RobertaModel,
+        T5Config,
+        T5Model,
+    )
+
+    from launch.recipe import check_model_fits
+
+    tok = [0] * 100  # only len() is read
+    small = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    bert = BertModel(BertConfig(vocab_size=100, max_position_embeddings=64, **small))
+    check_model_fits(bert, tok, 64, "--max-length")
+    with pytest.raises(
+        ConfigError, match=r"^--max-length 65 is more than the model's 64 positions; lower it$"
+    ):
+        check_model_fits(bert, tok, 65, "--max-length")
+    gpt2 = GPT2Model(GPT2Config(vocab_size=100, n_positions=32, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ConfigError, match="--block-size 33 is more than the model's 32 positions"):
+        check_model_fits(gpt2, tok, 33, "--block-size")
+    roberta = RobertaModel(RobertaConfig(vocab_size=100, max_position_embeddings=66, pad_token_id=1, **small))
+    check_model_fits(roberta, tok, 64, "--max-length")
+    with pytest.raises(ConfigError, match="65 is more than the model's 64 positions"):
+        check_model_fits(roberta, tok, 65, "--max-length")
+    t5 = T5Model(T5Config(vocab_size=100, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    check_model_fits(t5, tok, 4096, "--max-source-length")
+    with pytest.raises(ConfigError, match="the tokenizer has 101 ids and the model embeds 100"):
+        check_model_fits(bert, [0] * 101, 8, "--max-length")
+
+
 def test_text_rows_go_to_metrics_jsonl_and_a_wandb_table_but_not_to_summaries(tmp_path, monkeypatch):
     """A causal LM's generated samples ({prompt, continuation} rows) next to numbers: metrics.jsonl keeps
     them as rows, W&B (offline) gets a table, and the summary and `scalars` keep the numbers only."""
@@ -394,6 +431,50 @@ def test_field_comments_become_the_flags_help(capsys):
     assert "--prefix PREFIX prepended to every text; default: none --" in out  # no "(default: None)"
     assert "--wrapped {true,false} a comment that ruff moved" in out and "(default: true)" in out
     assert "--max-length MAX_LENGTH (default: 64)" in out  # the subclass's default
+
+
+def test_a_number_option_out_of_range_is_a_usage_error(capsys):
+    import argparse
+
+    from launch.config import number
+
+    parser = argparse.ArgumentParser(prog="p")
+    parser.add_argument("--beams", type=number())
+    parser.add_argument("--top-p", type=number(float, 0, 1))
+    assert parser.parse_args(["--beams", "4", "--top-p", "0.9"]) == argparse.Namespace(beams=4, top_p=0.9)
+    for argv, message in ((["--beams", "0"], "must be at least 1, got 0"),
+                          (["--top-p", "1.5"], "must be from 0 to 1, got 1.5"),
+                          (["--beams", "two"], "expected a number, got 'two'")):  # fmt: skip
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args(argv)
+        assert done.value.code == 2 and f"argument {argv[0]}: {message}" in capsys.readouterr().err
+
+
+# Each stops at its options (exit 2, usage and the reason) before any export is read: the folder need not exist.
+BAD_PREDICTS = [
+    ("ner", ["predict", "EXPORT", "  "], "the text is empty"),
+    ("text_classification", ["predict", "EXPORT", "good", ""], "text 2 is empty"),
+    ("mlm_nsp", ["predict", "EXPORT", "--text", ""], "--text is empty"),
+    ("causal_lm", ["predict", "EXPORT", ""], "the prompt is empty"),
+    ("causal_lm", ["predict", "EXPORT", "Once", "--max-new-tokens", "-3"], "must be at least 1, got -3"),
+    ("causal_lm", ["predict", "EXPORT", "Once", "--top-p", "1.5"], "must be from 0 to 1"),
+    ("summarization", ["predict", "EXPORT", "A text.", "--num-beams", "0"], "must be at least 1, got 0"),
+    ("summarization", ["predict", "EXPORT", " "], "the text is empty"),
+    ("summarization", ["compare", "EXPORT", "--test-file", "t.jsonl", "--batch-size", "0"], "at least 1"),
+    ("summarization", ["compare", "EXPORT", "--test-file", "t.jsonl", "--output", "no/such/c.csv"],
+     "--output no/such/c.csv: the folder no/such does not exist"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, argv, message", BAD_PREDICTS)
+def test_predict_commands_stop_at_empty_texts_and_numbers_out_of_range(name, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"recipes.{name}").main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" in err
 
 
 RECIPES = ["mlm_nsp", "text_classification", "ner", "qa", "causal_lm", "summarization", "asr_ctc"]

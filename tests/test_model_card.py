@@ -223,4 +223,10 @@ def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
     for arch, task in (("MarianMTModel", "summarization"), ("XLNetForQuestionAnsweringSimple", "qa")):
         (tmp_path / arch).mkdir()
         (tmp_path / arch / "config.json").write_text(json.dumps({"architectures": [arch]}), encoding="utf-8")
+        (tmp_path / arch / "pytorch_model.bin").write_bytes(b"a pickle")
+        with pytest.raises(
+            CheckpointError, match=rf"{arch} has a config.json but no safetensors weights, the"
+        ):
+            check_export(tmp_path / arch, task)  # a hub folder with pickled weights only: never unpickled
+        (tmp_path / arch / "model.safetensors").write_bytes(b"")
         assert check_export(tmp_path / arch, task) == str(tmp_path / arch)

@@ -200,7 +200,7 @@ def test_failed_task_is_a_row_with_its_log(local_cluster, tmp_path):
     assert "| failed |" in (tmp_path / "results.md").read_text()
 
 
-def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch):
+def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch, capsys):
     with pytest.raises(submit.SubmitError, match=r"grid entry 'lr' is malformed; write OPTION=V1,V2"):
         submit.parse_grid(["lr"])
     with pytest.raises(submit.SubmitError, match="'seed' is given twice"):
@@ -221,6 +221,12 @@ def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo
     with pytest.raises(submit.SubmitError, match=r"no Slurm cluster answers .*slurm/local_cluster.sh up"):
         submit.submit(RECIPE, root=tmp_path, check=False)
+    (tmp_path / "a_file").write_text("")
+    assert submit.main(["--cluster", "local", "--root", str(tmp_path / "a_file"), RECIPE]) == 2
+    assert f"error: --root {tmp_path / 'a_file'}: cannot write its folders there" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        submit.main(["--time", "0", RECIPE])
+    assert done.value.code == 2 and "argument --time: must be at least 1, got 0" in capsys.readouterr().err
     cli = subprocess.run(
         [sys.executable, "-m", "launch.submit", "--grid", "lr", RECIPE],
         cwd=REPO,
