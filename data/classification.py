@@ -26,6 +26,7 @@ class Table:
     rows: list[dict]
     where: list[str]
     source: str
+    unlabelled: int = 0  # rows left out: a `datasets` ClassLabel of -1 (no label)
 
 
 TABLE = "table (.csv, .tsv or .jsonl) with a header or keys naming its columns"
@@ -89,17 +90,20 @@ def _read_dataset(name: str, config: str, split: str) -> Table:
             f"{name}: not a .csv/.tsv/.jsonl file and not a loadable `datasets` name or split {split!r} ({err})"
         ) from None
     label_names = {k: f.names for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
-    rows, where = [], [f"{name}[{split}] row {i}" for i in range(len(ds))]
-    for row, at in zip(ds, where):  # ClassLabel ids become their names, so the exported label map is readable
-        for k in label_names.keys() & row.keys():
-            if row[k] is not None and row[k] < 0:  # GLUE's test splits: -1 (no label), not names[-1]
-                raise DataError(
-                    f"{at}: column {k!r} is {row[k]} (unlabelled); pick a labelled split (--train-split, "
-                    f'--validation-split, --test-split) or leave the split out (--test-file "")'
-                )
-            row[k] = label_names[k][row[k]] if row[k] is not None else None
-        rows.append(row)
-    return Table(rows, where, f"{name}[{split}]")
+    rows, where = [], []
+    for i, row in enumerate(ds):  # ClassLabel ids become their names, so the exported label map is readable
+        if any(row[k] is not None and row[k] < 0 for k in label_names):  # -1: no label (GLUE's test splits,
+            continue  # SNLI's rows without a gold label), not names[-1]
+        rows.append(
+            {k: label_names[k][v] if k in label_names and v is not None else v for k, v in row.items()}
+        )
+        where.append(f"{name}[{split}] row {i}")
+    if len(ds) and not rows:
+        raise DataError(
+            f"{name}[{split}]: every row's label is -1 (unlabelled); pick a labelled split (--train-split, "
+            f'--validation-split, --test-split) or leave the split out (e.g. --test-file "")'
+        )
+    return Table(rows, where, f"{name}[{split}]", unlabelled=len(ds) - len(rows))
 
 
 def check_columns(table: Table, columns: list[str], flag: str) -> None:
@@ -145,11 +149,6 @@ def _label_values(table: Table, label_columns: list[str], task: str, separator: 
                 raise DataError(
                     f"{where}: the label in column {label_columns[0]!r} must be a name or an integer id, got "
                     f"{value!r}; fix the row (several labels per text: --task multi_label)"
-                )
-            if re.fullmatch(r"\s*-\d+(\.0*)?\s*", str(value)):  # not a name, and ids count from 0
-                raise DataError(
-                    f"{where}: label {value!r} in column {label_columns[0]!r} is negative, which marks an "
-                    f"unlabelled row in many datasets; drop such rows (ids count from 0)"
                 )
             values.append(value.strip() if isinstance(value, str) else value)
         elif len(label_columns) > 1:  # one 0/1 column per label
@@ -208,15 +207,17 @@ def encode_labels(
     table: Table, label_columns: list[str], task: str, separator: str, names: list[str], given: bool = False
 ) -> list:
     """Label ids (multi-class) or multi-hot float vectors (multi-label); an unknown label is a DataError.
-    `given`: `names` is --labels, in id order, so a file of integer ids reads id i as names[i]."""
+    `given`: `names` is --labels, in id order, so a file of integer ids reads id i as names[i] (unless the
+    names are numbers themselves: --labels 1,2,3,4,5 of star ratings never reads 0 as "1")."""
     index = {n: i for i, n in enumerate(names)}
-    if given:
+    by_id = given and not any(re.fullmatch(r"\s*-?\d+\s*", n) for n in names)
+    if by_id:
         index |= {str(i): i for i in range(len(names)) if str(i) not in index}
     out = []
     for value, where in zip(_label_values(table, label_columns, task, separator), table.where):
         unknown = [str(v) for v in (value if task == MULTI_LABEL else [value]) if str(v) not in index]
         if unknown:
-            known = ", ".join(names) + (f"; or their ids 0 to {len(names) - 1}" if given else "")
+            known = ", ".join(names) + (f"; or their ids 0 to {len(names) - 1}" if by_id else "")
             raise DataError(
                 f"{where}: label {unknown[0]!r} is not one of the {'--labels' if given else 'training labels'} "
                 f"({known}); fix the row, or list every label with --labels"

@@ -67,7 +67,7 @@ def _read_conll(path: Path) -> TaggedSentences:
     # Lines end at "\n" and fields at spaces and tabs only: a token may hold U+0085, U+2028 or a no-break
     # space, which str.splitlines and str.split would cut at.
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):
-        fields = re.findall(r"[^ \t\r]+", line)
+        fields = re.findall(r"[^ \t\r\f\v]+", line) if line.strip() else []  # a blank line ends a sentence
         if not fields or fields[0] == "-DOCSTART-":
             if words:
                 out.tokens.append(words)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import inspect
 import io
+import math
 import signal
 import sys
 import textwrap
@@ -36,8 +37,10 @@ def number(kind: type = int, low: float = 1, high: float | None = None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
             bound = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value

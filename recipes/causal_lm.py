@@ -36,7 +36,7 @@ from data.tokenizer import load_tokenizer, train_byte_bpe
 from kernels import collate_padded
 from launch.config import ConfigError, TrainConfig, check_choice, number, parse_config, validate_train_config
 from launch.flops import flops_per_token_or_zero
-from launch.recipe import check_model_fits, run_main, run_recipe, saved_processor
+from launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import as_is, label_targets, model_inputs, text_sizes, token_loss_sum
 
@@ -141,7 +141,8 @@ def _setup_tokenizer(cfg: CausalLMConfig, rt: Runtime, run_dir: Path, docs: list
             tok.pad_token = tok.eos_token  # GPT-2 has none; padding never reaches the loss or the mask
         return tok
 
-    tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)))
+    made_from = cfg.tokenizer or cfg.model or TRAINED_HERE
+    tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)), made_from=made_from)
     tok.model_max_length = cfg.block_size
     return tok
 
@@ -293,10 +294,9 @@ def generate_text(export_dir: str, prompt: str, *, max_new_tokens: int | None = 
     defaults = generator.model.generation_config
     options = {"max_new_tokens": max_new_tokens or defaults.max_new_tokens}
     prompt = prompt_kept(export_dir, prompt, options["max_new_tokens"])[0]
-    if temperature is None:  # the export's: a recipe's samples; one without generation settings is greedy
-        temperature = (
-            (1.0 if defaults.temperature is None else defaults.temperature) if defaults.do_sample else 0.0
-        )
+    if temperature is None:  # the export's: a recipe's samples; one without sampling settings is greedy,
+        sampling = defaults.do_sample or top_p is not None  # unless --top-p asks to sample
+        temperature = (1.0 if defaults.temperature is None else defaults.temperature) if sampling else 0.0
     if temperature <= 0:
         options["do_sample"] = False
     else:

@@ -38,7 +38,7 @@ from kernels import collate_padded, mask_tokens
 from launch.backends import backend_class
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
 from launch.flops import flops_per_token_or_zero
-from launch.recipe import check_model_fits, run_main, run_recipe, saved_processor
+from launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
 from launch.runtime import Runtime
 from launch.task import (
     label_targets,
@@ -102,7 +102,8 @@ def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: l
         tok.model_max_length = cfg.max_length
         return tok
 
-    tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)))
+    made_from = cfg.tokenizer or cfg.model or TRAINED_HERE
+    tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)), made_from=made_from)
     if tok.mask_token_id is None or tok.pad_token_id is None:
         raise ConfigError(
             f"tokenizer {cfg.tokenizer or cfg.model or run_dir} has no [MASK] or [PAD] token; MLM needs both"
@@ -343,6 +344,7 @@ def predict(argv: list[str]) -> int:
     if not texts and not pairs:  # the held-out examples saved with the export
         texts = saved_inputs(args.export, "fill_mask", "give --text and/or --pair")
         pairs = saved_examples(args.export, "next_sentence", "give --text and/or --pair")
+    load(str(args.export))  # a broken export is its own error, not the --text's
     for text in texts:
         try:
             filled = fill_mask(args.export, text)

@@ -117,6 +117,8 @@ def _setup_data(cfg: ClassificationConfig, rt: Runtime, run_dir: Path, tok):
             for k, (cols, labels) in columns.items()
         }
     rt.print(f"data: {', '.join(f'{len(d)} {k}' for k, d in data.items())} examples, {len(names)} labels")
+    if unlabelled := ", ".join(f"{t.unlabelled} {k}" for k, t in tables.items() if t.unlabelled):
+        rt.print(f"data: rows labelled -1 (no label) left out: {unlabelled}")
     held = columns.get("test", columns.get("validation", columns["train"]))[0]  # demo inputs: a text, a pair
     examples = {"classify": [list(row) for row in dict.fromkeys(zip(*held))][:4]}
     lengths = list(data["train"]["length"])

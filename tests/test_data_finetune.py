@@ -95,35 +95,32 @@ def test_sparse_integer_codes_are_names_and_a_list_label_is_named(tmp_path):
             label_names(rows, ["y"], MULTI_CLASS, "", [])
 
 
-def test_unlabelled_rows_are_errors_not_the_last_class(tmp_path, monkeypatch):
-    """-1 marks a row without a label (GLUE's test splits); Python would read names[-1] or shift every id."""
+def test_unlabelled_datasets_rows_are_left_out_not_the_last_class(tmp_path, monkeypatch):
+    """A ClassLabel of -1 marks a row without a label (GLUE's test splits, SNLI's rows without a gold label):
+    left out and counted, not read as names[-1]; a split of nothing else is an error. In a file, -1 is a
+    label like any other (a -1/0/1 sentiment scheme)."""
     import datasets
 
     labels = datasets.ClassLabel(names=["negative", "positive"])
     features = datasets.Features({"sentence": datasets.Value("string"), "label": labels})
     split = datasets.Dataset.from_dict({"sentence": ["fine", "meh"], "label": [1, -1]}, features=features)
-    splits = {"test": split, "train": split.select([0])}
+    splits = {"train": split, "test": split.select([1])}
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: splits[split])
+    train = read_table("glue", dataset_config="sst2", split="train")
+    assert train.rows == [{"sentence": "fine", "label": "positive"}] and train.unlabelled == 1
+    assert train.where == ["glue[train] row 0"]
     with pytest.raises(
-        DataError, match=r"glue\[test\] row 1: column 'label' is -1 \(unlabelled\); pick a labelled split"
+        DataError, match=r"glue\[test\]: every row's label is -1 \(unlabelled\); pick a labelled"
     ):
         read_table("glue", dataset_config="sst2", split="test")
-    train = read_table("glue", dataset_config="sst2", split="train")
-    assert train.rows == [{"sentence": "fine", "label": "positive"}]
-    for value in ("-1", -1):
-        table = read_table(
-            write(
-                tmp_path,
-                "neg.jsonl",
-                json.dumps({"t": "a", "y": 0}) + "\n" + json.dumps({"t": "b", "y": value}),
-            )
-        )
-        with pytest.raises(DataError, match=r"neg\.jsonl, line 2: label '?-1'? in column 'y' is negative"):
-            label_names(table, ["y"], MULTI_CLASS, "", [])
+    table = read_table(write(tmp_path, "sentiment.csv", "text,y\nbad,-1\nok,0\ngood,1\n"))
+    names = label_names(table, ["y"], MULTI_CLASS, "", [])
+    assert names == ["-1", "0", "1"] and encode_labels(table, ["y"], MULTI_CLASS, "", names) == [0, 1, 2]
 
 
 def test_labels_given_in_id_order_name_a_file_of_ids(tmp_path):
-    """--labels negative,positive over a file of 0/1 ids: id i is the i-th name; an id past them is named."""
+    """--labels negative,positive over a file of 0/1 ids: id i is the i-th name; an id past them is named.
+    Names that are numbers (star ratings) are only ever names."""
     table = read_table(write(tmp_path, "ids.csv", "text,label\ngood,1\nbad,0\nfine,positive\n"))
     names = label_names(table, ["label"], MULTI_CLASS, "", ["negative", "positive"])
     assert encode_labels(table, ["label"], MULTI_CLASS, "", names, given=True) == [1, 0, 1]
@@ -137,6 +134,11 @@ def test_labels_given_in_id_order_name_a_file_of_ids(tmp_path):
         DataError, match=r"label '1' is not one of the training labels \(negative, positive\)"
     ):
         encode_labels(table, ["label"], MULTI_CLASS, "", names)  # names from training, not --labels
+    stars = read_table(write(tmp_path, "stars.csv", "text,label\ngreat,5\nstray,0\n"))
+    with pytest.raises(
+        DataError, match=r"stars\.csv, line 3: label '0' is not one of the --labels \(1, 2, 3, 4, 5\)"
+    ):
+        encode_labels(stars, ["label"], MULTI_CLASS, "", ["1", "2", "3", "4", "5"], given=True)
 
 
 def test_multi_label_names_joined_without_a_separator_ask_for_one(tmp_path):

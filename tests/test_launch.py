@@ -331,40 +331,43 @@ def test_a_model_path_that_does_not_exist_is_named_before_anything_loads(tmp_pat
 
 
 def test_a_length_or_vocabulary_the_model_cannot_take_is_a_config_error():
-    """Position tables (BERT, GPT-2, RoBERTa's offset by its padding id) bound the length; T5's relative
+    """Absolute position tables bound the length (BERT, GPT-2's wpe, RoBERTa-style ones past the padding id,
+    BART's past its offset, an encoder-decoder by its fewest); T5's relative and DeBERTa-v2's relative-only
     positions do not; a tokenizer with more ids than the embedding rows is refused."""
-    from transformers import (
-        BertConfig,
-        BertModel,
-        GPT2Config,
-        GPT2Model,
-        RobertaConfig,
-        RobertaModel,
-        T5Config,
-        T5Model,
-    )
+    import transformers as tf
 
     from launch.recipe import check_model_fits
 
     tok = [0] * 100  # only len() is read
-    small = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
-    bert = BertModel(BertConfig(vocab_size=100, max_position_embeddings=64, **small))
-    check_model_fits(bert, tok, 64, "--max-length")
-    with pytest.raises(
-        ConfigError, match=r"^--max-length 65 is more than the model's 64 positions; lower it$"
-    ):
-        check_model_fits(bert, tok, 65, "--max-length")
-    gpt2 = GPT2Model(GPT2Config(vocab_size=100, n_positions=32, n_embd=8, n_layer=1, n_head=2))
-    with pytest.raises(ConfigError, match="--block-size 33 is more than the model's 32 positions"):
-        check_model_fits(gpt2, tok, 33, "--block-size")
-    roberta = RobertaModel(RobertaConfig(vocab_size=100, max_position_embeddings=66, pad_token_id=1, **small))
-    check_model_fits(roberta, tok, 64, "--max-length")
-    with pytest.raises(ConfigError, match="65 is more than the model's 64 positions"):
-        check_model_fits(roberta, tok, 65, "--max-length")
-    t5 = T5Model(T5Config(vocab_size=100, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
-    check_model_fits(t5, tok, 4096, "--max-source-length")
+    small = dict(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, vocab_size=100
+    )
+    seq2seq = dict(d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, vocab_size=100,
+                   decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=64)  # fmt: skip
+    bounded = {
+        "bert": tf.BertModel(tf.BertConfig(max_position_embeddings=64, **small)),
+        "gpt2": tf.GPT2Model(tf.GPT2Config(vocab_size=100, n_positions=64, n_embd=8, n_layer=1, n_head=2)),
+        "roberta": tf.RobertaModel(tf.RobertaConfig(max_position_embeddings=66, pad_token_id=1, **small)),
+        "mpnet": tf.MPNetModel(tf.MPNetConfig(max_position_embeddings=66, pad_token_id=1, **small)),
+        "bart": tf.BartModel(tf.BartConfig(**seq2seq)),
+        "pegasus": tf.PegasusModel(tf.PegasusConfig(**seq2seq)),
+    }
+    for model in bounded.values():
+        check_model_fits(model, tok, 64, "--max-length")
+        with pytest.raises(
+            ConfigError, match=r"^--max-length 65 is more than the model's 64 positions; lower it$"
+        ):
+            check_model_fits(model, tok, 65, "--max-length")
+    t5 = tf.T5Model(tf.T5Config(vocab_size=100, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    deberta = tf.DebertaV2Model(
+        tf.DebertaV2Config(
+            max_position_embeddings=64, position_biased_input=False, relative_attention=True, **small
+        )
+    )
+    for model in (t5, deberta):
+        check_model_fits(model, tok, 4096, "--max-source-length")
     with pytest.raises(ConfigError, match="the tokenizer has 101 ids and the model embeds 100"):
-        check_model_fits(bert, [0] * 101, 8, "--max-length")
+        check_model_fits(bounded["bert"], [0] * 101, 8, "--max-length")
 
 
 def test_text_rows_go_to_metrics_jsonl_and_a_wandb_table_but_not_to_summaries(tmp_path, monkeypatch):
@@ -444,7 +447,8 @@ def test_a_number_option_out_of_range_is_a_usage_error(capsys):
     assert parser.parse_args(["--beams", "4", "--top-p", "0.9"]) == argparse.Namespace(beams=4, top_p=0.9)
     for argv, message in ((["--beams", "0"], "must be at least 1, got 0"),
                           (["--top-p", "1.5"], "must be from 0 to 1, got 1.5"),
-                          (["--beams", "two"], "expected a number, got 'two'")):  # fmt: skip
+                          (["--beams", "1.5"], "expected an integer, got '1.5'"),
+                          (["--top-p", "nan"], "must be from 0 to 1, got nan")):  # fmt: skip
         with pytest.raises(SystemExit) as done:
             parser.parse_args(argv)
         assert done.value.code == 2 and f"argument {argv[0]}: {message}" in capsys.readouterr().err
@@ -531,7 +535,7 @@ def test_a_run_folder_keeps_the_processor_of_the_model_it_was_made_for(tmp_path)
     folder = saved_processor(OneRank(), run, make, lambda f: f, made_from="models/minilm")
     assert saved_processor(OneRank(), run, make, lambda f: f, made_from="models/minilm") == folder
     assert len(made) == 1
-    with pytest.raises(ConfigError, match="was made from --model models/minilm, and this run asks for --model "
+    with pytest.raises(ConfigError, match="was made from models/minilm, and this run asks for "
                        "bert-base-uncased.*pass a new --output-dir"):  # fmt: skip
         saved_processor(OneRank(), run, make, lambda f: f, made_from="bert-base-uncased")
     assert saved_processor(OneRank(), run, make, lambda f: f) == folder  # a tokenizer trained here: no record

@@ -166,6 +166,11 @@ def test_a_pretrained_model_brings_its_tokenizer_and_its_position_limit(tmp_path
     proc = python(*run, "--output-dir", str(out), "--max-length", "64", "--max-steps", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert AutoTokenizer.from_pretrained(out / "processor").get_vocab() == tok.get_vocab()
+    scratch = python("--tracker", "none", "--output-dir", str(out), "--max-length", "64", "--max-steps", "4")
+    assert scratch.returncode == 2  # a model from scratch would take the folder's ids for its own WordPiece's
+    assert f"was made from {model.resolve()}, and this run asks for (none: the processor was trained" in (
+        scratch.stderr
+    )
 
 
 def test_bad_config_stops_with_a_message(tmp_path):
