@@ -30,8 +30,9 @@ class ConfigError(ValueError):
 
 
 def number(kind: type = int, low: float = 1, high: float | None = None):
-    """An argparse `type` for the predict and compare commands' options: a `kind` in [low, high], so
-    `--num-beams 0` is a usage error (exit 2) instead of a failure deep inside generation."""
+    """An argparse `type` for options outside the config dataclasses (predict, compare, launch.submit): a
+    finite `kind` in [low, high], so `--num-beams 0` is a usage error (exit 2), not a failure deep inside
+    generation."""
 
     def parse(text: str):
         try:

@@ -49,9 +49,7 @@ def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
     return run_dir
 
 
-TRAINED_HERE = (
-    "(none: the processor was trained on this run's data)"  # a made_from without --model or --tokenizer
-)
+TRAINED_HERE = "(none: the processor was trained on this run's data)"  # made_from, no --model/--tokenizer
 
 
 def saved_processor(

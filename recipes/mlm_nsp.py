@@ -2,8 +2,8 @@
 
 Features: a WordPiece tokenizer trained on the corpus when neither --tokenizer nor --model gives one; NSP
 pairs (50 % true next, 50 % random from another document) tokenised with `datasets`; MLM masking fused into
-one pass on the host batch, with the MLM head on the masked positions only; DDP across ranks; bf16 autocast on GPUs; W&B
-and metrics.jsonl tracking; a Hugging Face export that `pipeline("fill-mask")` and
+one pass on the host batch, with the MLM head on the masked positions only; DDP across ranks; bf16 autocast
+on GPUs; W&B and metrics.jsonl tracking; a Hugging Face export that `pipeline("fill-mask")` and
 `BertForNextSentencePrediction` load.
 
 Launch:

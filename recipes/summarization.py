@@ -347,9 +347,7 @@ def _build(cfg: SummarizationConfig, rt: Runtime, run_dir: Path) -> Summarizatio
     tok = _setup_tokenizer(cfg, rt, run_dir, pairs["train"])
     model = _setup_model(cfg, tok)
     check_model_fits(model, tok, cfg.max_source_length, "--max-source-length")
-    check_model_fits(
-        model, tok, cfg.max_target_length, "--max-target-length"
-    )  # BART's decoder has positions too
+    check_model_fits(model, tok, cfg.max_target_length, "--max-target-length")  # decoders have positions too
     return SummarizationTask(cfg, tok, pairs, model, run_dir, rt)
 
 
