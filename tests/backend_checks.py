@@ -168,8 +168,10 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
     acc_state = {k: v.float() for k, v in acc.backend.full_state_dict(every_rank=True).items()}
     one_state = {k: v.float() for k, v in t.backend.full_state_dict(every_rank=True).items()}
     accumulation_ok = all(torch.allclose(acc_state[k], one_state[k], rtol=1e-4, atol=1e-6) for k in one_state)
-    # Save after step 1, take step 2; a fresh trainer loads the checkpoint and takes step 2 again.
+    # Save after step 1, take step 2; a fresh trainer two steps on (other weights, optimizer moments and
+    # schedule than the checkpoint's) loads it, goes back to its data position and takes step 2 again.
     root = workdir / backend / f"zero{cfg.get('zero_stage', '')}"
+    position = (t.state.epoch, t.state.consumed)  # what a checkpoint's rank state holds
     meta = {"step": 1, "world_size": rt.world_size, "scheduler": t.backend.scheduler.state_dict()}
     save_checkpoint(root, 1, state=t.backend.checkpoint_state(), rank_state={"x": torch.zeros(1)}, rank_meta={},
                     meta=meta)  # fmt: skip
@@ -178,9 +180,13 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
     continued = fingerprint(t.backend.full_state_dict(every_rank=True))
     lrs.append(t.backend.current_lr())
     again = trainer(rt, backend, LMTask(tiny_gpt2(), seq2seq=False), **cfg)
-    again.train_step()  # moves the fresh trainer's data position to where the saved one was
+    again.train_step()
+    again.train_step()
+    stale = fingerprint(again.backend.full_state_dict(every_rank=True)) != after
     loaded_meta, _, _ = load_checkpoint(root / "step-000001", state=again.backend.checkpoint_state())
     again.backend.scheduler.load_state_dict(loaded_meta["scheduler"])
+    again.state.epoch, again.state.consumed = position
+    again._batches = None  # the next batch is drawn from the restored position, as a resumed run's is
     torch.set_rng_state(state)
     second_again, _, _, _ = again.train_step()
     full = t.backend.full_state_dict(every_rank=True)
@@ -194,6 +200,7 @@ def contract(rt, backend: str, workdir: Path, **cfg) -> dict:
         "lr_after_1": lrs[0],
         "lr_expected_after_1": expected.get_last_lr()[0],
         "accumulation_equals_bigger_batch": accumulation_ok,
+        "loaded_over_another_state": stale,
         "resumed_loss_equal": float(second) == float(second_again),
         "resumed_weights_equal": continued == fingerprint(again.backend.full_state_dict(every_rank=True)),
         "full_state_keys_match": sorted(full) == sorted(tiny_gpt2().state_dict()),

@@ -42,6 +42,7 @@ def test_backend_keeps_the_contract_on_two_ranks(two_ranks, backend):
     assert (r["samples"], r["tokens"]) == (4, 24)  # this rank's 4 rows of 6 tokens
     assert r["lr_after_1"] == pytest.approx(r["lr_expected_after_1"])
     assert r["accumulation_equals_bigger_batch"], "2 micro-batches without sync differ from one batch of 4"
+    assert r["loaded_over_another_state"], "the resume check must load over weights other than the saved ones"
     assert r["resumed_loss_equal"] and r["resumed_weights_equal"], "the checkpoint did not continue exactly"
     assert r["full_state_keys_match"] and r["full_state_same_on_every_rank"] and r["export_state_on_rank_0"]
 

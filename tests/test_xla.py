@@ -371,6 +371,7 @@ def test_the_backend_contract_holds_and_evaluation_skips_generation(xla_python, 
     r = results["contract/xla"]
     assert r["changed"] and r["grad_norm"] > 0 and r["lr_after_1"] == pytest.approx(r["lr_expected_after_1"])
     assert r["accumulation_equals_bigger_batch"] and r["resumed_loss_equal"] and r["resumed_weights_equal"]
+    assert r["loaded_over_another_state"]
     assert r["full_state_keys_match"]
     gen = results["generate/xla"]
     assert gen["static_shapes"] and "generate from the export" in gen["refused"]
