@@ -148,6 +148,15 @@ def test_demo_page_transcribes_an_uploaded_clip(toy_run, browser):
         stop_apps([proc])
 
 
+def pooled_rates(rows) -> tuple[float, float]:
+    """WER and CER of a split's prediction rows: edits summed over the split over reference lengths summed."""
+    from data.speech import error_counts
+
+    words, ref_words, chars, ref_chars = (sum(c) for c in zip(*(error_counts(r["reference"], r["transcript"])
+                                                                 for r in rows)))  # fmt: skip
+    return words / ref_words, chars / ref_chars
+
+
 def write_clips(folder, n: int = 10):
     """n clips (0.5-1.2 s of tones), and a CSV manifest with paths relative to it."""
     import soundfile as sf
@@ -183,8 +192,8 @@ def asr_run(tmp_path_factory):
 def test_a_short_run_scores_wer_and_cer_and_writes_its_predictions(asr_run):
     out, records = asr_run
     m = {k: v for r in records for k, v in r.items()}
-    assert 0.0 <= m["eval/cer"] and 0.0 <= m["eval/wer"]
     rows = [json.loads(x) for x in (out / "predictions" / "validation.jsonl").read_text().splitlines()]
+    assert (m["eval/wer"], m["eval/cer"]) == pytest.approx(pooled_rates(rows), rel=1e-9)
     assert len(rows) == 10
     assert {r["reference"] for r in rows} == {w for w in WORDS}  # lowercased, "!" ignored
     vocab = json.loads((out / "export" / "vocab.json").read_text())
@@ -291,9 +300,9 @@ def test_sharded_backends_train_and_count_every_clip(backend, tmp_path):
                                 "--validation-manifest", str(manifest), "--test-manifest", "", timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = final_metrics(read_metrics(out))
-    assert 0 <= m["eval/wer"] and 0 <= m["eval/cer"]
     rows = [json.loads(x) for x in (out / "predictions" / "validation.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and len({r["audio"] for r in rows}) == 9
+    assert (m["eval/wer"], m["eval/cer"]) == pytest.approx(pooled_rates(rows), rel=1e-9)  # every clip, once
     assert (out / "export" / "processor_config.json").is_file() and (
         out / "export" / "model.safetensors"
     ).is_file()

@@ -180,6 +180,12 @@ def test_predict_applies_saved_thresholds(toxic_run, news_run):
     clean, rude = (ast.literal_eval(line.split("\t")[1]) for line in proc.stdout.strip().splitlines())
     assert "toxic" not in clean["labels"] and "toxic" in rude["labels"]
     assert set(rude["scores"]) == {"toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"}
+    from transformers import AutoConfig
+
+    fitted = AutoConfig.from_pretrained(toxic_run[0] / "export").label_thresholds
+    assert any(t != 0.5 for t in fitted.values())  # fitted on validation, so 0.5 would decide otherwise
+    for result in (clean, rude):
+        assert result["labels"] == [n for n, p in result["scores"].items() if p >= fitted[n]]
     # The CLI above is a thin loop over predict(); the multi-class side is checked in this process.
     from recipes.text_classification import predict
 

@@ -119,8 +119,10 @@ def test_classification_page_applies_the_fitted_thresholds(servers, exports, pag
     (result,) = predict(str(exports["text_classification"]), [text])
     fitted = AutoConfig.from_pretrained(exports["text_classification"]).label_thresholds
     rows = [r.locator("td").all_inner_texts() for r in page.locator("#cls-decision table tbody tr").all()]
+    applies = {n: p >= fitted[n] for n, p in result["scores"].items()}  # the fitted thresholds, not 0.5
+    assert result["labels"] == [n for n, yes in applies.items() if yes]
     assert rows == [
-        [n, f"{p:.4f}", f"{fitted[n]:.2f}", "yes" if n in result["labels"] else "no"]
+        [n, f"{p:.4f}", f"{fitted[n]:.2f}", "yes" if applies[n] else "no"]
         for n, p in result["scores"].items()
     ]
     chosen = ", ".join(result["labels"]) or "none"

@@ -238,8 +238,9 @@ def test_read_manifest_datasets_name_reads_the_audio_column_undecoded(clips, tmp
     assert [Path(u.audio).read_bytes() for u in utts] == [c.read_bytes() for c in source]
     assert Path(utts[1].audio).parent == cache / "test" and utts[1].audio.endswith(".flac")
     assert utts[1].seconds == pytest.approx(1.5)
+    written = [Path(u.audio).stat().st_mtime_ns for u in utts]
     again = read_manifest(str(tmp_path / "ds"), "audio", "sentence", split="test", cache_dir=cache)
-    assert again == utts  # the clips written once are reused
+    assert again == utts and [Path(u.audio).stat().st_mtime_ns for u in again] == written  # not rewritten
     with pytest.raises(DataError, match=r"no column 'text' .* set --text-column"):
         read_manifest(str(tmp_path / "ds"), "audio", "text", split="test", cache_dir=cache)
     with pytest.raises(DataError, match="not a manifest, a folder of clips or a loadable `datasets` name"):
