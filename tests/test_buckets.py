@@ -31,7 +31,9 @@ def test_bucket_lengths_are_powers_of_two_capped_by_the_maximum():
 def test_parse_buckets_sorts_and_refuses_nonsense():
     assert parse_buckets("64, 16,32") == [16, 32, 64]
     for bad in ("", "16,x", "0,16", "16,16"):
-        with pytest.raises(ValueError):
+        with pytest.raises(
+            ValueError, match=r"bucket lengths must be (distinct positive|comma-separated) integers, got "
+        ):
             parse_buckets(bad)
 
 
