@@ -223,11 +223,8 @@ def check_model_fits(model, tok, length: int, flag: str) -> None:
     limit = position_limit(model)
     if limit is not None and length > limit:
         raise ConfigError(f"{flag} {length} is more than the model's {limit} positions; lower it")
-    try:
-        embeddings = model.get_input_embeddings()
-    except NotImplementedError:  # a model with no token embeddings (audio)
-        embeddings = None
-    if embeddings is not None and len(tok) > embeddings.num_embeddings:
+    embeddings = model.get_input_embeddings()
+    if len(tok) > embeddings.num_embeddings:
         raise ConfigError(
             f"the tokenizer has {len(tok)} ids and the model embeds {embeddings.num_embeddings}; use the "
             f"model's own tokenizer (leave --tokenizer empty) or one made for it"

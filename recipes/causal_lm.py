@@ -126,9 +126,9 @@ def _setup_data(cfg: CausalLMConfig, rt: Runtime, run_dir: Path):
 
 def _setup_tokenizer(cfg: CausalLMConfig, rt: Runtime, run_dir: Path, docs: list[str]):
     """--tokenizer, the model's, or a byte-level BPE trained on the training documents; saved with the run."""
+    source = cfg.tokenizer or cfg.model
 
     def make():
-        source = cfg.tokenizer or cfg.model
         if source:
             tok = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
         else:
@@ -141,7 +141,7 @@ def _setup_tokenizer(cfg: CausalLMConfig, rt: Runtime, run_dir: Path, docs: list
             tok.pad_token = tok.eos_token  # GPT-2 has none; padding never reaches the loss or the mask
         return tok
 
-    made_from = cfg.tokenizer or cfg.model or TRAINED_HERE
+    made_from = source or TRAINED_HERE
     tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)), made_from=made_from)
     tok.model_max_length = cfg.block_size
     return tok

@@ -92,9 +92,10 @@ def _validate(cfg: MLMNSPConfig) -> None:
 def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: list[list[str]]):
     """--tokenizer, --model's own, or a WordPiece trained on the training documents; saved once as the run's
     processor."""
+    source = cfg.tokenizer or cfg.model
 
     def make():
-        if source := cfg.tokenizer or cfg.model:
+        if source:
             tok = load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
         else:
             texts = (s for doc in documents for s in doc)
@@ -102,12 +103,10 @@ def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: l
         tok.model_max_length = cfg.max_length
         return tok
 
-    made_from = cfg.tokenizer or cfg.model or TRAINED_HERE
+    made_from = source or TRAINED_HERE
     tok = saved_processor(rt, run_dir, make, lambda folder: load_tokenizer(str(folder)), made_from=made_from)
     if tok.mask_token_id is None or tok.pad_token_id is None:
-        raise ConfigError(
-            f"tokenizer {cfg.tokenizer or cfg.model or run_dir} has no [MASK] or [PAD] token; MLM needs both"
-        )
+        raise ConfigError(f"tokenizer {source or run_dir} has no [MASK] or [PAD] token; MLM needs both")
     return tok
 
 
