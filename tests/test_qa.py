@@ -26,12 +26,15 @@ TOY = REPO / "data" / "toy" / "qa"
 
 @pytest.fixture(scope="module")
 def qa_run(tmp_path_factory):
-    """The config's run in bf16 autocast, the precision `auto` picks on a GPU: on a CPU with bf16 in hardware
-    (AVX512-BF16, AMX) it trains 1.6x as fast as fp32 (test EM 98.2 and 81.0 with seeds 42 and 1)."""
+    """The config's run for half its epochs (0.75: 157 steps), in bf16 autocast, the precision `auto` picks on
+    a GPU: on a CPU with bf16 in hardware (AVX512-BF16, AMX) it trains 1.6x as fast as fp32. Test EM/F1 with
+    seeds 42, 1, 2, 3, 7: 91.1/93.1, 72.0/73.9, 50.6/52.2, 90.5/91.9, 88.7/92.7 (the config's 1.5 epochs:
+    98.2 and 81.0 EM with seeds 42 and 1); the floors below are EM 30 and F1 42.7."""
     out = tmp_path_factory.mktemp("qa") / "run"
     proc = recipe_runs.torchrun(
-        RECIPE, "--config", "recipes/configs/qa.yaml", "--output-dir", str(out), "--tracker", "none",
-        "--log-every", "10", "--check-replicas", "true", "--precision", "bf16", timeout=3600,
+        RECIPE, "--config", "recipes/configs/qa.yaml", "--epochs", "0.75", "--output-dir", str(out),
+        "--tracker", "none", "--log-every", "10", "--check-replicas", "true", "--precision", "bf16",
+        timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, {k: v for r in read_metrics(out) for k, v in r.items()}
