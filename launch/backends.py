@@ -235,7 +235,7 @@ class DDPBackend:
         return self.raw_model.state_dict()
 
     def log_metrics(self) -> dict[str, float]:
-        return {}
+        return compile_figures() if self.settings.compile else {}
 
     def close(self) -> None:
         """Drop the DDP wrapper while the process group lives: its reducer, destroyed at interpreter exit
@@ -325,6 +325,18 @@ def compile_blocks(model: nn.Module) -> None:
     blocks = [block for layers in layer_lists(model) for block in layers]
     for block in blocks or [model]:
         block.compile()
+
+
+def compile_figures() -> dict[str, float]:
+    """What --compile has done in this process so far, from torch._dynamo's counters: graphs compiled (more
+    than one per distinct block means recompiles, e.g. on new batch shapes) and graph breaks (code that ran
+    eagerly between graphs). Zero graphs after a step means nothing was compiled."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "compile/graphs": counters["stats"]["unique_graphs"],
+        "compile/graph_breaks": sum(counters["graph_break"].values()),
+    }
 
 
 def layer_lists(model: nn.Module) -> list[nn.ModuleList]:

@@ -9,6 +9,7 @@ from conftest import REPO
 
 from launch.backends import compile_blocks
 from launch.config import ConfigError, TrainConfig, validate_train_config
+from launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
 
@@ -50,6 +51,9 @@ def test_a_compiled_run_saves_resumes_and_exports_the_same_names(tmp_path, token
         proc = recipe_runs.run(cmd, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and recipe_runs.losses(out).keys() == {1, 2, 3}
+    logged = [r for r in read_metrics(out) if "train/loss" in r]
+    # Each process compiled its blocks before its first logged step: not an eager run under another name.
+    assert logged and all(r["compile/graphs"] >= 1 and "compile/graph_breaks" in r for r in logged), logged
     exported = load_file(out / "export" / "model.safetensors")
     from transformers import BertConfig, BertForPreTraining
 
