@@ -135,8 +135,10 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     ckpts, interrupted = out / "checkpoints", None
     deadline = time.time() + 240
     while time.time() < deadline and interrupted is None:
+        # Completed saves first: a save that finishes while we look is then never taken for a partial one.
+        done = {p.name for p in ckpts.glob("step-*")} if ckpts.exists() else set()
         partial = list(ckpts.glob(".tmp-step-*")) if ckpts.exists() else []
-        if partial and _has_shards(partial[0]) and list(ckpts.glob("step-*")):
+        if done and partial and partial[0].name.removeprefix(".tmp-") not in done and _has_shards(partial[0]):
             kill_tree(proc)
             interrupted = partial[0]
         time.sleep(0.002)
