@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# BERT MLM + NSP pretraining on Slurm: one torchrun per node (c10d rendezvous on the first node), one worker
-# per GPU. Preemption-safe: USR1 before the time limit (or `scancel --batch --signal=USR1 JOB`) makes every
-# rank save at the next step and the job requeue itself; the requeued job resumes from the same run folder.
+# BERT MLM + NSP pretraining on Slurm: slurm/train.sh with the mlm_nsp recipe (torchrun per node, c10d
+# rendezvous, USR1 save-and-requeue, one run folder across requeues; its knobs RUN_DIR, NPROC_PER_NODE,
+# PYTHON and BACKEND_FLAGS hold here too).
 #   sbatch slurm/mlm_nsp.sh [recipe flags...]        e.g. --config recipes/configs/mlm_nsp.yaml
 #SBATCH --job-name=mlm_nsp
 #SBATCH --nodes=2
@@ -19,52 +19,9 @@
 #   sbatch --nodes=4 --time=1-00:00:00 --partition=a100 slurm/mlm_nsp.sh --max-steps 100000
 # On a CPU-only cluster (such as slurm/local_cluster.sh), ask for no GPUs and set the workers per node:
 #   NPROC_PER_NODE=2 sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 --partition=local slurm/mlm_nsp.sh
-#
-# Environment knobs (read at run time):
-#   RUN_DIR          run folder, kept across requeues      (default runs/mlm_nsp-<job name>[-<array task>];
-#                    a job of the same name resumes it: give concurrent jobs their own name or RUN_DIR)
-#   NPROC_PER_NODE   workers per node                      (default: GPUs on the node, else 1)
-#   PYTHON           interpreter with recipebox installed  (default .venv/bin/python, else python3)
-#   BACKEND_FLAGS    recipe flags placed before yours (slurm/mlm_nsp_deepspeed.sh sets the backend here)
+# The run folder defaults to runs/mlm_nsp-<job name>[-<array task>].
 set -euo pipefail
 
+# sbatch runs a copy of this file from Slurm's spool; the shared script is found from the submit folder.
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
-RUN_DIR=${RUN_DIR:-runs/mlm_nsp-${SLURM_JOB_NAME:-local}${SLURM_ARRAY_TASK_ID:+-$SLURM_ARRAY_TASK_ID}}
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
-NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-read -r -a backend_flags <<<"${BACKEND_FLAGS:-}"
-
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000)) # under the ephemeral ports (32768 up), as launch/runtime.py
-echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES node(s) x $NPROC_PER_NODE worker(s)," \
-  "rendezvous $MASTER_ADDR:$MASTER_PORT, run folder $RUN_DIR"
-
-# The recipe stops on SIGUSR1 (saves, exits 75, and with --requeue asks Slurm to requeue the job). Only the
-# batch shell gets `--signal=B:USR1`, so it passes the signal on to the job step. Slurm signals every
-# process of the step, torchrun included; torchrun must ignore USR1 (its default action is to die, which
-# would end the step mid-save), while the workers install their own handler over the inherited ignore.
-forward_usr1() {
-  echo "batch shell: USR1 received, asking the training step to save and stop"
-  scancel --signal=USR1 "$SLURM_JOB_ID.$step_id" 2>/dev/null || kill -USR1 "$srun_pid"
-}
-trap forward_usr1 USR1
-
-# srun no longer inherits --cpus-per-task from sbatch (Slurm 22.05+); without it torchrun and all its
-# workers would share one CPU wherever tasks are bound to their CPUs.
-step_id=0
-srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=ALL bash -c 'trap "" USR1; exec "$@"' torchrun \
-  "$PYTHON" -m torch.distributed.run \
-  --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
-  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
-  --max_restarts=0 \
-  recipes/mlm_nsp.py --output-dir "$RUN_DIR" --requeue true ${backend_flags[@]+"${backend_flags[@]}"} "$@" &
-srun_pid=$!
-
-# `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
-status=0
-while true; do
-  wait "$srun_pid" && status=0 || status=$?
-  kill -0 "$srun_pid" 2>/dev/null || break
-done
-echo "training step ended with status $status"
-exit "$status"
+exec bash slurm/train.sh mlm_nsp "$@"

@@ -18,10 +18,10 @@
 # Command-line options win over the lines above; on the CPU-only local cluster:
 #   NPROC_PER_NODE=2 sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 --partition=local \
 #     slurm/mlm_nsp_deepspeed.sh
-# ZERO_STAGE (default 2) picks the ZeRO stage; RUN_DIR, NPROC_PER_NODE and PYTHON as in slurm/mlm_nsp.sh.
+# ZERO_STAGE (default 2) picks the ZeRO stage; RUN_DIR, NPROC_PER_NODE and PYTHON as in slurm/train.sh.
 set -euo pipefail
 
 # sbatch runs a copy of this file from Slurm's spool; the shared script is found from the submit folder.
 cd "${SLURM_SUBMIT_DIR:-$(pwd)}"
 export BACKEND_FLAGS="--backend deepspeed --zero-stage ${ZERO_STAGE:-2}"
-exec bash slurm/mlm_nsp.sh "$@"
+exec bash slurm/train.sh mlm_nsp "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # NER fine-tuning on a TPU host with torch_xla: one process drives every chip of the host through an SPMD
 # mesh (FSDPv2, mesh axis `fsdp`), batches padded to a few bucket lengths. Preemption-safe like
-# slurm/mlm_nsp.sh: USR1 before the time limit (or `scancel --batch --signal=USR1 JOB`) saves at the next
+# slurm/train.sh: USR1 before the time limit (or `scancel --batch --signal=USR1 JOB`) saves at the next
 # step and requeues the job, which resumes from the same run folder.
 #   sbatch slurm/ner_tpu.sh [recipe flags...]          e.g. --config recipes/configs/ner.yaml
 #SBATCH --job-name=ner_tpu

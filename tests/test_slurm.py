@@ -80,7 +80,20 @@ def deepspeed_job(local_cluster, tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(deepspeed_job, tokenizer, tmp_path_factory) -> dict:
+def causal_lm_job(deepspeed_job, tmp_path_factory):
+    """`sbatch -J gpt slurm/train.sh causal_lm ...`: another recipe through the generic script, submitted
+    early to share the node too."""
+    root = tmp_path_factory.mktemp("train_sh")
+    run_dir, log = root / "run", root / "job.out"
+    args = ["--job-name=gpt", *sbatch_args("slurm/train.sh", log, ["causal_lm", "--max-steps", "6",
+            "--log-every", "2", "--tracker", "none"])]  # fmt: skip
+    job = sbatch(args, sbatch_env(run_dir))
+    yield job, run_dir, log
+    subprocess.run(["scancel", job], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def reference(deepspeed_job, causal_lm_job, tokenizer, tmp_path_factory) -> dict:
     """`sbatch slurm/mlm_nsp.sh`, uninterrupted: the run the preempted ones are compared with."""
     root = tmp_path_factory.mktemp("sbatch")
     run_dir, log = root / "run", root / "job.out"
@@ -94,6 +107,27 @@ def test_sbatch_script_trains_and_exports(reference):
     assert (run_dir / "export" / "config.json").is_file()
     assert reference["final"]["step"] == 40
     assert "rendezvous" in reference["log"] and "exported to" in reference["log"]
+
+
+def test_the_generic_script_runs_the_recipe_its_first_argument_names(causal_lm_job):
+    job, run_dir, log = causal_lm_job
+    text = job_completes(job, log, 300)
+    assert f"run folder {run_dir}" in text and "rendezvous" in text and "exported to" in text, text[-3000:]
+    assert json.loads((run_dir / "export" / "config.json").read_text())["model_type"] == "gpt2"
+    assert max(r["step"] for r in read_metrics(run_dir)) == 6
+
+
+def test_the_generic_script_names_the_recipes_when_its_first_argument_is_not_one(tmp_path):
+    for args in ([], ["--max-steps", "4"], ["mlm"], ["../recipes/qa"]):
+        proc = subprocess.run(
+            ["bash", "slurm/train.sh", *args], cwd=REPO, env=sbatch_env(tmp_path / "run"),
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "the first argument names the recipe to run, one of: asr_ctc causal_lm mlm_nsp ner qa" in (
+            proc.stderr
+        )
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
