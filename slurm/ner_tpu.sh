@@ -42,23 +42,6 @@ fi
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: PJRT_DEVICE=$PJRT_DEVICE" \
   "${CPU_NUM_DEVICES:+CPU_NUM_DEVICES=$CPU_NUM_DEVICES }run folder $RUN_DIR"
 
-# The recipe saves and exits 75 on USR1 (then requeues with --requeue). Only the batch shell gets
-# `--signal=B:USR1`, so it passes the signal on to the job step.
-forward_usr1() {
-  echo "batch shell: USR1 received, asking the training step to save and stop"
-  scancel --signal=USR1 "$SLURM_JOB_ID.0" 2>/dev/null || kill -USR1 "$srun_pid"
-}
-trap forward_usr1 USR1
-
-srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=ALL \
-  "$PYTHON" recipes/ner.py --backend xla --output-dir "$RUN_DIR" --requeue true "$@" &
-srun_pid=$!
-
-# `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
-status=0
-while true; do
-  wait "$srun_pid" && status=0 || status=$?
-  kill -0 "$srun_pid" 2>/dev/null || break
-done
-echo "training step ended with status $status"
-exit "$status"
+source slurm/step.sh
+run_job_step srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=ALL \
+  "$PYTHON" recipes/ner.py --backend xla --output-dir "$RUN_DIR" --requeue true "$@"

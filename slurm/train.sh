@@ -50,32 +50,15 @@ MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000)) # under the ephemeral ports (32768
 echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES node(s) x $NPROC_PER_NODE worker(s)," \
   "rendezvous $MASTER_ADDR:$MASTER_PORT, run folder $RUN_DIR"
 
-# The recipe stops on SIGUSR1 (saves, exits 75, and with --requeue asks Slurm to requeue the job). Only the
-# batch shell gets `--signal=B:USR1`, so it passes the signal on to the job step. Slurm signals every
-# process of the step, torchrun included; torchrun must ignore USR1 (its default action is to die, which
-# would end the step mid-save), while the workers install their own handler over the inherited ignore.
-forward_usr1() {
-  echo "batch shell: USR1 received, asking the training step to save and stop"
-  scancel --signal=USR1 "$SLURM_JOB_ID.$step_id" 2>/dev/null || kill -USR1 "$srun_pid"
-}
-trap forward_usr1 USR1
-
-# srun no longer inherits --cpus-per-task from sbatch (Slurm 22.05+); without it torchrun and all its
-# workers would share one CPU wherever tasks are bound to their CPUs.
-step_id=0
-srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=ALL bash -c 'trap "" USR1; exec "$@"' torchrun \
+# Slurm signals every process of the step, torchrun included; torchrun must ignore USR1 (its default action
+# is to die, which would end the step mid-save), while the workers install their own handler over the
+# inherited ignore. srun no longer inherits --cpus-per-task from sbatch (Slurm 22.05+); without it torchrun
+# and all its workers would share one CPU wherever tasks are bound to their CPUs.
+source slurm/step.sh
+run_job_step srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --export=ALL \
+  bash -c 'trap "" USR1; exec "$@"' torchrun \
   "$PYTHON" -m torch.distributed.run \
   --nnodes="$SLURM_NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \
   --max_restarts=0 \
-  "recipes/$recipe.py" --output-dir "$RUN_DIR" --requeue true ${backend_flags[@]+"${backend_flags[@]}"} "$@" &
-srun_pid=$!
-
-# `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
-status=0
-while true; do
-  wait "$srun_pid" && status=0 || status=$?
-  kill -0 "$srun_pid" 2>/dev/null || break
-done
-echo "training step ended with status $status"
-exit "$status"
+  "recipes/$recipe.py" --output-dir "$RUN_DIR" --requeue true ${backend_flags[@]+"${backend_flags[@]}"} "$@"
