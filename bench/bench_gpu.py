@@ -6,7 +6,7 @@ against `transformers.Trainer` on the same model sizes, tokenizer, rows, batch a
 every row is exactly --seq-len tokens, so nothing pads or recompiles. Prints one markdown table (samples/s,
 tokens/s, TFLOPS, MFU, peak memory, ratio, elapsed); `bash bench/gpu.sh` runs it after checking for a GPU.
     python bench/bench_gpu.py              # BERT-base, sequence 128, bf16, batch 128 (one H100/H200)
-    python bench/bench_gpu.py --dry-run    # the same runs and table on CPU: tiny BERT, fp32, a few steps
+    python bench/bench_gpu.py --dry-run    # the same runs and table on CPU: tiny BERT, bf16 autocast, a few steps
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Sizes:
 
 
 BERT_BASE = Sizes(768, 12, 12, 3072, 30522, seq_len=128, batch=128, steps=120, warmup=20, precision="bf16")
-TINY = Sizes(32, 2, 2, 64, 1000, seq_len=32, batch=8, steps=12, warmup=4, precision="fp32")
+TINY = Sizes(32, 2, 2, 64, 1000, seq_len=32, batch=8, steps=12, warmup=4, precision="bf16")
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TOPICS = ["world", "sports", "business", "science"]
 MLM_PROBABILITY = 0.15  # the recipe's default: its MLM head runs on these positions only
@@ -242,7 +242,7 @@ def table(s: Sizes, results: dict[int, dict], peak: float | None) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny BERT on CPU, fp32, a few steps")
+    parser.add_argument("--dry-run", action="store_true", help="tiny BERT on CPU, bf16, a few steps")
     parser.add_argument("--steps", type=int, help="optimizer steps per row (default 120; dry run 12)")
     parser.add_argument("--batch-size", type=int, help="rows per step (default 128; dry run 8)")
     parser.add_argument(

@@ -2,7 +2,7 @@
 # One GPU, one command: BERT-base recipes vs transformers.Trainer, eager vs --compile, DDP vs ZeRO-2/3, as one
 # markdown table (bench/bench_gpu.py). Uses .venv, or makes it with scripts/env.sh; stops when there is no GPU.
 #   bash bench/gpu.sh              # under 8 minutes on one H100/H200, start-up included
-#   bash bench/gpu.sh --dry-run    # the same pipeline on CPU: tiny BERT, fp32, a few steps
+#   bash bench/gpu.sh --dry-run    # the same pipeline on CPU: tiny BERT, bf16 autocast, a few steps
 #   RECIPEBOX_PYTHON=python3 bash bench/gpu.sh   # a node's own CUDA PyTorch (scripts/wheelhouse.py adds the
 #                                                # rest where the node has no package index)
 # Other flags go to bench/bench_gpu.py (--steps, --batch-size, --peak-tflops).

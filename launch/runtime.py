@@ -174,8 +174,9 @@ class Runtime:
         """True on every rank when `flag` is true on some rank (a stop request seen by one rank stops all).
 
         A host-side vote (gloo, host memory): the loop asks at every step, and a vote through an nccl tensor
-        would make the host wait for every kernel queued before it."""
-        if not self.distributed:
+        would make the host wait for every kernel queued before it. One process has no one to ask: its group
+        may hold no CPU backend at all (DeepSpeed's own one-rank nccl group on a GPU)."""
+        if not self.distributed or self.world_size == 1:
             return flag
         t = torch.tensor([1 if flag else 0])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)

@@ -1,5 +1,5 @@
 """bench/gpu.sh: its synthetic inputs fill every row to the sequence length; scripts/gpu_check.sh's dry run
-goes through every row of the GPU benchmark on CPU (tiny BERT, fp32), prints the whole table with numbers in
+goes through every row of the GPU benchmark on CPU (tiny BERT, bf16), prints the whole table with numbers in
 it and collects the gpu tests; a benchmark stopped part-way prints the rows it finished, and its stop reaches
 the ranks behind torchrun."""
 

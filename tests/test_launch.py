@@ -296,6 +296,22 @@ def test_stop_request_ends_at_a_step_boundary(tmp_path):
     assert trainer.state.step == 3
 
 
+def test_one_process_votes_without_asking_its_group():
+    """DeepSpeed gives one process a group of its own, nccl on a GPU, which has no CPU backend: the loop's
+    stop vote must not all-reduce a host tensor there ("No backend type associated with device type cpu").
+    A group of gloo on CUDA devices only stands in for it on a machine without a GPU."""
+    import torch.distributed as dist
+
+    dist.init_process_group("cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="device type cpu"):  # the group really has no CPU backend
+            dist.all_reduce(torch.zeros(1))
+        assert rt.distributed and rt.any_rank(True) and not rt.any_rank(False)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_repeated_stop_signal_is_one_stop_and_a_late_one_means_now(monkeypatch):
     """Slurm and torchrun both deliver the same SIGTERM a moment apart: that must still save first."""
     import os
