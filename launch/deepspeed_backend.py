@@ -158,7 +158,13 @@ class DeepSpeedBackend:
         }
 
     def log_metrics(self) -> dict[str, float]:
-        return {}
+        """Under fp16, the dynamic loss scale and the steps DeepSpeed skipped on an overflow (it leaves the
+        weights and the schedule where they were; the loop still counts the step, as the Trainer does)."""
+        if self.half_dtype != torch.float16:
+            return {}
+        scale = getattr(self.model.optimizer, "cur_scale", None)  # ZeRO's optimizers, stages 1-3
+        figures = {"deepspeed/skipped_steps": int(self.model.skipped_steps)}
+        return figures if scale is None else {**figures, "deepspeed/loss_scale": float(scale)}
 
     def close(self) -> None:
         self.model = None

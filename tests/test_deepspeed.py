@@ -201,6 +201,28 @@ def test_config_mistakes_stop_before_any_process_group(tmp_path, tokenizer_dir):
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # auto on a GPU
 
 
+def test_fp16_logs_the_loss_scale_and_skipped_steps_from_zeros_optimizers():
+    """fp16 runs on GPUs only (the gpu test below reads the figures from a real run); here: the names it
+    reads exist on DeepSpeed's ZeRO optimizers, and bf16 logs none."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from launch.backends import BackendSettings
+    from launch.deepspeed_backend import DeepSpeedBackend
+    from launch.runtime import Runtime
+
+    assert isinstance(DeepSpeedZeroOptimizer.cur_scale, property)
+    assert isinstance(DeepSpeedZeroOptimizer_Stage3.cur_scale, property)
+    backend = DeepSpeedBackend(Runtime(), BackendSettings(precision="bf16"))
+    backend.model = SimpleNamespace(skipped_steps=0, optimizer=SimpleNamespace(cur_scale=1.0))
+    assert backend.log_metrics() == {}
+    backend.half_dtype = torch.float16
+    backend.model = SimpleNamespace(skipped_steps=3, optimizer=SimpleNamespace(cur_scale=2.0**13))
+    assert backend.log_metrics() == {"deepspeed/skipped_steps": 3, "deepspeed/loss_scale": 8192.0}
+
+
 def test_offload_trains_with_the_same_groups_betas_and_decay_as_every_backend(monkeypatch):
     """Under offload DeepSpeed builds its CPU Adam from the config; it gets the loop's parameter groups (no
     decay on biases and norms), betas, eps and lr. (Offload runs on GPUs only: deepspeed.initialize is
@@ -282,6 +304,14 @@ def test_gpu_only_options_train_save_and_resume(point, tmp_path, tokenizer_dir):
     assert "resumed from" in again.stdout and "step-000004" in again.stdout
     got = losses(out)
     assert sorted(got) == list(range(1, 9)) and all(v == v and v < 100 for v in got.values())
+    logged = [
+        r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r
+    ]
+    if point.startswith("fp16"):  # the loss scale and the skipped steps, on every training log line
+        assert all(r["deepspeed/loss_scale"] > 0 for r in logged), logged
+        assert all(0 <= r["deepspeed/skipped_steps"] <= r["step"] for r in logged), logged
+    else:
+        assert not any("deepspeed/loss_scale" in r for r in logged)
     from safetensors.torch import load_file
 
     assert all(v.dtype == torch.float32 for v in load_file(out / "export" / "model.safetensors").values())
