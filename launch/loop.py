@@ -61,6 +61,14 @@ def param_sums(rt: Runtime, model: nn.Module) -> list[float]:
     return [t.item() for t in _from_every_rank(rt, mine)]
 
 
+def training_data_key(rows) -> str | None:
+    """What names a training set from run to run: the content key a `datasets` table was made under (its
+    fingerprint: data, labels, tokeniser and settings, data.text.content_key) or a recipe's own dataset's
+    `fingerprint`; None where neither is known (nothing is checked then)."""
+    key = getattr(rows, "fingerprint", None) or getattr(rows, "_fingerprint", None)
+    return key if isinstance(key, str) else None
+
+
 def _from_every_rank(rt: Runtime, mine: torch.Tensor) -> list[torch.Tensor]:
     """Collective: every rank's `mine` (one element), in rank order."""
     if not rt.distributed:
@@ -327,6 +335,7 @@ class Trainer:
             "scheduler": self.backend.scheduler.state_dict(),
             "tracker_run_id": self.tracker.run_id if self.tracker else None,
             "export": {"model_prefix": self.export_prefix},
+            "train_data": training_data_key(self.task.splits["train"]),
             "log_window": self._window_meta(),
         }
         path = save_checkpoint(
@@ -374,6 +383,12 @@ class Trainer:
         # continues; it does not start again from PATH): the newest verified here, so loading checks sizes.
         path = latest_complete_checkpoint(root, report=self.rt.print, checksums=checksums)
         verified = path is not None
+        if not verified and step_folders(root):  # training from step 0 would replace what the run made
+            raise ConfigError(
+                f"{root}: none of this run's checkpoints verifies (each is named above), so it cannot "
+                f"continue; move that folder aside (or delete it) to train this run again from step 0, or "
+                f"give a new --output-dir"
+            )
         if mode != "auto" and path is not None:
             self.rt.print(f"--resume {mode}: this run has saved checkpoints of its own since; it continues from "
                           f"its newest (to start again from {mode}, give a new --output-dir)")  # fmt: skip
@@ -383,6 +398,14 @@ class Trainer:
             return None
         state = self.backend.checkpoint_state()
         meta, rank_state, rank_meta = load_checkpoint(path, state=state, checksums=checksums and not verified)
+        saved, now = meta.get("train_data"), training_data_key(self.task.splits["train"])
+        if saved and now and saved != now:  # resuming means continuing the same training
+            raise ConfigError(
+                f"{path} was trained on other training data (another file, other contents or labels, or other "
+                f"tokenisation settings: key {saved}, this run's {now}); the same command continues a run. "
+                f"To train on this data, give a new --output-dir (to start from that run's weights, export "
+                f"it with python -m checkpoints export and pass the export as --model)"
+            )
         self.state.step = meta["step"]
         self.state.epoch = meta["epoch"]
         # Checkpoints from before the schedule was saved: its position is the step.

@@ -48,7 +48,7 @@ from data.speech import (
     read_audio,
     read_manifest,
 )
-from data.text import DataError
+from data.text import DataError, content_key
 from kernels import collate_padded
 from kernels.buckets import bucket_lengths, pick_bucket
 from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
@@ -148,6 +148,8 @@ class AudioRows(torch.utils.data.Dataset):
     def __init__(self, utts, texts, processor, offset: int):
         self.utts, self.processor, self.offset = utts, processor, offset
         self.labels = [processor.tokenizer(t).input_ids for t in texts]
+        # Clips and label ids: a resumed run must train on the same rows (launch.loop.training_data_key)
+        self.fingerprint = content_key([str(u.audio) for u in utts], self.labels)
 
     def __len__(self):
         return len(self.utts)

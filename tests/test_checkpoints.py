@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
 from recipe_runs import (
     command,
     export_checkpoint,
@@ -264,6 +265,46 @@ def test_resume_never_refuses_an_existing_run(tmp_path, tokenizer_dir, reference
     assert (
         proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "--resume auto" in proc.stderr
     )
+
+
+def _snapshot(run_dir) -> dict[str, bytes]:
+    """Every file a run folder holds, by relative path: what a refused command must leave as it was (the
+    tokenised-data cache aside: `datasets` leaves lock files there, and another corpus adds its own table)."""
+    files = [
+        p for p in sorted(run_dir.rglob("*")) if p.is_file() and p.relative_to(run_dir).parts[0] != "cache"
+    ]
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in files}
+
+
+def test_a_rerun_on_other_training_data_is_refused_not_continued(tmp_path, tokenizer_dir, reference):
+    """The run folder's checkpoints are the same training continued: the same command with another corpus
+    (here half the toy one) must not resume step 24 of the first corpus and replace its export."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    half = tmp_path / "half.txt"
+    documents = (REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt").read_text(encoding="utf-8").split("\n\n")
+    half.write_text("\n\n".join(documents[: len(documents) // 2]), encoding="utf-8")
+    before = _snapshot(out)
+    proc = run(command(out, tokenizer_dir, "--train-files", str(half), nproc=1))
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "step-000024 was trained on other training data" in proc.stderr and "--output-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(out) == before
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_again(
+    tmp_path, tokenizer_dir, reference
+):
+    """Training from step 0 would overwrite the run's export and leave it nothing to go back to."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for folder in (out / "checkpoints").glob("step-*"):
+        (folder / "rank-00000.safetensors").unlink()
+    before = _snapshot(out)
+    proc = run(command(out, tokenizer_dir, nproc=1))
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "none of this run's checkpoints verifies" in proc.stderr and "Traceback" not in proc.stderr
+    assert _snapshot(out) == before
 
 
 def test_verify_follows_latest_and_a_run_folder_is_told_its_newest_checkpoint(reference, capsys):
