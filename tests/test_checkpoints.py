@@ -416,6 +416,37 @@ def test_export_carries_any_processor_tokenizer_or_feature_extractor(tmp_path):
     assert load_processor(tmp_path / "none") is None
 
 
+def test_a_truncated_or_tokenizerless_export_is_named_before_anything_loads(tmp_path, tokenizer_dir):
+    """predict, the demos and --model read a folder someone copied: a weights file cut short, or an export
+    without its tokenizer (transformers then builds an empty one and answers nonsense), is named with the fix."""
+    from transformers import AutoTokenizer, BertConfig, BertForPreTraining
+
+    from checkpoints.export import check_export
+    from checkpoints.sharded import CheckpointError
+    from launch.recipe import pretrained_source
+
+    good = tmp_path / "export"
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tok), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, architectures=["BertForPreTraining"])  # fmt: skip
+    BertForPreTraining(config).save_pretrained(good)
+    tok.save_pretrained(good)
+    assert check_export(good, "mlm_nsp") == str(good) and pretrained_source(str(good)) == str(good)
+    cut, bare = shutil.copytree(good, tmp_path / "cut"), shutil.copytree(good, tmp_path / "bare")
+    weights = cut / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    for check in (lambda: check_export(cut, "mlm_nsp"), lambda: pretrained_source(str(cut))):
+        with pytest.raises(CheckpointError, match=f"{weights} does not load .*truncated or damaged"):
+            check()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (bare / name).unlink(missing_ok=True)
+    with pytest.raises(
+        CheckpointError, match="holds no tokenizer or feature extractor.*export the run again"
+    ):
+        check_export(bare, "mlm_nsp")
+
+
 def overwrite_middle(path, size=4096):
     """4 KB in the middle of a file overwritten with other bytes; its size stays the same."""
     data = bytearray(path.read_bytes())

@@ -217,8 +217,14 @@ def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
         other = tagger if name == "text_classification" else classifier
         with pytest.raises(CheckpointError, match=r"holds a Bert\w+; pass RUN/export of a run that trained"):
             load(str(other))
+    import torch
+    from safetensors.torch import save_file
+
     from checkpoints.export import check_export
 
+    with pytest.raises(CheckpointError, match=r"export holds no tokenizer or feature extractor"):
+        check_export(classifier, "text_classification")  # exported with no processor: incomplete
+    (classifier / "tokenizer_config.json").write_text("{}", encoding="utf-8")
     assert check_export(classifier, "text_classification") == str(classifier)  # its own recipe takes it
     for arch, task in (("MarianMTModel", "summarization"), ("XLNetForQuestionAnsweringSimple", "qa")):
         (tmp_path / arch).mkdir()
@@ -229,4 +235,8 @@ def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
         ):
             check_export(tmp_path / arch, task)  # a hub folder with pickled weights only: never unpickled
         (tmp_path / arch / "model.safetensors").write_bytes(b"")
+        with pytest.raises(CheckpointError, match=r"model.safetensors does not load .* truncated or damaged"):
+            check_export(tmp_path / arch, task)
+        save_file({"w": torch.zeros(2)}, tmp_path / arch / "model.safetensors")
+        (tmp_path / arch / "tokenizer.json").write_text("{}", encoding="utf-8")
         assert check_export(tmp_path / arch, task) == str(tmp_path / arch)
