@@ -257,7 +257,42 @@ def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
 
 
+# Numbers with a range, in whichever recipe's config has them: (in range?, the range in words).
+RANGES = {
+    "lr": (lambda v: v > 0, "above 0"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "save_every_minutes": (lambda v: v >= 0, "0 (off) or more"),
+    "peak_tflops": (lambda v: v >= 0, "0 (the device's own) or more"),
+    "temperature": (lambda v: v >= 0, "0 (greedy) or more"),
+    "top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+    "max_new_tokens": (lambda v: v is None or v >= 1, "at least 1"),
+    "num_beams": (lambda v: v is None or v >= 1, "at least 1"),
+    **{
+        name: (lambda v: 0 <= v <= 1, "a probability, from 0 to 1")
+        for name in (
+            "dropout",
+            "layerdrop",
+            "mlm_probability",
+            "mask_replace_prob",
+            "random_replace_prob",
+            "mask_time_prob",
+        )  # fmt: skip
+    },
+}
+
+
+def check_ranges(cfg) -> None:
+    """Every number of RANGES that `cfg` has is in its range, or a ConfigError naming the flag: before any
+    process group, data or model (torch would refuse some only at the first step, and take others)."""
+    for name, (ok, words) in RANGES.items():
+        if hasattr(cfg, name) and not ok(value := getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {words}, got {value}")
+
+
 def validate_train_config(cfg: TrainConfig) -> None:
+    check_ranges(cfg)
     check_choice(cfg, "precision", ("auto", "fp32", "bf16", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
     if cfg.tracker == "wandb":

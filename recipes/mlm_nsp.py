@@ -87,6 +87,13 @@ def _validate(cfg: MLMNSPConfig) -> None:
         raise ConfigError(f"--max-length must be at least 8, got {cfg.max_length}")
     if cfg.hidden_size % cfg.num_heads:
         raise ConfigError(f"--hidden-size {cfg.hidden_size} must be divisible by --num-heads {cfg.num_heads}")
+    if cfg.mask_replace_prob + cfg.random_replace_prob > 1:
+        raise ConfigError(
+            f"--mask-replace-prob {cfg.mask_replace_prob} and --random-replace-prob {cfg.random_replace_prob} "
+            "share the chosen tokens: together at most 1 (the rest stay as they are)"
+        )
+    if cfg.nsp_copies < 1:
+        raise ConfigError(f"--nsp-copies must be at least 1, got {cfg.nsp_copies}")
 
 
 def _setup_tokenizer(cfg: MLMNSPConfig, rt: Runtime, run_dir: Path, documents: list[list[str]]):

@@ -113,6 +113,33 @@ def test_missing_config_file_and_help(tmp_path, capsys):
         assert flag in out
 
 
+@pytest.mark.parametrize(
+    "recipe, flags, message",
+    [
+        ("mlm_nsp", ["--lr", "-1"], "--lr must be above 0, got -1.0"),
+        ("mlm_nsp", ["--lr", "nan"], "--lr must be above 0"),
+        ("mlm_nsp", ["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+        ("mlm_nsp", ["--dropout", "1.5"], "--dropout must be a probability"),
+        ("mlm_nsp", ["--mask-replace-prob", "0.8", "--random-replace-prob", "0.5"], "together at most 1"),
+        ("causal_lm", ["--top-p", "1.5"], "--top-p must be above 0 and at most 1"),
+        ("causal_lm", ["--temperature", "-1"], "--temperature must be 0 \\(greedy\\) or more"),
+        ("causal_lm", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        ("asr_ctc", ["--mask-time-prob", "2"], "--mask-time-prob must be a probability"),
+        ("asr_ctc", ["--max-grad-norm", "-1"], "--max-grad-norm must be 0 \\(no clipping\\) or more"),
+    ],
+)
+def test_numbers_out_of_range_stop_before_anything_starts(recipe, flags, message):
+    """torch refuses some only at the first step (a negative lr, mask shares over 1), after the data and
+    the model are built, and takes others (top-p 1.5 travels into the export): each stops at validation."""
+    import importlib
+
+    module = importlib.import_module(f"recipes.{recipe}")
+    config_class = next(v for k, v in vars(module).items() if k.endswith("Config") and k != "TrainConfig")
+    cfg = parse_config(config_class, ["--tracker", "none", *flags])
+    with pytest.raises(ConfigError, match=message):
+        module._validate(cfg)
+
+
 def test_read_environment(monkeypatch):
     for key in (
         "RANK",
