@@ -346,6 +346,8 @@ def predict(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.text is not None and not args.text.strip():
         parser.error("--text is empty; give a sentence with one mask token")
+    if args.pair and not all(sentence.strip() for sentence in args.pair):
+        parser.error("--pair: a sentence is empty; give two sentences")
     texts, pairs = ([args.text] if args.text else []), ([args.pair] if args.pair else [])
     if not texts and not pairs:  # the held-out examples saved with the export
         texts = saved_inputs(args.export, "fill_mask", "give --text and/or --pair")

@@ -316,6 +316,8 @@ def predict(argv: list[str]) -> int:
             raise ConfigError(
                 f"--context-file {args.context_file}: cannot read it as UTF-8 text ({err})"
             ) from None
+    if not args.question.strip() or not context.strip():
+        parser.error(f"the {'question' if not args.question.strip() else 'context'} is empty; give both")
     _print_answer(answer(args.export, args.question, context))
     return 0
 

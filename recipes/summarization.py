@@ -403,8 +403,12 @@ def predict(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.text is not None and not args.text.strip():
         parser.error("the text is empty; give a text to summarise, or --file FILE")
+    if args.file and args.text:
+        parser.error("give a text or --file FILE, not both")
     if args.file:
         texts = [_read_text(args.file)]
+        if not texts[0].strip():
+            parser.error(f"--file {args.file} is empty; give a file with the text to summarise")
     elif args.text:
         texts = [args.text]
     else:
