@@ -110,6 +110,11 @@ def _read_json_lines(path: Path, tokens_key: str, tags_key: str, names) -> Tagge
             raise DataError(f"{where}: {tokens_key!r} and {tags_key!r} must be lists of the same length")
         if not words:
             continue
+        for i, w in enumerate(words, 1):  # an empty word takes no piece: its tag (an entity's B-) is lost
+            if isinstance(w, bool) or not isinstance(w, str | int | float) or not str(w).strip():
+                raise DataError(
+                    f"{where}: word {i} of {tokens_key!r} is {json.dumps(w)}; every word needs text"
+                )
         if any(isinstance(t, int) for t in tags):
             if not names:
                 raise DataError(f"{where}: tags are ids; give the tag names in id order with --labels")

@@ -358,6 +358,8 @@ def test_conll_reads_last_field_skips_docstart_and_builds_tags(tmp_path):
         ("latin.conll", b"Caf\xe9 O\n", "line 1: not UTF-8"),
         ("ids.jsonl", '{"tokens": ["a"], "tags": [3]}\n', "tags are ids; give the tag names"),
         ("len.jsonl", '{"tokens": ["a", "b"], "tags": ["O"]}\n', "must be lists of the same length"),
+        ("blank.jsonl", '{"tokens": ["in", " "], "tags": ["O", "B-LOC"]}\n', "word 2 of 'tokens' is \" \"; every word"),
+        ("null.jsonl", '{"tokens": [null], "tags": ["O"]}\n', "word 1 of 'tokens' is null"),
     ],
 )  # fmt: skip
 def test_bad_tagged_files_name_the_file_and_line(tmp_path, name, content, message):
