@@ -254,6 +254,11 @@ def build_vocab(transcripts: list[str]) -> dict[str, int]:
     return {t: i for i, t in enumerate([*tokens, UNK, PAD])}
 
 
+def unseen_characters(tokenizer, transcripts: list[str]) -> list[str]:
+    """The characters of `transcripts` that the CTC tokenizer's vocabulary lacks (each reads as its UNK)."""
+    return sorted({c for text in transcripts for c in tokenizer.tokenize(text)} - set(tokenizer.get_vocab()))
+
+
 def make_processor(vocab: dict[str, int], folder: str | Path, *, rate: int = SAMPLE_RATE):
     """A Wav2Vec2Processor over `vocab`, saved into `folder`; len(processor.tokenizer) == len(vocab)."""
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor

@@ -47,6 +47,7 @@ from data.speech import (
     normalize_transcript,
     read_audio,
     read_manifest,
+    unseen_characters,
 )
 from data.text import DataError, content_key
 from kernels import collate_padded
@@ -342,6 +343,12 @@ def _without_untrainable(rt: Runtime, utts, texts, processor, model) -> tuple[li
 def _build(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> ASRTask:
     splits = _read_splits(cfg, rt, run_dir)
     processor = _setup_processor(cfg, rt, run_dir, splits["train"][1])
+    tok = processor.tokenizer
+    for name, (_, texts) in splits.items():  # characters the vocabulary lacks read as [UNK]: always an error
+        if unseen := unseen_characters(tok, texts):
+            rt.print(f"warning: the {name} transcripts hold characters the run's vocabulary (made from the "
+                     f"training transcripts) lacks, {' '.join(unseen)}: they read as {tok.unk_token} and count "
+                     f"as errors; normalise the transcripts or train on clips that hold them")  # fmt: skip
     shortest = min(u.seconds for u in splits["train"][0])
     model = _setup_model(cfg, processor, int(shortest * FRAMES_PER_SECOND))
     splits["train"] = _without_untrainable(rt, *splits["train"], processor, model)

@@ -27,6 +27,7 @@ from data.speech import (
     normalize_transcript,
     read_audio,
     read_manifest,
+    unseen_characters,
 )
 from data.text import DataError
 
@@ -298,6 +299,9 @@ def test_make_processor_round_trip(tmp_path):
     assert len(tok) == len(vocab) and tok.pad_token_id == vocab[PAD] and tok.unk_token_id == vocab[UNK]
     ids = tok("one two").input_ids
     assert ids == [vocab[c] for c in "one|two"]
+    assert unseen_characters(tok, ["one two", "three"]) == [] and unseen_characters(tok, ["zero two"]) == [
+        "z"
+    ]
     assert tok.decode(ids) == "one two"
     assert tok.decode(tok("three").input_ids, group_tokens=False) == "three"  # labels keep the double e
     assert tok("oxe").input_ids == [vocab["o"], vocab[UNK], vocab["e"]]
