@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kernels.buckets import bucket_lengths, parse_buckets
-from launch.config import ConfigError, TrainConfig
+from launch.config import FSDP_NEEDS_RANKS, ConfigError, TrainConfig
 from launch.runtime import Runtime, bf16_native
 
 ADAM_BETAS = (0.9, 0.999)  # every backend's AdamW, DeepSpeed's CPU Adam under offload included
@@ -257,9 +257,7 @@ class FSDPBackend(DDPBackend):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         if self.rt.world_size < 2:
-            raise ConfigError(
-                "--backend fsdp shards across ranks: launch with torchrun --nproc_per_node=2 or more"
-            )
+            raise ConfigError(FSDP_NEEDS_RANKS)
         model = model.to(self.device)
         if (
             self.settings.compile

@@ -283,6 +283,9 @@ RANGES = {
 }
 
 
+FSDP_NEEDS_RANKS = "--backend fsdp shards across ranks: launch with torchrun --nproc_per_node=2 or more"
+
+
 def check_ranges(cfg) -> None:
     """Every number of RANGES that `cfg` has is in its range, or a ConfigError naming the flag: before any
     process group, data or model (torch would refuse some only at the first step, and take others)."""
@@ -306,14 +309,16 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
     check_choice(cfg, "backend", tuple(BACKENDS))
     check_choice(cfg, "xla_mode", ("spmd", "replicas"))
-    if cfg.backend == "deepspeed":  # the JSON and the flags must agree before any process group starts
-        import os
+    import os
 
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)  # as launched
+    if cfg.backend == "fsdp" and world < 2:
+        raise ConfigError(FSDP_NEEDS_RANKS)
+    if cfg.backend == "deepspeed":  # the JSON and the flags must agree before any process group starts
         import torch
 
         from launch.deepspeed_config import build_deepspeed_config
 
-        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
         build_deepspeed_config(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.async_save and cfg.backend in ("deepspeed", "xla"):
         raise ConfigError(

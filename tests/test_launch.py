@@ -126,9 +126,10 @@ def test_missing_config_file_and_help(tmp_path, capsys):
         ("causal_lm", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         ("asr_ctc", ["--mask-time-prob", "2"], "--mask-time-prob must be a probability"),
         ("asr_ctc", ["--max-grad-norm", "-1"], "--max-grad-norm must be 0 \\(no clipping\\) or more"),
+        ("ner", ["--backend", "fsdp"], "--backend fsdp shards across ranks: launch with torchrun"),
     ],
 )
-def test_numbers_out_of_range_stop_before_anything_starts(recipe, flags, message):
+def test_options_the_run_cannot_take_stop_before_anything_starts(recipe, flags, message):
     """torch refuses some only at the first step (a negative lr, mask shares over 1), after the data and
     the model are built, and takes others (top-p 1.5 travels into the export): each stops at validation."""
     import importlib
