@@ -139,13 +139,12 @@ def check_export(export_dir: str | Path, task: str) -> str:
     ours = any(arch.endswith(head) for arch in archs for head in heads)
     if not ours and any(arch.endswith(head) for arch in archs for head in others):
         raise CheckpointError(f"{export_dir} holds a {' / '.join(archs)}; {fix}")
-    check_weight_files(
-        path, fix="export the run again (python -m checkpoints export RUN/checkpoints/latest OUT)"
-    )
+    again = "export the run again (python -m checkpoints export RUN/checkpoints/latest OUT)"
+    check_weight_files(path, fix=again)
     if not any((path / name).is_file() for name in PROCESSOR_FILES):
         raise CheckpointError(
             f"{export_dir} holds no tokenizer or feature extractor ({', '.join(PROCESSOR_FILES)}); the export "
-            f"is incomplete: export the run again (python -m checkpoints export RUN/checkpoints/latest OUT)"
+            f"is incomplete: {again}"
         )
     return str(export_dir)
 

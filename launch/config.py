@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import io
 import math
+import os
 import signal
 import sys
 import textwrap
@@ -309,8 +310,6 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
     check_choice(cfg, "backend", tuple(BACKENDS))
     check_choice(cfg, "xla_mode", ("spmd", "replicas"))
-    import os
-
     world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)  # as launched
     if cfg.backend == "fsdp" and world < 2:
         raise ConfigError(FSDP_NEEDS_RANKS)
