@@ -255,8 +255,10 @@ def build_vocab(transcripts: list[str]) -> dict[str, int]:
 
 
 def unseen_characters(tokenizer, transcripts: list[str]) -> list[str]:
-    """The characters of `transcripts` that the CTC tokenizer's vocabulary lacks (each reads as its UNK)."""
-    return sorted({c for text in transcripts for c in tokenizer.tokenize(text)} - set(tokenizer.get_vocab()))
+    """The characters of `transcripts` that the CTC tokenizer's vocabulary lacks (each reads as its UNK),
+    from the characters themselves as build_vocab takes them, not a tokenisation of every transcript."""
+    chars = {WORD_DELIMITER if c == " " else c for c in set().union(*map(set, transcripts))}
+    return sorted(chars - set(tokenizer.get_vocab()))
 
 
 def make_processor(vocab: dict[str, int], folder: str | Path, *, rate: int = SAMPLE_RATE):

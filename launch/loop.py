@@ -30,6 +30,7 @@ from checkpoints.sharded import (
     load_checkpoint,
     save_checkpoint,
     step_folders,
+    verify_checkpoint,
 )
 from data.sampler import ShardedSampler
 from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
@@ -396,9 +397,9 @@ class Trainer:
             path = checkpoint_folder(mode)
         if path is None:
             return None
-        state = self.backend.checkpoint_state()
-        meta, rank_state, rank_meta = load_checkpoint(path, state=state, checksums=checksums and not verified)
-        saved, now = meta.get("train_data"), training_data_key(self.task.splits["train"])
+        # From the manifest, before any state is read: a checkpoint of other data is refused at once.
+        saved = verify_checkpoint(path, checksums=False)["meta"].get("train_data")
+        now = training_data_key(self.task.splits["train"])
         if saved and now and saved != now:  # resuming means continuing the same training
             raise ConfigError(
                 f"{path} was trained on other training data (another file, other contents or labels, or other "
@@ -406,6 +407,8 @@ class Trainer:
                 f"To train on this data, give a new --output-dir (to start from that run's weights, export "
                 f"it with python -m checkpoints export and pass the export as --model)"
             )
+        state = self.backend.checkpoint_state()
+        meta, rank_state, rank_meta = load_checkpoint(path, state=state, checksums=checksums and not verified)
         self.state.step = meta["step"]
         self.state.epoch = meta["epoch"]
         # Checkpoints from before the schedule was saved: its position is the step.

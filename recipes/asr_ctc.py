@@ -149,8 +149,12 @@ class AudioRows(torch.utils.data.Dataset):
     def __init__(self, utts, texts, processor, offset: int):
         self.utts, self.processor, self.offset = utts, processor, offset
         self.labels = [processor.tokenizer(t).input_ids for t in texts]
-        # Clips and label ids: a resumed run must train on the same rows (launch.loop.training_data_key)
-        self.fingerprint = content_key([str(u.audio) for u in utts], self.labels)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Clips and label ids: a resumed run must train on the same rows (launch.loop.training_data_key);
+        worked out when a checkpoint asks, for the training split only."""
+        return content_key([str(u.audio) for u in self.utts], self.labels)
 
     def __len__(self):
         return len(self.utts)
