@@ -38,6 +38,7 @@ class DeepSpeedBackend:
         self.rt, self.settings = runtime, settings
         self.device = self.data_device = runtime.device
         self.model = self.raw_model = self.optimizer = self.scheduler = None
+        self.own_group = False  # the one-process group setup made; close leaves it
         self.ds_config = build_deepspeed_config(settings, runtime.world_size, runtime.device.type)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         # The module's dtype under bf16/fp16 (DeepSpeed casts the weights), None under fp32.
@@ -50,6 +51,7 @@ class DeepSpeedBackend:
             dist.init_process_group(
                 "nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
             )
+            self.own_group = True
         os.environ.setdefault("LOCAL_RANK", str(self.rt.local_rank))  # DeepSpeed reads it, srun sets none
         model = model.to(self.device)
         if offloads(self.ds_config):
@@ -167,7 +169,12 @@ class DeepSpeedBackend:
         return figures if scale is None else {**figures, "deepspeed/loss_scale": float(scale)}
 
     def close(self) -> None:
+        """Drop the engine, then the one-process group setup made (a second run in this process, a notebook's
+        or a test's, starts without it)."""
         self.model = None
+        if self.own_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.own_group = False
 
 
 def _model_float_input(key: str, value) -> bool:

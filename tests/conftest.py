@@ -117,6 +117,18 @@ def _environment_is_restored():
 
 
 @pytest.fixture(autouse=True)
+def _no_process_group_outlives_its_test():
+    """In-process code that makes a default process group must leave it: the next test in this worker could
+    not make its own ("trying to initialize the default process group twice")."""
+    import torch.distributed as dist
+
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("the test left a default process group behind")
+
+
+@pytest.fixture(autouse=True)
 def _no_process_outlives_its_test():
     """A failed assertion must not leave a training run behind to slow every later test."""
     yield
