@@ -254,12 +254,14 @@ def encode_features(
     tokenizer,
     max_length: int,
     doc_stride: int,
+    where: list[str] | None = None,
 ) -> dict[str, list]:
     """Windows of question + context (context + question for left-padding tokenizers), `doc_stride` context
     tokens of overlap. Per window: input_ids, attention_mask, token_type_ids (if the tokenizer has them),
     _example (the question's index), _context (1 on context tokens), _cls (the CLS token's index), offsets
     (character span in the context, [-1, -1] off it), length and, with answers, start/end_positions (the
-    first answer's tokens when the window holds all of it, else _cls)."""
+    first answer's tokens when the window holds all of it, else _cls). `where` names each question in
+    messages ("train.json, id 5733be28")."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
             f"{type(tokenizer).__name__}: extractive QA needs a fast tokenizer (offsets); load the model's "
@@ -267,7 +269,7 @@ def encode_features(
         )
     # Some SQuAD questions open with spaces, which BPE tokenizers turn into tokens that take context room.
     questions = [q.lstrip() for q in questions]
-    _check_room(questions, tokenizer, max_length, doc_stride)
+    _check_room(questions, tokenizer, max_length, doc_stride, where)
     question_first = tokenizer.padding_side != "left"
     enc = tokenizer(
         questions if question_first else contexts,
@@ -308,7 +310,9 @@ def encode_features(
     return cols
 
 
-def _check_room(questions: list[str], tokenizer, max_length: int, doc_stride: int) -> None:
+def _check_room(
+    questions: list[str], tokenizer, max_length: int, doc_stride: int, where: list[str] | None
+) -> None:
     """Every window must fit the question and more than doc_stride context tokens (the tokenizer would
     otherwise fail without saying which question)."""
     if not questions:
@@ -318,7 +322,7 @@ def _check_room(questions: list[str], tokenizer, max_length: int, doc_stride: in
     room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - lengths[longest]
     if room <= doc_stride:
         raise DataError(
-            f"question {questions[longest][:80]!r} is {lengths[longest]} tokens: a window of {max_length} tokens "
+            f"{where[longest] + ': ' if where else ''}question {questions[longest][:80]!r} is {lengths[longest]} tokens: a window of {max_length} tokens "
             f"has room for {max(room, 0)} context tokens, and needs more than the doc stride ({doc_stride}); "
             f"raise the maximum length, lower the doc stride, or shorten the question"
         )
@@ -364,8 +368,9 @@ def tokenize_features(
                 {"text": [t], "answer_start": [s]} if s >= 0 else {"text": [], "answer_start": []}
                 for t, s in zip(batch["answer_text"], batch["answer_start"])
             ]
+        where = [f"{examples.source}, id {examples.ids[i]}" for i in ids]
         cols = encode_features(
-            batch["question"], batch["context"], answers, tokenizer, max_length, doc_stride
+            batch["question"], batch["context"], answers, tokenizer, max_length, doc_stride, where
         )
         cols["_example"] = [ids[e] for e in cols["_example"]]  # question index in the whole split
         return cols

@@ -43,6 +43,8 @@ def _info(path: Path, where: str, drop: str = MANIFEST_FIX):
     """soundfile.info of an existing, non-empty audio file; otherwise a DataError naming it and the fix."""
     import soundfile
 
+    if path.is_dir():
+        raise DataError(f"{where}: {path} is a folder, not an audio file; name one clip in it or {drop}")
     if not path.is_file():
         raise DataError(f"{where}: no such audio file {path}; fix the path or {drop}")
     if path.stat().st_size == 0:

@@ -277,6 +277,10 @@ def test_windows_need_a_fast_tokenizer_and_room_for_the_context(minilm_tokenizer
         encode_features(["q?"], ["c"], None, SlowTokenizer(), WINDOW, STRIDE)
     with pytest.raises(DataError, match="room for 7 context tokens, and needs more than the doc stride"):
         encode_features(["what " * 38], ["c"], None, minilm_tokenizer, WINDOW, STRIDE)
+    long = QAExamples("dev.json", ["a1", "b2"], ["", ""], ["c", "c"], ["why?", "what " * 38],
+                      [{"text": [], "answer_start": []}] * 2)  # fmt: skip
+    with pytest.raises(DataError, match=r"^dev.json, id b2: question 'what what"):  # the file and question
+        tokenize_features(long, minilm_tokenizer, WINDOW, STRIDE, labels=False)
 
 
 def test_dataset_of_windows_indexes_the_whole_split_and_is_cached(tmp_path, minilm_tokenizer):

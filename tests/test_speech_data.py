@@ -189,6 +189,7 @@ def test_read_manifest_folder_errors(clips):
     "body,message",
     [
         ("audio,text\nclips/missing.wav,hi\n", r"train\.csv, line 2: no such audio file .*missing\.wav"),
+        ("audio,text\nclips,hi\n", r"train\.csv, line 2: .*clips is a folder, not an audio file"),
         ("audio,text\nclips/bad.wav,hi\n", r"train\.csv, line 2: soundfile cannot read .*bad\.wav.*FLAC"),
         ("audio,text\nclips/empty.wav,hi\n", r"train\.csv, line 2: .*empty\.wav is empty"),
         ("audio,text\nclips/a.wav,hi\nclips/b.flac, \n", r"train\.csv, line 3: column 'text' is empty"),
