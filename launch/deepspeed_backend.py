@@ -38,7 +38,6 @@ class DeepSpeedBackend:
         self.rt, self.settings = runtime, settings
         self.device = self.data_device = runtime.device
         self.model = self.raw_model = self.optimizer = self.scheduler = None
-        self.own_group = False  # the one-process group setup made; close leaves it
         self.ds_config = build_deepspeed_config(settings, runtime.world_size, runtime.device.type)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         # The module's dtype under bf16/fp16 (DeepSpeed casts the weights), None under fp32.
@@ -47,11 +46,12 @@ class DeepSpeedBackend:
 
     def setup(self, model, make_optimizer, make_scheduler) -> None:
         deepspeed = import_deepspeed()
-        if not dist.is_initialized():  # DeepSpeed always needs a group; one process gets its own
+        # DeepSpeed always needs a group; one process gets its own, kept to the end of the process: DeepSpeed
+        # caches groups made from it (deepspeed.utils.groups), which a second engine here reuses.
+        if not dist.is_initialized():
             dist.init_process_group(
                 "nccl" if self.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
             )
-            self.own_group = True
         os.environ.setdefault("LOCAL_RANK", str(self.rt.local_rank))  # DeepSpeed reads it, srun sets none
         model = model.to(self.device)
         if offloads(self.ds_config):
@@ -169,12 +169,7 @@ class DeepSpeedBackend:
         return figures if scale is None else {**figures, "deepspeed/loss_scale": float(scale)}
 
     def close(self) -> None:
-        """Drop the engine, then the one-process group setup made (a second run in this process, a notebook's
-        or a test's, starts without it)."""
         self.model = None
-        if self.own_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.own_group = False
 
 
 def _model_float_input(key: str, value) -> bool:
