@@ -321,8 +321,9 @@ def _check_room(
     longest = max(range(len(questions)), key=lengths.__getitem__)
     room = max_length - tokenizer.num_special_tokens_to_add(pair=True) - lengths[longest]
     if room <= doc_stride:
+        named = f"{where[longest]}: " if where else ""
         raise DataError(
-            f"{where[longest] + ': ' if where else ''}question {questions[longest][:80]!r} is {lengths[longest]} tokens: a window of {max_length} tokens "
+            f"{named}question {questions[longest][:80]!r} is {lengths[longest]} tokens: a window of {max_length} tokens "
             f"has room for {max(room, 0)} context tokens, and needs more than the doc stride ({doc_stride}); "
             f"raise the maximum length, lower the doc stride, or shorten the question"
         )
