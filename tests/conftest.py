@@ -118,8 +118,8 @@ def _environment_is_restored():
 
 @pytest.fixture(autouse=True)
 def _no_process_group_outlives_its_test():
-    """In-process code that makes a default process group must leave it: the next test in this worker could
-    not make its own ("trying to initialize the default process group twice")."""
+    """A test whose in-process code makes a default process group destroys it before it ends: the next test
+    in this worker could not make its own ("trying to initialize the default process group twice")."""
     import torch.distributed as dist
 
     yield
