@@ -12,7 +12,6 @@ import dataclasses
 import inspect
 import io
 import math
-import os
 import signal
 import sys
 import textwrap
@@ -327,7 +326,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
     check_choice(cfg, "backend", tuple(BACKENDS))
     check_choice(cfg, "xla_mode", ("spmd", "replicas"))
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)  # as launched
+    from launch.runtime import launched_world_size
+
+    world = launched_world_size()
     if cfg.backend == "fsdp" and world < 2:
         raise ConfigError(FSDP_NEEDS_RANKS)
     if cfg.backend == "deepspeed":  # the JSON and the flags must agree before any process group starts

@@ -47,18 +47,28 @@ def slurm_port() -> int:
     return 20000 + (int(env.get("SLURM_JOB_ID", "0") or 0) + 1009 * step) % 12000
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started: torchrun's WORLD_SIZE, else srun's SLURM_NTASKS, else 1.
+    Read without changing anything, so validation can ask before the process group (read_environment)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env:
+        return int(env.get("SLURM_NTASKS", "1"))
+    return 1
+
+
 def read_environment() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else Slurm's (srun), else one process.
 
     Under srun the variables torch.distributed needs are filled in from Slurm's, so `srun python recipe.py`
     needs no wrapper.
     """
-    env = os.environ
+    env, world = os.environ, launched_world_size()
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
+        return int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0))
+    if world > 1:  # srun's tasks
+        rank, local = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
         env.setdefault("MASTER_PORT", str(slurm_port()))
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
