@@ -38,15 +38,17 @@ def test_compile_is_refused_where_the_backend_runs_the_model_itself(backend):
 
 @pytest.mark.slow
 def test_a_compiled_run_saves_resumes_and_exports_the_same_names(tmp_path, tokenizer_dir):
-    """One process on CPU (inductor builds C++ kernels: about 100 s for the first 2 steps here), then the same
-    command continues from its checkpoint to step 3."""
+    """FSDP2 on 2 ranks, the way a cluster runs --compile: blocks compiled, then sharded (inductor builds C++
+    kernels on CPU: about 100 s for the first 2 steps here), then the same command continues from its checkpoint
+    to step 3. DDP with --compile, one process, is bench/gpu.sh's dry run (tests/test_bench_gpu.py)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
     out = tmp_path / "run"
-    flags = ["--compile", "true", "--batch-size", "8", "--save-every", "1", "--eval-every", "0"]
+    flags = ["--backend", "fsdp", "--compile", "true", "--batch-size", "8", "--save-every", "1"]
+    flags += ["--eval-every", "0"]
     for steps in (2, 3):
-        cmd = recipe_runs.command(out, tokenizer_dir, *flags, "--max-steps", str(steps), nproc=1)
+        cmd = recipe_runs.command(out, tokenizer_dir, *flags, "--max-steps", str(steps), nproc=2)
         cmd[cmd.index("--check-replicas") + 1] = "false"
         proc = recipe_runs.run(cmd, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
