@@ -1,5 +1,6 @@
-"""Sharded checkpoints under real torchrun jobs: exact resume after SIGKILL and SIGTERM, corrupt and
-half-written checkpoints, resharding across world sizes, export from any checkpoint."""
+"""Sharded checkpoints under real torchrun jobs: exact resume after SIGKILL and SIGTERM (and of each
+fine-tuning recipe as shipped), corrupt and half-written checkpoints, resharding across world sizes, export
+from any checkpoint."""
 
 from __future__ import annotations
 
@@ -663,3 +664,36 @@ def test_checkpoints_are_ordered_by_step_and_pruning_keeps_the_one_just_saved(tm
     (resumed / ".tmp-step-000017" / "state").mkdir(parents=True)  # a save that was killed
     _prune(resumed, 1, 18)
     assert [s for s, _ in step_folders(resumed)] == [18, 20, 24] and not list(resumed.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    "recipe, config",
+    [("ner", "ner"), ("qa", "qa"), ("text_classification", "toxic")],
+)
+def test_each_fine_tuning_recipe_continues_exactly_after_losing_its_last_checkpoint(tmp_path, recipe, config):
+    """The fine-tuning recipes as shipped (pretrained MiniLM, a new head, their own batching: QA's context
+    windows, NER's word-aligned labels, multi-label targets), one process, training only: the last checkpoint is lost, as in
+    a crash after step 2's save, and the same command does step 3 again with the same loss and grad norm."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(REPO / "recipes" / f"{recipe}.py"),
+        "--config",
+        f"recipes/configs/{config}.yaml",
+    ]
+    cmd += ["--output-dir", str(out), "--max-steps", "3", "--save-every", "2", "--log-every", "1"]
+    cmd += ["--eval-every", "0", "--validation-file=", "--test-file=", "--tracker", "none"]
+    first = run(cmd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    straight = [r for r in read_metrics(out) if "train/loss" in r]
+    assert [r["step"] for r in straight] == [1, 2, 3]
+    shutil.rmtree(out / "checkpoints" / "step-000003")
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step-000002" in again.stdout
+    resumed = [r for r in read_metrics(out) if "train/loss" in r][3:]
+    assert [r["step"] for r in resumed] == [3]
+    assert (resumed[0]["train/loss"], resumed[0]["train/grad_norm"]) == (
+        straight[2]["train/loss"],
+        straight[2]["train/grad_norm"],
+    )
