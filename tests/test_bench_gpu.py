@@ -82,6 +82,26 @@ def test_dry_run_prints_every_row_with_numbers(tmp_path):
     assert "MFU: n/a" in proc.stdout
 
 
+def test_each_recipe_and_its_trainer_run_before_compile_and_zero():
+    """A time limit stops the benchmark at its last rows: those are --compile and ZeRO, never the recipe vs
+    Trainer comparisons; a row that reuses another's run (the Trainer's config, ddp's figures) runs after it."""
+    order = bench_gpu.RUN_ORDER
+    assert sorted(order) == list(range(len(bench_gpu.ROWS)))
+    ran = [bench_gpu.ROWS[i][:2] for i in order]
+    assert ran[:4] == [
+        ("MLM+NSP", "recipe"),
+        ("MLM+NSP", "transformers.Trainer"),
+        ("classification", "recipe"),
+        ("classification", "transformers.Trainer"),
+    ]
+    assert all("compile" in run or "ZeRO" in run for _, run in ran[-4:])
+    for position, i in enumerate(order):
+        if bench_gpu.ROWS[i][3] in ("trainer", "same"):
+            task = bench_gpu.ROWS[i][2]
+            source = next(j for j, row in enumerate(bench_gpu.ROWS) if row[1] == "recipe" and row[2] == task)
+            assert order.index(source) < position, ran[position]
+
+
 def test_a_stopped_benchmark_still_prints_the_rows_it_finished():
     done = {"samples_per_s": 10.0, "tokens_per_s": 320.0, "tflops": 0.5, "elapsed": 7.0}
     failed = {"error": "stopped by the OS: out of memory", "elapsed": 3.0}  # its own error, whatever words
