@@ -115,6 +115,27 @@ def stop_then_rerun(cmd, out, step: int = 2) -> dict[int, float]:
     return stopped
 
 
+def lose_last_checkpoint_then_rerun(cmd, out, steps: int = 3) -> tuple[list[dict], list[dict]]:
+    """Run `cmd` (`--max-steps steps`, a checkpoint at steps - 1 and steps) to the end, delete its last
+    checkpoint, as a crash after the save before it would leave the run, and run the same command again.
+    Returns the training log records of the first run and those the second one wrote."""
+    import shutil
+
+    from launch.tracking import read_metrics
+
+    first = run(cmd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    straight = [r for r in read_metrics(out) if "train/loss" in r]
+    assert [r["step"] for r in straight] == list(range(1, steps + 1)), straight
+    shutil.rmtree(out / "checkpoints" / f"step-{steps:06d}")
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{steps - 1:06d}'}" in again.stdout, again.stdout[
+        -2000:
+    ]
+    return straight, [r for r in read_metrics(out) if "train/loss" in r][steps:]
+
+
 def final_metrics(records) -> dict:
     """Every key's last logged value, over a run's metrics records."""
     return {k: v for r in records for k, v in r.items()}

@@ -20,6 +20,7 @@ from recipe_runs import (
     final_metrics,
     final_sums,
     kill_tree,
+    lose_last_checkpoint_then_rerun,
     losses,
     popen,
     run,
@@ -672,28 +673,15 @@ def test_checkpoints_are_ordered_by_step_and_pruning_keeps_the_one_just_saved(tm
 )
 def test_each_fine_tuning_recipe_continues_exactly_after_losing_its_last_checkpoint(tmp_path, recipe, config):
     """The fine-tuning recipes as shipped (pretrained MiniLM, a new head, their own batching: QA's context
-    windows, NER's word-aligned labels, multi-label targets), one process, training only: the last checkpoint is lost, as in
-    a crash after step 2's save, and the same command does step 3 again with the same loss and grad norm."""
+    windows, NER's word-aligned labels, multi-label targets), one process, training only: the last checkpoint
+    is lost, as in a crash after step 2's save, and the same command does step 3 again with the same loss and
+    grad norm."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(REPO / "recipes" / f"{recipe}.py"),
-        "--config",
-        f"recipes/configs/{config}.yaml",
-    ]
-    cmd += ["--output-dir", str(out), "--max-steps", "3", "--save-every", "2", "--log-every", "1"]
+    script = str(REPO / "recipes" / f"{recipe}.py")
+    cmd = [sys.executable, script, "--config", f"recipes/configs/{config}.yaml", "--output-dir", str(out)]
+    cmd += ["--max-steps", "3", "--save-every", "2", "--log-every", "1"]
     cmd += ["--eval-every", "0", "--validation-file=", "--test-file=", "--tracker", "none"]
-    first = run(cmd)
-    assert first.returncode == 0, first.stderr[-3000:]
-    straight = [r for r in read_metrics(out) if "train/loss" in r]
-    assert [r["step"] for r in straight] == [1, 2, 3]
-    shutil.rmtree(out / "checkpoints" / "step-000003")
-    again = run(cmd)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout and "step-000002" in again.stdout
-    resumed = [r for r in read_metrics(out) if "train/loss" in r][3:]
+    straight, resumed = lose_last_checkpoint_then_rerun(cmd, out)
     assert [r["step"] for r in resumed] == [3]
-    assert (resumed[0]["train/loss"], resumed[0]["train/grad_norm"]) == (
-        straight[2]["train/loss"],
-        straight[2]["train/grad_norm"],
-    )
+    for key in ("train/loss", "train/grad_norm"):
+        assert resumed[0][key] == straight[2][key], (key, resumed[0][key], straight[2][key])

@@ -9,7 +9,6 @@ from conftest import REPO
 
 from launch.backends import compile_blocks
 from launch.config import ConfigError, TrainConfig, validate_train_config
-from launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
 
@@ -43,8 +42,6 @@ def test_a_compiled_run_resumes_exactly_and_exports_the_same_names(tmp_path, tok
     crash after step 2's save, and the same command continues from step 2: step 3 again has the same loss and
     gradient norm, bit for bit, with dropout on and a graph compiled afresh for step 3's shape. DDP with
     --compile, one process, is bench/gpu.sh's dry run (tests/test_bench_gpu.py)."""
-    import shutil
-
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -52,15 +49,7 @@ def test_a_compiled_run_resumes_exactly_and_exports_the_same_names(tmp_path, tok
     flags = ["--backend", "fsdp", "--compile", "true", "--batch-size", "8", "--save-every", "1"]
     cmd = recipe_runs.command(out, tokenizer_dir, *flags, "--eval-every", "0", "--max-steps", "3", nproc=2)
     cmd[cmd.index("--check-replicas") + 1] = "false"
-    first = recipe_runs.run(cmd, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    straight = [r for r in read_metrics(out) if "train/loss" in r]
-    assert [r["step"] for r in straight] == [1, 2, 3]
-    shutil.rmtree(out / "checkpoints" / "step-000003")
-    again = recipe_runs.run(cmd, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout and "step-000002" in again.stdout
-    resumed = [r for r in read_metrics(out) if "train/loss" in r][3:]
+    straight, resumed = recipe_runs.lose_last_checkpoint_then_rerun(cmd, out)
     assert [r["step"] for r in resumed] == [3]
     for key in ("train/loss", "train/grad_norm"):
         assert resumed[0][key] == straight[2][key], (key, resumed[0][key], straight[2][key])
