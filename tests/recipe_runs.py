@@ -115,25 +115,32 @@ def stop_then_rerun(cmd, out, step: int = 2) -> dict[int, float]:
     return stopped
 
 
-def lose_last_checkpoint_then_rerun(cmd, out, steps: int = 3) -> tuple[list[dict], list[dict]]:
+def lose_last_checkpoint_then_rerun(cmd, out, steps: int = 3) -> list[dict]:
     """Run `cmd` (`--max-steps steps`, a checkpoint at steps - 1 and steps) to the end, delete its last
-    checkpoint, as a crash after the save before it would leave the run, and run the same command again.
-    Returns the training log records of the first run and those the second one wrote."""
+    checkpoint, as a crash after the save before it would leave the run, and run the same command again: it
+    resumes from steps - 1 and logs the last step again with the same loss and grad norm, bit for bit.
+    Returns the training log records of both runs."""
     import shutil
 
     from launch.tracking import read_metrics
 
+    def logged() -> list[dict]:
+        return [r for r in read_metrics(out) if "train/loss" in r]
+
     first = run(cmd)
     assert first.returncode == 0, first.stderr[-3000:]
-    straight = [r for r in read_metrics(out) if "train/loss" in r]
+    straight = logged()
     assert [r["step"] for r in straight] == list(range(1, steps + 1)), straight
     shutil.rmtree(out / "checkpoints" / f"step-{steps:06d}")
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / f'step-{steps - 1:06d}'}" in again.stdout, again.stdout[
-        -2000:
-    ]
-    return straight, [r for r in read_metrics(out) if "train/loss" in r][steps:]
+    resumed_from = out / "checkpoints" / f"step-{steps - 1:06d}"
+    assert f"resumed from {resumed_from}" in again.stdout, again.stdout[-2000:]
+    resumed = logged()[steps:]
+    assert [r["step"] for r in resumed] == [steps]
+    for key in ("train/loss", "train/grad_norm"):
+        assert resumed[0][key] == straight[-1][key], (key, resumed[0][key], straight[-1][key])
+    return straight + resumed
 
 
 def final_metrics(records) -> dict:
