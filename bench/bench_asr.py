@@ -54,8 +54,8 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
 
     from transformers import Trainer, TrainingArguments, Wav2Vec2Processor, set_seed
 
-    from data.speech import normalize_transcript, read_manifest
-    from kernels import collate_padded
+    from recipebox.data.speech import normalize_transcript, read_manifest
+    from recipebox.kernels.collate import collate_padded
     from recipes.asr_ctc import FRAMES_PER_SECOND, ASRConfig, AudioRows, _setup_model
 
     cfg = saved_config(recipe_dir, ASRConfig)

@@ -44,7 +44,7 @@ def run_recipe(out: Path, steps: int, batch_size: int) -> dict:
 def training_documents(cfg: dict) -> list[str]:
     """The documents the recipe trained on: its corpus less the --eval-fraction it held out (the same
     seeded shuffle as recipes/causal_lm.py's _setup_data), or all of it with --validation-files."""
-    from data.lm import read_corpus
+    from recipebox.data.lm import read_corpus
 
     files = [f.strip() for f in cfg["train_files"].split(",") if f.strip()]
     docs = read_corpus(files, documents=cfg["documents"], text_key=cfg["text_key"], split=cfg["train_split"],
@@ -62,9 +62,9 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
     import datasets
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
 
-    from data.lm import tokenize_corpus
-    from data.tokenizer import load_tokenizer
-    from launch.config import load_yaml
+    from recipebox.data.lm import tokenize_corpus
+    from recipebox.data.tokenizer import load_tokenizer
+    from recipebox.launch.config import load_yaml
 
     # The recipe's saved config, tokenizer and model config, so a change to the recipe cannot skew the
     # comparison.

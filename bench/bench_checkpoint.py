@@ -122,8 +122,8 @@ def measure_parts(model, opt, out: Path) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.utils._pytree import tree_map
 
-    from checkpoints.sharded import DCPState, _hash_shares, _write_atomic
-    from checkpoints.storage import RawWriter
+    from recipebox.checkpoints.sharded import DCPState, _hash_shares, _write_atomic
+    from recipebox.checkpoints.storage import RawWriter
 
     r = {}
     state, r["part_state_dict"] = _timed(lambda: DCPState(model, opt)._state()[0])
@@ -168,7 +168,7 @@ def measure_saves(model, opt, out: Path) -> dict:
     import torch
     import torch.distributed as dist
 
-    from checkpoints.sharded import BackgroundSaves, save_checkpoint, step_dir
+    from recipebox.checkpoints.sharded import BackgroundSaves, save_checkpoint, step_dir
 
     rank = dist.get_rank()
     background = BackgroundSaves()  # what --async-save uses: its own gloo group, one save in flight
@@ -242,7 +242,7 @@ def measure_loads(sharded: Path, baseline: Path, stock: Path, saved: dict[str, s
     """Seconds per repeat for each load into a fresh (never stepped) model and optimizer, each checked."""
     import torch
 
-    from checkpoints.sharded import load_checkpoint
+    from recipebox.checkpoints.sharded import load_checkpoint
 
     model, opt = _build(quick, seed=1, step=False)
     r = {"sharded_load": [], "sizes_only_load": [], "torch_load": []}
@@ -277,8 +277,8 @@ def measure_load_parts(sharded: Path, stock: Path, model, opt) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from checkpoints.sharded import DCPState, verify_checkpoint
-    from checkpoints.storage import RawReader
+    from recipebox.checkpoints.sharded import DCPState, verify_checkpoint
+    from recipebox.checkpoints.storage import RawReader
 
     parts = {
         k: []

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from kernels import MLMCollator
+from recipebox.kernels.collate import MLMCollator
 
 SHAPES = ((256, 128), (64, 512))
 

@@ -58,9 +58,9 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int, warmup_steps: int = WARMU
         TrainingArguments,
     )
 
-    from data.classification import encode_labels, label_names, read_table, texts, tokenize_texts
-    from launch.config import load_yaml
-    from launch.recipe import pretrained_source
+    from recipebox.data.classification import encode_labels, label_names, read_table, texts, tokenize_texts
+    from recipebox.launch.config import load_yaml
+    from recipebox.launch.recipe import pretrained_source
 
     # The recipe's saved config and tokenizer, so a change to the recipe cannot skew the comparison.
     cfg = load_yaml(recipe_dir / "config.yaml")

@@ -140,7 +140,7 @@ def trainer_tflops(task: str, s: Sizes, result: dict) -> float:
     per real token, so the two sides' TFLOPS ratio is their samples/s ratio."""
     from transformers import BertConfig
 
-    from launch.flops import train_flops_per_token
+    from recipebox.launch.flops import train_flops_per_token
 
     config = BertConfig(
         vocab_size=s.vocab,
@@ -261,7 +261,7 @@ def main() -> None:
     if s.steps < 3 * s.warmup or s.steps % s.warmup:
         parser.error(f"--steps must be a multiple of {s.warmup} and at least {3 * s.warmup}")
 
-    from launch.flops import device_peak_tflops
+    from recipebox.launch.flops import device_peak_tflops
 
     # The dry run hides any GPU, so it measures the CPU path wherever it runs; DeepSpeed, told so, does not
     # warn about having found none (here too: transformers imports it when saving the model).

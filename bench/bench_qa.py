@@ -66,9 +66,9 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
         TrainingArguments,
     )
 
-    from data.qa import read_qa, tokenize_features
-    from launch.config import load_yaml
-    from launch.recipe import pretrained_source
+    from recipebox.data.qa import read_qa, tokenize_features
+    from recipebox.launch.config import load_yaml
+    from recipebox.launch.recipe import pretrained_source
 
     # The recipe's saved config and tokenizer, so a change to the recipe cannot skew the comparison.
     cfg = load_yaml(recipe_dir / "config.yaml")
@@ -176,11 +176,11 @@ def postprocess_bench(recipe_dir: Path, export: Path | None) -> dict:
     import torch
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from data.qa import postprocess, read_qa, tokenize_features
-    from kernels import collate_padded
-    from launch.config import load_yaml
-    from launch.recipe import pretrained_source
-    from launch.task import model_inputs
+    from recipebox.data.qa import postprocess, read_qa, tokenize_features
+    from recipebox.kernels.collate import collate_padded
+    from recipebox.launch.config import load_yaml
+    from recipebox.launch.recipe import pretrained_source
+    from recipebox.launch.task import model_inputs
     from recipes.qa import window_records
 
     cfg = load_yaml(recipe_dir / "config.yaml")  # windows and answer settings: the recipe run's

@@ -68,8 +68,8 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int) -> None:
     import datasets
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
 
-    from data.summarization import read_pairs, tokenize_pairs
-    from data.tokenizer import load_tokenizer, train_seq2seq_bpe
+    from recipebox.data.summarization import read_pairs, tokenize_pairs
+    from recipebox.data.tokenizer import load_tokenizer, train_seq2seq_bpe
     from recipes.summarization import SummarizationConfig, _setup_model, source_prefix
 
     # The recipe's saved config, so a change to its defaults cannot skew the comparison.
@@ -134,7 +134,7 @@ def generation_bench(recipe_dir: Path, documents: int | None, repeats: int) -> d
         Seq2SeqTrainingArguments,
     )
 
-    from data.summarization import clean_summary, mean_rouge, read_pairs, tokenize_pairs
+    from recipebox.data.summarization import clean_summary, mean_rouge, read_pairs, tokenize_pairs
     from recipes.summarization import SummarizationConfig, load, summarize_texts
 
     torch.set_num_threads(1)  # as each training rank

@@ -47,8 +47,8 @@ def run_recipe(out: Path, steps: int, data_args: list[str]) -> dict:
 
 def _build_dataset(cfg: dict, tok, out: Path):
     """The recipe's training pairs, rebuilt from its saved config with the same builders and seed."""
-    from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
-    from data.text import read_documents
+    from recipebox.data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
+    from recipebox.data.text import read_documents
 
     files = [f.strip() for f in cfg["train_files"].split(",") if f.strip()]
     documents = read_documents(files, documents=cfg["documents"], cache_dir=str(out / "cache" / "text"))
@@ -68,8 +68,8 @@ def hf_worker(recipe_dir: Path, out: Path, steps: int, warmup_steps: int = WARMU
         TrainingArguments,
     )
 
-    from data.tokenizer import load_tokenizer
-    from launch.config import load_yaml
+    from recipebox.data.tokenizer import load_tokenizer
+    from recipebox.launch.config import load_yaml
 
     # The recipe's saved config, not our own defaults, so a change to the recipe cannot skew the comparison.
     cfg = load_yaml(recipe_dir / "config.yaml")

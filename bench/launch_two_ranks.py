@@ -70,7 +70,7 @@ HF_RESULT = "hf_trainer.json"  # what a benchmark's --hf-worker rank 0 writes in
 def steady_throughput(run_dir: Path, warmup_steps: int) -> dict:
     """A recipe run's mean samples/s over the logging windows after `warmup_steps`, and its last loss; also
     the mean tokens/s, TFLOPS and MFU and the highest peak memory (GB) of those windows, where logged."""
-    from launch.tracking import read_metrics
+    from recipebox.launch.tracking import read_metrics
 
     windows = [r for r in read_metrics(run_dir) if "train/samples_per_s" in r]
     steady = [r for r in windows if r["step"] > warmup_steps]
@@ -87,7 +87,7 @@ def steady_throughput(run_dir: Path, warmup_steps: int) -> dict:
 def timed_throughput(run_dir: Path, warmup_steps: int, key: str = "samples_per_s") -> dict:
     """A recipe run's steady `train/<key>` after `warmup_steps`: each logging window weighted by its duration
     (the time between its log line and the previous one), so it is a total over total time; the last loss."""
-    from launch.tracking import read_metrics
+    from recipebox.launch.tracking import read_metrics
 
     windows = [r for r in read_metrics(run_dir) if f"train/{key}" in r]
     steady = [(prev, r) for prev, r in zip(windows, windows[1:]) if r["step"] > warmup_steps]
@@ -101,7 +101,7 @@ def saved_config(run_dir: Path, config_class):
     defaults cannot skew a comparison."""
     import dataclasses
 
-    from launch.config import load_yaml
+    from recipebox.launch.config import load_yaml
 
     saved = load_yaml(run_dir / "config.yaml")
     return config_class(**{f.name: saved[f.name] for f in dataclasses.fields(config_class)})

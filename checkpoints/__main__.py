@@ -1,4 +1,4 @@
-"""Command line for checkpoints: `python -m checkpoints export CHECKPOINT OUT` and `verify CHECKPOINT`.
+"""Command line for checkpoints: `python -m recipebox.checkpoints export CHECKPOINT OUT` and `verify CHECKPOINT`.
 
 Export turns any complete checkpoint into a Hugging Face folder without the recipe that made it: the model
 config and the processor (tokenizer, feature extractor) travel inside the checkpoint, the weights are read with torch.distributed.checkpoint
@@ -13,8 +13,8 @@ import gc
 import sys
 from pathlib import Path
 
-from checkpoints.export import processor_folder
-from checkpoints.sharded import (
+from recipebox.checkpoints.export import processor_folder
+from recipebox.checkpoints.sharded import (
     CheckpointError,
     checkpoint_folder,
     loading_safely,
@@ -30,8 +30,8 @@ def export_checkpoint(path: str | Path, out: str | Path, checksums: bool = True)
     import torch.distributed.checkpoint as dcp
     import transformers
 
-    from checkpoints.export import check_export_target, export_hf
-    from checkpoints.storage import RawReader
+    from recipebox.checkpoints.export import check_export_target, export_hf
+    from recipebox.checkpoints.storage import RawReader
 
     path = Path(path)
     check_export_target(out)  # before any reading: the answer does not depend on the checkpoint
@@ -98,7 +98,7 @@ def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:
     again, and any other missing weight is an error rather than a silently random layer."""
     import torch
 
-    from checkpoints.deepspeed import SAFE_CLASSES, TAG, import_deepspeed
+    from recipebox.checkpoints.deepspeed import SAFE_CLASSES, TAG, import_deepspeed
 
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -127,7 +127,7 @@ def _is_tied(model, key: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checkpoints", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recipebox.checkpoints", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
     exp.add_argument("checkpoint")

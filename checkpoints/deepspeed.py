@@ -3,7 +3,7 @@ inside a checkpoint folder of `checkpoints.sharded`, which adds the manifest, at
 
 The files are DeepSpeed's torch.save pickles; DeepSpeed's loaders read them with weights_only=False, so
 every load here runs weights-only (`checkpoints.storage.weights_only_loads`, SAFE_CLASSES allowed): a
-crafted file is refused, not run. The export (`python -m checkpoints export`) consolidates them in one
+crafted file is refused, not run. The export (`python -m recipebox.checkpoints export`) consolidates them in one
 process without a process group.
 """
 
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch.distributed as dist
 
-from checkpoints.sharded import CheckpointError
+from recipebox.checkpoints.sharded import CheckpointError
 
 TAG = "ds"  # the one tag inside a checkpoint's state/ folder
 # What DeepSpeed's .pt files hold besides tensors and plain containers: its optimizer's stage and loss scaler,

@@ -15,8 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from checkpoints.curves import plot_curves
-from checkpoints.sharded import CheckpointError
+from recipebox.checkpoints.curves import plot_curves
+from recipebox.checkpoints.sharded import CheckpointError
 
 PROCESSOR = "processor"  # RUN/processor, and hf/processor in every checkpoint
 CURVES = "curves.png"  # beside the model card, which embeds it
@@ -139,7 +139,7 @@ def check_export(export_dir: str | Path, task: str) -> str:
     ours = any(arch.endswith(head) for arch in archs for head in heads)
     if not ours and any(arch.endswith(head) for arch in archs for head in others):
         raise CheckpointError(f"{export_dir} holds a {' / '.join(archs)}; {fix}")
-    again = "export the run again (python -m checkpoints export RUN/checkpoints/latest OUT)"
+    again = "export the run again (python -m recipebox.checkpoints export RUN/checkpoints/latest OUT)"
     check_weight_files(path, fix=again)
     if not any((path / name).is_file() for name in PROCESSOR_FILES):
         raise CheckpointError(
@@ -196,7 +196,7 @@ def saved_examples(export_dir: str | Path, endpoint: str, fix: str) -> list[list
         raise CheckpointError(f"{export_dir} is not a folder; give an export folder (RUN/export)")
     if not path.is_file():
         raise CheckpointError(
-            f"{path} does not exist (a recipe's export carries one, `python -m checkpoints export` none); {fix}"
+            f"{path} does not exist (a recipe's export carries one, `python -m recipebox.checkpoints export` none); {fix}"
         )
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from checkpoints.storage import RawReader, RawWriter, check_index, weights_only_loads
+from recipebox.checkpoints.storage import RawReader, RawWriter, check_index, weights_only_loads
 
 # DCP warns on every save without a process group, even with no_dist=True passed; a one-process run means it.
 warnings.filterwarnings(
@@ -507,7 +507,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} holds a {saved_format} checkpoint (backend {manifest['meta'].get('backend')}), which "
             f"this backend ({state.format}) cannot read; resume with the backend that saved it, or export "
-            f"it (python -m checkpoints export {path} OUT) and start a new run from that model"
+            f"it (python -m recipebox.checkpoints export {path} OUT) and start a new run from that model"
         )
     with loading_safely(path, getattr(state, "safe_classes", ())):
         state.load(path / "state", manifest["meta"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints.sharded import DCPState
+from recipebox.checkpoints.sharded import DCPState
 
 WRAPPER = "_orig_module."  # the attribute under which SpmdFullyShardedDataParallel keeps the module
 

@@ -1,5 +1,5 @@
 """Dataset builders per task: read and validate files, tokenise with `datasets`, and the stateful sampler."""
 
-from data.text import DataError
+from recipebox.data.text import DataError
 
 __all__ = ["DataError"]

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.text import DataError, check_text_file, content_key, map_args
+from recipebox.data.text import DataError, check_text_file, content_key, map_args
 
 MULTI_CLASS, MULTI_LABEL = "multi_class", "multi_label"
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data.text import DataError, check_text_file, content_key, map_args
+from recipebox.data.text import DataError, check_text_file, content_key, map_args
 
 DOCUMENTS = ("blank_line", "line")
 PACKING = ("blocks", "none")
@@ -76,7 +76,9 @@ def _read_text(path: Path, documents: str) -> list[str]:
 
 
 def _read_json_lines(path: Path, text_key: str) -> list[str]:
-    from data.classification import _read_json_lines as read_rows  # one JSON object per line, checked
+    from recipebox.data.classification import (
+        _read_json_lines as read_rows,  # one JSON object per line, checked
+    )
 
     docs: list[str] = []
     table = read_rows(path)

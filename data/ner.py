@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.text import DataError, check_text_file, content_key, map_args
+from recipebox.data.text import DataError, check_text_file, content_key, map_args
 
 IGNORE = -100
 NO_WORD = -1  # `_word_ids` of positions that are not a word's first piece (specials, padding, later pieces)

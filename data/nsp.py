@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from data.text import DataError, content_key, map_args
+from recipebox.data.text import DataError, content_key, map_args
 
 IS_NEXT, NOT_NEXT = 0, 1  # BertForPreTraining's convention
 

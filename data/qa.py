@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.text import DataError, content_key, map_args
+from recipebox.data.text import DataError, content_key, map_args
 
 NO_OFFSET = [-1, -1]  # `offsets` of a token that is not part of the context (question, specials)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.classification import check_columns, read_table
-from data.text import DataError
+from recipebox.data.classification import check_columns, read_table
+from recipebox.data.text import DataError
 
 SAMPLE_RATE = 16000
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.classification import check_columns, read_table
-from data.text import DataError, content_key, map_args, split_sentences
+from recipebox.data.classification import check_columns, read_table
+from recipebox.data.text import DataError, content_key, map_args, split_sentences
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import gradio as gr
 import soundfile
 
-from data.text import DataError
 from demos.common import examples
+from recipebox.data.text import DataError
 from recipes import asr_ctc
 
 MAX_SECONDS = 600  # the whole clip goes through the model at once

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from kernels.masking import IGNORE_INDEX
+from recipebox.kernels.masking import IGNORE_INDEX
 
 
 def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from kernels.masking import IGNORE_INDEX, _check_args, mask_tokens
+from recipebox.kernels.masking import IGNORE_INDEX, _check_args, mask_tokens
 
 _RECOMPUTED_KEYS = ("attention_mask", "special_tokens_mask")
 

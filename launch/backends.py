@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kernels.buckets import bucket_lengths, parse_buckets
-from launch.config import FSDP_NEEDS_RANKS, ConfigError, TrainConfig
-from launch.runtime import Runtime, bf16_native
+from recipebox.kernels.buckets import bucket_lengths, parse_buckets
+from recipebox.launch.config import FSDP_NEEDS_RANKS, ConfigError, TrainConfig
+from recipebox.launch.runtime import Runtime, bf16_native
 
 ADAM_BETAS = (0.9, 0.999)  # every backend's AdamW, DeepSpeed's CPU Adam under offload included
 ADAM_EPS = 1e-8
@@ -227,7 +227,7 @@ class DDPBackend:
             return generating_module(self.raw_model).generate(**inputs)
 
     def checkpoint_state(self):
-        from checkpoints.sharded import DCPState
+        from recipebox.checkpoints.sharded import DCPState
 
         return DCPState(self.model, self.optimizer)
 
@@ -354,10 +354,10 @@ def layer_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 # --backend NAME -> "module:class"; modules are imported only when their backend is chosen.
 BACKENDS = {
-    "ddp": "launch.backends:DDPBackend",
-    "fsdp": "launch.backends:FSDPBackend",
-    "deepspeed": "launch.deepspeed_backend:DeepSpeedBackend",
-    "xla": "launch.xla_backend:XLABackend",
+    "ddp": "recipebox.launch.backends:DDPBackend",
+    "fsdp": "recipebox.launch.backends:FSDPBackend",
+    "deepspeed": "recipebox.launch.deepspeed_backend:DeepSpeedBackend",
+    "xla": "recipebox.launch.xla_backend:XLABackend",
 }
 
 

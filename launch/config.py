@@ -219,7 +219,7 @@ def parse_config(cls: type, argv: list[str] | None = None, description: str | No
         if tp is bool:
             kwargs["metavar"] = "{true,false}"
         if name == "backend":
-            from launch.backends import BACKENDS
+            from recipebox.launch.backends import BACKENDS
 
             kwargs["choices"] = list(BACKENDS)
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
@@ -304,7 +304,7 @@ def check_model_path(name: str) -> None:
             "tokenizer files) or a hub name"
         )
     if path.is_dir():
-        from checkpoints.export import check_weight_files
+        from recipebox.checkpoints.export import check_weight_files
 
         check_weight_files(path, fix=f"copy or export --model {name} again")
 
@@ -322,11 +322,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise ConfigError(
                 "--tracker wandb (the default) needs the wandb package: pip install wandb, or pass --tracker none"
             )
-    from launch.backends import BACKENDS
+    from recipebox.launch.backends import BACKENDS
 
     check_choice(cfg, "backend", tuple(BACKENDS))
     check_choice(cfg, "xla_mode", ("spmd", "replicas"))
-    from launch.runtime import launched_world_size
+    from recipebox.launch.runtime import launched_world_size
 
     world = launched_world_size()
     if cfg.backend == "fsdp" and world < 2:
@@ -334,7 +334,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     if cfg.backend == "deepspeed":  # the JSON and the flags must agree before any process group starts
         import torch
 
-        from launch.deepspeed_config import build_deepspeed_config
+        from recipebox.launch.deepspeed_config import build_deepspeed_config
 
         build_deepspeed_config(cfg, world, "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.async_save and cfg.backend in ("deepspeed", "xla"):
@@ -366,7 +366,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
             f"--resume {cfg.resume}: no such checkpoint folder; use auto, never, a step-* folder or its latest"
         )
     if pointer:  # caught here, before the data is read, rather than when the run resumes
-        from checkpoints.sharded import CheckpointError, checkpoint_folder  # the rule resume itself follows
+        from recipebox.checkpoints.sharded import (  # the rule resume itself follows
+            CheckpointError,
+            checkpoint_folder,
+        )
 
         try:
             found = checkpoint_folder(resume).is_dir()

@@ -14,10 +14,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from checkpoints.deepspeed import DeepSpeedState, import_deepspeed
-from launch.backends import ADAM_BETAS, ADAM_EPS, BackendSettings, generating_module, param_groups
-from launch.deepspeed_config import build_deepspeed_config, offloads
-from launch.runtime import Runtime
+from recipebox.checkpoints.deepspeed import DeepSpeedState, import_deepspeed
+from recipebox.launch.backends import ADAM_BETAS, ADAM_EPS, BackendSettings, generating_module, param_groups
+from recipebox.launch.deepspeed_config import build_deepspeed_config, offloads
+from recipebox.launch.runtime import Runtime
 
 
 def offload_optimizer_config(settings: BackendSettings) -> dict:

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launch.config import ConfigError
-from launch.runtime import bf16_native
+from recipebox.launch.config import ConfigError
+from recipebox.launch.runtime import bf16_native
 
 # JSON key path -> the flag that owns it. "auto" in the JSON means "take the flag's value".
 _OWNED = {

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from checkpoints.export import PROCESSOR, processor_folder
-from checkpoints.sharded import (
+from recipebox.checkpoints.export import PROCESSOR, processor_folder
+from recipebox.checkpoints.sharded import (
     BackgroundSaves,
     checkpoint_folder,
     latest_complete_checkpoint,
@@ -32,12 +32,12 @@ from checkpoints.sharded import (
     step_folders,
     verify_checkpoint,
 )
-from data.sampler import ShardedSampler
-from launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
-from launch.config import ConfigError, TrainConfig
-from launch.runtime import Runtime
-from launch.task import Task, module_prefix, whole_model
-from launch.tracking import Tracker
+from recipebox.data.sampler import ShardedSampler
+from recipebox.launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
+from recipebox.launch.config import ConfigError, TrainConfig
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import Task, module_prefix, whole_model
+from recipebox.launch.tracking import Tracker
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again to continue
 PREFIX = {"validation": "eval", "test": "test"}  # a split's metric prefix
@@ -405,7 +405,7 @@ class Trainer:
                 f"{path} was trained on other training data (another file, other contents or labels, or other "
                 f"tokenisation settings: key {saved}, this run's {now}); the same command continues a run. "
                 f"To train on this data, give a new --output-dir (to start from that run's weights, export "
-                f"it with python -m checkpoints export and pass the export as --model)"
+                f"it with python -m recipebox.checkpoints export and pass the export as --model)"
             )
         state = self.backend.checkpoint_state()
         meta, rank_state, rank_meta = load_checkpoint(path, state=state, checksums=checksums and not verified)
@@ -554,7 +554,7 @@ def _device_peak(device: torch.device, precision: str) -> float | None:
     """The dense peak TFLOPS of this GPU at the run's precision (launch.flops' table); None elsewhere."""
     if device.type != "cuda":
         return None
-    from launch.flops import device_peak_tflops
+    from recipebox.launch.flops import device_peak_tflops
 
     dtype = "bf16" if precision == "auto" else precision
     return device_peak_tflops(torch.cuda.get_device_name(device), dtype)

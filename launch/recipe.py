@@ -22,15 +22,15 @@ from typing import NoReturn
 
 import torch
 
-from checkpoints.export import check_export_target, processor_folder
-from checkpoints.sharded import CheckpointError
-from data.text import DataError
-from launch.backends import backend_settings, make_backend
-from launch.config import ConfigError, TrainConfig, check_model_path, save_config
-from launch.loop import EXIT_PREEMPTED, Trainer, check_built_alike
-from launch.runtime import Runtime
-from launch.task import Task, whole_model
-from launch.tracking import Tracker, scalars
+from recipebox.checkpoints.export import check_export_target, processor_folder
+from recipebox.checkpoints.sharded import CheckpointError
+from recipebox.data.text import DataError
+from recipebox.launch.backends import backend_settings, make_backend
+from recipebox.launch.config import ConfigError, TrainConfig, check_model_path, save_config
+from recipebox.launch.loop import EXIT_PREEMPTED, Trainer, check_built_alike
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import Task, whole_model
+from recipebox.launch.tracking import Tracker, scalars
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
@@ -174,7 +174,7 @@ def export(trainer: Trainer, task: Task, cfg: TrainConfig, out: Path, metrics: d
     state = trainer.backend.full_state_dict()  # complete on rank 0
     if not trainer.rt.is_main:
         return
-    from checkpoints import export_hf
+    from recipebox.checkpoints import export_hf
 
     whole = whole_model(task, state, trainer.export_prefix)
     task.before_export(whole)

@@ -26,8 +26,8 @@ from typing import Any
 
 import submitit
 
-from launch.config import number
-from launch.tracking import read_metrics
+from recipebox.launch.config import number
+from recipebox.launch.tracking import read_metrics
 
 EXIT_PREEMPTED = 75  # the recipe saved after a stop signal (launch.loop.EXIT_PREEMPTED)
 REPO = Path(__file__).resolve().parent.parent
@@ -330,10 +330,10 @@ def write_results(rows: list[dict[str, Any]], root: str | Path) -> tuple[Path, P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.submit",
+        prog="python -m recipebox.launch.submit",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: python -m launch.submit --grid lr=1e-3,5e-4 --grid seed=1,2 "
+        epilog="example: python -m recipebox.launch.submit --grid lr=1e-3,5e-4 --grid seed=1,2 "
         "--root runs/sweep recipes/mlm_nsp.py --max-steps 200",
     )
     parser.add_argument("--cluster", default="slurm", choices=("slurm", "local"))

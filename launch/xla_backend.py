@@ -16,11 +16,11 @@ import functools
 import torch
 from torch import nn
 
-from checkpoints.xla import XLAState, clean_name
-from kernels.buckets import BucketedCollate
-from launch.backends import BackendSettings, grad_norm, layer_lists
-from launch.config import ConfigError
-from launch.runtime import Runtime
+from recipebox.checkpoints.xla import XLAState, clean_name
+from recipebox.kernels.buckets import BucketedCollate
+from recipebox.launch.backends import BackendSettings, grad_norm, layer_lists
+from recipebox.launch.config import ConfigError
+from recipebox.launch.runtime import Runtime
 
 
 def _compile_count() -> int:

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import check_export, saved_inputs
-from checkpoints.sharded import CheckpointError
-from data.speech import (
+from recipebox.checkpoints.export import check_export, saved_inputs
+from recipebox.checkpoints.sharded import CheckpointError
+from recipebox.data.speech import (
     SAMPLE_RATE,
     build_vocab,
     check_durations,
@@ -49,14 +49,20 @@ from data.speech import (
     read_manifest,
     unseen_characters,
 )
-from data.text import DataError, content_key
-from kernels import collate_padded
-from kernels.buckets import bucket_lengths, pick_bucket
-from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.flops import train_flops_per_token
-from launch.recipe import TRAINED_HERE, run_main, run_recipe, saved_processor
-from launch.runtime import Runtime
-from launch.task import as_is, label_targets, model_inputs
+from recipebox.data.text import DataError, content_key
+from recipebox.kernels.buckets import bucket_lengths, pick_bucket
+from recipebox.kernels.collate import collate_padded
+from recipebox.launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    parse_config,
+    validate_train_config,
+)
+from recipebox.launch.flops import train_flops_per_token
+from recipebox.launch.recipe import TRAINED_HERE, run_main, run_recipe, saved_processor
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import as_is, label_targets, model_inputs
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "speech"
 FRAMES_PER_SECOND = 50  # wav2vec2's feature encoder: one frame per 320 samples at 16 kHz

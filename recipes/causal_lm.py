@@ -30,15 +30,22 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import check_export, saved_inputs
-from data.lm import read_corpus, tokenize_corpus
-from data.tokenizer import load_tokenizer, train_byte_bpe
-from kernels import collate_padded
-from launch.config import ConfigError, TrainConfig, check_choice, number, parse_config, validate_train_config
-from launch.flops import flops_per_token_or_zero
-from launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
-from launch.runtime import Runtime
-from launch.task import as_is, label_targets, model_inputs, text_sizes, token_loss_sum
+from recipebox.checkpoints.export import check_export, saved_inputs
+from recipebox.data.lm import read_corpus, tokenize_corpus
+from recipebox.data.tokenizer import load_tokenizer, train_byte_bpe
+from recipebox.kernels.collate import collate_padded
+from recipebox.launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    number,
+    parse_config,
+    validate_train_config,
+)
+from recipebox.launch.flops import flops_per_token_or_zero
+from recipebox.launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import as_is, label_targets, model_inputs, text_sizes, token_loss_sum
 
 TOY_CORPUS = Path(__file__).resolve().parent.parent / "data" / "toy" / "mlm_nsp" / "corpus.txt"
 PROMPT_SEPARATOR = "|"

@@ -30,17 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoints.export import check_export, saved_examples, saved_inputs
-from data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
-from data.text import read_documents
-from data.tokenizer import load_tokenizer, train_wordpiece
-from kernels import collate_padded, mask_tokens
-from launch.backends import backend_class
-from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.flops import flops_per_token_or_zero
-from launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
-from launch.runtime import Runtime
-from launch.task import (
+from recipebox.checkpoints.export import check_export, saved_examples, saved_inputs
+from recipebox.data.nsp import build_nsp_pairs, split_documents, tokenize_pairs
+from recipebox.data.text import read_documents
+from recipebox.data.tokenizer import load_tokenizer, train_wordpiece
+from recipebox.kernels.collate import collate_padded
+from recipebox.kernels.masking import mask_tokens
+from recipebox.launch.backends import backend_class
+from recipebox.launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    parse_config,
+    validate_train_config,
+)
+from recipebox.launch.flops import flops_per_token_or_zero
+from recipebox.launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import (
     label_targets,
     model_inputs,
     no_summary,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import check_export, saved_inputs
-from data.ner import (
+from recipebox.checkpoints.export import check_export, saved_inputs
+from recipebox.data.ner import (
     NO_WORD,
     TAG_SCHEMES,
     check_known,
@@ -38,12 +38,31 @@ from data.ner import (
     tag_names,
     tokenize_windows,
 )
-from kernels import collate_padded
-from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.flops import flops_per_token_or_zero
-from launch.recipe import check_model_fits, load_labelled_model, pretrained_tokenizer, run_main, run_recipe
-from launch.runtime import Runtime
-from launch.task import as_is, label_targets, model_inputs, nothing_to_export, text_sizes, token_loss_sum
+from recipebox.kernels.collate import collate_padded
+from recipebox.launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    parse_config,
+    validate_train_config,
+)
+from recipebox.launch.flops import flops_per_token_or_zero
+from recipebox.launch.recipe import (
+    check_model_fits,
+    load_labelled_model,
+    pretrained_tokenizer,
+    run_main,
+    run_recipe,
+)
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import (
+    as_is,
+    label_targets,
+    model_inputs,
+    nothing_to_export,
+    text_sizes,
+    token_loss_sum,
+)
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "ner"
 PREDICT_WINDOWS = 32  # windows per forward pass in predict and the demo: a long text in several batches

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import check_export, saved_examples
-from data.qa import (
+from recipebox.checkpoints.export import check_export, saved_examples
+from recipebox.data.qa import (
     encode_features,
     fit_null_threshold,
     postprocess,
@@ -38,12 +38,24 @@ from data.qa import (
     squad_metrics,
     tokenize_features,
 )
-from kernels import collate_padded
-from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.flops import flops_per_token_or_zero
-from launch.recipe import check_model_fits, pretrained_source, pretrained_tokenizer, run_main, run_recipe
-from launch.runtime import Runtime
-from launch.task import as_is, model_inputs, row_targets, text_sizes
+from recipebox.kernels.collate import collate_padded
+from recipebox.launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    parse_config,
+    validate_train_config,
+)
+from recipebox.launch.flops import flops_per_token_or_zero
+from recipebox.launch.recipe import (
+    check_model_fits,
+    pretrained_source,
+    pretrained_tokenizer,
+    run_main,
+    run_recipe,
+)
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import as_is, model_inputs, row_targets, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "qa"
 PREDICT_WINDOWS = 32  # windows per forward pass in predict and the demo: a long text in several batches

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints.export import check_export, saved_inputs
-from data.summarization import (
+from recipebox.checkpoints.export import check_export, saved_inputs
+from recipebox.data.summarization import (
     ROUGE_KEYS,
     clean_summary,
     lead_k,
@@ -47,14 +47,21 @@ from data.summarization import (
     rouge_scores,
     tokenize_pairs,
 )
-from data.tokenizer import SEQ2SEQ_SPECIAL, train_seq2seq_bpe
-from kernels import collate_padded
-from launch.backends import backend_class
-from launch.config import ConfigError, TrainConfig, check_choice, number, parse_config, validate_train_config
-from launch.flops import train_flops_per_token
-from launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
-from launch.runtime import Runtime
-from launch.task import as_is, head_on_rows, label_targets, model_inputs, text_sizes, token_loss_sum
+from recipebox.data.tokenizer import SEQ2SEQ_SPECIAL, train_seq2seq_bpe
+from recipebox.kernels.collate import collate_padded
+from recipebox.launch.backends import backend_class
+from recipebox.launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    number,
+    parse_config,
+    validate_train_config,
+)
+from recipebox.launch.flops import train_flops_per_token
+from recipebox.launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import as_is, head_on_rows, label_targets, model_inputs, text_sizes, token_loss_sum
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "summarization"
 GENERATION = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")

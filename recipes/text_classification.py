@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from checkpoints.export import check_export, saved_examples
-from data.classification import (
+from recipebox.checkpoints.export import check_export, saved_examples
+from recipebox.data.classification import (
     DEFAULT_THRESHOLD,
     MULTI_CLASS,
     MULTI_LABEL,
@@ -42,12 +42,24 @@ from data.classification import (
     texts,
     tokenize_texts,
 )
-from kernels import collate_padded
-from launch.config import ConfigError, TrainConfig, check_choice, parse_config, validate_train_config
-from launch.flops import flops_per_token_or_zero
-from launch.recipe import check_model_fits, load_labelled_model, pretrained_tokenizer, run_main, run_recipe
-from launch.runtime import Runtime
-from launch.task import as_is, model_inputs, row_targets, text_sizes
+from recipebox.kernels.collate import collate_padded
+from recipebox.launch.config import (
+    ConfigError,
+    TrainConfig,
+    check_choice,
+    parse_config,
+    validate_train_config,
+)
+from recipebox.launch.flops import flops_per_token_or_zero
+from recipebox.launch.recipe import (
+    check_model_fits,
+    load_labelled_model,
+    pretrained_tokenizer,
+    run_main,
+    run_recipe,
+)
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import as_is, model_inputs, row_targets, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
 
@@ -165,7 +177,7 @@ class ClassificationTask:
         self.names, self.multi_label, self.examples = names, cfg.task == MULTI_LABEL, examples
         self.text_columns = _split(cfg.text_columns)
         model.config.text_columns = self.text_columns  # two: predict and the demo take sentence pairs; set
-        # here, so every checkpoint's model config has it too (`python -m checkpoints export`)
+        # here, so every checkpoint's model config has it too (`python -m recipebox.checkpoints export`)
         self.flops_per_token = flops_per_token_or_zero(
             model.config, seq_len=cfg.max_length, head_fraction=0.0
         )

@@ -6,6 +6,8 @@ Run it where pip reaches an index, with the project's .venv (its installed versi
     .venv/bin/python scripts/wheelhouse.py --have node.txt --dest wheels  # here
     site=$(mktemp -d) && python3 -m pip install --no-index --no-deps --target "$site" wheels/*.whl
     PYTHONPATH=$site:$PWD RECIPEBOX_PYTHON=python3 bash bench/gpu.sh  # on the node (a folder of your own)
+recipebox's own wheel (launch/, kernels/, data/ and checkpoints/ as recipebox.*) is built from this checkout
+with the rest: after changing those folders, run it again.
 The closure walks recipebox's requirements (with --extras) through the installed metadata, stopping at what
 the node has (--have: `pip freeze` lines, or bare names), at torch and its CUDA libraries, and at --without.
 A version on the node that a requirement rejects is printed as a warning, torch's pin too (recipebox's own
@@ -25,7 +27,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-NEVER = {"torch", "triton", "recipebox"}  # the node's own PyTorch stack, and the repository itself
+NEVER = {"torch", "triton", "recipebox"}  # the node's own PyTorch stack, and the repository (built apart)
+REPO = Path(__file__).resolve().parents[1]
 PLATFORMS = [
     "manylinux_2_28_x86_64",
     "manylinux_2_27_x86_64",
@@ -131,6 +134,17 @@ def fetch(name: str, version: str, dest: Path, python_version: str) -> str:
     return "built here"
 
 
+def build_own_wheel(dest: Path) -> Path:
+    """recipebox's wheel, built from this checkout into dest (replacing an earlier build of it)."""
+    for old in dest.glob("recipebox-*.whl"):
+        old.unlink()
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", "wheel", "--no-deps"]
+    built = subprocess.run([*pip, "-w", str(dest), str(REPO)], capture_output=True, text=True)
+    if built.returncode:
+        sys.exit(f"error: recipebox's own wheel did not build from {REPO}\n{built.stderr}")
+    return next(dest.glob("recipebox-*.whl"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--have", type=Path, help="the node's installed packages (pip list --format=freeze)")
@@ -156,6 +170,8 @@ def main() -> None:
     args.dest.mkdir(parents=True, exist_ok=True)
     for name, version in sorted(wanted.items()):
         print(f"{name}=={version}: {fetch(name, version, args.dest, args.python_version)}", flush=True)
+    wanted["recipebox"] = parse_wheel_filename(build_own_wheel(args.dest).name)[1].public
+    print(f"recipebox=={wanted['recipebox']}: built here from {REPO}", flush=True)
     for clash in clashes:
         print(f"warning: the node has {clash}", file=sys.stderr)
     ours, stale = [], []

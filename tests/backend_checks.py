@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoints.sharded import load_checkpoint, save_checkpoint
-from launch.backends import BackendSettings, layer_lists, make_backend
-from launch.config import ConfigError, TrainConfig
-from launch.loop import Trainer, linear_schedule, make_adamw
-from launch.runtime import Runtime
-from launch.task import label_targets, model_inputs
+from recipebox.checkpoints.sharded import load_checkpoint, save_checkpoint
+from recipebox.launch.backends import BackendSettings, layer_lists, make_backend
+from recipebox.launch.config import ConfigError, TrainConfig
+from recipebox.launch.loop import Trainer, linear_schedule, make_adamw
+from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import label_targets, model_inputs
 
 VOCAB, PROMPT, NEW_TOKENS = 64, 6, 5
 
@@ -89,7 +89,7 @@ class LMTask:
         self.generated: list = []
 
     def collate(self, batch_rows, pad_to_length=None):
-        from kernels import collate_padded
+        from recipebox.kernels.collate import collate_padded
 
         return collate_padded(batch_rows, pad_id=0, pad_to_length=pad_to_length)
 
@@ -291,7 +291,7 @@ def xla_generation_refused(rt) -> dict:
 
 def built_alike(rt) -> dict:
     """--check-replicas' first check: a model built under one seed passes; one drawn per rank is named."""
-    from launch.loop import check_built_alike
+    from recipebox.launch.loop import check_built_alike
 
     torch.manual_seed(0)
     check_built_alike(rt, torch.nn.Linear(8, 8))

@@ -166,8 +166,8 @@ def meditations() -> Path:
 def tokenizer_dir(tmp_path_factory) -> Path:
     """One WordPiece for the toy corpus: runs compared step by step must share their token ids (training
     a tokenizer twice can break ties differently)."""
-    from data.text import read_documents
-    from data.tokenizer import train_wordpiece
+    from recipebox.data.text import read_documents
+    from recipebox.data.tokenizer import train_wordpiece
 
     docs = read_documents([REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"])
     path = tmp_path_factory.mktemp("tok")

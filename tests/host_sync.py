@@ -154,7 +154,7 @@ def count_step_reads(trainer, steps: int, inject=None) -> Counter:
     vote, the save check) under `HostReads`. Host work is not counted: the loader's batches, their sizes and
     the task's `prepare` (it runs on the host batch, before the copy), logging, evaluation. `inject(batch)`,
     if given, runs on every device batch (to show that a read is caught)."""
-    from launch.tracking import Tracker
+    from recipebox.launch.tracking import Tracker
 
     mode = HostReads([trainer.backend.raw_model])
     originals = {

@@ -122,7 +122,7 @@ def lose_last_checkpoint_then_rerun(cmd, out, steps: int = 3) -> list[dict]:
     Returns the training log records of both runs."""
     import shutil
 
-    from launch.tracking import read_metrics
+    from recipebox.launch.tracking import read_metrics
 
     def logged() -> list[dict]:
         return [r for r in read_metrics(out) if "train/loss" in r]
@@ -163,8 +163,8 @@ def workers_of(proc) -> list[int]:
 
 
 def export_checkpoint(ckpt, dest):
-    """`python -m checkpoints export CKPT DEST`, as a user runs it with no process group; DEST."""
-    proc = run([sys.executable, "-m", "checkpoints", "export", str(ckpt), str(dest)])
+    """`python -m recipebox.checkpoints export CKPT DEST`, as a user runs it with no process group; DEST."""
+    proc = run([sys.executable, "-m", "recipebox.checkpoints", "export", str(ckpt), str(dest)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dest
 

@@ -21,7 +21,7 @@ from conftest import REPO, SHARED_DATA
 from demo_pages import start_app, stop_apps, wait_for_server
 from recipe_runs import final_metrics
 
-from launch.tracking import read_metrics
+from recipebox.launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "asr_ctc.py")
 python = functools.partial(recipe_runs.python, RECIPE, timeout=600)
@@ -86,7 +86,7 @@ def test_predict_transcribes_real_speech_as_the_pipeline_does(toy_run):
     the clip goes through reading, downmixing, the export and the pipeline end to end)."""
     from transformers import pipeline
 
-    from data.speech import read_audio
+    from recipebox.data.speech import read_audio
 
     jfk = SHARED_DATA / "jfk.flac"
     if not jfk.is_file():
@@ -100,8 +100,8 @@ def test_predict_transcribes_real_speech_as_the_pipeline_does(toy_run):
 
 
 def test_predict_without_a_clip_transcribes_the_held_out_clips_of_the_export(toy_run, capsys, tmp_path):
-    from checkpoints.sharded import CheckpointError
-    from data.text import DataError
+    from recipebox.checkpoints.sharded import CheckpointError
+    from recipebox.data.text import DataError
     from recipes.asr_ctc import main, transcribe
 
     export = toy_run[0] / "export"
@@ -150,7 +150,7 @@ def test_demo_page_transcribes_an_uploaded_clip(toy_run, browser):
 
 def pooled_rates(rows) -> tuple[float, float]:
     """WER and CER of a split's prediction rows: edits summed over the split over reference lengths summed."""
-    from data.speech import error_counts
+    from recipebox.data.speech import error_counts
 
     words, ref_words, chars, ref_chars = (sum(c) for c in zip(*(error_counts(r["reference"], r["transcript"])
                                                                  for r in rows)))  # fmt: skip
@@ -205,7 +205,7 @@ def test_a_short_run_scores_wer_and_cer_and_writes_its_predictions(asr_run):
 def test_the_export_loads_in_the_pipeline_and_predict_transcribes(asr_run, tmp_path):
     from transformers import pipeline
 
-    from data.speech import read_audio
+    from recipebox.data.speech import read_audio
 
     out, _ = asr_run
     export = out / "export"
@@ -312,8 +312,8 @@ def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp
     """Under --backend xla every batch is padded to fixed lengths: the audio to its bucket (powers of two up
     to --max-seconds), the transcripts to buckets of their own (16 here, not the audio's 16,384). The CTC loss
     of the padded batch is the unpadded batch's, which is the model's own (reduction "sum")."""
-    from data.speech import build_vocab, make_processor, normalize_transcript, read_manifest
-    from kernels.buckets import BucketedCollate, bucket_lengths
+    from recipebox.data.speech import build_vocab, make_processor, normalize_transcript, read_manifest
+    from recipebox.kernels.buckets import BucketedCollate, bucket_lengths
     from recipes.asr_ctc import ASRConfig, ASRTask, _setup_model
 
     utts = read_manifest(str(write_clips(tmp_path, n=4)), "audio", "text")

@@ -24,9 +24,9 @@ def test_synthetic_rows_are_exactly_the_sequence_length(tmp_path):
     """No row pads and no batch changes shape, so --compile never recompiles and tokens/s is rows x seq_len."""
     from transformers import AutoTokenizer
 
-    from data.classification import read_table, texts
-    from data.nsp import build_nsp_pairs
-    from data.text import read_documents
+    from recipebox.data.classification import read_table, texts
+    from recipebox.data.nsp import build_nsp_pairs
+    from recipebox.data.text import read_documents
 
     s = bench_gpu.TINY
     inputs = bench_gpu.write_inputs(tmp_path / "inputs", s)

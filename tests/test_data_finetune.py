@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from data.classification import (
+from recipebox.data.classification import (
     MULTI_CLASS,
     MULTI_LABEL,
     encode_labels,
@@ -21,7 +21,7 @@ from data.classification import (
     texts,
     tokenize_texts,
 )
-from data.ner import (
+from recipebox.data.ner import (
     IGNORE,
     NO_WORD,
     check_known,
@@ -32,8 +32,8 @@ from data.ner import (
     tag_names,
     tokenize_windows,
 )
-from data.text import DataError
-from kernels import collate_padded
+from recipebox.data.text import DataError
+from recipebox.kernels.collate import collate_padded
 
 
 def write(tmp_path, name: str, text: str | bytes):
@@ -580,7 +580,7 @@ def test_toy_sets_hold_out_names():
 
 def test_cache_keys_keep_their_parts_apart():
     """A tokenised table is named by its content; neighbouring settings must not run together."""
-    from data.text import content_key
+    from recipebox.data.text import content_key
 
     assert content_key(128, 32) != content_key(1283, 2) and content_key(512, 0) != content_key(51, 20)
     assert content_key({"b": 1, "a": 2}) == content_key({"a": 2, "b": 1})  # key order is not content

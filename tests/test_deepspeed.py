@@ -19,8 +19,8 @@ from recipe_runs import (
     sigkill_one_rank_after,
 )
 
-from launch.config import ConfigError, TrainConfig
-from launch.deepspeed_config import build_deepspeed_config
+from recipebox.launch.config import ConfigError, TrainConfig
+from recipebox.launch.deepspeed_config import build_deepspeed_config
 
 pytestmark = pytest.mark.slow
 STEPS = 16
@@ -113,7 +113,7 @@ def test_a_deepspeed_checkpoint_whose_pickles_hold_code_is_refused_not_run(tmp_p
     replace_and_resize(path, model_file, buffer.getvalue())
     import sys
 
-    proc = run([sys.executable, "-m", "checkpoints", "export", str(path), str(tmp_path / "export")])
+    proc = run([sys.executable, "-m", "recipebox.checkpoints", "export", str(path), str(tmp_path / "export")])
     assert proc.returncode == 2 and "posix.system is not allowed in a checkpoint" in proc.stderr, proc.stderr
     assert not marker.exists() and not (tmp_path / "export").exists()
 
@@ -209,9 +209,9 @@ def test_fp16_logs_the_loss_scale_and_skipped_steps_from_zeros_optimizers():
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from launch.backends import BackendSettings
-    from launch.deepspeed_backend import DeepSpeedBackend
-    from launch.runtime import Runtime
+    from recipebox.launch.backends import BackendSettings
+    from recipebox.launch.deepspeed_backend import DeepSpeedBackend
+    from recipebox.launch.runtime import Runtime
 
     assert isinstance(DeepSpeedZeroOptimizer.cur_scale, property)
     assert isinstance(DeepSpeedZeroOptimizer_Stage3.cur_scale, property)
@@ -230,10 +230,10 @@ def test_offload_trains_with_the_same_groups_betas_and_decay_as_every_backend(mo
     import deepspeed
     from transformers import BertConfig, BertForMaskedLM
 
-    from launch.backends import BackendSettings
-    from launch.deepspeed_backend import DeepSpeedBackend
-    from launch.loop import make_adamw
-    from launch.runtime import Runtime
+    from recipebox.launch.backends import BackendSettings
+    from recipebox.launch.deepspeed_backend import DeepSpeedBackend
+    from recipebox.launch.loop import make_adamw
+    from recipebox.launch.runtime import Runtime
 
     seen = {}
 
@@ -266,9 +266,9 @@ def test_offload_trains_with_the_same_groups_betas_and_decay_as_every_backend(mo
 
 def test_bf16_casts_float_model_inputs_and_leaves_labels_and_metadata():
     """DeepSpeed casts the module's weights, not keyword inputs: audio values must come in its dtype."""
-    from launch.backends import BackendSettings
-    from launch.deepspeed_backend import DeepSpeedBackend
-    from launch.runtime import Runtime
+    from recipebox.launch.backends import BackendSettings
+    from recipebox.launch.deepspeed_backend import DeepSpeedBackend
+    from recipebox.launch.runtime import Runtime
 
     batch = {
         "input_values": torch.randn(2, 8),
@@ -325,7 +325,7 @@ def test_the_json_and_the_flags_agree_on_precision_and_offload_or_the_run_stops(
     """README: a key the JSON shares with a flag must agree with it. bf16/fp16 "enabled" did not: the flag
     won silently (bf16 false with --precision auto still trained in bf16). An offload block of the JSON
     (nvme, its buffers) is kept under --offload-optimizer; parameter offload alone keeps the client optimizer."""
-    from launch.deepspeed_config import offloads
+    from recipebox.launch.deepspeed_config import offloads
 
     def build(json_config, **flags):
         path = tmp_path / "ds.json"

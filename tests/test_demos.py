@@ -225,7 +225,7 @@ def test_predict_entry_prints_the_saved_examples(exports, capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("fill-mask:") == 3 and proc.stdout.count("next sentence? p=") == 6
     # The other recipes' predict entries do the same in this process (the command line is the same main)
-    from checkpoints.sharded import CheckpointError
+    from recipebox.checkpoints.sharded import CheckpointError
     from recipes import ner, text_classification
 
     saved = json.loads((exports["ner"] / "examples.json").read_text())["tag"]
@@ -250,8 +250,8 @@ def tiny_gpt2_export(folder):
     """A GPT-2 of one layer and a 32-token window, exported with a byte-level BPE trained here (seconds)."""
     import transformers
 
-    from checkpoints.export import export_hf
-    from data.tokenizer import train_byte_bpe
+    from recipebox.checkpoints.export import export_hf
+    from recipebox.data.tokenizer import train_byte_bpe
 
     tok = train_byte_bpe(["The harbour saw ships arrive in spring and leave in autumn."] * 20, vocab_size=300)
     config = transformers.GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2)
@@ -395,7 +395,7 @@ def test_a_long_prompt_a_shared_seed_and_a_wrong_app_get_answers_not_errors(tmp_
 
 def test_the_demo_for_each_model_class_is_the_recipe_that_exports_it():
     """demos/ does not import checkpoints/, so the app table and the export check each hold the suffixes."""
-    from checkpoints.export import TASK_HEADS
     from demos.common import APPS
+    from recipebox.checkpoints.export import TASK_HEADS
 
     assert APPS == {suffix: task for task, suffixes in TASK_HEADS.items() for suffix in suffixes}

@@ -18,7 +18,7 @@ from transformers import (
     Wav2Vec2Config,
 )
 
-from launch.flops import PEAK_TFLOPS, device_peak_tflops, train_flops_per_token
+from recipebox.launch.flops import PEAK_TFLOPS, device_peak_tflops, train_flops_per_token
 
 # BERT-base at seq 128, by hand: 12 layers of (QKV+O 4*768*768 + FFN 2*768*3072) matmul weights at
 # 2 FLOPs each, plus QK^T and AV (2 * 2 * 128 * 768); the MLM head 768*768 + 768*30522; training x3.

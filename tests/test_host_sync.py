@@ -20,10 +20,10 @@ import torch
 from host_sync import count_step_reads
 from test_launch import RegressionTask, regression_data, trainer_for
 
-from launch.backends import backend_settings, make_backend
-from launch.config import TrainConfig, parse_config
-from launch.loop import Trainer
-from launch.runtime import Runtime
+from recipebox.launch.backends import backend_settings, make_backend
+from recipebox.launch.config import TrainConfig, parse_config
+from recipebox.launch.loop import Trainer
+from recipebox.launch.runtime import Runtime
 
 # The reads a step may still make, by file, each for a reason outside the loop:
 KNOWN = {

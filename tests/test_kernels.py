@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-from kernels import MLMCollator, collate_padded, mask_tokens, mask_tokens_reference, pad_sequences
+from recipebox.kernels.collate import MLMCollator, collate_padded, pad_sequences
+from recipebox.kernels.masking import mask_tokens, mask_tokens_reference
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]
 VOCAB = 30_522
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_rows(n_rows: int, max_len: int, seed: int) -> list[list[int]]:
@@ -315,3 +320,22 @@ def test_invalid_inputs_raise():
         mask(torch.rand(2, 3))
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         pad_sequences([[1]], 0, pad_to_multiple_of=0)
+
+
+def test_the_repository_root_first_on_the_path_leaves_the_name_kernels_to_transformers():
+    """transformers (5.25 on) imports Hugging Face's `kernels` package with every model. A process that has
+    the repository root first on sys.path (`python -c` here, as `python -m pytest` and the demos do) must
+    still load a model next to recipebox's kernels, and `kernels` must not be the repository's folder."""
+    code = (
+        "import importlib.util\n"
+        "from transformers import BertConfig, BertForPreTraining\n"
+        "from recipebox.kernels.collate import collate_padded\n"
+        "BertForPreTraining(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,"
+        " num_attention_heads=2, intermediate_size=37))\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print('kernels:', spec and spec.origin)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    origin = proc.stdout.rsplit("kernels: ", 1)[1].strip()
+    assert origin == "None" or not Path(origin).is_relative_to(REPO / "kernels"), origin

@@ -11,11 +11,11 @@ import recipe_runs
 import torch
 from torch import nn
 
-from launch.backends import BackendSettings, DDPBackend, resolve_precision
-from launch.config import ConfigError, TrainConfig, parse_config, save_config
-from launch.loop import Trainer, linear_schedule
-from launch.runtime import Runtime, read_environment
-from launch.tracking import Tracker, read_metrics
+from recipebox.launch.backends import BackendSettings, DDPBackend, resolve_precision
+from recipebox.launch.config import ConfigError, TrainConfig, parse_config, save_config
+from recipebox.launch.loop import Trainer, linear_schedule
+from recipebox.launch.runtime import Runtime, read_environment
+from recipebox.launch.tracking import Tracker, read_metrics
 
 
 @dataclass
@@ -61,7 +61,7 @@ def test_bad_config_files_are_named(tmp_path, text, message):
 
 @pytest.mark.parametrize("backend", ["deepspeed", "xla"])
 def test_async_save_is_refused_where_the_backend_saves_its_own_format(backend):
-    from launch.config import validate_train_config
+    from recipebox.launch.config import validate_train_config
 
     cfg = parse_config(DemoConfig, ["--async-save", "true", "--backend", backend])
     with pytest.raises(ConfigError, match=f"--async-save works with --backend ddp or fsdp.*{backend}"):
@@ -71,7 +71,7 @@ def test_async_save_is_refused_where_the_backend_saves_its_own_format(backend):
 def test_resume_latest_naming_no_step_folder_stops_at_validation(tmp_path):
     """`--resume RUN/checkpoints/latest` whose step is gone (pruned, copied without it) or that names
     something else stops before the data is read; a pointer to a step folder passes."""
-    from launch.config import validate_train_config
+    from recipebox.launch.config import validate_train_config
 
     latest = tmp_path / "checkpoints" / "latest"
     (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
@@ -90,7 +90,7 @@ def test_a_missing_wandb_package_is_named_before_anything_starts(monkeypatch):
     """A GPU node's environment built without wandb: the default tracker says what to do, not a traceback."""
     import importlib.util
 
-    from launch.config import validate_train_config
+    from recipebox.launch.config import validate_train_config
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -346,7 +346,7 @@ def test_a_repeated_stop_signal_is_one_stop_and_a_late_one_means_now(monkeypatch
     import signal
     import time as clock
 
-    from launch.runtime import Runtime
+    from recipebox.launch.runtime import Runtime
 
     old = signal.getsignal(signal.SIGUSR2)
     try:
@@ -364,8 +364,8 @@ def test_a_repeated_stop_signal_is_one_stop_and_a_late_one_means_now(monkeypatch
 
 
 def test_a_model_path_that_does_not_exist_is_named_before_anything_loads(tmp_path):
-    from launch.config import ConfigError
-    from launch.recipe import pretrained_source
+    from recipebox.launch.config import ConfigError
+    from recipebox.launch.recipe import pretrained_source
 
     missing = tmp_path / "no-such-model"
     with pytest.raises(ConfigError, match=f"--model {missing}: no such folder"):
@@ -380,7 +380,7 @@ def test_a_length_or_vocabulary_the_model_cannot_take_is_a_config_error():
     positions do not; a tokenizer with more ids than the embedding rows is refused."""
     import transformers as tf
 
-    from launch.recipe import check_model_fits
+    from recipebox.launch.recipe import check_model_fits
 
     tok = [0] * 100  # only len() is read
     small = dict(
@@ -421,7 +421,7 @@ def test_text_rows_go_to_metrics_jsonl_and_a_wandb_table_but_not_to_summaries(tm
 
     import wandb
 
-    from launch.tracking import Tracker, scalars
+    from recipebox.launch.tracking import Tracker, scalars
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     logged = []
@@ -465,7 +465,7 @@ class CommentedConfig(DemoConfig):
 
 
 def test_field_comments_become_the_flags_help(capsys):
-    from launch.config import field_help
+    from recipebox.launch.config import field_help
 
     helps = field_help(CommentedConfig)
     assert helps["lr"].startswith("AdamW's peak learning rate")  # TrainConfig's comment, inherited
@@ -483,7 +483,7 @@ def test_field_comments_become_the_flags_help(capsys):
 def test_a_number_option_out_of_range_is_a_usage_error(capsys):
     import argparse
 
-    from launch.config import number
+    from recipebox.launch.config import number
 
     parser = argparse.ArgumentParser(prog="p")
     parser.add_argument("--beams", type=number())
@@ -537,7 +537,7 @@ def test_every_recipe_option_has_help_and_predict_has_usage(name, capsys):
     import dataclasses
     import importlib
 
-    from launch.config import field_help
+    from recipebox.launch.config import field_help
 
     module = importlib.import_module(f"recipes.{name}")
     (config,) = [v for k, v in vars(module).items() if k.endswith("Config") and v is not TrainConfig]
@@ -560,7 +560,7 @@ def test_a_run_folder_keeps_the_processor_of_the_model_it_was_made_for(tmp_path)
     a later run in the same folder that asks for another model stops instead of feeding it the old ids."""
     import contextlib
 
-    from launch.recipe import saved_processor
+    from recipebox.launch.recipe import saved_processor
 
     class OneRank:
         is_main = True
@@ -676,7 +676,7 @@ atexit.register(lambda: Path(sys.argv[1]).write_text("atexit ran"))
 print("the run's last line", end="")
 if sys.argv[2] == "sys.exit":
     sys.exit(3)
-from launch.recipe import exit_quickly
+from recipebox.launch.recipe import exit_quickly
 exit_quickly(3)
 """
 

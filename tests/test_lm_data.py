@@ -9,9 +9,9 @@ import sys
 import pytest
 from conftest import REPO, subprocess_env
 
-from data.lm import pack_blocks, read_corpus, tokenize_corpus
-from data.text import DataError
-from data.tokenizer import train_byte_bpe
+from recipebox.data.lm import pack_blocks, read_corpus, tokenize_corpus
+from recipebox.data.text import DataError
+from recipebox.data.tokenizer import train_byte_bpe
 
 EOS = 0
 
@@ -49,7 +49,7 @@ def test_read_corpus_blank_line_and_line_modes(tmp_path):
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_document(tmp_path):
-    from data.text import read_documents
+    from recipebox.data.text import read_documents
 
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufeffhello there.\n\nsecond one.\n".encode())
@@ -209,7 +209,7 @@ def test_byte_bpe_round_trips_and_sets_its_special_token(tokenizer):
 
 TRAIN_AND_SAVE = """
 import sys
-from data.tokenizer import train_byte_bpe
+from recipebox.data.tokenizer import train_byte_bpe
 lines = [line for line in open(sys.argv[1], encoding="utf-8") if line.strip()]
 train_byte_bpe(lines, vocab_size=1000).save_pretrained(sys.argv[2])
 """

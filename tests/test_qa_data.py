@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from data.qa import (
+from recipebox.data.qa import (
     QAExamples,
     encode_features,
     normalize_answer,
@@ -18,7 +18,7 @@ from data.qa import (
     squad_metrics,
     tokenize_features,
 )
-from data.text import DataError
+from recipebox.data.text import DataError
 
 BRONCOS = "Denver Broncos defeated the Carolina Panthers 24-10 to earn their third Super Bowl title."
 STADIUM = "The game was played on February 7, 2016, at Levi's Stadium in Santa Clara, California."
@@ -449,7 +449,7 @@ def test_fitted_null_threshold_has_the_best_f1_of_every_threshold():
     threshold found gives that F1."""
     import random
 
-    from data.qa import QAExamples, fit_null_threshold, squad_metrics
+    from recipebox.data.qa import QAExamples, fit_null_threshold, squad_metrics
 
     rng = random.Random(0)
     words = ["red", "blue", "green", "tall", "small", "river", "town"]

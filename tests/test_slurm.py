@@ -20,8 +20,8 @@ import pytest
 from conftest import REPO, subprocess_env
 from recipe_runs import job_completes, sbatch, slurm_job_field, wait_for_job
 
-from launch import submit
-from launch.tracking import read_metrics
+from recipebox.launch import submit
+from recipebox.launch.tracking import read_metrics
 
 pytestmark = pytest.mark.slurm
 
@@ -37,8 +37,8 @@ LOCAL_SBATCH = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--partit
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> str:
     """One WordPiece for every compared run: training one has nondeterministic ties."""
-    from data.text import read_documents
-    from data.tokenizer import train_wordpiece
+    from recipebox.data.text import read_documents
+    from recipebox.data.tokenizer import train_wordpiece
 
     folder = tmp_path_factory.mktemp("tokenizer")
     docs = read_documents([str(TOY)], documents="blank_line", cache_dir=str(folder / "cache"))
@@ -185,7 +185,7 @@ def test_submitit_interrupt_checkpoints_requeues_and_resumes(preempted, referenc
 
 
 def test_submitit_array_over_grid_writes_results_table(local_cluster, tokenizer, tmp_path):
-    cmd = [sys.executable, "-m", "launch.submit", "--grid", "lr=1e-3,2e-3", "--grid", "seed=1,2"]
+    cmd = [sys.executable, "-m", "recipebox.launch.submit", "--grid", "lr=1e-3,2e-3", "--grid", "seed=1,2"]
     cmd += ["--root", str(tmp_path), "--time", "10", RECIPE, *TINY, "--max-steps", "8", "--save-every", "0"]
     out = subprocess.run(
         [*cmd, "--tokenizer", tokenizer], cwd=REPO, capture_output=True, text=True, timeout=400
@@ -262,7 +262,7 @@ def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch, capsys):
         submit.main(["--time", "0", RECIPE])
     assert done.value.code == 2 and "argument --time: must be at least 1, got 0" in capsys.readouterr().err
     cli = subprocess.run(
-        [sys.executable, "-m", "launch.submit", "--grid", "lr", RECIPE],
+        [sys.executable, "-m", "recipebox.launch.submit", "--grid", "lr", RECIPE],
         cwd=REPO,
         capture_output=True,
         text=True,

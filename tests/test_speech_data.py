@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from data.speech import (
+from recipebox.data.speech import (
     PAD,
     SAMPLE_RATE,
     UNK,
@@ -29,7 +29,7 @@ from data.speech import (
     read_manifest,
     unseen_characters,
 )
-from data.text import DataError
+from recipebox.data.text import DataError
 
 
 def sine(freq: float, rate: int, seconds: float, channels: int = 1) -> np.ndarray:

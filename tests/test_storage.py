@@ -12,8 +12,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from checkpoints.sharded import file_hash
-from checkpoints.storage import RAW, RawReader, RawWriter
+from recipebox.checkpoints.sharded import file_hash
+from recipebox.checkpoints.storage import RAW, RawReader, RawWriter
 
 
 def sample_state() -> dict:
@@ -116,7 +116,7 @@ def _late_listing(folder: Path, pattern: str) -> list[Path]:
 def _save_many(rank: int, root: str, store: str, saves: int) -> None:
     import torch.distributed as dist
 
-    from checkpoints.sharded import save_checkpoint, verify_checkpoint
+    from recipebox.checkpoints.sharded import save_checkpoint, verify_checkpoint
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     if rank == 1:  # a rank that lists the folder late, as a busy one does, and fails if it has gone

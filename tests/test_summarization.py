@@ -20,7 +20,7 @@ from conftest import REPO
 from demo_pages import start_app, stop_apps, wait_for_server
 from recipe_runs import final_metrics
 
-from launch.tracking import read_metrics
+from recipebox.launch.tracking import read_metrics
 
 RECIPE = str(REPO / "recipes" / "summarization.py")
 TOY = REPO / "data" / "toy" / "summarization"
@@ -59,7 +59,7 @@ def bart_default_run(tmp_path_factory):
 
 def lead_baselines() -> dict[int, float]:
     """ROUGE-L of the first k sentences of each test document, k = 1..3, computed here on the same split."""
-    from data.summarization import lead_k, mean_rouge, read_pairs
+    from recipebox.data.summarization import lead_k, mean_rouge, read_pairs
 
     pairs = read_pairs(str(TOY / "test.jsonl"))
     return {k: mean_rouge([lead_k(t, k) for t in pairs.texts], pairs.summaries)["rougeL"] for k in (1, 2, 3)}
@@ -198,9 +198,9 @@ def test_labels_pad_with_minus_100_and_the_decoder_starts_with_the_familys_token
     (out of the loss); the decoder reads the family's start token, then the labels shifted right, -100 as pad;
     the recipe's summed loss over its target count is the model's own mean loss, with the LM head on every
     position or on the labelled ones alone."""
-    from data.summarization import tokenize_pairs
-    from data.tokenizer import train_seq2seq_bpe
-    from kernels import collate_padded
+    from recipebox.data.summarization import tokenize_pairs
+    from recipebox.data.tokenizer import train_seq2seq_bpe
+    from recipebox.kernels.collate import collate_padded
     from recipes.summarization import SummarizationConfig, SummarizationTask, _setup_model
 
     texts = ["Anna met Bert in Oslo. Anna won 3 games.", "Rain fell in Lima on Monday.", "Cara sold 9 boats."]
@@ -258,7 +258,7 @@ def test_generation_in_evaluation_finishes_under_sharded_backends(backend, tmp_p
     assert len((out / "predictions" / "validation.jsonl").read_text().splitlines()) == 9
     # The checkpoint names the model's own class (FSDP2 renames a wrapped module's class to FSDP...), so it
     # exports on its own like the run's export.
-    from checkpoints.__main__ import export_checkpoint
+    from recipebox.checkpoints.__main__ import export_checkpoint
 
     again = export_checkpoint(out / "checkpoints" / "step-000003", tmp_path / "exported")
     assert json.loads((again / "config.json").read_text())["architectures"] == ["T5ForConditionalGeneration"]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from data.summarization import (
+from recipebox.data.summarization import (
     ROUGE_KEYS,
     Pairs,
     clean_summary,
@@ -18,7 +18,7 @@ from data.summarization import (
     sentences_per_line,
     tokenize_pairs,
 )
-from data.text import DataError
+from recipebox.data.text import DataError
 
 
 # -- ROUGE -----------------------------------------------------------------------------------------------

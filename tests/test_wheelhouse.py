@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import importlib.util
+import os
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 from conftest import REPO
 from packaging.utils import canonicalize_name
@@ -111,9 +114,36 @@ def test_a_wheel_left_from_an_earlier_fetch_is_named_and_not_counted(tmp_path, m
     (tmp_path / "hjson-3.0.2-py3-none-any.whl").write_bytes(b"x" * 3 * 2**20)  # an earlier fetch's
     monkeypatch.setattr(wheelhouse, "closure", lambda *_: ({"hjson": "3.1.0"}, []))
     monkeypatch.setattr(wheelhouse, "fetch", lambda *_: "downloaded")
+    own = tmp_path / "recipebox-0.1.0-py3-none-any.whl"
+    monkeypatch.setattr(wheelhouse, "build_own_wheel", lambda dest: own.write_bytes(b"x" * 2**20) and own)
     monkeypatch.setattr(sys, "argv", ["wheelhouse.py", "--dest", str(tmp_path)])
     wheelhouse.main()
     out, err = capsys.readouterr()
-    assert out.splitlines()[-1] == f"1 wheels in {tmp_path} (1.0 MiB)"
+    assert out.splitlines()[-1] == f"2 wheels in {tmp_path} (2.0 MiB)"
     assert f"{tmp_path / 'hjson-3.0.2-py3-none-any.whl'} is not one of these wheels" in err
     assert "3.1.0" not in err
+
+
+def test_recipebox_builds_as_one_package_that_runs_from_its_wheel(tmp_path):
+    """The wheel a node installs: everything under recipebox/ (nothing else at the top level, above all no
+    `kernels`, which is Hugging Face's), the toy data inside it, and it imports from there alone."""
+    wheel = wheelhouse.build_own_wheel(tmp_path / "wheels")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+    assert {n.split("/")[0] for n in names} == {"recipebox", f"{wheel.name.split('-py3')[0]}.dist-info"}
+    for path in (
+        "launch/loop.py",
+        "kernels/collate.py",
+        "data/toy/mlm_nsp/corpus.txt",
+        "checkpoints/__main__.py",
+    ):
+        assert f"recipebox/{path}" in names, path
+    assert "recipebox/kernels/__init__.py" not in names
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", "install", "--no-deps"]
+    subprocess.run([*pip, "--no-index", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    code = "import recipebox.kernels.collate as c, recipebox.launch.loop as l; print(c.__file__, l.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert all(Path(f).is_relative_to(site) for f in proc.stdout.split()), proc.stdout

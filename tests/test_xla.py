@@ -37,7 +37,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from data.tokenizer import train_wordpiece
+    from recipebox.data.tokenizer import train_wordpiece
 
     out = tmp_path_factory.mktemp("tiny_encoder")
     lines = (REPO / "data" / "toy" / "ner" / "train.conll").read_text(encoding="utf-8").splitlines()
@@ -250,7 +250,7 @@ def test_text_classification_trains_evaluates_and_exports_under_spmd(xla_python,
 
     from transformers import pipeline
 
-    from launch.tracking import read_metrics
+    from recipebox.launch.tracking import read_metrics
 
     cmd = [str(xla_python), "recipes/text_classification.py", "--config", "recipes/configs/toxic.yaml",
            "--backend", "xla", "--model", str(tiny_encoder), "--output-dir", str(tmp_path),
@@ -285,8 +285,8 @@ def test_qa_trains_evaluates_and_exports_under_spmd(xla_python, tmp_path):
     import torch
     from transformers import BertConfig, BertModel
 
-    from data.tokenizer import train_wordpiece
-    from launch.tracking import read_metrics
+    from recipebox.data.tokenizer import train_wordpiece
+    from recipebox.launch.tracking import read_metrics
     from recipes.qa import answer
 
     encoder = tmp_path / "encoder"  # a one-layer BERT whose WordPiece knows the toy articles' words
@@ -320,7 +320,7 @@ def test_qa_trains_evaluates_and_exports_under_spmd(xla_python, tmp_path):
 def test_causal_lm_trains_on_fixed_blocks_and_skips_generation_under_spmd(xla_python, tmp_path):
     """The causal LM recipe on 2 devices: packed blocks are one static shape; the evaluation's perplexity
     is there and its generated samples are not (generation is skipped where shapes are static)."""
-    from launch.tracking import read_metrics
+    from recipebox.launch.tracking import read_metrics
 
     cmd = [str(xla_python), "recipes/causal_lm.py", "--backend", "xla", "--output-dir", str(tmp_path),
            "--max-steps", str(STEPS), "--eval-every", "3", "--xla-buckets", "128", "--log-every", "1",

@@ -315,7 +315,7 @@ def make_report(kind: str, rng: random.Random) -> tuple[dict, bool]:
 
 def check(records: list[dict]) -> None:
     """4-7 sentences, plain ASCII, no unfilled slot; the summary is not one of the report's sentences."""
-    from data.text import split_sentences
+    from recipebox.data.text import split_sentences
 
     for r in records:
         sentences = split_sentences(r["text"])
@@ -326,9 +326,6 @@ def check(records: list[dict]) -> None:
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(HERE.parents[1]))  # the repository root, for data.text
     (HERE / "summarization").mkdir(exist_ok=True)
     seen: set[str] = set()  # report texts so far: no report appears in two splits
     kinds = sorted(KINDS)
