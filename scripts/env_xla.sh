@@ -35,5 +35,5 @@ import datasets, torch.distributed.checkpoint, transformers.models.bert.modeling
 import torch_xla.core.xla_model, torch_xla.debug.metrics, torch_xla.distributed.spmd, torch_xla.runtime
 import torch_xla.distributed.xla_backend, torch_xla.distributed.fsdp.wrap
 import torch_xla.experimental.spmd_fully_sharded_data_parallel, torch_xla.experimental.distributed_checkpoint
-import checkpoints.xla, launch.xla_backend"
+import recipebox.checkpoints.xla, recipebox.launch.xla_backend"
 echo "$want" >"$venv/.recipebox-stamp"
