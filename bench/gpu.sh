@@ -16,8 +16,8 @@ done
 
 if [[ -n ${RECIPEBOX_PYTHON:-} ]]; then
     python=$(command -v "$RECIPEBOX_PYTHON") || { echo "error: RECIPEBOX_PYTHON=$RECIPEBOX_PYTHON not found" >&2; exit 2; }
-    if ! "$python" -c "import datasets, transformers" 2>/dev/null; then
-        echo "error: $python lacks recipebox's dependencies (datasets, transformers, ...); see scripts/wheelhouse.py" >&2
+    if ! "$python" -c "import accelerate, datasets, recipebox.launch, transformers" 2>/dev/null; then
+        echo "error: $python lacks recipebox or its dependencies (datasets, transformers, accelerate for the Trainer rows, ...); see scripts/wheelhouse.py" >&2
         exit 2
     fi
 else

@@ -29,6 +29,7 @@ from packaging.version import InvalidVersion, Version
 
 NEVER = {"torch", "triton", "recipebox"}  # the node's own PyTorch stack, and the repository (built apart)
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_EXTRAS = "deepspeed,gpu"  # what scripts/gpu_check.sh runs: DeepSpeed's rows, the Trainer's, pytest
 PLATFORMS = [
     "manylinux_2_28_x86_64",
     "manylinux_2_27_x86_64",
@@ -155,7 +156,9 @@ def main() -> None:
         "--python-version", default="3.12", help="the node's Python, major.minor (default 3.12)"
     )
     parser.add_argument(
-        "--extras", default="deepspeed", help="recipebox extras, comma-separated (default deepspeed)"
+        "--extras",
+        default=DEFAULT_EXTRAS,
+        help=f"recipebox extras, comma-separated (default {DEFAULT_EXTRAS}: what scripts/gpu_check.sh runs)",
     )
     parser.add_argument("--without", action="append", default=[], help="a package to leave out (repeatable)")
     args = parser.parse_args()

@@ -42,6 +42,15 @@ def test_the_closure_stops_at_what_the_node_has():
     assert set(wheelhouse.closure(["deepspeed"], have, {"deepspeed"}, "3.12")[0]) == set()
 
 
+def test_the_default_extras_bring_what_the_gpu_check_runs():
+    """scripts/gpu_check.sh runs transformers.Trainer (accelerate) and pytest on the node: a node with only
+    torch and the core's packages gets them from the default extras."""
+    gpu_tools = {"accelerate", "pytest", "pytest-xdist"}
+    have = {name: None for name in INSTALLED if name not in {"torch", *gpu_tools}}
+    wanted = set(wheelhouse.closure(wheelhouse.DEFAULT_EXTRAS.split(","), have, set(), "3.12")[0])
+    assert gpu_tools <= wanted, wanted
+
+
 def test_a_node_version_outside_a_requirement_is_named():
     have = {name: version for name, version in INSTALLED.items() if name != "datasets"}
     have["huggingface-hub"] = "0.20.0"
