@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as metadata
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from packaging.markers import default_environment
@@ -29,6 +31,7 @@ from packaging.version import InvalidVersion, Version
 
 NEVER = {"torch", "triton", "recipebox"}  # the node's own PyTorch stack, and the repository (built apart)
 REPO = Path(__file__).resolve().parents[1]
+PACKAGE_FOLDERS = ("launch", "kernels", "data", "checkpoints")  # recipebox.* (setup.cfg's package_dir)
 DEFAULT_EXTRAS = "deepspeed,gpu"  # what scripts/gpu_check.sh runs: DeepSpeed's rows, the Trainer's, pytest
 PLATFORMS = [
     "manylinux_2_28_x86_64",
@@ -136,11 +139,17 @@ def fetch(name: str, version: str, dest: Path, python_version: str) -> str:
 
 
 def build_own_wheel(dest: Path) -> Path:
-    """recipebox's wheel, built from this checkout into dest (replacing an earlier build of it)."""
+    """recipebox's wheel, built from a copy of this checkout's package files into dest (replacing an earlier
+    build of it). The copy keeps a build/ folder left in the checkout by another layout out of the wheel."""
     for old in dest.glob("recipebox-*.whl"):
         old.unlink()
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", "wheel", "--no-deps"]
-    built = subprocess.run([*pip, "-w", str(dest), str(REPO)], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("setup.cfg", "pyproject.toml", "README.md"):
+            shutil.copy2(REPO / name, tmp)
+        for folder in PACKAGE_FOLDERS:
+            shutil.copytree(REPO / folder, Path(tmp, folder), ignore=shutil.ignore_patterns("__pycache__"))
+        built = subprocess.run([*pip, "-w", str(dest.resolve()), tmp], capture_output=True, text=True)
     if built.returncode:
         sys.exit(f"error: recipebox's own wheel did not build from {REPO}\n{built.stderr}")
     return next(dest.glob("recipebox-*.whl"))
