@@ -17,6 +17,7 @@ checks also pass with torch 2.11 and transformers 5.17, as a container holds the
 from __future__ import annotations
 
 import argparse
+import configparser
 import importlib.metadata as metadata
 import shutil
 import subprocess
@@ -31,7 +32,6 @@ from packaging.version import InvalidVersion, Version
 
 NEVER = {"torch", "triton", "recipebox"}  # the node's own PyTorch stack, and the repository (built apart)
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_FOLDERS = ("launch", "kernels", "data", "checkpoints")  # recipebox.* (setup.cfg's package_dir)
 DEFAULT_EXTRAS = "deepspeed,gpu"  # what scripts/gpu_check.sh runs: DeepSpeed's rows, the Trainer's, pytest
 PLATFORMS = [
     "manylinux_2_28_x86_64",
@@ -138,6 +138,13 @@ def fetch(name: str, version: str, dest: Path, python_version: str) -> str:
     return "built here"
 
 
+def package_folders() -> list[str]:
+    """The checkout's folders that install as recipebox.* (setup.cfg's package_dir: `recipebox.x = folder`)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    return [line.split("=")[1].strip() for line in cfg["options"]["package_dir"].splitlines() if "=" in line]
+
+
 def build_own_wheel(dest: Path) -> Path:
     """recipebox's wheel, built from a copy of this checkout's package files into dest (replacing an earlier
     build of it). The copy keeps a build/ folder left in the checkout by another layout out of the wheel."""
@@ -147,7 +154,7 @@ def build_own_wheel(dest: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("setup.cfg", "pyproject.toml", "README.md"):
             shutil.copy2(REPO / name, tmp)
-        for folder in PACKAGE_FOLDERS:
+        for folder in package_folders():
             shutil.copytree(REPO / folder, Path(tmp, folder), ignore=shutil.ignore_patterns("__pycache__"))
         built = subprocess.run([*pip, "-w", str(dest.resolve()), tmp], capture_output=True, text=True)
     if built.returncode:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
@@ -18,7 +19,6 @@ from recipebox.kernels.masking import mask_tokens, mask_tokens_reference
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]
 VOCAB = 30_522
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_rows(n_rows: int, max_len: int, seed: int) -> list[list[int]]:
