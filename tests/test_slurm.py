@@ -73,7 +73,9 @@ def deepspeed_job(local_cluster, tokenizer, tmp_path_factory):
     """`sbatch slurm/mlm_nsp_deepspeed.sh`, submitted first so it shares the node with the runs below."""
     root = tmp_path_factory.mktemp("deepspeed")
     run_dir, log = root / "run", root / "job.out"
-    args = sbatch_args("slurm/mlm_nsp_deepspeed.sh", log, [*TINY, "--tokenizer", tokenizer])
+    args = sbatch_args(
+        "slurm/mlm_nsp_deepspeed.sh", log, [*TINY, "--tokenizer", tokenizer, "--max-steps", "10"]
+    )
     job = sbatch(args, sbatch_env(run_dir))
     yield job, run_dir, log
     subprocess.run(["scancel", job], capture_output=True)  # a no-op once it has ended
@@ -219,7 +221,7 @@ def test_deepspeed_script_trains_zero2_and_exports(deepspeed_job):
     assert (run_dir / "export" / "model.safetensors").stat().st_size > 0
     newest = (run_dir / "checkpoints" / "latest").read_text().strip()
     manifest = json.loads((run_dir / "checkpoints" / newest / "manifest.json").read_text())
-    assert manifest["meta"]["deepspeed"] == {"zero_stage": 2} and manifest["meta"]["step"] == 40
+    assert manifest["meta"]["deepspeed"] == {"zero_stage": 2} and manifest["meta"]["step"] == 10
 
 
 def test_failed_task_is_a_row_with_its_log(local_cluster, tmp_path):

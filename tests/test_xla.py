@@ -323,8 +323,9 @@ def test_causal_lm_trains_on_fixed_blocks_and_skips_generation_under_spmd(xla_py
     from recipebox.launch.tracking import read_metrics
 
     cmd = [str(xla_python), "recipes/causal_lm.py", "--backend", "xla", "--output-dir", str(tmp_path),
-           "--max-steps", str(STEPS), "--eval-every", "3", "--xla-buckets", "128", "--log-every", "1",
-           "--tracker", "none"]  # fmt: skip
+           "--max-steps", str(STEPS), "--eval-every", "3", "--log-every", "1", "--tracker", "none",
+           "--n-embd", "32", "--n-layer", "1", "--vocab-size", "500", "--block-size", "64",
+           "--xla-buckets", "64"]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=xla_env(2), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     log = train_log(tmp_path)
@@ -364,7 +365,7 @@ def test_the_backend_contract_holds_and_evaluation_skips_generation(xla_python, 
     proc = subprocess.run(
         [str(xla_python), str(REPO / "tests" / "backend_checks.py"), str(tmp_path), "xla"],
         capture_output=True, text=True, timeout=600, cwd=REPO,
-        env=subprocess_env(PJRT_DEVICE="CPU", CPU_NUM_DEVICES="2"),
+        env=xla_env(2),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
