@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from launch_two_ranks import (
+    WARMUP_STEPS,
     comparison_args,
     median_pair,
     run_pairs,
@@ -27,8 +28,6 @@ from launch_two_ranks import (
     torchrun_two_ranks,
     write_trainer_result,
 )
-
-WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
 
 
 def run_recipe(out: Path, steps: int, batch_size: int) -> dict:

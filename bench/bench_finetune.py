@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from launch_two_ranks import (
+    WARMUP_STEPS,
     comparison_args,
     median_pair,
     run_pairs,
@@ -25,8 +26,6 @@ from launch_two_ranks import (
     trainer_device_args,
     write_trainer_result,
 )
-
-WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
 
 
 def run_recipe(out: Path, steps: int, batch_size: int) -> dict:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from launch_two_ranks import (
     REPO,
+    WARMUP_STEPS,
     comparison_args,
     median_pair,
     run_pairs,
@@ -51,7 +52,6 @@ from launch_two_ranks import (
 )
 
 sys.path.insert(0, str(REPO))  # recipes/ is not an installed package
-WARMUP_STEPS = 5  # one logging window: the first steps pay for allocator growth and lazy init
 
 
 def run_recipe(out: Path, steps: int) -> dict:

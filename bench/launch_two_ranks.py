@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The fine-tuning comparisons' logging window: their first steps pay for allocator growth and lazy init.
+WARMUP_STEPS = 5
 
 
 def free_port() -> int:
