@@ -90,6 +90,7 @@ class TrainConfig:
     requeue: bool = False  # under Slurm, requeue the job after a stop signal's save
     tracker: str = "wandb"  # wandb | none; wandb is offline unless WANDB_API_KEY or WANDB_MODE is set
     wandb_project: str = "recipebox"  # the W&B project the run is logged to
+    export: bool = True  # the Hugging Face folder export/ at the end; false: checkpoints and metrics only
     check_replicas: bool = False  # tests: ranks built alike; per-rank fingerprints of the final weights
 
 

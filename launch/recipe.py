@@ -42,7 +42,8 @@ def setup_run_dir(cfg: TrainConfig, rt: Runtime, default_name: str) -> Path:
     cfg.name = cfg.name or default_name
     run_dir = Path(cfg.output_dir or Path("runs") / cfg.name)
     cfg.output_dir = str(run_dir)
-    check_export_target(run_dir / "export")  # every rank, before any training: not after it
+    if cfg.export:
+        check_export_target(run_dir / "export")  # every rank, before any training: not after it
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     rt.barrier()
@@ -133,7 +134,12 @@ def run_recipe(
         metrics.update(test)
         headline = ", ".join(f"{k}={v:.4f}" for k, v in scalars(metrics).items() if _is_headline(k))
         rt.print("final: " + (headline or "nothing evaluated (no validation or test data)"))
-        export(trainer, task, cfg, run_dir / "export", metrics)
+        if cfg.export:
+            export(trainer, task, cfg, run_dir / "export", metrics)
+        else:
+            last = trainer.state.step
+            rt.print(f"no export (--export false): python -m recipebox.checkpoints export "
+                     f"{run_dir / 'checkpoints' / f'step-{last:06d}'} DEST makes it from the last checkpoint")  # fmt: skip
         return 0
     except USER_ERRORS as err:  # the same on every rank: all stop here
         if rt.is_main:

@@ -223,6 +223,8 @@ def test_a_stopped_run_continues_with_the_same_losses(tmp_path):
         "0",
         "--tracker",
         "none",
+        "--export",
+        "false",
     ]
     reference = tmp_path / "reference"
     proc = python("--output-dir", str(reference), *args)

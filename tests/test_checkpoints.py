@@ -45,7 +45,7 @@ def reference(tmp_path_factory, tokenizer_dir):
 
 def test_sigkill_of_one_rank_then_the_same_command_continues_exactly(tmp_path, tokenizer_dir, reference):
     out = tmp_path / "run"
-    cmd = command(out, tokenizer_dir)
+    cmd = command(out, tokenizer_dir, "--export", "false")  # nothing here reads an export
     latest = sigkill_one_rank_after(cmd, out, 5)
     assert latest in ("step-000004", "step-000008", "step-000012", "step-000016", "step-000020"), latest
     again = run(cmd)
@@ -61,8 +61,9 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, tokenizer_dir
     reference_one = saved_runs(1, "ddp")
     out = tmp_path / "run"
     cmd = command(
-        out, tokenizer_dir, "--backend", "ddp", "--tracker", "wandb", nproc=1, batch_size=32, steps=16
-    )
+        out, tokenizer_dir, "--backend", "ddp", "--tracker", "wandb", "--export", "false",
+        nproc=1, batch_size=32, steps=16,
+    )  # fmt: skip
     proc = start_and_wait_for_step(cmd, out, 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
@@ -94,7 +95,7 @@ def test_corrupt_checkpoints_are_named_and_the_previous_one_is_used(tmp_path, to
     )
     assert sizes_only.returncode == 0 and "(sizes)" in sizes_only.stdout  # the documented blind spot
     (out / "metrics.jsonl").unlink()
-    again = run(command(out, tokenizer_dir))
+    again = run(command(out, tokenizer_dir, "--export", "false"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"step-000024: shard state/{shard.name} is corrupt" in again.stdout
     assert "step-000020: shard rank-00001.safetensors is missing" in again.stdout
@@ -151,7 +152,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, tokenize
     latest = (ckpts / "latest").read_text()
     verify = run([sys.executable, "-m", "recipebox.checkpoints", "verify", str(ckpts / latest)])
     assert verify.returncode == 0, verify.stderr
-    again = run(command(out, tokenizer_dir, *big, steps=int(latest[5:]) + 2))
+    again = run(command(out, tokenizer_dir, *big, "--export", "false", steps=int(latest[5:]) + 2))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {ckpts / latest}" in again.stdout
     assert not interrupted.exists()  # the next commit removed what the killed save left
@@ -166,10 +167,12 @@ def _has_shards(folder) -> bool:
 
 
 def _launch(tokenizer_dir, out, nproc, backend, steps, *extra):
-    """Global batch 32 either way (2 ranks x 16 or 1 x 32): the same samples follow a checkpoint."""
+    """Global batch 32 either way (2 ranks x 16 or 1 x 32): the same samples follow a checkpoint. No export
+    unless `extra` asks for one (--export true): the checkpoints are what these runs compare."""
     cmd = command(
-        out, tokenizer_dir, "--backend", backend, *extra, nproc=nproc, batch_size=32 // nproc, steps=steps
-    )
+        out, tokenizer_dir, "--backend", backend, "--export", "false", *extra,
+        nproc=nproc, batch_size=32 // nproc, steps=steps,
+    )  # fmt: skip
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -233,7 +236,8 @@ def test_resharding_keeps_weights_exact_and_training_on_course(
     saved = saved_runs(saved_by, saved_backend)
     ckpt = saved / "checkpoints" / "step-000008"
     # Zero further steps: the resumed model must be the saved one, bit for bit.
-    same = _launch(tokenizer_dir, tmp_path / "resumed", resumed_by, resumed_backend, 8, "--resume", str(ckpt))
+    same = _launch(tokenizer_dir, tmp_path / "resumed", resumed_by, resumed_backend, 8, "--resume", str(ckpt),
+                   "--export", "true")  # fmt: skip
     if saved_by != resumed_by:
         assert f"saved by {saved_by} rank(s), resumed by {resumed_by}" in same.stdout
     assert same_weights(checkpoint_exports(ckpt), tmp_path / "resumed" / "export")
@@ -368,12 +372,15 @@ def test_resuming_late_in_a_big_epoch_costs_no_more_than_early():
 def test_minutes_cadence_saves_on_every_rank_together(tmp_path, tokenizer_dir):
     """--save-every-minutes alone (no step cadence): ranks vote, so a save never waits on a lone rank."""
     out = tmp_path / "run"
-    cadence = ["--save-every", "0", "--save-every-minutes", "0.0005", "--keep-last", "0"]
+    cadence = ["--save-every", "0", "--save-every-minutes", "0.0005", "--keep-last", "0", "--export", "false"]
     cmd = command(out, tokenizer_dir, *cadence, steps=12)
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
     assert len(saved) >= 4 and saved[-1] == 12, saved  # 30 ms apart: most steps save, the last always
+    # --export false: no export/, and the run says how to make one from its last checkpoint
+    assert not (out / "export").exists()
+    assert f"python -m recipebox.checkpoints export {out / 'checkpoints' / 'step-000012'} DEST" in proc.stdout
     for step in saved:
         manifest = json.loads((out / "checkpoints" / f"step-{step:06d}" / "manifest.json").read_text())
         assert manifest["meta"]["world_size"] == 2
@@ -585,7 +592,7 @@ def test_async_save_sigkill_then_the_same_command_continues_exactly(tmp_path, to
     """--async-save: the same run as `reference`, killed mid-training; every committed checkpoint verifies
     (content included), none is left half-committed, and the same command continues bit for bit."""
     out = tmp_path / "run"
-    cmd = command(out, tokenizer_dir, "--async-save", "true")
+    cmd = command(out, tokenizer_dir, "--async-save", "true", "--export", "false")
     latest = sigkill_one_rank_after(cmd, out, 9)
     for ckpt in sorted((out / "checkpoints").glob("step-*")):
         verify = run([sys.executable, "-m", "recipebox.checkpoints", "verify", str(ckpt)])
@@ -679,6 +686,6 @@ def test_each_fine_tuning_recipe_continues_exactly_after_losing_its_last_checkpo
     out = tmp_path / "run"
     script = str(REPO / "recipes" / f"{recipe}.py")
     cmd = [sys.executable, script, "--config", f"recipes/configs/{config}.yaml", "--output-dir", str(out)]
-    cmd += ["--max-steps", "3", "--save-every", "2", "--log-every", "1"]
+    cmd += ["--max-steps", "3", "--save-every", "2", "--log-every", "1", "--export", "false"]
     cmd += ["--eval-every", "0", "--validation-file=", "--test-file=", "--tracker", "none"]
     lose_last_checkpoint_then_rerun(cmd, out)
