@@ -261,6 +261,8 @@ def check_choice(cfg: Any, name: str, choices: tuple[str, ...]) -> None:
 # Numbers with a range, in whichever recipe's config has them: (in range?, the range in words).
 RANGES = {
     "lr": (lambda v: v > 0, "above 0"),
+    "epochs": (lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
+    "num_workers": (lambda v: v >= 0, "0 (load in the training process) or more"),
     "weight_decay": (lambda v: v >= 0, "0 or more"),
     "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "from 0 to 1"),

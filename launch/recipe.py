@@ -122,9 +122,13 @@ def run_recipe(
             run_id=(resumed or {}).get("tracker_run_id"),
         )
         metrics = trainer.fit(tracker)
-        clean = True
         test = {} if trainer.stopped else trainer.evaluate("test")
-        if trainer.stopped or trainer.stop_voted():  # a stop during training, or during the test evaluation
+        stopped = trainer.stopped or trainer.stop_voted()  # a stop during training, or the test evaluation
+        # Every rank got here: from now on the closing barrier pairs up. (Not before the test evaluation: a
+        # failure there on rank 0 alone, writing predictions, would wait in that barrier while the other ranks
+        # wait in the stop vote, and neither would ever print a thing.)
+        clean = True
+        if stopped:
             if cfg.requeue:
                 rt.requeue_slurm_job()
             return EXIT_PREEMPTED

@@ -173,12 +173,16 @@ class Runtime:
 
     @contextlib.contextmanager
     def main_process_first(self):
-        """Rank 0 runs the block first (e.g. builds a cache), the others follow and reuse it."""
+        """Rank 0 runs the block first (e.g. builds a cache), the others follow and reuse it. Rank 0 lets them
+        go even when its block fails: they meet the same bad input (the same error, and every rank stops
+        together) or go on to a collective that rank 0's exit ends, instead of waiting for it for ever."""
         if not self.is_main:
             self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier()
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on some rank (a stop request seen by one rank stops all).

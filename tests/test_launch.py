@@ -1,4 +1,4 @@
-"""The runtime, config parsing and the shared loop, in one process (multi-rank runs are in test_mlm_nsp)."""
+"""The runtime, config parsing and the shared loop in one process; and a 2-rank job whose ranks fail apart."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import recipe_runs
 import torch
+from conftest import REPO
 from torch import nn
 
 from recipebox.launch.backends import BackendSettings, DDPBackend, resolve_precision
@@ -127,6 +128,12 @@ def test_missing_config_file_and_help(tmp_path, capsys):
         ("asr_ctc", ["--mask-time-prob", "2"], "--mask-time-prob must be a probability"),
         ("asr_ctc", ["--max-grad-norm", "-1"], "--max-grad-norm must be 0 \\(no clipping\\) or more"),
         ("ner", ["--backend", "fsdp"], "--backend fsdp shards across ranks: launch with torchrun"),
+        ("mlm_nsp", ["--epochs", "inf"], "--epochs must be a finite number, 0 or more, got inf"),
+        (
+            "ner",
+            ["--num-workers", "-1"],
+            "--num-workers must be 0 \\(load in the training process\\) or more",
+        ),
     ],
 )
 def test_options_the_run_cannot_take_stop_before_anything_starts(recipe, flags, message):
@@ -694,3 +701,25 @@ def test_a_finished_recipe_process_keeps_its_exit_code_past_a_teardown_that_abor
     assert proc.returncode < 0 and proc.stdout == "the run's last line" and hooks == "atexit ran"  # the fault
     proc, hooks = end("exit_quickly")
     assert (proc.returncode, proc.stdout, hooks) == (3, "the run's last line", "atexit ran"), proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "failure, ends_with",
+    [
+        ("build", "error: {out}/corpus.txt: 10 tokens, fewer than one block of 64"),
+        ("one_row", "error: 1 training sample(s) cannot be shared by 2 ranks: give more training data"),
+        ("test_split", "OSError: [Errno 28] No space left on device (rank 0 writing the test predictions)"),
+    ],
+)
+def test_a_failure_on_some_ranks_ends_the_job_with_its_message(tmp_path, failure, ends_with):
+    """tests/rank_failures.py on 2 ranks: bad input found inside `main_process_first` (rank 0 first), and a
+    failure of rank 0 alone after training (in the test evaluation). The job ends within seconds and says
+    why; bad input stops every rank alike (exit 2), with no rank left to find its peer gone."""
+    out = tmp_path / "run"
+    proc = recipe_runs.torchrun(str(REPO / "tests" / "rank_failures.py"), str(out), failure, timeout=120)
+    assert proc.returncode != 0
+    assert ends_with.format(out=out) in proc.stderr, proc.stderr[-3000:]
+    if failure != "test_split":  # bad input: every rank exits 2, none with a traceback of its own
+        assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
+        assert "Connection closed by peer" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr

@@ -1,0 +1,51 @@
+"""A run where something fails on some ranks only, for tests/test_launch.py: run as `torchrun
+--nproc_per_node=2 tests/rank_failures.py OUT FAILURE`. The job must end, with the failure in its output,
+instead of leaving the other ranks waiting in a collective.
+
+FAILURE:
+- build: every rank finds bad input inside `main_process_first` (rank 0 first, then the others), as a
+  corpus smaller than one block is found while rank 0 builds the tokenised cache.
+- test_split: rank 0 alone fails while it summarises the test evaluation (a full disk while it writes the
+  predictions); the other ranks are already waiting for the stop vote that follows it.
+- one_row: a training split of one row for two ranks: every rank stops with the same message.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from backend_checks import LMTask, tiny_gpt2
+
+from recipebox.data.text import DataError
+from recipebox.launch.config import TrainConfig
+from recipebox.launch.recipe import run_main, run_recipe
+
+
+class FailingTask(LMTask):
+    def summarize(self, records, means, split):
+        if split == "test":
+            raise OSError(28, "No space left on device (rank 0 writing the test predictions)")
+        return super().summarize(records, means, split)
+
+
+def main() -> int:
+    out, failure = Path(sys.argv[1]), sys.argv[2]
+
+    def build(cfg, rt, run_dir):
+        with rt.main_process_first():
+            if failure == "build":
+                raise DataError(f"{run_dir}/corpus.txt: 10 tokens, fewer than one block of 64")
+        task = FailingTask(tiny_gpt2(), seq2seq=False)
+        task.splits["test"] = task.splits["validation"]
+        if failure == "one_row":
+            task.splits["train"] = task.splits["train"][:1]
+        (run_dir / "processor").mkdir(parents=True, exist_ok=True)
+        return task
+
+    cfg = TrainConfig(output_dir=str(out), tracker="none", max_steps=2, batch_size=4, export=False)
+    return run_recipe(cfg, build, "rank_failures")
+
+
+if __name__ == "__main__":
+    run_main(main)
