@@ -23,7 +23,7 @@ from typing import NoReturn
 import torch
 
 from recipebox.checkpoints.export import check_export_target, processor_folder
-from recipebox.checkpoints.sharded import CheckpointError
+from recipebox.checkpoints.sharded import CheckpointError, step_dir
 from recipebox.data.text import DataError
 from recipebox.launch.backends import backend_settings, make_backend
 from recipebox.launch.config import ConfigError, TrainConfig, check_model_path, save_config
@@ -141,9 +141,10 @@ def run_recipe(
         if cfg.export:
             export(trainer, task, cfg, run_dir / "export", metrics)
         else:
-            last = trainer.state.step
-            rt.print(f"no export (--export false): python -m recipebox.checkpoints export "
-                     f"{run_dir / 'checkpoints' / f'step-{last:06d}'} DEST makes it from the last checkpoint")  # fmt: skip
+            last = step_dir(trainer.checkpoint_root, trainer.state.step)
+            rt.print(
+                f"no export (--export false); to make one: python -m recipebox.checkpoints export {last} DEST"
+            )
         return 0
     except USER_ERRORS as err:  # the same on every rank: all stop here
         if rt.is_main:
