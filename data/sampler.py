@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from recipebox.data.text import DataError
+
 
 class ShardedSampler(Sampler[int]):
     def __init__(
@@ -25,8 +27,11 @@ class ShardedSampler(Sampler[int]):
         lengths: Sequence[int] | None = None,
         group_size: int = 64,
     ):
-        if num_samples < world_size:
-            raise ValueError(f"{num_samples} samples cannot be shared by {world_size} ranks")
+        if num_samples < world_size:  # the same on every rank: all stop here, before any collective
+            raise DataError(
+                f"{num_samples} training sample(s) cannot be shared by {world_size} ranks: give more training "
+                "data or launch fewer ranks"
+            )
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.lengths = torch.as_tensor(lengths) if lengths is not None else None

@@ -129,11 +129,6 @@ class Trainer:
         pinned = rt.device.type == "cuda"
         self.background = BackgroundSaves(pinned) if cfg.async_save and run_dir is not None else None
         train = task.splits["train"]
-        if len(train) < rt.world_size:  # the same on every rank: all stop here, before any collective
-            raise ConfigError(
-                f"{len(train)} training sample(s) cannot be shared by {rt.world_size} ranks: give more training "
-                "data or launch fewer ranks"
-            )
         self.sampler = ShardedSampler(
             len(train), rank=rt.rank, world_size=rt.world_size, batch_size=cfg.batch_size, seed=cfg.seed,
             lengths=task.lengths,
