@@ -241,9 +241,19 @@ class Trainer:
         return param_sums(self.rt, whole)
 
     @torch.no_grad()
-    def evaluate(self, split: str = "validation") -> dict[str, float]:
+    def evaluate(self, split: str = "validation") -> dict[str, float] | None:
         """Loss and task metrics over a whole split, each rank a disjoint share: counts summed exactly over
-        ranks, records gathered to rank 0, which alone adds the task's summary. Keys are PREFIX[split]/..."""
+        ranks, records gathered to rank 0, which alone adds the task's summary. Keys are PREFIX[split]/...
+
+        None when a stop signal came during it: the ranks vote before each batch (they run the same batches),
+        so a preempted run saves within one batch instead of after the whole split. It draws nothing from the
+        run's RNG streams (sampled generation gets a fork of them): training goes on the same with or without
+        it, so the checkpoint of a step may come before the step's evaluation."""
+        devices = [self.rt.device] if self.rt.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(split)
+
+    def _evaluate(self, split: str) -> dict[str, float] | None:
         task, backend, rt = self.task, self.backend, self.rt
         data = task.splits.get(split)
         if data is None or len(data) == 0:
@@ -269,6 +279,8 @@ class Trainer:
             dist.all_reduce(batches, op=dist.ReduceOp.MAX)
         it, batch, records, seen = iter(loader), None, [], 0
         for _ in range(int(batches.item())):
+            if rt.any_rank(rt.stop_requested):
+                return None
             fresh = next(it, None)
             if fresh is not None:
                 n = len(next(iter(fresh.values())))
@@ -469,6 +481,9 @@ class Trainer:
         # for the device. Sizes come from host batches.
         window_loss, window_norm, window = self._window  # window: steps, samples, tokens since the last log
         t0 = time.perf_counter()
+        # A step's evaluation comes after its checkpoint, so a run resumed from that checkpoint evaluates first.
+        if self._eval_due(self.state.step) and not self._evaluate_between_steps(tracker):
+            return self._stop(bar)
         while self.state.step < self.total_steps:
             loss, norm, samples, tokens = self.train_step()
             window_loss = window_loss + loss
@@ -482,21 +497,17 @@ class Trainer:
                 window.zero_()
                 t0 = time.perf_counter()
             self._window = (window_loss, window_norm, window)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != self.total_steps:
-                tracker.log(self.evaluate(), step)
-                t0 = time.perf_counter()
+            # The stop vote, then the save, then the evaluation: a stop asked for before it is not kept waiting
+            # by it (one asked for during it ends it, below).
             stop = rt.any_rank(rt.stop_requested)  # a host-side vote: no wait for the device
             if self.run_dir is not None and (stop or self._save_due(step)):
                 self.save()
                 t0 = time.perf_counter()
+            if not stop and self._eval_due(step):
+                stop = not self._evaluate_between_steps(tracker)
+                t0 = time.perf_counter()
             if stop:
-                self.finish_saves()
-                rt.print(
-                    f"stopped at step {step} on request; checkpoint saved" if self.run_dir else "stopped"
-                )
-                self.stopped = True
-                bar.close()
-                return {}
+                return self._stop(bar)
         bar.close()
         if self.run_dir is not None and self._last_save[0] != self.state.step:
             self.save()
@@ -504,19 +515,46 @@ class Trainer:
             tracker.log({"replica_param_sums": self.replica_param_sums()}, self.state.step)
         final = self.evaluate()  # overlaps the last checkpoint's write (--async-save)
         self.finish_saves()
-        if self.stop_voted():
+        if self.stop_voted(during_evaluation=final is None):
             return {}
         tracker.log(final, self.state.step)
         tracker.summary(final)
         return final
 
-    def stop_voted(self) -> bool:
-        """After training: a stop signal that came during the final save or an evaluation ends the run now
-        (exit 75, requeued with --requeue) rather than when the scheduler kills it mid-export; the last
-        checkpoint holds the final step, so the same command evaluates and exports without training."""
-        if self.run_dir is None or not self.rt.any_rank(self.rt.stop_requested):
+    def _eval_due(self, step: int) -> bool:
+        """An --eval-every evaluation follows this step (the one after the last step is the final one)."""
+        every = self.cfg.eval_every
+        return bool(every) and 0 < step < self.total_steps and step % every == 0
+
+    def _evaluate_between_steps(self, tracker: Tracker) -> bool:
+        """The --eval-every evaluation after the current step, logged; False when a stop signal ended it, and
+        then the step is saved (if it was not just before), to be evaluated again by the rerun."""
+        metrics = self.evaluate()
+        if metrics is not None:
+            tracker.log(metrics, self.state.step)
+            return True
+        if self.run_dir is not None and self._last_save[0] != self.state.step:
+            self.save()
+        return False
+
+    def _stop(self, bar) -> dict:
+        """End training on a stop request, once the checkpoint is committed."""
+        self.finish_saves()
+        saved = f"stopped at step {self.state.step} on request; checkpoint saved"
+        self.rt.print(saved if self.run_dir else "stopped")
+        self.stopped = True
+        bar.close()
+        return {}
+
+    def stop_voted(self, during_evaluation: bool = False) -> bool:
+        """After training: a stop signal that came during the final save or an evaluation (`during_evaluation`:
+        it ended one, so every rank knows already) ends the run now (exit 75, requeued with --requeue) rather
+        than when the scheduler kills it mid-export; the last checkpoint holds the final step, so the same
+        command evaluates and exports without training."""
+        if not during_evaluation and (self.run_dir is None or not self.rt.any_rank(self.rt.stop_requested)):
             return False
-        self.rt.print(f"stopped on request after step {self.state.step}, the last; its checkpoint is saved")
+        saved = "; its checkpoint is saved" if self.run_dir else ""
+        self.rt.print(f"stopped on request after step {self.state.step}, the last{saved}")
         self.stopped = True
         return True
 

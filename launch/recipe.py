@@ -123,7 +123,8 @@ def run_recipe(
         )
         metrics = trainer.fit(tracker)
         test = {} if trainer.stopped else trainer.evaluate("test")
-        stopped = trainer.stopped or trainer.stop_voted()  # a stop during training, or the test evaluation
+        # A stop during training, or one that ended the test evaluation or came during it.
+        stopped = trainer.stopped or trainer.stop_voted(during_evaluation=test is None)
         # Every rank got here: from now on the closing barrier pairs up. (Not before the test evaluation: a
         # failure there on rank 0 alone, writing predictions, would wait in that barrier while the other ranks
         # wait in the stop vote, and neither would ever print a thing.)

@@ -1,8 +1,11 @@
-"""A run where something fails on some ranks only, for tests/test_launch.py: run as `torchrun
+"""A run where something fails or happens on some ranks only, for tests/test_launch.py: run as `torchrun
 --nproc_per_node=2 tests/rank_failures.py OUT FAILURE`. The job must end, with the failure in its output,
 instead of leaving the other ranks waiting in a collective.
 
 FAILURE:
+- signal_in_eval: rank 0 alone gets SIGUSR1 (a stop) during the first batch of the evaluation after step 1
+  of 2, whose validation split is 3 batches on rank 0; every rank must leave it, save step 1 and exit 75.
+  `none` then runs the same command to the end.
 - build: every rank finds bad input inside `main_process_first` (rank 0 first, then the others), as a
   corpus smaller than one block is found while rank 0 builds the tokenised cache.
 - test_split: rank 0 alone fails while it summarises the test evaluation (a full disk while it writes the
@@ -12,6 +15,8 @@ FAILURE:
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,14 +28,26 @@ from recipebox.launch.recipe import run_main, run_recipe
 
 
 class FailingTask(LMTask):
+    evaluated = 0  # batches this rank evaluated
+
+    def evaluate(self, model, batch, outputs, generate):
+        self.evaluated += 1
+        if FAILURE == "signal_in_eval" and self.evaluated == 1 and os.environ["RANK"] == "0":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return super().evaluate(model, batch, outputs, generate)
+
     def summarize(self, records, means, split):
-        if split == "test":
+        if FAILURE == "test_split" and split == "test":
             raise OSError(28, "No space left on device (rank 0 writing the test predictions)")
         return super().summarize(records, means, split)
 
 
+FAILURE = sys.argv[2] if __name__ == "__main__" else ""
+
+
 def main() -> int:
-    out, failure = Path(sys.argv[1]), sys.argv[2]
+    out, failure = Path(sys.argv[1]), FAILURE
+    tasks = []
 
     def build(cfg, rt, run_dir):
         with rt.main_process_first():
@@ -41,10 +58,14 @@ def main() -> int:
         if failure == "one_row":
             task.splits["train"] = task.splits["train"][:1]
         (run_dir / "processor").mkdir(parents=True, exist_ok=True)
+        tasks.append(task)
         return task
 
-    cfg = TrainConfig(output_dir=str(out), tracker="none", max_steps=2, batch_size=4, export=False)
-    return run_recipe(cfg, build, "rank_failures")
+    cfg = TrainConfig(output_dir=str(out), tracker="none", max_steps=2, batch_size=4, export=False,
+                      eval_every=1, eval_batch_size=1)  # fmt: skip
+    code = run_recipe(cfg, build, "rank_failures")
+    print(f"rank {os.environ['RANK']} evaluated {tasks[0].evaluated} batches" if tasks else "", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -596,15 +596,16 @@ def test_a_run_folder_keeps_the_processor_of_the_model_it_was_made_for(tmp_path)
     assert saved_processor(OneRank(), run, make, lambda f: f) == folder  # a tokenizer trained here: no record
 
 
-def saving_trainer(run_dir, **overrides):
-    """A regression Trainer with a run folder: it saves real checkpoints there."""
+def saving_trainer(run_dir, task_class=None, **overrides):
+    """A regression Trainer (or one of `task_class`) with a run folder: it saves real checkpoints there."""
     options = dict(max_steps=10, batch_size=8, lr=0.1, warmup_ratio=0.0, weight_decay=0.0, log_every=5)
     cfg = TrainConfig(**{**options, **overrides})
     for folder in ("model_config", "processor"):  # what a recipe puts there, copied into each checkpoint
         (run_dir / folder).mkdir(parents=True, exist_ok=True)
     rt = Runtime()
     backend = DDPBackend(rt, BackendSettings(precision=cfg.precision))
-    return Trainer(cfg, rt, backend, RegressionTask(regression_data(), regression_data(16)), run_dir=run_dir)
+    task = (task_class or RegressionTask)(regression_data(), regression_data(16))
+    return Trainer(cfg, rt, backend, task, run_dir=run_dir)
 
 
 def fit_logged(trainer, stop_at: int = 0):
@@ -670,6 +671,69 @@ def test_a_stop_during_the_final_evaluation_ends_the_run_resumable(tmp_path):
     assert again.state.step == 10 and "eval/loss" in final and not again.stopped
 
 
+def logged(run_dir, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir) if key in r}
+
+
+def test_a_stop_during_an_evaluation_between_steps_ends_it_and_the_rerun_evaluates_that_step(tmp_path):
+    """A stop signal during an --eval-every evaluation ends it before its next batch, the step is saved, and
+    the rerun evaluates that step first: its losses and evaluations are those of an uninterrupted run."""
+    fit_logged(saving_trainer(tmp_path / "whole", eval_every=4))
+    trainer = saving_trainer(tmp_path / "split", eval_every=4)  # 16 validation rows: 2 batches of 8
+    batches = []
+    evaluate = trainer.task.evaluate
+
+    def evaluate_then_stop(*args):  # the signal comes during the first batch of step 4's evaluation
+        batches.append(trainer.state.step)
+        trainer.rt.stop_requested = True
+        return evaluate(*args)
+
+    trainer.task.evaluate = evaluate_then_stop
+    assert fit_logged(trainer) == {} and trainer.stopped
+    assert batches == [4]  # its second batch never ran
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step-000004"
+    assert logged(tmp_path / "split", "eval/loss") == {}
+    again = saving_trainer(tmp_path / "split", eval_every=4)
+    assert "eval/loss" in fit_logged(again) and not again.stopped
+    for key in ("train/loss", "eval/loss", "eval/within_1"):
+        split, whole = logged(tmp_path / "split", key), logged(tmp_path / "whole", key)
+        assert sorted(split) == sorted(whole) and len(whole) >= 2, key
+        assert split == pytest.approx(whole, rel=1e-6), key  # a log window cut by the stop: float sums
+
+
+def test_a_stop_asked_for_before_a_due_evaluation_does_not_wait_for_it(tmp_path):
+    trainer = saving_trainer(tmp_path / "run", eval_every=4)
+    calls = []
+    trainer.task.evaluate = lambda *args: calls.append(args)
+    assert fit_logged(trainer, stop_at=4) == {} and trainer.stopped
+    assert calls == [] and (tmp_path / "run" / "checkpoints" / "step-000004").is_dir()
+
+
+class SampledRegressionTask(RegressionTask):
+    """Dropout in training and evaluation that samples (as sampled generation does), from the global RNG."""
+
+    def loss(self, model, batch):
+        pred = nn.functional.dropout(model(batch["input_ids"]), 0.5, training=model.training)
+        return {"mse": (((pred - batch["target"]) ** 2) * batch["valid"]).sum()}, pred
+
+    def evaluate(self, model, batch, pred, generate):
+        drawn = torch.rand(len(pred))
+        return {"sampled": torch.stack([(drawn < 0.5).sum(), torch.tensor(len(pred))])}, []
+
+
+def test_evaluations_leave_the_training_randomness_alone(tmp_path):
+    """Training with an evaluation every 2 steps takes the same steps as training with none: an evaluation
+    draws from a fork of the RNG streams, so a step's checkpoint can be taken before its evaluation."""
+    runs = {}
+    for every in (0, 2):
+        trainer = saving_trainer(tmp_path / str(every), SampledRegressionTask, log_every=1, eval_every=every)
+        torch.manual_seed(0)
+        fit_logged(trainer)
+        runs[every] = logged(tmp_path / str(every), "train/loss")
+    assert len(logged(tmp_path / "2", "eval/sampled")) == 5  # steps 2, 4, 6, 8 and the final one
+    assert runs[0] == runs[2] and len(runs[0]) == 10
+
+
 ENDING = """
 import atexit, os, sys
 from pathlib import Path
@@ -723,3 +787,21 @@ def test_a_failure_on_some_ranks_ends_the_job_with_its_message(tmp_path, failure
     if failure != "test_split":  # bad input: every rank exits 2, none with a traceback of its own
         assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
         assert "Connection closed by peer" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_stop_signal_on_one_rank_during_an_evaluation_ends_it_on_every_rank(tmp_path):
+    """tests/rank_failures.py on 2 ranks: SIGUSR1 reaches rank 0 alone during the first of its 3 evaluation
+    batches after step 1; both ranks leave the evaluation at the same batch, save step 1 and exit 75, and the
+    same command then evaluates step 1 and trains to the end."""
+    out = tmp_path / "run"
+    script = str(REPO / "tests" / "rank_failures.py")
+    proc = recipe_runs.torchrun(script, str(out), "signal_in_eval", timeout=120)
+    assert proc.stderr.count("exitcode  : 75") == 2, proc.stderr[-3000:]
+    assert "stopped at step 1 on request; checkpoint saved" in proc.stdout
+    assert "rank 0 evaluated 1 batches" in proc.stdout and "rank 1 evaluated 1 batches" in proc.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "step-000001"
+    again = recipe_runs.torchrun(script, str(out), "none", timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "rank 0 evaluated 9 batches" in again.stdout  # 3+3 and 3 (test)
+    assert sorted(r["step"] for r in read_metrics(out) if "eval/loss" in r) == [1, 2]
