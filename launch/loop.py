@@ -480,10 +480,10 @@ class Trainer:
         # Loss and norm add up where they are (on the GPU) and are read at log steps only: a step never waits
         # for the device. Sizes come from host batches.
         window_loss, window_norm, window = self._window  # window: steps, samples, tokens since the last log
-        t0 = time.perf_counter()
         # A step's evaluation comes after its checkpoint, so a run resumed from that checkpoint evaluates first.
         if self._eval_due(self.state.step) and not self._evaluate_between_steps(tracker):
             return self._stop(bar)
+        t0 = time.perf_counter()
         while self.state.step < self.total_steps:
             loss, norm, samples, tokens = self.train_step()
             window_loss = window_loss + loss
@@ -498,16 +498,16 @@ class Trainer:
                 t0 = time.perf_counter()
             self._window = (window_loss, window_norm, window)
             # The stop vote, then the save, then the evaluation: a stop asked for before it is not kept waiting
-            # by it (one asked for during it ends it, below).
+            # by it (one asked for during it ends it, below). Their time is left out of the log window's.
+            paused = time.perf_counter()
             stop = rt.any_rank(rt.stop_requested)  # a host-side vote: no wait for the device
             if self.run_dir is not None and (stop or self._save_due(step)):
                 self.save()
-                t0 = time.perf_counter()
             if not stop and self._eval_due(step):
                 stop = not self._evaluate_between_steps(tracker)
-                t0 = time.perf_counter()
             if stop:
                 return self._stop(bar)
+            t0 += time.perf_counter() - paused
         bar.close()
         if self.run_dir is not None and self._last_save[0] != self.state.step:
             self.save()

@@ -149,7 +149,11 @@ class Runtime:
                 return
             first.append(time.monotonic())
             self.stop_requested = True
-            self.print(f"received {signal.Signals(signum).name}: stopping at the next step boundary")
+            # Straight to the file: a print() here could re-enter a write that the signal interrupted.
+            if self.is_main:
+                note = f"received {signal.Signals(signum).name}: stopping at the next step boundary\n"
+                with contextlib.suppress(OSError):
+                    os.write(1, note.encode())
 
         for name in names:
             with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner)

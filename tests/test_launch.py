@@ -709,6 +709,32 @@ def test_a_stop_asked_for_before_a_due_evaluation_does_not_wait_for_it(tmp_path)
     assert calls == [] and (tmp_path / "run" / "checkpoints" / "step-000004").is_dir()
 
 
+def test_throughput_leaves_out_the_time_of_saves_and_evaluations(tmp_path, monkeypatch):
+    """On a clock that a training micro-batch moves by 1 s and an evaluation batch by 100 s: samples/s is the
+    samples over the training time alone, with saves and evaluations between two logs, and after a resume
+    that evaluates first."""
+    import types
+
+    from recipebox.launch import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(
+        loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: 0.0)
+    )
+
+    class Timed(RegressionTask):
+        def loss(self, model, batch):
+            clock[0] += 1.0 if model.training else 100.0
+            return super().loss(model, batch)
+
+    options = dict(log_every=10, eval_every=5, save_every=3)
+    fit_logged(saving_trainer(tmp_path / "whole", Timed, **options))
+    assert logged(tmp_path / "whole", "train/samples_per_s") == {10: 8.0}  # 80 samples in 10 s of training
+    fit_logged(saving_trainer(tmp_path / "split", Timed, **options), stop_at=5)  # saved before step 5's eval
+    fit_logged(saving_trainer(tmp_path / "split", Timed, **options))  # which the rerun runs first
+    assert logged(tmp_path / "split", "train/samples_per_s") == {10: 8.0}  # 40 samples in 5 s since
+
+
 class SampledRegressionTask(RegressionTask):
     """Dropout in training and evaluation that samples (as sampled generation does), from the global RNG."""
 
@@ -798,6 +824,7 @@ def test_a_stop_signal_on_one_rank_during_an_evaluation_ends_it_on_every_rank(tm
     script = str(REPO / "tests" / "rank_failures.py")
     proc = recipe_runs.torchrun(script, str(out), "signal_in_eval", timeout=120)
     assert proc.stderr.count("exitcode  : 75") == 2, proc.stderr[-3000:]
+    assert "received SIGUSR1: stopping at the next step boundary" in proc.stdout
     assert "stopped at step 1 on request; checkpoint saved" in proc.stdout
     assert "rank 0 evaluated 1 batches" in proc.stdout and "rank 1 evaluated 1 batches" in proc.stdout
     assert (out / "checkpoints" / "latest").read_text() == "step-000001"
