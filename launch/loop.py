@@ -246,12 +246,17 @@ class Trainer:
         ranks, records gathered to rank 0, which alone adds the task's summary. Keys are PREFIX[split]/...
 
         None when a stop signal came during it: the ranks vote before each batch (they run the same batches),
-        so a preempted run saves within one batch instead of after the whole split. It draws nothing from the
-        run's RNG streams (sampled generation gets a fork of them): training goes on the same with or without
-        it, so the checkpoint of a step may come before the step's evaluation."""
+        so a preempted run saves within one batch instead of after the whole split. It leaves the run's RNG
+        streams (torch's, CUDA's, Python's, numpy's) as it found them: training goes on the same with or
+        without it, so the checkpoint of a step may come before the step's evaluation."""
         devices = [self.rt.device] if self.rt.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return self._evaluate(split)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                return self._evaluate(split)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
     def _evaluate(self, split: str) -> dict[str, float] | None:
         task, backend, rt = self.task, self.backend, self.rt

@@ -736,24 +736,35 @@ def test_throughput_leaves_out_the_time_of_saves_and_evaluations(tmp_path, monke
 
 
 class SampledRegressionTask(RegressionTask):
-    """Dropout in training and evaluation that samples (as sampled generation does), from the global RNG."""
+    """Dropout in training and evaluation that samples (as sampled generation does), from the global RNGs;
+    training also draws from Python's and numpy's (as wav2vec2's SpecAugment does)."""
 
     def loss(self, model, batch):
+        import random
+
+        import numpy as np
+
         pred = nn.functional.dropout(model(batch["input_ids"]), 0.5, training=model.training)
+        if model.training:
+            pred = pred + 0.01 * (np.random.rand() + random.random())
         return {"mse": (((pred - batch["target"]) ** 2) * batch["valid"]).sum()}, pred
 
     def evaluate(self, model, batch, pred, generate):
-        drawn = torch.rand(len(pred))
-        return {"sampled": torch.stack([(drawn < 0.5).sum(), torch.tensor(len(pred))])}, []
+        import random
+
+        import numpy as np
+
+        drawn = torch.rand(len(pred)) + np.random.rand() + random.random()  # every global stream
+        return {"sampled": torch.stack([(drawn < 1.5).sum(), torch.tensor(len(pred))])}, []
 
 
 def test_evaluations_leave_the_training_randomness_alone(tmp_path):
     """Training with an evaluation every 2 steps takes the same steps as training with none: an evaluation
-    draws from a fork of the RNG streams, so a step's checkpoint can be taken before its evaluation."""
+    leaves every global RNG stream as it found it, so a step's checkpoint can be taken before its evaluation."""
     runs = {}
     for every in (0, 2):
         trainer = saving_trainer(tmp_path / str(every), SampledRegressionTask, log_every=1, eval_every=every)
-        torch.manual_seed(0)
+        trainer.rt.seed_ranks(0)  # torch's, Python's and numpy's generators
         fit_logged(trainer)
         runs[every] = logged(tmp_path / str(every), "train/loss")
     assert len(logged(tmp_path / "2", "eval/sampled")) == 5  # steps 2, 4, 6, 8 and the final one
