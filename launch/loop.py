@@ -504,15 +504,18 @@ class Trainer:
             self._window = (window_loss, window_norm, window)
             # The stop vote, then the save, then the evaluation: a stop asked for before it is not kept waiting
             # by it (one asked for during it ends it, below). Their time is left out of the log window's.
-            paused = time.perf_counter()
             stop = rt.any_rank(rt.stop_requested)  # a host-side vote: no wait for the device
-            if self.run_dir is not None and (stop or self._save_due(step)):
+            save = self.run_dir is not None and (stop or self._save_due(step))
+            evaluate = not stop and self._eval_due(step)
+            paused = self._device_caught_up() if save or evaluate else None
+            if save:
                 self.save()
-            if not stop and self._eval_due(step):
+            if evaluate:
                 stop = not self._evaluate_between_steps(tracker)
             if stop:
                 return self._stop(bar)
-            t0 += time.perf_counter() - paused
+            if paused is not None:
+                t0 += time.perf_counter() - paused
         bar.close()
         if self.run_dir is not None and self._last_save[0] != self.state.step:
             self.save()
@@ -525,6 +528,13 @@ class Trainer:
         tracker.log(final, self.state.step)
         tracker.summary(final)
         return final
+
+    def _device_caught_up(self) -> float:
+        """The time once the device has run what the host queued (a pause's start: the step's kernels still
+        queued on a GPU belong to the training time)."""
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+        return time.perf_counter()
 
     def _eval_due(self, step: int) -> bool:
         """An --eval-every evaluation follows this step (the one after the last step is the final one)."""
