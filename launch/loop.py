@@ -8,6 +8,7 @@ happen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -35,7 +36,7 @@ from recipebox.checkpoints.sharded import (
 from recipebox.data.sampler import ShardedSampler
 from recipebox.launch.backends import ADAM_BETAS, ADAM_EPS, Backend, param_groups
 from recipebox.launch.config import ConfigError, TrainConfig
-from recipebox.launch.runtime import Runtime
+from recipebox.launch.runtime import Runtime, ignore_signals
 from recipebox.launch.task import Task, module_prefix, whole_model
 from recipebox.launch.tracking import Tracker
 
@@ -169,6 +170,7 @@ class Trainer:
             drop_last=drop_last,
             collate_fn=self.collate,
             num_workers=self.cfg.num_workers,
+            worker_init_fn=functools.partial(ignore_signals, self.rt.stop_signals),  # the rank stops them
             pin_memory=self.backend.device.type == "cuda",
             # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every new
             # iterator, and a resumed run starts one mid-epoch, which would shift every dropout mask after.

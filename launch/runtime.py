@@ -82,6 +82,15 @@ def bf16_native() -> bool:
     return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def ignore_signals(names: tuple[str, ...], _worker_id: int = 0) -> None:
+    """A DataLoader worker's `worker_init_fn`: the rank's stop signals are the rank's to act on. Slurm signals
+    every process of a job step (scancel, preemption), and torch's workers die of SIGTERM, which ended the
+    rank with "DataLoader worker ... exited unexpectedly" instead of a save. A worker still ends with its
+    rank: it leaves once the rank is gone, or when the rank shuts its loader down."""
+    for name in names:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA generators too
@@ -99,6 +108,7 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stop_requested: bool = False  # set by SIGTERM; the loop stops at the next step boundary
     host_group: Any = None  # gloo group for host-side votes when the default group is nccl; else None
+    stop_signals: tuple[str, ...] = ()  # the signals that ask this rank to stop (`ignore_signals` in workers)
 
     @property
     def is_main(self) -> bool:
@@ -138,6 +148,7 @@ class Runtime:
         seed_everything(seed + self.rank)
 
     def _install_signal_handlers(self, names: list[str]) -> None:
+        self.stop_signals = tuple(names)
         first = []
 
         def request_stop(signum, _frame):

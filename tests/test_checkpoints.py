@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -56,16 +57,17 @@ def test_sigkill_of_one_rank_then_the_same_command_continues_exactly(tmp_path, t
 
 
 def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, tokenizer_dir, saved_runs):
-    """One process, the same command as the uninterrupted 1-rank run of `saved_runs` but tracked with W&B
-    (offline), stopped by SIGTERM: the same command continues exactly, in the same W&B run."""
+    """One process with 2 DataLoader workers, the same command as the uninterrupted 1-rank run of `saved_runs`
+    but tracked with W&B (offline), SIGTERM to every process (as Slurm signals a job step): the workers leave
+    the stop to their rank, which saves; the same command continues exactly, in the same W&B run."""
     reference_one = saved_runs(1, "ddp")
     out = tmp_path / "run"
     cmd = command(
-        out, tokenizer_dir, "--backend", "ddp", "--tracker", "wandb", "--export", "false",
+        out, tokenizer_dir, "--backend", "ddp", "--tracker", "wandb", "--export", "false", "--num-workers", "2",
         nproc=1, batch_size=32, steps=16,
     )  # fmt: skip
     proc = start_and_wait_for_step(cmd, out, 1)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # its own session: the run and its workers
     assert proc.wait(timeout=120) == 75
     stopped_at = max(losses(out))
     assert stopped_at < 16
