@@ -96,7 +96,7 @@ def run_recipe(
 ) -> int:
     """Train, evaluate and export one run; 0 when done, EXIT_PREEMPTED after a stop signal, 2 on bad input."""
     rt = Runtime.start(cfg.seed, stop_signals=cfg.stop_signals)
-    tracker, trainer, clean = None, None, False
+    tracker, trainer, clean, training = None, None, False, False
     try:
         run_dir = setup_run_dir(cfg, rt, default_name)
         with objects_kept_for_the_run():
@@ -121,6 +121,8 @@ def run_recipe(
             config=dataclasses.asdict(cfg),
             run_id=(resumed or {}).get("tracker_run_id"),
         )
+        # From here on bad input is found by the rank that reads it (a clip that no longer decodes), not by all.
+        training = True
         metrics = trainer.fit(tracker)
         test = {} if trainer.stopped else trainer.evaluate("test")
         # A stop during training, or one that ended the test evaluation or came during it.
@@ -147,10 +149,14 @@ def run_recipe(
                 f"no export (--export false); to make one: python -m recipebox.checkpoints export {last} DEST"
             )
         return 0
-    except USER_ERRORS as err:  # the same on every rank: all stop here
-        if rt.is_main:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        clean = True
+    except USER_ERRORS as err:
+        # Before training every rank finds the same bad input and all stop here. During it, this rank alone
+        # may have: it says so and leaves without the closing barrier (the others wait in a collective it will
+        # never join; the launcher ends them once this rank has gone).
+        if rt.is_main or training:
+            where = f"rank {rt.rank}: " if training and rt.world_size > 1 else ""
+            print(f"error: {where}{err}", file=sys.stderr, flush=True)
+        clean = not training
         return 2
     finally:
         if tracker is not None:

@@ -11,6 +11,8 @@ FAILURE:
 - test_split: rank 0 alone fails while it summarises the test evaluation (a full disk while it writes the
   predictions); the other ranks are already waiting for the stop vote that follows it.
 - one_row: a training split of one row for two ranks: every rank stops with the same message.
+- bad_row: rank 1 alone reads a training row that turns out unreadable at its third read (a clip that no
+  longer decodes); rank 0 is already waiting in that step's collective.
 """
 
 from __future__ import annotations
@@ -25,6 +27,18 @@ from backend_checks import LMTask, tiny_gpt2
 from recipebox.data.text import DataError
 from recipebox.launch.config import TrainConfig
 from recipebox.launch.recipe import run_main, run_recipe
+
+
+class RowsGoneBad(list):
+    """Training rows, the third read of which on rank 1 finds bad input."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if FAILURE == "bad_row" and os.environ["RANK"] == "1" and self.reads == 3:
+            raise DataError(f"{OUT}/clip-{i}.flac: soundfile cannot decode it; replace or remove that row")
+        return super().__getitem__(i)
 
 
 class FailingTask(LMTask):
@@ -43,6 +57,7 @@ class FailingTask(LMTask):
 
 
 FAILURE = sys.argv[2] if __name__ == "__main__" else ""
+OUT = sys.argv[1] if __name__ == "__main__" else ""
 
 
 def main() -> int:
@@ -57,6 +72,7 @@ def main() -> int:
         task.splits["test"] = task.splits["validation"]
         if failure == "one_row":
             task.splits["train"] = task.splits["train"][:1]
+        task.splits["train"] = RowsGoneBad(task.splits["train"])
         (run_dir / "processor").mkdir(parents=True, exist_ok=True)
         tasks.append(task)
         return task

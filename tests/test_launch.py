@@ -811,17 +811,19 @@ def test_a_finished_recipe_process_keeps_its_exit_code_past_a_teardown_that_abor
         ("build", "error: {out}/corpus.txt: 10 tokens, fewer than one block of 64"),
         ("one_row", "error: 1 training sample(s) cannot be shared by 2 ranks: give more training data"),
         ("test_split", "OSError: [Errno 28] No space left on device (rank 0 writing the test predictions)"),
+        ("bad_row", "error: rank 1: {out}/clip-"),
     ],
 )
 def test_a_failure_on_some_ranks_ends_the_job_with_its_message(tmp_path, failure, ends_with):
-    """tests/rank_failures.py on 2 ranks: bad input found inside `main_process_first` (rank 0 first), and a
-    failure of rank 0 alone after training (in the test evaluation). The job ends within seconds and says
-    why; bad input stops every rank alike (exit 2), with no rank left to find its peer gone."""
+    """tests/rank_failures.py on 2 ranks: bad input found inside `main_process_first` (rank 0 first), a
+    failure of rank 0 alone after training (in the test evaluation), and bad input that rank 1 alone reads
+    during training. The job ends within seconds and says why; bad input found before training stops every
+    rank alike (exit 2), with no rank left to find its peer gone."""
     out = tmp_path / "run"
     proc = recipe_runs.torchrun(str(REPO / "tests" / "rank_failures.py"), str(out), failure, timeout=120)
     assert proc.returncode != 0
     assert ends_with.format(out=out) in proc.stderr, proc.stderr[-3000:]
-    if failure != "test_split":  # bad input: every rank exits 2, none with a traceback of its own
+    if failure not in ("test_split", "bad_row"):  # every rank exits 2, none with a traceback of its own
         assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
         assert "Connection closed by peer" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
 
