@@ -272,6 +272,27 @@ RANGES = {
     "top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
     "max_new_tokens": (lambda v: v is None or v >= 1, "at least 1"),
     "num_beams": (lambda v: v is None or v >= 1, "at least 1"),
+    "pad_to_multiple_of": (lambda v: v >= 1, "at least 1 (1: no rounding up)"),
+    "pad_to_length": (lambda v: v >= 0, "0 (each batch's longest) or more"),
+    # The sizes of a model built from scratch (a head count of 0 would divide by zero in the width check).
+    **{
+        name: (lambda v: v >= 1, "at least 1")
+        for name in (
+            "hidden_size",
+            "d_model",
+            "n_embd",
+            "num_heads",
+            "heads",
+            "n_head",
+            "num_layers",
+            "layers",
+            "n_layer",
+            "intermediate_size",
+            "ffn",
+            "conv_channels",
+            "vocab_size",
+        )  # fmt: skip
+    },
     **{
         name: (lambda v: 0 <= v <= 1, "a probability, from 0 to 1")
         for name in (

@@ -245,6 +245,14 @@ def check_model_fits(model, tok, length: int, flag: str) -> None:
         )
 
 
+def padded_length(cfg) -> tuple[int, str]:
+    """The longest rows a batch can have, and the flag that sets it: --pad-to-length where given (at least
+    --max-length), else --max-length (for `check_model_fits`)."""
+    if getattr(cfg, "pad_to_length", 0):
+        return cfg.pad_to_length, "--pad-to-length"
+    return cfg.max_length, "--max-length"
+
+
 def load_labelled_model(auto_class, cfg, names: list[str], **extra):
     """A pretrained encoder (--model, or MiniLM) with a fresh head of `names`, whose label map is saved with
     it; safetensors only, so loading never unpickles."""

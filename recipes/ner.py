@@ -50,6 +50,7 @@ from recipebox.launch.flops import flops_per_token_or_zero
 from recipebox.launch.recipe import (
     check_model_fits,
     load_labelled_model,
+    padded_length,
     pretrained_tokenizer,
     run_main,
     run_recipe,
@@ -204,7 +205,7 @@ def _build(cfg: NERConfig, rt: Runtime, run_dir: Path) -> NERTask:
     tok = pretrained_tokenizer(rt, cfg, run_dir)
     names, sents, lengths, data, examples = _setup_data(cfg, rt, run_dir, tok)
     model = _setup_model(cfg, names)
-    check_model_fits(model, tok, cfg.max_length, "--max-length")
+    check_model_fits(model, tok, *padded_length(cfg))
     return NERTask(cfg, tok, names, sents, data, lengths, examples, model)
 
 

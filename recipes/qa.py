@@ -49,6 +49,7 @@ from recipebox.launch.config import (
 from recipebox.launch.flops import flops_per_token_or_zero
 from recipebox.launch.recipe import (
     check_model_fits,
+    padded_length,
     pretrained_source,
     pretrained_tokenizer,
     run_main,
@@ -96,6 +97,10 @@ def _validate(cfg: QAConfig) -> None:
         raise ConfigError(f"--max-length must be at least 32, got {cfg.max_length}")
     if not 0 <= cfg.doc_stride < cfg.max_length // 2:
         raise ConfigError(f"--doc-stride must be from 0 to under half of --max-length, got {cfg.doc_stride}")
+    if cfg.pad_to_length and cfg.pad_to_length < cfg.max_length:
+        raise ConfigError(
+            f"--pad-to-length {cfg.pad_to_length} is shorter than --max-length {cfg.max_length}"
+        )
     for name in ("n_best", "max_answer_length"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -262,7 +267,7 @@ def _build(cfg: QAConfig, rt: Runtime, run_dir: Path) -> QATask:
     tok = pretrained_tokenizer(rt, cfg, run_dir)
     examples, windows, data, lengths, version_2 = _setup_data(cfg, rt, run_dir, tok)
     model = _setup_model(cfg)
-    check_model_fits(model, tok, cfg.max_length, "--max-length")
+    check_model_fits(model, tok, *padded_length(cfg))
     return QATask(cfg, tok, examples, windows, data, lengths, version_2, model, run_dir)
 
 

@@ -134,6 +134,14 @@ def test_missing_config_file_and_help(tmp_path, capsys):
             ["--num-workers", "-1"],
             "--num-workers must be 0 \\(load in the training process\\) or more",
         ),
+        ("summarization", ["--heads", "0"], "--heads must be at least 1, got 0"),  # was a ZeroDivisionError
+        ("causal_lm", ["--n-head", "0"], "--n-head must be at least 1, got 0"),
+        ("mlm_nsp", ["--num-heads", "0"], "--num-heads must be at least 1, got 0"),
+        ("asr_ctc", ["--num-heads", "0"], "--num-heads must be at least 1, got 0"),
+        ("summarization", ["--ffn", "0"], "--ffn must be at least 1, got 0"),
+        ("mlm_nsp", ["--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
+        ("text_classification", ["--pad-to-multiple-of", "0"], "--pad-to-multiple-of must be at least 1"),
+        ("qa", ["--pad-to-length", "64"], "--pad-to-length 64 is shorter than --max-length 256"),
     ],
 )
 def test_options_the_run_cannot_take_stop_before_anything_starts(recipe, flags, message):
@@ -845,3 +853,15 @@ def test_a_stop_signal_on_one_rank_during_an_evaluation_ends_it_on_every_rank(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "rank 0 evaluated 9 batches" in again.stdout  # 3+3 and 3 (test)
     assert sorted(r["step"] for r in read_metrics(out) if "eval/loss" in r) == [1, 2]
+
+
+def test_the_model_must_hold_the_padded_length_where_batches_are_padded_past_max_length():
+    """`ner.py --pad-to-length 1024` on a 512-position encoder stopped at the first batch; the check of the
+    model's positions now gets the longest rows a batch can have, and names that flag."""
+    from types import SimpleNamespace
+
+    from recipebox.launch.recipe import padded_length
+
+    assert padded_length(SimpleNamespace(max_length=256, pad_to_length=0)) == (256, "--max-length")
+    assert padded_length(SimpleNamespace(max_length=256, pad_to_length=1024)) == (1024, "--pad-to-length")
+    assert padded_length(SimpleNamespace(max_length=64)) == (64, "--max-length")
