@@ -44,18 +44,32 @@ def read_table(path: str, *, dataset_config: str = "", split: str = "train") -> 
 
 def _read_csv(path: Path, delimiter: str) -> Table:
     rows, where = [], []
+    # Documents to summarise run past the csv module's 128 KiB field limit; a field is bounded by memory only.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise DataError(f"{path}: no header line; the first line must name the columns")
-        for row in reader:
-            if None in row:  # more fields than the header has
-                raise DataError(
-                    f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields but the "
-                    f"header has {len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
-                )
-            rows.append(row)
-            where.append(f"{path}, line {reader.line_num}")
+        try:
+            if not reader.fieldnames:
+                raise DataError(f"{path}: no header line; the first line must name the columns")
+            start = reader.line_num + 1
+            for row in reader:
+                if None in row:  # more fields than the header has
+                    raise DataError(
+                        f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields but "
+                        f"the header has {len(reader.fieldnames)}; quote fields that contain '{delimiter}'"
+                    )
+                values = row.values()
+                if None in values and any("\n" in v for v in values if v):  # fields short, a line swallowed
+                    raise DataError(
+                        f"{path}, line {start}: a quote opened in this row is not closed where its field ends "
+                        f"(the row takes in the lines after it, to line {reader.line_num}); close it, or write a "
+                        f'quote inside a quoted field as two ("")'
+                    )
+                rows.append(row)
+                where.append(f"{path}, line {reader.line_num}")
+                start = reader.line_num + 1
+        except csv.Error as err:  # e.g. a NUL byte, or a quote left open at the end of the file
+            raise DataError(f"{path}, line {reader.line_num}: not readable as CSV ({err})") from None
     if not rows:
         raise DataError(f"{path}: a header but no rows; give at least one example")
     return Table(rows, where, str(path))

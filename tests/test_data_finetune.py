@@ -188,6 +188,8 @@ def test_multi_label_from_columns_and_from_lists(tmp_path):
         ("blank.csv", "text,label\nx,a\n  ,b\n", "line 3: column 'text' is empty"),
         ("json.jsonl", '{"text": "x", "label": "a"}\n{"text": oops}\n', "line 2: not valid JSON"),
         ("extra.csv", "text,label\nx,a,b\n", "line 2: 3 fields but the header has 2"),
+        ("open.csv", 'text,label\n"x,a\ny,b\n', "line 2: a quote opened in this row is not closed"),
+        ("open_last.csv", 'text,label\nx,a\n"y,b\n', "line 3: a quote opened in this row is not closed"),
     ],
 )  # fmt: skip
 def test_bad_tables_name_the_file_and_line(tmp_path, name, content, message):
@@ -196,6 +198,14 @@ def test_bad_tables_name_the_file_and_line(tmp_path, name, content, message):
         table = read_table(path)
         texts(table, ["text"])
     assert message in str(err.value) and path in str(err.value)
+
+
+def test_fields_past_the_csv_modules_limit_are_read(tmp_path):
+    """A document of 200,000 characters (the csv module stops at 131,072 by default), and a quoted field over
+    several lines, are rows like any other."""
+    long = "word " * 40_000
+    table = read_table(write(tmp_path, "long.csv", f'text,summary\n"{long}",short\n"two\nlines",b\n'))
+    assert [r["text"] for r in table.rows] == [long, "two\nlines"] and table.where[1].endswith("line 4")
 
 
 def test_a_missing_table_says_what_file_to_pass(tmp_path):
