@@ -104,6 +104,20 @@ def test_a_missing_wandb_package_is_named_before_anything_starts(monkeypatch):
     validate_train_config(parse_config(DemoConfig, ["--tracker", "none"]))
 
 
+def test_a_config_file_that_gives_a_key_twice_is_refused(tmp_path):
+    """yaml keeps the last of two equal keys silently; a config that sets an option twice (in either
+    spelling) names both lines instead. Nested mappings keep their own keys."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("max_steps: 5\nlr: 0.1\nmax-steps: 50\n")
+    with pytest.raises(
+        ConfigError, match=r"twice\.yaml: max-steps is given twice \(lines 1 and 3\); keep one"
+    ):
+        parse_config(DemoConfig, ["--config", str(twice)])
+    once = tmp_path / "once.yaml"
+    once.write_text("max_steps: 5\nlr: 0.1\n")
+    assert parse_config(DemoConfig, ["--config", str(once)]).max_steps == 5
+
+
 def test_missing_config_file_and_help(tmp_path, capsys):
     with pytest.raises(ConfigError, match="does not exist"):
         parse_config(DemoConfig, ["--config", str(tmp_path / "nope.yaml")])
