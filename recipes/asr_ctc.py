@@ -263,6 +263,12 @@ class ASRTask:
             self.flops_per_token = 0.0
         # Transcripts have at most one character per output frame: their own buckets, far below the audio's.
         self.label_buckets = bucket_lengths(max(1, round(cfg.max_seconds * FRAMES_PER_SECOND)))
+        # The conv front end's receptive field (400 samples, 25 ms, in wav2vec2): a batch of shorter clips only
+        # (a lone short clip in an evaluation split) is padded up to it, so the model runs and gives the clip
+        # no frame (an empty transcript, its words counted as errors) instead of stopping the run.
+        self.min_samples = 1
+        for kernel, stride in zip(reversed(model.config.conv_kernel), reversed(model.config.conv_stride)):
+            self.min_samples = (self.min_samples - 1) * stride + kernel
 
     def collate(self, rows: list[dict], pad_to_length: int | None = None) -> dict[str, torch.Tensor]:
         """Audio padded with 0 and an attention mask, labels with -100; with `pad_to_length` (static-shape
@@ -271,6 +277,8 @@ class ASRTask:
         if pad_to_length is not None:
             labels = pick_bucket(max(len(r["labels"]) for r in rows), self.label_buckets)
             fixed = {"input_values": pad_to_length, "labels": labels}
+        elif max(len(r["input_values"]) for r in rows) < self.min_samples:
+            fixed = {"input_values": self.min_samples}
         return collate_padded(rows, pad_id=self.processor.tokenizer.pad_token_id, pad_to_length=fixed)
 
     prepare = staticmethod(as_is)

@@ -338,6 +338,29 @@ def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp
     assert loss.item() == pytest.approx(own.item(), rel=1e-5)
 
 
+def test_a_batch_of_clips_shorter_than_the_front_end_is_padded_up_to_it(tmp_path):
+    """A 12.5 ms clip alone in a batch (the last of an evaluation split) stopped the run inside wav2vec2's
+    convolutions; it is padded to their 400-sample receptive field, gets no frame and decodes to nothing."""
+    from recipebox.data.speech import build_vocab, make_processor, normalize_transcript, read_manifest
+    from recipes.asr_ctc import ASRConfig, ASRTask, _setup_model, greedy_decode
+
+    utts = read_manifest(str(write_clips(tmp_path, n=2)), "audio", "text")
+    texts = [normalize_transcript(u.text, ASRConfig.chars_to_ignore) for u in utts]
+    cfg = ASRConfig(num_layers=1, mask_time_prob=0.0)
+    processor = make_processor(build_vocab(texts), tmp_path / "processor")
+    model = _setup_model(cfg, processor, 10).eval()
+    task = ASRTask(cfg, processor, {"train": (utts, texts)}, model, tmp_path)
+    assert task.min_samples == 400
+    row = dict(task.splits["train"][0])
+    row["input_values"] = row["input_values"][:200]
+    batch = task.collate([row])
+    assert batch["input_values"].shape[1] == 400 and batch["attention_mask"].sum() == 200
+    with torch.no_grad():
+        losses, (logits, frames) = task.loss(model, batch)
+    assert frames.tolist() == [0] and greedy_decode(processor, logits, frames) == [""]
+    assert task.collate([task.splits["train"][0]])["input_values"].shape[1] > 400  # longer clips as they are
+
+
 @pytest.mark.slow
 def test_a_datasets_name_trains_on_two_ranks(tmp_path):
     """A `datasets` folder (parquet, an Audio column of clip bytes) as every split: rank 0 writes the clips
