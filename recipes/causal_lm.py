@@ -32,6 +32,7 @@ import torch
 
 from recipebox.checkpoints.export import check_export, saved_inputs
 from recipebox.data.lm import read_corpus, tokenize_corpus
+from recipebox.data.text import DataError
 from recipebox.data.tokenizer import load_tokenizer, train_byte_bpe
 from recipebox.kernels.collate import collate_padded
 from recipebox.launch.config import (
@@ -108,6 +109,11 @@ def _setup_data(cfg: CausalLMConfig, rt: Runtime, run_dir: Path):
         order = list(range(len(train_docs)))
         random.Random(cfg.seed).shuffle(order)
         held = set(order[: round(len(train_docs) * cfg.eval_fraction)])
+        if len(held) == len(train_docs):
+            raise DataError(
+                f"{cfg.train_files}: --eval-fraction {cfg.eval_fraction} holds out all {len(train_docs)} "
+                f"document(s), leaving none to train on; lower it, or give --validation-files"
+            )
         eval_docs = [d for i, d in enumerate(train_docs) if i in held]
         train_docs = [d for i, d in enumerate(train_docs) if i not in held]
     tok = _setup_tokenizer(cfg, rt, run_dir, train_docs)

@@ -191,17 +191,18 @@ def test_the_loss_shifts_once_and_weights_every_token(tmp_path):
     assert (losses["loss"] / count).item() == pytest.approx(hf.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("problem", ["missing", "too_short"])
+@pytest.mark.parametrize("problem", ["missing", "too_short", "all_held_out"])
 def test_bad_corpus_stops_before_training_naming_the_file(tmp_path, problem):
     corpus = tmp_path / "corpus.txt"
-    if problem == "too_short":
+    if problem != "missing":
         corpus.write_text("A few words.\n\nAnd a second short document.\n")
     out = tmp_path / "run"
-    proc = python("--train-files", str(corpus), "--validation-files", str(corpus), "--output-dir", str(out),
-                  "--tracker", "none")  # fmt: skip
+    split = ["--eval-fraction", "0.9"] if problem == "all_held_out" else ["--validation-files", str(corpus)]
+    proc = python("--train-files", str(corpus), *split, "--output-dir", str(out), "--tracker", "none")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last_line = proc.stderr.strip().splitlines()[-1]  # after the tokenising progress bar, if any
     assert last_line.startswith("error: ") and str(corpus) in last_line
+    assert problem != "all_held_out" or "--eval-fraction 0.9 holds out all 2 document(s)" in last_line
     assert "Traceback" not in proc.stderr
     assert not (out / "metrics.jsonl").exists()
 
