@@ -209,7 +209,7 @@ def label_names(
         return list(label_columns)
     values = _label_values(table, label_columns, task, separator)
     seen = set().union(*values) if task == MULTI_LABEL else set(values)
-    if all(isinstance(v, int) or isinstance(v, str) and v.isdigit() for v in seen):
+    if all(isinstance(v, int) or isinstance(v, str) and v.isascii() and v.isdigit() for v in seen):
         ids = sorted({int(v) for v in seen})
         if ids[0] >= 0 and ids[-1] < max(2 * len(ids), 256):
             return [str(i) for i in range(ids[-1] + 1)]  # ids as given: label 3 stays id 3

@@ -67,6 +67,8 @@ def test_integer_labels_keep_their_ids(tmp_path):
     table = read_table(write(tmp_path, "x.jsonl", "\n".join(json.dumps(r) for r in rows)))
     names = label_names(table, ["y"], MULTI_CLASS, "", [])
     assert names == ["0", "1", "2"] and encode_labels(table, ["y"], MULTI_CLASS, "", names) == [2, 0]
+    superscript = read_table(write(tmp_path, "s.csv", "t,y\na,\u00b2\nb,1\n"))  # str.isdigit() says yes to it
+    assert label_names(superscript, ["y"], MULTI_CLASS, "", []) == ["1", "\u00b2"]
 
 
 def test_sparse_integer_codes_are_names_and_a_list_label_is_named(tmp_path):
