@@ -143,13 +143,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, str) and key.replace("-", "_") in seen:
-                raise _DuplicateKey(
-                    f"{key} is given twice (lines {seen[key.replace('-', '_')]} and {line}); keep one"
-                )
-            if isinstance(key, str):
-                seen[key.replace("-", "_")] = line
+            if not isinstance(key, str):
+                continue
+            name, line = key.replace("-", "_"), key_node.start_mark.line + 1
+            if name in seen:
+                raise _DuplicateKey(f"{key} is given twice (lines {seen[name]} and {line}); keep one")
+            seen[name] = line
         return super().construct_mapping(node, deep)
 
 

@@ -151,12 +151,12 @@ def run_recipe(
         return 0
     except USER_ERRORS as err:
         # Before training every rank finds the same bad input and all stop here. During it, this rank alone
-        # may have: it says so and leaves without the closing barrier (the others wait in a collective it will
-        # never join; the launcher ends them once this rank has gone).
+        # may have: it says so and, unless every rank got past the stop vote, leaves without the closing
+        # barrier (the others wait in a collective it will never join; the launcher ends them once it has gone).
         if rt.is_main or training:
             where = f"rank {rt.rank}: " if training and rt.world_size > 1 else ""
             print(f"error: {where}{err}", file=sys.stderr, flush=True)
-        clean = not training
+        clean = clean or not training
         return 2
     finally:
         if tracker is not None:
