@@ -100,7 +100,12 @@ def _load_deepspeed_weights(model, path: Path, prefix: str) -> None:
 
     from recipebox.checkpoints.deepspeed import SAFE_CLASSES, TAG, import_deepspeed
 
-    import_deepspeed()
+    try:
+        import_deepspeed()
+    except ImportError:
+        raise CheckpointError(
+            f'{path} was saved by DeepSpeed, which is not installed here; pip install -e ".[deepspeed]"'
+        ) from None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with torch.no_grad(), loading_safely(path, SAFE_CLASSES, misfit_fix=EXPORT_FIX):
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # writing the export: a full disk, a quota, a folder made read-only meanwhile
+        print(f"error: {args.out if args.command == 'export' else args.checkpoint}: {err}", file=sys.stderr)
         return 2
     return 0
 

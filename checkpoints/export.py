@@ -12,7 +12,9 @@ half-written folder where a previous good export stood.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from recipebox.checkpoints.curves import plot_curves
@@ -61,23 +63,29 @@ def export_hf(
     (a run's metrics.jsonl, if given and plottable), eval_results.json and examples.json (if given). An
     earlier export there is replaced; any other folder there is refused (check_export_target)."""
     out_dir = check_export_target(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    curves = metrics_file is not None and plot_curves(metrics_file, tmp / CURVES)
-    (tmp / "README.md").write_text(model_card(title, metrics, config, curves), encoding="utf-8")
-    (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    if examples is not None:
-        examples = _with_files(examples, tmp)
-        (tmp / "examples.json").write_text(json.dumps(examples, indent=2), encoding="utf-8")
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Folders of names no one else has (this call makes them), so nothing beside OUT is ever removed.
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{out_dir.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        curves = metrics_file is not None and plot_curves(metrics_file, tmp / CURVES)
+        (tmp / "README.md").write_text(model_card(title, metrics, config, curves), encoding="utf-8")
+        (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        if examples is not None:
+            examples = _with_files(examples, tmp)
+            (tmp / "examples.json").write_text(json.dumps(examples, indent=2), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():  # an earlier export (check_export_target) or an empty folder
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
         out_dir.rename(old)
     tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -91,12 +99,20 @@ def check_export_target(out_dir: str | Path) -> Path:
     """out_dir, when an export may be written there: it does not exist, is empty, or holds an earlier export
     (which the new one replaces). Anything else (a run folder, a checkpoint, the user's files) would be
     deleted by the replacement, so it is a CheckpointError naming the folder."""
-    out_dir = Path(out_dir)
+    given, out_dir = out_dir, Path(out_dir).resolve()  # "." and "runs/.." name no folder to write beside
+    if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
+        raise CheckpointError(
+            f"{given} is the current folder (or holds it); name a new folder for the export"
+        )
     if out_dir.exists() and not (out_dir.is_dir() and (is_export(out_dir) or not any(out_dir.iterdir()))):
         raise CheckpointError(
             f"{out_dir} exists and is not an export (no config.json and eval_results.json at its top); "
             f"writing the export there would replace what it holds, so choose a new or empty folder"
         )
+    existing = next(p for p in out_dir.parents if p.exists())  # the folder the export's folders go under
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise CheckpointError(f"{existing} {what}, so {given} cannot be written; choose another folder")
     return out_dir
 
 

@@ -193,6 +193,39 @@ def test_an_export_replaces_only_an_earlier_export(tmp_path):
     assert (again / "README.md").read_text(encoding="utf-8").startswith("# Second")
 
 
+def test_an_export_leaves_every_folder_beside_it_alone(tmp_path, monkeypatch):
+    """Folders named like OUT's working names (OUT.tmp, OUT.old) are the user's: an export, a replacement
+    and a failed export leave them and leave nothing of their own. OUT that cannot be a folder (the current
+    one, or under a file) is refused before anything is written."""
+    from recipebox.checkpoints.sharded import CheckpointError
+
+    out = tmp_path / "mine"
+    for name in ("mine.tmp", "mine.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("precious", encoding="utf-8")
+    export_hf(tiny_bert(), None, out, title="First", metrics={}, config={})
+    export_hf(tiny_bert(), None, out, title="Second", metrics={}, config={})
+    model = tiny_bert()
+    monkeypatch.setattr(
+        model, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full"))
+    )
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, None, out, title="Third", metrics={}, config={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "mine.old", "mine.tmp"]
+    assert (out / "README.md").read_text(encoding="utf-8").startswith("# Second")
+    for name in ("mine.tmp", "mine.old"):
+        assert (tmp_path / name / "notes.txt").read_text(encoding="utf-8") == "precious"
+
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    with pytest.raises(
+        CheckpointError, match=f"{tmp_path / 'file'} is not a folder, so .* cannot be written"
+    ):
+        export_hf(tiny_bert(), None, tmp_path / "file" / "out", title="T", metrics={}, config={})
+    monkeypatch.chdir(out)
+    with pytest.raises(CheckpointError, match="is the current folder \\(or holds it\\)"):
+        export_hf(tiny_bert(), None, ".", title="T", metrics={}, config={})
+
+
 def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
     """transformers loads another task's export with a new, random head (a load report is all it says):
     each recipe's `load`, behind predict and the demos, names the folder and what it holds instead."""
