@@ -382,6 +382,7 @@ def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, grou
         manifest = {"step": step, "meta": meta, "files": files}
         if checksums:
             manifest.update(hash=HASH, hashes=hashes)
+        manifest["self"] = _manifest_hash(json.loads(json.dumps(manifest)))  # as a reader will parse it
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # the same step saved again (e.g. at the end right after a periodic save)
             shutil.rmtree(final)
@@ -390,6 +391,15 @@ def _commit(root, step, tmp, final, meta, keep_last, checksums, known=None, grou
         _fsync(root)  # the rename and `latest` too
         _prune(root, keep_last, step)
     _barrier(group)
+
+
+def _manifest_hash(manifest: dict) -> str:
+    """The xxh3-64 of a manifest's own contents (all but "self", keys sorted): a damaged manifest that still
+    parses (a step, a size or a hash changed in place) is caught like a damaged shard."""
+    import xxhash
+
+    body = {k: v for k, v in manifest.items() if k != "self"}
+    return xxhash.xxh3_64(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _prune(root: Path, keep_last: int, committed: int) -> None:
@@ -428,6 +438,17 @@ def verify_checkpoint(path: str | Path, checksums: bool = True, report=None) -> 
         raise CheckpointError(
             f"{manifest_path}: corrupt (not a manifest: it needs a 'step' number, 'files' and 'meta' tables and "
             f"'hashes', if any, as a table); this checkpoint "
+            f"cannot be used"
+        )
+    # Manifests written before "self" existed have none; they are checked by what they list, as before.
+    if "self" in manifest and manifest["self"] != _manifest_hash(manifest):
+        raise CheckpointError(
+            f"{manifest_path}: corrupt (it does not match its own hash: changed after it was written, by a bad "
+            f"sector, a faulty copy or an edit); this checkpoint cannot be used"
+        )
+    if "hashes" in manifest and set(manifest["hashes"]) != set(manifest["files"]):
+        raise CheckpointError(
+            f"{manifest_path}: corrupt (its hashes and its files name different files); this checkpoint "
             f"cannot be used"
         )
     for name, size in manifest["files"].items():

@@ -519,6 +519,30 @@ def test_same_size_corruption_of_any_file_is_caught(small_checkpoint, which):
     verify_checkpoint(path, checksums=False)  # sizes only: the switch's documented blind spot
 
 
+@pytest.mark.parametrize(
+    "edit", ['"step": 3', '"world_size": 1'], ids=["the step", "the world size"]
+)  # fmt: skip
+def test_a_manifest_changed_in_place_is_caught(small_checkpoint, edit):
+    """The manifest is one more file a bad sector or a faulty copy can alter without breaking its JSON: a
+    digit changed in place (resume would load another step, or skip the saved RNG states) is caught by the
+    manifest's own hash, and so is a hashes table that no longer names the files."""
+    from recipebox.checkpoints.sharded import MANIFEST, CheckpointError, verify_checkpoint
+
+    path = small_checkpoint[0]
+    text = (path / MANIFEST).read_text()
+    assert edit in text
+    (path / MANIFEST).write_text(text.replace(edit, edit[:-1] + "8"))
+    for checksums in (True, False):
+        with pytest.raises(CheckpointError, match="manifest.json: corrupt \\(it does not match its own hash"):
+            verify_checkpoint(path, checksums=checksums)
+    manifest = json.loads(text)
+    name = sorted(manifest["hashes"])[0]
+    del manifest["hashes"][name], manifest["self"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="its hashes and its files name different files"):
+        verify_checkpoint(path)
+
+
 class RunsCode:
     """Unpickled, it runs a shell command: what a crafted checkpoint could hold."""
 
@@ -537,7 +561,7 @@ def replace_and_resize(path, name: str, data: bytes) -> None:
 
     (path / name).write_bytes(data)
     manifest = json.loads((path / MANIFEST).read_text())
-    manifest.pop("hash", None), manifest.pop("hashes", None)
+    manifest.pop("hash", None), manifest.pop("hashes", None), manifest.pop("self", None)
     manifest["files"][name] = len(data)
     (path / MANIFEST).write_text(json.dumps(manifest))
 
@@ -581,7 +605,7 @@ def test_checkpoints_without_hashes_still_load_with_a_notice(small_checkpoint):
 
     path, model, optimizer = small_checkpoint
     manifest = json.loads((path / MANIFEST).read_text())
-    del manifest["hash"], manifest["hashes"]
+    del manifest["hash"], manifest["hashes"], manifest["self"]  # as written before either existed
     (path / MANIFEST).write_text(json.dumps(manifest))
     notices = []
     assert verify_checkpoint(path, report=notices.append)["step"] == 3
