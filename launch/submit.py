@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import submitit
+try:
+    import submitit
+except ImportError:  # the slurm extra
+    NEEDS = 'recipebox.launch.submit needs submitit: pip install -e ".[slurm]" (or pip install submitit)'
+    if __name__ == "__main__":
+        print(f"error: {NEEDS}", file=sys.stderr)
+        sys.exit(2)
+    raise ImportError(NEEDS) from None
 
 from recipebox.launch.config import number
 from recipebox.launch.tracking import read_metrics
@@ -144,6 +151,8 @@ def parse_grid(specs: list[str]) -> list[dict[str, str]]:
             )
         if key in axes:
             raise SubmitError(f"grid option {key!r} is given twice; list all its values in one entry")
+        if len(set(items)) < len(items):
+            raise SubmitError(f"grid entry {spec!r} lists a value twice; two tasks would be one run")
         axes[key] = items
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
@@ -261,11 +270,16 @@ def submit(
     path = resolve_recipe(recipe)
     args, grid = list(args or []), grid or [{}]
     root = Path(root).resolve()
+    names = [task_name(p) for p in grid]
+    if len(set(names)) < len(names):  # values that differ only in characters a folder name cannot hold
+        twice = next(n for n in names if names.count(n) > 1)
+        raise SubmitError(f"two grid points would share the run folder {root / twice}; give values that differ "
+                          f"in letters, digits or . _ = + - (other characters become _)")  # fmt: skip
     executor = make_executor(cluster, root / "submitit", options or SlurmOptions(), path.stem)
     if check:
         check_options(path, args, list(grid[0]))
     root.mkdir(parents=True, exist_ok=True)
-    runs = [RecipeRun(str(path), args + grid_args(p), str(root / task_name(p))) for p in grid]
+    runs = [RecipeRun(str(path), args + grid_args(p), str(root / n)) for p, n in zip(grid, names)]
     with executor.batch():  # one Slurm job array
         jobs = [executor.submit(run) for run in runs]
     return [Task(p, Path(run.run_dir), job) for p, run, job in zip(grid, runs, jobs)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -244,6 +245,10 @@ def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch, capsys):
         submit.parse_grid(["seed=1", "seed=2"])
     with pytest.raises(submit.SubmitError, match=r"grid entry 'lr=1e-3,' is malformed"):
         submit.parse_grid(["lr=1e-3,"])
+    with pytest.raises(submit.SubmitError, match=r"grid entry 'seed=1,1' lists a value twice"):
+        submit.parse_grid(["seed=1,1"])
+    with pytest.raises(submit.SubmitError, match=r"two grid points would share the run folder .*model=org_m"):
+        submit.submit(RECIPE, [], submit.parse_grid(["model=org/m,org_m"]), root=tmp_path, cluster="local")
     with pytest.raises(
         submit.SubmitError, match=r"recipe recipes/nope.py is not a file; .*recipes/mlm_nsp.py"
     ):
@@ -271,6 +276,12 @@ def test_bad_input_names_the_thing_and_the_fix(tmp_path, monkeypatch, capsys):
         text=True,
     )
     assert cli.returncode == 2 and "error: grid entry 'lr' is malformed" in cli.stderr
+    blocked = tmp_path / "blocked" / "submitit"  # a machine without the slurm extra
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('not installed')\n")
+    cli = subprocess.run([sys.executable, "-m", "recipebox.launch.submit", "--help"], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(blocked.parent)})  # fmt: skip
+    assert cli.returncode == 2 and cli.stderr.startswith("error: recipebox.launch.submit needs submitit: pip")
 
 
 def test_local_cluster_status_names_each_daemon(local_cluster):
