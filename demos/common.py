@@ -94,15 +94,22 @@ def app_for(export: Path) -> str:
     raise DemoError(f"{export}: no demo app for model class {archs or '(none)'}; apps exist for {known}")
 
 
-def examples(export: Path, endpoint: str) -> list[list]:
-    """The held-out inputs the recipe saved with the export for one endpoint (none for other exports)."""
+def examples(export: Path, endpoint: str) -> list[list[str]]:
+    """The held-out inputs the recipe saved with the export for one endpoint: rows of texts. None for other
+    exports, or where examples.json is not such a table (a page without examples, not one that fails)."""
     path = export / "examples.json"
     if not path.is_file():
         return []
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get(endpoint, [])
+        rows = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         return []
+    rows = rows.get(endpoint, []) if isinstance(rows, dict) else []
+    if isinstance(rows, list) and all(
+        isinstance(r, list) and all(isinstance(v, str) for v in r) for r in rows
+    ):
+        return rows
+    return []
 
 
 def read_auth_file(path: str | Path) -> list[tuple[str, str]]:

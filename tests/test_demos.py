@@ -399,3 +399,21 @@ def test_the_demo_for_each_model_class_is_the_recipe_that_exports_it():
     from recipebox.checkpoints.export import TASK_HEADS
 
     assert APPS == {suffix: task for task, suffixes in TASK_HEADS.items() for suffix in suffixes}
+
+
+def test_an_examples_file_that_is_not_a_table_of_texts_gives_a_page_without_examples(tmp_path):
+    """examples.json is read from an export someone may have edited or shared: anything but
+    {endpoint: [[text, ...], ...]} means no examples, not an app that fails to start."""
+    from demos.common import examples
+
+    cases = {
+        '{"transcribe": [["examples/a.wav"]], "other": [["x"]]}': [["examples/a.wav"]],
+        "[1, 2]": [],
+        '{"transcribe": "a.wav"}': [],
+        '{"transcribe": [[1]]}': [],
+        '{"transcribe": ["a.wav"]}': [],
+        "not json": [],
+    }
+    for text, rows in cases.items():
+        (tmp_path / "examples.json").write_text(text, encoding="utf-8")
+        assert examples(tmp_path, "transcribe") == rows, text
