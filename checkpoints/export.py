@@ -221,6 +221,8 @@ def saved_examples(export_dir: str | Path, endpoint: str, fix: str) -> list[list
     rows = saved.get(endpoint) if isinstance(saved, dict) else None
     if not isinstance(rows, list) or not rows:
         raise CheckpointError(f"{path} holds no {endpoint!r} examples; {fix}")
+    if not all(isinstance(r, list) and r and all(isinstance(v, str) for v in r) for r in rows):
+        raise CheckpointError(f"{path}: its {endpoint!r} examples are not rows of texts; {fix}")
     return rows
 
 

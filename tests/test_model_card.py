@@ -273,3 +273,18 @@ def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
         save_file({"w": torch.zeros(2)}, tmp_path / arch / "model.safetensors")
         (tmp_path / arch / "tokenizer.json").write_text("{}", encoding="utf-8")
         assert check_export(tmp_path / arch, task) == str(tmp_path / arch)
+
+
+def test_saved_examples_that_are_not_rows_of_texts_are_named(tmp_path):
+    """`predict` without input runs on an export's examples.json: a row that is a bare string would have run
+    on its first letter; anything but rows of texts is named with the fix instead."""
+    from recipebox.checkpoints.export import saved_examples, saved_inputs
+    from recipebox.checkpoints.sharded import CheckpointError
+
+    path = tmp_path / "examples.json"
+    path.write_text('{"transcribe": [["examples/a.wav"], ["examples/b.wav"]]}', encoding="utf-8")
+    assert saved_inputs(tmp_path, "transcribe", "give audio files") == ["examples/a.wav", "examples/b.wav"]
+    for text in ('{"transcribe": ["examples/a.wav"]}', '{"transcribe": [[1]]}', '{"transcribe": [[]]}'):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(CheckpointError, match="examples are not rows of texts; give audio files"):
+            saved_examples(tmp_path, "transcribe", "give audio files")
