@@ -68,7 +68,7 @@ def _read_csv(path: Path, delimiter: str) -> Table:
                 rows.append(row)
                 where.append(f"{path}, line {reader.line_num}")
                 start = reader.line_num + 1
-        except csv.Error as err:  # e.g. a NUL byte, or a quote left open at the end of the file
+        except csv.Error as err:  # what the csv module still refuses (a field past even that limit)
             raise DataError(f"{path}, line {reader.line_num}: not readable as CSV ({err})") from None
     if not rows:
         raise DataError(f"{path}: a header but no rows; give at least one example")
