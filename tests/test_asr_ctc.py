@@ -308,20 +308,27 @@ def test_sharded_backends_train_and_count_every_clip(backend, tmp_path):
     ).is_file()
 
 
-def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp_path):
-    """Under --backend xla every batch is padded to fixed lengths: the audio to its bucket (powers of two up
-    to --max-seconds), the transcripts to buckets of their own (16 here, not the audio's 16,384). The CTC loss
-    of the padded batch is the unpadded batch's, which is the model's own (reduction "sum")."""
+def tiny_task(tmp_path, clips: int):
+    """The recipe's task over `clips` written clips, with a one-layer model in eval mode (no SpecAugment)."""
     from recipebox.data.speech import build_vocab, make_processor, normalize_transcript, read_manifest
-    from recipebox.kernels.buckets import BucketedCollate, bucket_lengths
     from recipes.asr_ctc import ASRConfig, ASRTask, _setup_model
 
-    utts = read_manifest(str(write_clips(tmp_path, n=4)), "audio", "text")
+    utts = read_manifest(str(write_clips(tmp_path, n=clips)), "audio", "text")
     texts = [normalize_transcript(u.text, ASRConfig.chars_to_ignore) for u in utts]
     cfg = ASRConfig(num_layers=1, mask_time_prob=0.0)
     processor = make_processor(build_vocab(texts), tmp_path / "processor")
     model = _setup_model(cfg, processor, 10).eval()
-    task = ASRTask(cfg, processor, {"train": (utts, texts)}, model, tmp_path)
+    return ASRTask(cfg, processor, {"train": (utts, texts)}, model, tmp_path)
+
+
+def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp_path):
+    """Under --backend xla every batch is padded to fixed lengths: the audio to its bucket (powers of two up
+    to --max-seconds), the transcripts to buckets of their own (16 here, not the audio's 16,384). The CTC loss
+    of the padded batch is the unpadded batch's, which is the model's own (reduction "sum")."""
+    from recipebox.kernels.buckets import BucketedCollate, bucket_lengths
+
+    task = tiny_task(tmp_path, clips=4)
+    model = task.model
     rows = [task.splits["train"][i] for i in range(4)]
     plain = task.collate(rows)
     fixed = BucketedCollate(task.collate, bucket_lengths(task.max_length))(rows)
@@ -341,15 +348,10 @@ def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp
 def test_a_batch_of_clips_shorter_than_the_front_end_is_padded_up_to_it(tmp_path):
     """A 12.5 ms clip alone in a batch (the last of an evaluation split) stopped the run inside wav2vec2's
     convolutions; it is padded to their 400-sample receptive field, gets no frame and decodes to nothing."""
-    from recipebox.data.speech import build_vocab, make_processor, normalize_transcript, read_manifest
-    from recipes.asr_ctc import ASRConfig, ASRTask, _setup_model, greedy_decode
+    from recipes.asr_ctc import greedy_decode
 
-    utts = read_manifest(str(write_clips(tmp_path, n=2)), "audio", "text")
-    texts = [normalize_transcript(u.text, ASRConfig.chars_to_ignore) for u in utts]
-    cfg = ASRConfig(num_layers=1, mask_time_prob=0.0)
-    processor = make_processor(build_vocab(texts), tmp_path / "processor")
-    model = _setup_model(cfg, processor, 10).eval()
-    task = ASRTask(cfg, processor, {"train": (utts, texts)}, model, tmp_path)
+    task = tiny_task(tmp_path, clips=2)
+    model, processor = task.model, task.processor
     assert task.min_samples == 400
     row = dict(task.splits["train"][0])
     row["input_values"] = row["input_values"][:200]
