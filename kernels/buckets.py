@@ -52,13 +52,21 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
 
 class BucketedCollate:
     """`collate(features, pad_to_length=bucket)`, the bucket chosen by the batch's longest sequence of any
-    field (token ids, labels, audio values): every sequence field is padded to it."""
+    field (token ids, labels, audio values): every sequence field is padded to it. Fields that `collate`
+    stacks as they are (`collate_padded`'s `vectors`, e.g. multi-hot labels, one slot per label) are not
+    sequences and choose nothing."""
 
     def __init__(self, collate: Callable, buckets: Sequence[int]):
         self.collate, self.buckets = collate, list(buckets)
+        self.vectors = set(getattr(collate, "keywords", {}).get("vectors", ()))  # a functools.partial's
 
     def __call__(self, features: list[dict]) -> dict[str, Tensor]:
-        longest = max(len(v) for f in features for v in f.values() if isinstance(v, list | tuple | Tensor))
+        longest = max(
+            len(v)
+            for f in features
+            for k, v in f.items()
+            if k not in self.vectors and isinstance(v, list | tuple | Tensor)
+        )
         return self.collate(features, pad_to_length=pick_bucket(longest, self.buckets))
 
 

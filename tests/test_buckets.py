@@ -81,6 +81,16 @@ def test_bucketed_collate_refuses_a_row_longer_than_every_bucket():
         collate([{"input_ids": list(range(17))}])
 
 
+def test_multi_hot_label_vectors_choose_no_bucket():
+    """Multi-label classification stacks one slot per label (`vectors`): 41 labels on 3-token texts took
+    the 64 bucket, and 100 labels stopped the run as "a row has 100 tokens"; the texts choose alone."""
+    collate = BucketedCollate(functools.partial(collate_padded, pad_id=0, vectors=("labels",)), [16, 64])
+    for labels in (41, 100):
+        rows = [{"input_ids": [5, 6, 7], "labels": [0.0] * labels} for _ in range(2)]
+        batch = collate(rows)
+        assert batch["input_ids"].shape == (2, 16) and batch["labels"].shape == (2, labels)
+
+
 def test_explicit_buckets_shorter_than_max_length_stop_before_training():
     """A batch longer than every bucket would stop the run when it comes: caught while the config is read."""
     from recipebox.launch.backends import xla_buckets
