@@ -138,6 +138,7 @@ class Trainer:
         # epoch is dropped.
         per_epoch = self.sampler.per_rank / cfg.batch_size
         self.batches_per_epoch = math.floor(per_epoch) if backend.static_shapes else math.ceil(per_epoch)
+        self.epoch_samples = min(self.batches_per_epoch * cfg.batch_size, self.sampler.per_rank)  # per rank
         if self.batches_per_epoch == 0:
             raise ConfigError(
                 f"--backend {backend.name} trains on whole batches only, and {self.sampler.per_rank} training "
@@ -345,10 +346,13 @@ class Trainer:
             "python_random": _jsonable_random_state(random.getstate()),
             "numpy_random": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         }
+        epoch, consumed = self.state.epoch, self.state.consumed
+        if consumed >= self.epoch_samples:  # its last batch is trained: the next epoch is where to go on from
+            epoch, consumed = epoch + 1, 0  # (a resume on another world size would deal the rest of this one)
         meta = {
             "step": self.state.step,
-            "epoch": self.state.epoch,
-            "consumed": self.state.consumed,
+            "epoch": epoch,
+            "consumed": consumed,
             "world_size": self.rt.world_size,
             "batch_size": self.cfg.batch_size,
             "backend": self.backend.name,

@@ -664,6 +664,20 @@ def test_a_resume_between_two_logs_logs_the_same_window_mean(tmp_path):
         assert logged["split"][step] == pytest.approx(logged["whole"][step], rel=1e-6), step
 
 
+def test_a_checkpoint_after_an_epochs_last_batch_starts_the_next_epoch(tmp_path):
+    """64 rows, 8 a step: step 8 trains the epoch's last batch. Its checkpoint says epoch 1, sample 0 (it
+    said epoch 0, sample 64: a resume on another world size re-dealt that finished epoch's last global batch,
+    and trained some of its samples twice); the same world size continues bit for bit either way."""
+    from recipebox.checkpoints.sharded import verify_checkpoint
+
+    fit_logged(saving_trainer(tmp_path / "whole", log_every=1))
+    fit_logged(saving_trainer(tmp_path / "split", log_every=1), stop_at=8)
+    meta = verify_checkpoint(tmp_path / "split" / "checkpoints" / "step-000008")["meta"]
+    assert (meta["epoch"], meta["consumed"]) == (1, 0)
+    fit_logged(saving_trainer(tmp_path / "split", log_every=1))
+    assert logged(tmp_path / "split", "train/loss") == logged(tmp_path / "whole", "train/loss")
+
+
 def test_resume_path_starts_a_run_then_its_own_checkpoints_continue_it(tmp_path):
     """`--resume PATH` on a rerun or requeue of the same command: the run continues from its own newest
     checkpoint, not from PATH again (which would lose every step since)."""
