@@ -221,9 +221,20 @@ def saved_examples(export_dir: str | Path, endpoint: str, fix: str) -> list[list
     rows = saved.get(endpoint) if isinstance(saved, dict) else None
     if not isinstance(rows, list) or not rows:
         raise CheckpointError(f"{path} holds no {endpoint!r} examples; {fix}")
-    if not all(isinstance(r, list) and r and all(isinstance(v, str) for v in r) for r in rows):
-        raise CheckpointError(f"{path}: its {endpoint!r} examples are not rows of texts; {fix}")
+    if not all(example_row(r) for r in rows):
+        raise CheckpointError(f"{path}: its {endpoint!r} examples are not rows of inputs; {fix}")
     return rows
+
+
+def example_row(row) -> bool:
+    """One example as the recipes save them: a text (or a file name) first, then texts or numbers (the
+    other inputs of the endpoint, e.g. a causal LM's token count)."""
+    return (
+        isinstance(row, list)
+        and bool(row)
+        and isinstance(row[0], str)
+        and all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in row)
+    )
 
 
 def saved_inputs(export_dir: str | Path, endpoint: str, fix: str) -> list:

@@ -94,9 +94,10 @@ def app_for(export: Path) -> str:
     raise DemoError(f"{export}: no demo app for model class {archs or '(none)'}; apps exist for {known}")
 
 
-def examples(export: Path, endpoint: str) -> list[list[str]]:
-    """The held-out inputs the recipe saved with the export for one endpoint: rows of texts. None for other
-    exports, or where examples.json is not such a table (a page without examples, not one that fails)."""
+def examples(export: Path, endpoint: str) -> list[list]:
+    """The held-out inputs the recipe saved with the export for one endpoint: rows of texts and numbers (a
+    causal LM's prompt and token count). None for other exports, or where examples.json is not such a table
+    (a page without examples, not one that fails to start)."""
     path = export / "examples.json"
     if not path.is_file():
         return []
@@ -105,8 +106,9 @@ def examples(export: Path, endpoint: str) -> list[list[str]]:
     except ValueError:
         return []
     rows = rows.get(endpoint, []) if isinstance(rows, dict) else []
+    values = (str, int, float)
     if isinstance(rows, list) and all(
-        isinstance(r, list) and all(isinstance(v, str) for v in r) for r in rows
+        isinstance(r, list) and all(isinstance(v, values) for v in r) for r in rows
     ):
         return rows
     return []

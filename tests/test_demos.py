@@ -403,14 +403,15 @@ def test_the_demo_for_each_model_class_is_the_recipe_that_exports_it():
 
 def test_an_examples_file_that_is_not_a_table_of_texts_gives_a_page_without_examples(tmp_path):
     """examples.json is read from an export someone may have edited or shared: anything but
-    {endpoint: [[text, ...], ...]} means no examples, not an app that fails to start."""
+    {endpoint: [[text or number, ...], ...]} means no examples, not an app that fails to start."""
     from demos.common import examples
 
     cases = {
         '{"transcribe": [["examples/a.wav"]], "other": [["x"]]}': [["examples/a.wav"]],
         "[1, 2]": [],
         '{"transcribe": "a.wav"}': [],
-        '{"transcribe": [[1]]}': [],
+        '{"transcribe": [["Then,", 24]]}': [["Then,", 24]],  # a causal LM's prompt and token count
+        '{"transcribe": [[{"a": 1}]]}': [],
         '{"transcribe": ["a.wav"]}': [],
         "not json": [],
     }

@@ -277,14 +277,16 @@ def test_every_recipes_load_refuses_what_is_not_its_export(tmp_path):
 
 def test_saved_examples_that_are_not_rows_of_texts_are_named(tmp_path):
     """`predict` without input runs on an export's examples.json: a row that is a bare string would have run
-    on its first letter; anything but rows of texts is named with the fix instead."""
+    on its first letter; anything but rows of inputs (a text first) is named with the fix instead."""
     from recipebox.checkpoints.export import saved_examples, saved_inputs
     from recipebox.checkpoints.sharded import CheckpointError
 
     path = tmp_path / "examples.json"
     path.write_text('{"transcribe": [["examples/a.wav"], ["examples/b.wav"]]}', encoding="utf-8")
     assert saved_inputs(tmp_path, "transcribe", "give audio files") == ["examples/a.wav", "examples/b.wav"]
+    path.write_text('{"generate": [["Then,", 24]]}', encoding="utf-8")  # a prompt, then a token count
+    assert saved_inputs(tmp_path, "generate", "give a prompt") == ["Then,"]
     for text in ('{"transcribe": ["examples/a.wav"]}', '{"transcribe": [[1]]}', '{"transcribe": [[]]}'):
         path.write_text(text, encoding="utf-8")
-        with pytest.raises(CheckpointError, match="examples are not rows of texts; give audio files"):
+        with pytest.raises(CheckpointError, match="examples are not rows of inputs; give audio files"):
             saved_examples(tmp_path, "transcribe", "give audio files")
