@@ -99,6 +99,40 @@ def nothing_to_export(model: nn.Module) -> None:
     """`before_export` of a task whose training learns weights only."""
 
 
+# Model types whose every attention layer takes the one bidirectional mask transformers builds from the 2D
+# padding mask (BERT's attention code): given a 4D mask instead, they use it as is.
+BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+
+
+def mask_decided_on_host(batch: dict, config) -> dict:
+    """The batch with what transformers would ask the device at every forward decided here, from the host's
+    2D `attention_mask` (its mask builder runs `padding_mask.all()`: on CUDA the step then waits for every
+    kernel queued before it, so the host cannot run ahead):
+    - a mask that hides nothing is dropped: a model without one attends to every position, the same thing,
+      and SDPA may then pick its flash kernel;
+    - one that hides padding becomes, for BERT-like models under SDPA, the 4D boolean mask (rows, 1, 1, length;
+      True: attend) that transformers takes as is. Other models and attention implementations keep their 2D
+      mask, and their builder still checks it.
+    For dynamic shapes only: under XLA one compiled graph wants the same inputs at every batch."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    batch = dict(batch)
+    if mask.all():
+        del batch["attention_mask"]
+    elif config.model_type in BERT_LIKE and config._attn_implementation == "sdpa":
+        batch["attention_mask"] = mask.bool()[:, None, None, :]
+    return batch
+
+
+def text_prepare(model: nn.Module, static_shapes: bool) -> Callable[[dict, torch.Generator], dict]:
+    """`prepare` of a text task without randomness of its own: `mask_decided_on_host` where shapes are
+    dynamic, the batch as is where they are static (XLA)."""
+    if static_shapes:
+        return as_is
+    return lambda batch, generator: mask_decided_on_host(batch, model.config)
+
+
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:
     """What the model sees: a batch's keys that start with "_" are metadata for metrics."""
     return {k: v for k, v in batch.items() if not k.startswith("_")}

@@ -49,6 +49,7 @@ from recipebox.launch.recipe import TRAINED_HERE, check_model_fits, run_main, ru
 from recipebox.launch.runtime import Runtime
 from recipebox.launch.task import (
     label_targets,
+    mask_decided_on_host,
     model_inputs,
     no_summary,
     nothing_to_export,
@@ -258,8 +259,9 @@ class MLMNSPTask:
 
     def prepare(self, batch, generator):
         """MLM masking of the host batch, fused into one pass (kernels.mask_tokens). Off the static-shape
-        path it also finds the masked positions for the head, and drops a mask that hides nothing (rows as
-        long as the batch): given one, transformers would ask the device whether it hides anything.
+        path it also finds the masked positions for the head, and settles the attention mask on the host
+        (`mask_decided_on_host`: none for rows as long as the batch, else a 4D one transformers takes as is),
+        so transformers never asks the device whether it hides anything.
         Evaluation rows (`_row`) are masked one by one from (seed, row): the same masks on 1 or 64 ranks."""
         if "_row" in batch:
             ids, labels = self._mask_rows(batch["input_ids"], batch["attention_mask"], batch["_row"])
@@ -270,8 +272,7 @@ class MLMNSPTask:
         batch = {**batch, "input_ids": ids, "labels": labels}
         if not self.static_shapes:
             batch["masked_positions"] = (labels.flatten() != -100).nonzero().squeeze(1)
-            if batch["attention_mask"].all():
-                del batch["attention_mask"]
+            batch = mask_decided_on_host(batch, self.model.config)
         return batch
 
     def _mask_rows(self, input_ids, attention_mask, rows):

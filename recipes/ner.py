@@ -39,6 +39,7 @@ from recipebox.data.ner import (
     tokenize_windows,
 )
 from recipebox.kernels.collate import collate_padded
+from recipebox.launch.backends import backend_class
 from recipebox.launch.config import (
     ConfigError,
     TrainConfig,
@@ -57,10 +58,10 @@ from recipebox.launch.recipe import (
 )
 from recipebox.launch.runtime import Runtime
 from recipebox.launch.task import (
-    as_is,
     label_targets,
     model_inputs,
     nothing_to_export,
+    text_prepare,
     text_sizes,
     token_loss_sum,
 )
@@ -161,6 +162,7 @@ class NERTask:
     ):
         self.title = f"Named-entity recognition ({cfg.name})"
         self.model = self.trained = model
+        self.prepare = text_prepare(model, backend_class(cfg.backend).static_shapes)
         self.processor, self.splits, self.lengths = tok, data, lengths
         self.max_length = cfg.pad_to_length or cfg.max_length
         self.names, self.sents, self.examples = names, sents, examples
@@ -176,7 +178,6 @@ class NERTask:
         )
 
     sizes = staticmethod(text_sizes)
-    prepare = staticmethod(as_is)
     before_export = staticmethod(nothing_to_export)
 
     def targets(self, batch):

@@ -39,6 +39,7 @@ from recipebox.data.qa import (
     tokenize_features,
 )
 from recipebox.kernels.collate import collate_padded
+from recipebox.launch.backends import backend_class
 from recipebox.launch.config import (
     ConfigError,
     TrainConfig,
@@ -56,7 +57,7 @@ from recipebox.launch.recipe import (
     run_recipe,
 )
 from recipebox.launch.runtime import Runtime
-from recipebox.launch.task import as_is, model_inputs, row_targets, text_sizes
+from recipebox.launch.task import model_inputs, row_targets, text_prepare, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "qa"
 PREDICT_WINDOWS = 32  # windows per forward pass in predict and the demo: a long text in several batches
@@ -196,6 +197,7 @@ class QATask:
     ):
         self.title = f"Extractive question answering ({cfg.name})"
         self.model = self.trained = model
+        self.prepare = text_prepare(model, backend_class(cfg.backend).static_shapes)
         self.processor, self.splits, self.lengths = tok, data, lengths
         self.max_length = cfg.pad_to_length or cfg.max_length
         self.questions, self.windows, self.version_2, self.cfg = examples, windows, version_2, cfg
@@ -214,7 +216,6 @@ class QATask:
         )
 
     sizes = staticmethod(text_sizes)
-    prepare = staticmethod(as_is)
 
     def targets(self, batch):
         return {"loss": row_targets(batch["start_positions"])}

@@ -43,6 +43,7 @@ from recipebox.data.classification import (
     tokenize_texts,
 )
 from recipebox.kernels.collate import collate_padded
+from recipebox.launch.backends import backend_class
 from recipebox.launch.config import (
     ConfigError,
     TrainConfig,
@@ -59,7 +60,7 @@ from recipebox.launch.recipe import (
     run_recipe,
 )
 from recipebox.launch.runtime import Runtime
-from recipebox.launch.task import as_is, model_inputs, row_targets, text_sizes
+from recipebox.launch.task import model_inputs, row_targets, text_prepare, text_sizes
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "news"
 
@@ -173,6 +174,7 @@ class ClassificationTask:
     ):
         self.title = f"{cfg.task.replace('_', '-')} text classification ({cfg.name})"
         self.model = self.trained = model
+        self.prepare = text_prepare(model, backend_class(cfg.backend).static_shapes)
         self.processor, self.splits, self.lengths, self.max_length = tok, data, lengths, cfg.max_length
         self.names, self.multi_label, self.examples = names, cfg.task == MULTI_LABEL, examples
         self.text_columns = _split(cfg.text_columns)
@@ -190,7 +192,6 @@ class ClassificationTask:
         )
 
     sizes = staticmethod(text_sizes)
-    prepare = staticmethod(as_is)
 
     def targets(self, batch):
         return {"loss": row_targets(batch["labels"])}

