@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command sized for a short lease on one GPU: bench/gpu.sh's table first
-# (the README's GPU figures), then the `gpu`-marked tests (no host sync in any recipe's step; DeepSpeed fp16,
-# optimizer offload and ZeRO-3 parameter offload, trained and resumed; the fused kernels on CUDA).
-# Each part has its own time limit, so a hang in one still leaves the other's log. Logs go to LOGDIR.
+# (the README's GPU figures), then a profile of one BERT-base MLM+NSP step (bench/profile_step.py: where the
+# step's time goes, device busy or waiting for the host), then the `gpu`-marked tests (no host sync in any
+# recipe's step; DeepSpeed fp16, optimizer offload and ZeRO-3 parameter offload, trained and resumed; the
+# fused kernels on CUDA). Each part has its own time limit, so a hang in one still leaves the others' logs.
+# Logs go to LOGDIR.
 #   bash scripts/gpu_check.sh [LOGDIR]              # default runs/gpu-check; .venv, or $RECIPEBOX_PYTHON
-#   bash scripts/gpu_check.sh [LOGDIR] --dry-run    # the same on CPU: the benchmark's dry run, gpu tests skip
-# Limits in seconds: RECIPEBOX_BENCH_LIMIT (default 360; a stopped benchmark then has up to 50 s to end its
-# runs and print the rows it finished) and RECIPEBOX_TEST_LIMIT (default 150): together under 10 minutes.
+#   bash scripts/gpu_check.sh [LOGDIR] --dry-run    # the same on CPU: dry runs, the gpu tests skip
+# Limits in seconds: RECIPEBOX_BENCH_LIMIT (default 330; a stopped benchmark then has up to 50 s to end its
+# runs and print the rows it finished), RECIPEBOX_PROFILE_LIMIT (default 90) and RECIPEBOX_TEST_LIMIT
+# (default 150): together under 10 minutes.
 # The tests share the GPU between RECIPEBOX_TEST_WORKERS processes (default 4, where pytest-xdist is
 # installed): they check behaviour, not speed, and the benchmark has finished by then. On a GPU a skipped
 # gpu test fails the check (the Python given sees no CUDA device, so nothing was tested).
@@ -42,8 +45,14 @@ fi
 
 # --foreground: the SIGTERM goes to the benchmark alone, which stops its torchrun (a session of its own)
 # and prints the table; Ctrl-C here reaches it too.
-timeout --foreground -k 50 "${RECIPEBOX_BENCH_LIMIT:-360}" bash bench/gpu.sh "$@" 2>&1 | tee "$logdir/bench.log"
+timeout --foreground -k 50 "${RECIPEBOX_BENCH_LIMIT:-330}" bash bench/gpu.sh "$@" 2>&1 | tee "$logdir/bench.log"
 bench=${PIPESTATUS[0]}
+
+profile_args=()
+if $dry_run; then profile_args=(--dry-run); fi
+timeout -k 10 "${RECIPEBOX_PROFILE_LIMIT:-90}" "$python" bench/profile_step.py "${profile_args[@]}" 2>&1 \
+    | tee "$logdir/profile.log"
+profile=${PIPESTATUS[0]}
 
 # Only the modules that hold gpu tests: collecting the others would import the CPU lanes' extras too.
 mapfile -t modules < <(grep -l "pytest.mark.gpu" tests/test_*.py)
@@ -68,5 +77,5 @@ else
     fi
 fi
 
-echo "bench/gpu.sh exit $bench, gpu tests exit $tests (124: over its time limit); logs in $logdir"
-[[ $bench == 0 && $tests == 0 ]]
+echo "bench/gpu.sh exit $bench, profile exit $profile, gpu tests exit $tests (124: over its time limit); logs in $logdir"
+[[ $bench == 0 && $profile == 0 && $tests == 0 ]]

@@ -1,7 +1,8 @@
 """bench/gpu.sh: its synthetic inputs fill every row to the sequence length; scripts/gpu_check.sh's dry run
 goes through every row of the GPU benchmark on CPU (tiny BERT, bf16), prints the whole table with numbers in
-it and collects the gpu tests; a benchmark stopped part-way prints the rows it finished, and its stop reaches
-the ranks behind torchrun."""
+it, profiles a step (bench/profile_step.py) and collects the gpu tests; a kernel's device time counts
+once however its neighbours overlap it; a benchmark stopped part-way prints the rows it finished, and its
+stop reaches the ranks behind torchrun."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from conftest import REPO, subprocess_env
 
 sys.path.insert(0, str(REPO / "bench"))
 import bench_gpu  # noqa: E402
+import profile_step  # noqa: E402
 
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
 
@@ -60,11 +62,12 @@ def test_dry_run_prints_every_row_with_numbers(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    assert "bench/gpu.sh exit 0, gpu tests exit 0" in proc.stdout
+    assert "bench/gpu.sh exit 0, profile exit 0, gpu tests exit 0" in proc.stdout
     tests = (tmp_path / "logs" / "gpu-tests.log").read_text()
     assert re.search(r"\b(\d+) skipped", tests) and "needs a CUDA device" in tests and "failed" not in tests
-    assert (tmp_path / "logs" / "bench.log").read_text() in proc.stdout
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    bench = (tmp_path / "logs" / "bench.log").read_text()
+    assert bench in proc.stdout
+    lines = [line for line in bench.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -80,6 +83,32 @@ def test_dry_run_prints_every_row_with_numbers(tmp_path):
     assert float(rows["MLM+NSP", "transformers.Trainer"]["ratio"]) == 1.0
     assert rows["MLM+NSP backends", "ddp"]["samples/s"] == rows["MLM+NSP", "recipe"]["samples/s"]
     assert "MFU: n/a" in proc.stdout
+    # The step's profile: its time per step, then the ops that took the most, each with numbers.
+    profile = (tmp_path / "logs" / "profile.log").read_text()
+    assert profile in proc.stdout and "MLM+NSP (recipes/mlm_nsp.py)" in profile
+    assert re.search(
+        r"^step: \d+\.\d+ ms wall \(unprofiled\); [\d,]+ top-level aten ops per step", profile, re.M
+    )
+    top = [line.strip("|").split("|") for line in profile.splitlines() if line.startswith("| aten::")]
+    assert len(top) == 15 and all(NUMBER.match(c.strip().rstrip("%")) for row in top for c in row[1:]), top
+    assert "aten::mm" in {row[0].strip() for row in top} or "aten::linear" in {row[0].strip() for row in top}
+
+
+def test_device_busy_time_counts_overlapping_kernels_once():
+    """Kernels on several streams overlap (a copy beside a matmul): the busy time is their union, so it never
+    exceeds the wall time and the share of each kind is over real device time."""
+    assert profile_step.union_us([]) == 0.0
+    assert profile_step.union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25.0
+    assert profile_step.union_us([(20, 30), (0, 40)]) == 40.0
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNN": "matmul",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": "attention",  # built with CUTLASS: attention comes first
+        "Memcpy HtoD (Pinned -> Device)": "copies",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "other",
+    }
+    assert {n: profile_step.kind(n) for n in names} == names
 
 
 def test_each_recipe_and_its_trainer_run_before_compile_and_zero():
