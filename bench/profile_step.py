@@ -151,6 +151,11 @@ def main() -> None:
     events = prof.events()
     if cuda:
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not kernels:
+            sys.exit(
+                f"error: step {wall_ms:.2f} ms wall, but the profiler recorded no device kernel: torch's CUDA "
+                "profiling (CUPTI) is unavailable in this environment"
+            )
         busy = union_us([(e.time_range.start, e.time_range.end) for e in kernels])
         busy_ms = busy / steps / 1e3
         print(

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, subprocess_env
@@ -109,6 +110,15 @@ def test_device_busy_time_counts_overlapping_kernels_once():
         "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "other",
     }
     assert {n: profile_step.kind(n) for n in names} == names
+
+    def kernel(name, start, end):
+        interval = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, time_range=interval)
+
+    events = [kernel("gemm_a", 0, 10), kernel("gelu", 10, 16), kernel("gemm_b", 20, 30)]
+    busy = profile_step.union_us([(e.time_range.start, e.time_range.end) for e in events])
+    rows = profile_step.rows_by(events, lambda e: profile_step.kind(e.name), 2, busy)
+    assert rows == ["| matmul | 0.010 | 76.9% | 1.0 |", "| other | 0.003 | 23.1% | 0.5 |"]
 
 
 def test_each_recipe_and_its_trainer_run_before_compile_and_zero():
