@@ -228,26 +228,27 @@ def test_recipe_steps_on_cuda_make_no_unknown_sync(name, tmp_path, tokenizer_dir
     where)."""
     trainer = cuda_trainer(name, tmp_path, tokenizer_dir)
     allowed = known(name, cuda=True)
-    if not allowed:
-        with torch.autograd.detect_anomaly(check_nan=False):
-            steps_under_sync_detection(trainer, "error")
-        trainer.backend.close()
-        return
     issued = []
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchronizing" in str(message):
             issued.append((f"{filename}:{lineno}", "".join(traceback.format_stack(limit=10)[:-1])))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = record
-        steps_under_sync_detection(trainer, "warn")
+    try:
+        if not allowed:
+            with torch.autograd.detect_anomaly(check_nan=False):
+                steps_under_sync_detection(trainer, "error")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                steps_under_sync_detection(trainer, "warn")
+    finally:
+        trainer.backend.close()
     unknown = [
         (where, stack) for where, stack in issued if not any(where.split(":")[0].endswith(f) for f in allowed)
     ]
     assert not unknown, "\n".join(f"sync at {where}, issued from:\n{stack}" for where, stack in unknown)
-    trainer.backend.close()
 
 
 @pytest.mark.gpu
