@@ -99,9 +99,13 @@ def nothing_to_export(model: nn.Module) -> None:
     """`before_export` of a task whose training learns weights only."""
 
 
-# Model types whose every attention layer takes the one bidirectional mask transformers builds from the 2D
-# padding mask (BERT's attention code): given a 4D mask instead, they use it as is.
+# Model types that, under SDPA, take a 4D boolean padding mask (rows, 1, 1, length; True: attend) as is in every
+# attention layer that reads the padding mask: BERT's encoder attention; the encoder-decoders' encoder and
+# cross-attention (their decoders build the causal mask from no padding mask: no read). Each one's outputs and
+# gradients with it equal those with its 2D mask (tests/test_host_sync.py).
 BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+ENCODER_DECODER = frozenset({"t5", "mt5", "bart", "mbart", "pegasus"})
+TAKES_4D_PADDING_MASK = BERT_LIKE | ENCODER_DECODER
 
 
 def mask_decided_on_host(batch: dict, config) -> dict:
@@ -110,9 +114,10 @@ def mask_decided_on_host(batch: dict, config) -> dict:
     kernel queued before it, so the host cannot run ahead):
     - a mask that hides nothing is dropped: a model without one attends to every position, the same thing,
       and SDPA may then pick its flash kernel;
-    - one that hides padding becomes, for BERT-like models under SDPA, the 4D boolean mask (rows, 1, 1, length;
-      True: attend) that transformers takes as is. Other models and attention implementations keep their 2D
-      mask, and their builder still checks it.
+    - one that hides padding becomes, for the model types in `TAKES_4D_PADDING_MASK` under SDPA, the 4D
+      boolean mask (rows, 1, 1, length) that transformers takes as is. Other models and attention
+      implementations keep their 2D mask, and their builder still checks it.
+    `padding_mask(batch)` gives the 2D mask back (generation wants it).
     For dynamic shapes only: under XLA one compiled graph wants the same inputs at every batch."""
     mask = batch.get("attention_mask")
     if mask is None or mask.dim() != 2:
@@ -120,9 +125,17 @@ def mask_decided_on_host(batch: dict, config) -> dict:
     batch = dict(batch)
     if mask.all():
         del batch["attention_mask"]
-    elif config.model_type in BERT_LIKE and config._attn_implementation == "sdpa":
+    elif config.model_type in TAKES_4D_PADDING_MASK and config._attn_implementation == "sdpa":
         batch["attention_mask"] = mask.bool()[:, None, None, :]
     return batch
+
+
+def padding_mask(batch: dict) -> torch.Tensor:
+    """The batch's 2D padding mask (rows, length; 1: a token) whatever `mask_decided_on_host` made of it."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(batch["input_ids"])
+    return mask[:, 0, 0, :].long() if mask.dim() == 4 else mask
 
 
 def text_prepare(model: nn.Module, static_shapes: bool) -> Callable[[dict, torch.Generator], dict]:
@@ -131,6 +144,15 @@ def text_prepare(model: nn.Module, static_shapes: bool) -> Callable[[dict, torch
     if static_shapes:
         return as_is
     return lambda batch, generator: mask_decided_on_host(batch, model.config)
+
+
+def no_padding_mask(batch: dict, generator: torch.Generator) -> dict:
+    """`prepare` of a decoder-only LM trained on right-padded rows: the batch without its attention mask.
+    Under the causal mask no token attends to a later position, so none sees the padding after it, and
+    padded positions carry no label: the loss and its gradients are those with the mask. Without one,
+    transformers asks nothing of the device (it would check `padding_mask.all()` at every forward) and SDPA
+    may use its flash kernel. Not for left padding (generation): keep the mask there."""
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def model_inputs(batch: dict) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ from recipebox.launch.config import (
 from recipebox.launch.flops import flops_per_token_or_zero
 from recipebox.launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
 from recipebox.launch.runtime import Runtime
-from recipebox.launch.task import as_is, label_targets, model_inputs, text_sizes, token_loss_sum
+from recipebox.launch.task import label_targets, model_inputs, no_padding_mask, text_sizes, token_loss_sum
 
 TOY_CORPUS = Path(__file__).resolve().parent.parent / "data" / "toy" / "mlm_nsp" / "corpus.txt"
 PROMPT_SEPARATOR = "|"
@@ -201,9 +201,13 @@ class CausalLMTask:
         self.flops_per_token = flops_per_token_or_zero(model.config, seq_len=cfg.block_size)
         self._generate_next_eval = True  # set by every training step: one round of samples per evaluation
         self.collate = functools.partial(collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=8)
+        # Given no attention mask (`prepare`), GPT-2 would look for this id in the ids at every forward (a read
+        # from the device, for a warning). The collate pads by itself and generation is given the id, so the
+        # model goes without it while it trains; the export writes it back (`before_export`).
+        self.config_pad_token_id, model.config.pad_token_id = model.config.pad_token_id, None
 
     sizes = staticmethod(text_sizes)
-    prepare = staticmethod(as_is)
+    prepare = staticmethod(no_padding_mask)  # rows are padded on the right: the causal mask hides the padding
 
     def targets(self, batch):
         return {"loss": label_targets(batch["labels"], shift=True)}
@@ -243,6 +247,7 @@ class CausalLMTask:
         from transformers import GenerationConfig
 
         tok, cfg = self.processor, self.cfg
+        model.config.pad_token_id = self.config_pad_token_id
         model.generation_config = GenerationConfig(
             max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -61,7 +61,15 @@ from recipebox.launch.config import (
 from recipebox.launch.flops import train_flops_per_token
 from recipebox.launch.recipe import TRAINED_HERE, check_model_fits, run_main, run_recipe, saved_processor
 from recipebox.launch.runtime import Runtime
-from recipebox.launch.task import as_is, head_on_rows, label_targets, model_inputs, text_sizes, token_loss_sum
+from recipebox.launch.task import (
+    head_on_rows,
+    label_targets,
+    model_inputs,
+    padding_mask,
+    text_prepare,
+    text_sizes,
+    token_loss_sum,
+)
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy" / "summarization"
 GENERATION = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
@@ -230,6 +238,8 @@ def generated_tokens(ids: torch.Tensor, tok) -> torch.Tensor:
 # Seq2seq families whose forward ends with the LM head (plus at most a logits bias), so it can run on the
 # labelled positions alone; other models get logits on every position.
 HEAD_LAST = frozenset({"t5", "mt5", "bart", "mbart", "pegasus", "marian"})
+# Decoders that, given no mask, build one of ones and check it on the device (`prepare` gives them theirs).
+DECODER_MASK_OF_ONES = frozenset({"bart", "mbart", "pegasus"})
 
 
 class SummarizationTask:
@@ -275,8 +285,13 @@ class SummarizationTask:
             self.flops_per_token = 0.0
         # The LM head on summary tokens only, not on padding: for the families whose forward ends with it (then
         # at most a bias); static-shape backends (XLA) keep one shape and run it on every position.
-        self.head_on_labels = (
-            model.config.model_type in HEAD_LAST and not backend_class(cfg.backend).static_shapes
+        static_shapes = backend_class(cfg.backend).static_shapes
+        self.head_on_labels = model.config.model_type in HEAD_LAST and not static_shapes
+        self.settle_source_mask = text_prepare(model, static_shapes)
+        self.causal_decoder_mask = (
+            model.config.model_type in DECODER_MASK_OF_ONES
+            and model.config._attn_implementation == "sdpa"
+            and not static_shapes
         )
 
     def collate(self, rows: list[dict], pad_to_length=None) -> dict[str, torch.Tensor]:
@@ -288,7 +303,17 @@ class SummarizationTask:
         return batch
 
     sizes = staticmethod(text_sizes)
-    prepare = staticmethod(as_is)
+
+    def prepare(self, batch, generator):
+        """The source's padding mask settled on the host (`text_prepare`), and for BART and Pegasus under SDPA
+        the decoder's causal mask made here: given none, their decoder builds one of ones and asks the device
+        whether it hides anything, at every forward. Targets are padded on the right and padding carries no
+        label, so the causal mask alone gives the loss of a mask with the targets' padding."""
+        batch = self.settle_source_mask(batch, generator)
+        if self.causal_decoder_mask:
+            length = batch["labels"].shape[1]
+            batch["decoder_attention_mask"] = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+        return batch
 
     def targets(self, batch):
         return {"loss": label_targets(batch["labels"])}
@@ -311,7 +336,7 @@ class SummarizationTask:
         counts of ROUGE F1 and generated length; records (row, summary) for the predictions file."""
         if generate is None:
             return {}, []
-        ids = generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        ids = generate(input_ids=batch["input_ids"], attention_mask=padding_mask(batch),
                        generation_config=self.generation)  # fmt: skip
         summaries = [clean_summary(t) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
         refs = batch["_ref"].tolist()

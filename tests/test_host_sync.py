@@ -25,18 +25,22 @@ from recipebox.launch.backends import backend_settings, make_backend
 from recipebox.launch.config import TrainConfig, parse_config
 from recipebox.launch.loop import Trainer
 from recipebox.launch.runtime import Runtime
-from recipebox.launch.task import mask_decided_on_host
+from recipebox.launch.task import (
+    TAKES_4D_PADDING_MASK,
+    as_is,
+    mask_decided_on_host,
+    no_padding_mask,
+    padding_mask,
+    token_loss_sum,
+)
 
-# The reads a step may still make, by recipe, each for a reason outside the loop. Summarization and causal LM:
-# transformers' SDPA mask builder asks `padding_mask.all()` at every forward (summaries' batches are padded
-# documents and their evaluation generates from the 2D mask; GPT-2 given no mask asks whether the ids hold
-# padding instead, the same wait). Speech: transformers' wav2vec2 draws SpecAugment's time spans on the
-# host from each row's length (`.tolist()`), then writes the mask embedding and zeroes padded frames through
-# boolean masks (`nonzero`), forward and backward, and its mask builder checks the frames' mask too. Passing host-drawn spans in would still leave the boolean
-# writes. The other recipes settle their attention masks on the host (launch.task.mask_decided_on_host).
+# The reads a step may still make, by recipe, each for a reason outside the loop. Speech: transformers'
+# wav2vec2 draws SpecAugment's time spans on the host from each row's length (`.tolist()`), then writes the
+# mask embedding and zeroes padded frames through boolean masks (`nonzero`), forward and backward, and its mask
+# builder checks the frames' mask too. Passing host-drawn spans in would still leave the boolean writes. The
+# other recipes settle their attention masks on the host (launch.task.mask_decided_on_host; causal LM drops its
+# right padding's mask, launch.task.no_padding_mask).
 KNOWN_FOR = {
-    "summarization": {"transformers/masking_utils.py"},
-    "causal_lm": {"transformers/masking_utils.py"},
     "asr_ctc": {"transformers/masking_utils.py", "transformers/models/wav2vec2/modeling_wav2vec2.py"},
 }
 # ... and on CUDA, where the CPU count cannot see inside C++: torch's CUDA CTC loss copies its per-row length
@@ -137,37 +141,126 @@ def test_mlm_nsp_reads_nothing_with_padded_rows_or_full_ones(tmp_path, tokenizer
     assert not count_step_reads(full, steps=2)
 
 
-def test_a_mask_settled_on_the_host_gives_the_model_the_same_outputs():
-    """BERT under SDPA and eager attention: a padded batch's outputs and gradients are those of its 2D mask;
-    a mask that hides nothing is dropped, and only SDPA BERT-like models get the 4D one."""
-    from transformers import BertConfig, BertModel, GPT2Config
-
+def padded_ids(rows: int = 3, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids and a right-padding mask that hides the ends of two rows."""
     torch.manual_seed(0)
-    ids = torch.randint(5, 100, (3, 7))
+    ids = torch.randint(5, 100, (rows, length))
     mask = torch.ones_like(ids)
     mask[0, 4:], mask[2, 6:] = 0, 0
-    for attn in ("sdpa", "eager"):
-        config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            attn_implementation=attn)  # fmt: skip
-        model = BertModel(config)
-        settled = mask_decided_on_host({"input_ids": ids, "attention_mask": mask}, model.config)
-        assert settled["attention_mask"].dim() == (4 if attn == "sdpa" else 2)
-        outputs = []
-        for batch in ({"input_ids": ids, "attention_mask": mask}, settled):
-            model.zero_grad()
-            hidden = model(**batch).last_hidden_state
-            (hidden * mask[..., None]).sum().backward()
-            outputs.append(
-                (hidden[mask.bool()], [p.grad.clone() for p in model.parameters() if p.grad is not None])
-            )
-        torch.testing.assert_close(outputs[0][0], outputs[1][0])
-        for a, b in zip(outputs[0][1], outputs[1][1]):
-            torch.testing.assert_close(a, b)
-        full = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        assert "attention_mask" not in mask_decided_on_host(full, model.config)
-    gpt2 = GPT2Config(n_layer=1, n_embd=16, n_head=2)
-    assert mask_decided_on_host({"attention_mask": mask}, gpt2)["attention_mask"] is mask
+    return ids, mask
+
+
+def outputs_and_grads(model, batches, out) -> list:
+    """For each batch: `out(model, batch)` (a tensor) and the gradients of its sum."""
+    results = []
+    for batch in batches:
+        model.zero_grad()
+        value = out(model, batch)
+        value.sum().backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    return results
+
+
+def assert_same(results) -> None:
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a, b)
+    assert len(grads_a) == len(grads_b) > 0
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(x, y)
+
+
+def tiny_config(kind: str, attn: str):
+    import transformers
+
+    common = {"vocab_size": 100, "attn_implementation": attn, "pad_token_id": 1}
+    if kind == "bert":
+        return transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=32, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0, **common)  # fmt: skip
+    if kind in ("t5", "mt5"):
+        config_class = transformers.T5Config if kind == "t5" else transformers.MT5Config
+        return config_class(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, dropout_rate=0.0,
+                            decoder_start_token_id=1, **common)  # fmt: skip
+    config_class = {"bart": transformers.BartConfig, "mbart": transformers.MBartConfig,
+                    "pegasus": transformers.PegasusConfig}[kind]  # fmt: skip
+    return config_class(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=0.0,
+                        max_position_embeddings=32, decoder_start_token_id=2, **common)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5", "mt5", "bart", "mbart", "pegasus"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_mask_settled_on_the_host_gives_the_model_the_same_outputs(kind, attn):
+    """BERT and the encoder-decoders, under SDPA and eager attention: a padded batch's outputs (on real tokens;
+    every decoder position) and gradients are those of its 2D mask; a mask that hides nothing is dropped, and
+    only SDPA models of the listed types get the 4D one."""
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
+
+    ids, mask = padded_ids()
+    config = tiny_config(kind, attn)
+    assert config.model_type == kind and kind in TAKES_4D_PADDING_MASK
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if kind == "bert":
+        model = AutoModel.from_config(config)
+
+        def out(model, batch):
+            return model(**batch).last_hidden_state[mask.bool()]
+    else:
+        model = AutoModelForSeq2SeqLM.from_config(config)
+        batch["decoder_input_ids"] = torch.randint(5, 100, (3, 5))
+
+        def out(model, batch):
+            return model(**batch).logits
+
+    settled = mask_decided_on_host(batch, model.config)
+    assert settled["attention_mask"].dim() == (4 if attn == "sdpa" else 2)
+    assert torch.equal(padding_mask(settled), mask)
+    assert_same(outputs_and_grads(model, [batch, settled], out))
+    full = {**batch, "attention_mask": torch.ones_like(ids)}
+    assert "attention_mask" not in mask_decided_on_host(full, model.config)
+    assert torch.equal(padding_mask(mask_decided_on_host(full, model.config)), torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_causal_lm_on_right_padded_rows_needs_no_mask(attn):
+    """GPT-2 on right-padded rows (no label on padding): the loss and gradients without the attention mask
+    (`no_padding_mask`, causal LM's prepare) are those with it; other masks keep their 2D form for GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ids, mask = padded_ids()
+    labels = ids.masked_fill(mask == 0, -100)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_layer=2, n_embd=16, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       attn_implementation=attn))  # fmt: skip
+    batch = {"input_ids": ids, "attention_mask": mask}
+    assert "attention_mask" not in no_padding_mask(batch, torch.Generator())
+
+    def out(model, batch):
+        return token_loss_sum(model(**batch).logits, labels, shift=True)
+
+    assert_same(outputs_and_grads(model, [batch, no_padding_mask(batch, torch.Generator())], out))
+    assert mask_decided_on_host(batch, model.config)["attention_mask"] is mask
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("summarization", ("--family", "bart")), ("summarization", ("--family", "pegasus")),
+     ("causal_lm", ("--packing", "none"))],
+)  # fmt: skip
+def test_masks_settled_on_the_host_read_nothing_and_train_the_same(name, options, tmp_path):
+    """Padded BART and Pegasus batches (source and decoder masks from the host) and causal LM's padded rows
+    (no mask) make no read, and their first steps' losses and gradient norms equal those of the batches as
+    collated (2D masks; transformers checks them on the device). The default settings run in the next test."""
+    steps, reads = [], []
+    for prepare in ("recipe", "as collated"):
+        torch.manual_seed(0)
+        trainer = recipe_trainer(name, tmp_path / prepare, "cpu", *options, "--dropout", "0")
+        if prepare == "as collated":
+            trainer.task.prepare = as_is
+        steps.append([[float(x) for x in trainer.train_step()[:2]] for _ in range(2)])
+        reads.append(count_step_reads(trainer, steps=2))
+    assert steps[0] == steps[1]
+    assert not reads[0] and reads[1], reads  # transformers checks the collated masks on the device
 
 
 @pytest.mark.parametrize("name", sorted(set(RECIPES) - {"mlm_nsp"}))
