@@ -28,6 +28,7 @@ export.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -216,7 +217,8 @@ def module_prefix(outer: nn.Module, inner: nn.Module) -> str:
 
 
 def whole_model(task: Task, state: dict[str, torch.Tensor], prefix: str) -> nn.Module:
-    """A fresh copy of the task's model holding `state` (a backend's full state dict of `trained`)."""
-    whole = type(task.model)(task.model.config)
+    """A fresh copy of the task's model holding `state` (a backend's full state dict of `trained`), with a
+    config of its own: what `before_export` writes there stays out of the model that trains."""
+    whole = type(task.model)(copy.deepcopy(task.model.config))
     whole.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return whole

@@ -109,6 +109,9 @@ def test_export_generates_in_the_pipeline_and_predict_prints_the_same(lm_run, ca
     export = out / "export"
     config = json.loads((export / "generation_config.json").read_text())
     assert config["do_sample"] is True and config["max_new_tokens"] == 24
+    # The model trains without a pad id in its config (no mask to check); the export has it back.
+    pad = json.loads((export / "config.json").read_text())["pad_token_id"]
+    assert pad is not None and pad == config["pad_token_id"]
     greedy = pipeline("text-generation", model=str(export))("Then,", max_new_tokens=12, do_sample=False,
                                                              return_full_text=False)[0]["generated_text"]  # fmt: skip
     assert generate_text(str(export), "Then,", max_new_tokens=12, temperature=0) == greedy
