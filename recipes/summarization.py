@@ -312,7 +312,8 @@ class SummarizationTask:
         batch = self.settle_source_mask(batch, generator)
         if self.causal_decoder_mask:
             length = batch["labels"].shape[1]
-            batch["decoder_attention_mask"] = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+            causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+            batch = {**batch, "decoder_attention_mask": causal}
         return batch
 
     def targets(self, batch):
