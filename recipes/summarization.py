@@ -308,7 +308,8 @@ class SummarizationTask:
         """The source's padding mask settled on the host (`text_prepare`), and for BART and Pegasus under SDPA
         the decoder's causal mask made here: given none, their decoder builds one of ones and asks the device
         whether it hides anything, at every forward. Targets are padded on the right and padding carries no
-        label, so the causal mask alone gives the loss of a mask with the targets' padding."""
+        label, so the causal mask alone gives the loss of a mask with the targets' padding. The price: SDPA
+        runs the decoder's self-attention with a mask, not with its causal flash kernel."""
         batch = self.settle_source_mask(batch, generator)
         if self.causal_decoder_mask:
             length = batch["labels"].shape[1]
