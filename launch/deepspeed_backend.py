@@ -160,13 +160,18 @@ class DeepSpeedBackend:
         }
 
     def log_metrics(self) -> dict[str, float]:
-        """Under fp16, the dynamic loss scale and the steps DeepSpeed skipped on an overflow (it leaves the
-        weights and the schedule where they were; the loop still counts the step, as the Trainer does)."""
-        if self.half_dtype != torch.float16:
+        """Under bf16 and fp16, the steps DeepSpeed skipped because a gradient held inf or NaN (it leaves the
+        weights and the schedule where they were; the loop still counts the step, as the Trainer does), and
+        under fp16 the dynamic loss scale. DeepSpeed checks bf16 gradients too (`bf16.check_grad_overflow`,
+        on by default: a kernel per gradient and one read from the device per step) and logs nothing when it
+        skips a bf16 step: here the count shows it."""
+        if self.half_dtype is None:
             return {}
-        scale = getattr(self.model.optimizer, "cur_scale", None)  # ZeRO's optimizers, stages 1-3
         figures = {"deepspeed/skipped_steps": int(self.model.skipped_steps)}
-        return figures if scale is None else {**figures, "deepspeed/loss_scale": float(scale)}
+        scale = getattr(self.model.optimizer, "cur_scale", None)  # ZeRO's optimizers, stages 1-3
+        if self.half_dtype != torch.float16 or scale is None:
+            return figures
+        return {**figures, "deepspeed/loss_scale": float(scale)}
 
     def close(self) -> None:
         self.model = None

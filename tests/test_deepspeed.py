@@ -205,7 +205,7 @@ def test_config_mistakes_stop_before_any_process_group(tmp_path, tokenizer_dir):
 
 def test_fp16_logs_the_loss_scale_and_skipped_steps_from_zeros_optimizers():
     """fp16 runs on GPUs only (the gpu test below reads the figures from a real run); here: the names it
-    reads exist on DeepSpeed's ZeRO optimizers, and bf16 logs none."""
+    reads exist on DeepSpeed's ZeRO optimizers, and bf16 logs its skipped steps alone."""
     from types import SimpleNamespace
 
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -219,10 +219,58 @@ def test_fp16_logs_the_loss_scale_and_skipped_steps_from_zeros_optimizers():
     assert isinstance(DeepSpeedZeroOptimizer_Stage3.cur_scale, property)
     backend = DeepSpeedBackend(Runtime(), BackendSettings(precision="bf16"))
     backend.model = SimpleNamespace(skipped_steps=0, optimizer=SimpleNamespace(cur_scale=1.0))
-    assert backend.log_metrics() == {}
+    assert backend.log_metrics() == {"deepspeed/skipped_steps": 0}
     backend.half_dtype = torch.float16
     backend.model = SimpleNamespace(skipped_steps=3, optimizer=SimpleNamespace(cur_scale=2.0**13))
     assert backend.log_metrics() == {"deepspeed/skipped_steps": 3, "deepspeed/loss_scale": 8192.0}
+
+
+def test_a_bf16_step_with_non_finite_gradients_is_skipped_and_counted_in_the_logs(monkeypatch):
+    """ZeRO-2 in bf16 on one CPU process: a step whose gradients hold inf or NaN is skipped by DeepSpeed (its
+    default check), so the weights stay as they were, and `deepspeed/skipped_steps` says so (DeepSpeed itself
+    logs nothing); the next finite step trains again."""
+    import torch.distributed as dist
+    from test_launch import Regression, RegressionTask, regression_data
+
+    from recipebox.launch.backends import backend_settings, make_backend
+    from recipebox.launch.loop import Trainer
+    from recipebox.launch.runtime import Runtime
+
+    class Half(Regression):  # DeepSpeed runs the module in bf16: its inputs follow
+        def forward(self, input_ids):
+            return self.linear(input_ids.to(self.linear.weight.dtype)).float().squeeze(-1)
+
+    class Blowup(RegressionTask):
+        blow_up = False
+
+        def loss(self, model, batch):
+            terms, pred = super().loss(model, batch)
+            return {"mse": terms["mse"] * (float("inf") if self.blow_up else 1.0)}, pred
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = TrainConfig(backend="deepspeed", zero_stage=2, precision="bf16", max_steps=10, batch_size=8, lr=0.1,
+                      tracker="none")  # fmt: skip
+    rt, task = Runtime(), Blowup(regression_data())
+    task.model = task.trained = Half()
+    trainer = Trainer(cfg, rt, make_backend("deepspeed", rt, backend_settings(cfg, task.max_length)), task)
+    try:
+        trainer.train_step()
+        weights = trainer.backend.full_state_dict()
+        task.blow_up = True
+        trainer.train_step()
+        assert trainer.backend.log_metrics() == {"deepspeed/skipped_steps": 1}
+        for name, value in trainer.backend.full_state_dict().items():
+            assert torch.equal(value, weights[name]), name
+        task.blow_up = False
+        trainer.train_step()
+        assert trainer.backend.log_metrics() == {"deepspeed/skipped_steps": 1}
+        assert any(not torch.equal(v, weights[k]) for k, v in trainer.backend.full_state_dict().items())
+    finally:
+        trainer.backend.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_offload_trains_with_the_same_groups_betas_and_decay_as_every_backend(monkeypatch):
