@@ -162,9 +162,10 @@ class DeepSpeedBackend:
     def log_metrics(self) -> dict[str, float]:
         """Under bf16 and fp16, the steps DeepSpeed skipped because a gradient held inf or NaN (it leaves the
         weights and the schedule where they were; the loop still counts the step, as the Trainer does), and
-        under fp16 the dynamic loss scale. DeepSpeed checks bf16 gradients too (`bf16.check_grad_overflow`,
-        on by default: a kernel per gradient and one read from the device per step) and logs nothing when it
-        skips a bf16 step: here the count shows it."""
+        under fp16 the dynamic loss scale. DeepSpeed skips bf16 steps too (ZeRO-1's bf16 optimizer and ZeRO-3
+        on a gradient norm that is not finite; ZeRO-2 through `bf16.check_grad_overflow`, on by default, at
+        the cost of kernels per gradient and a read from the device per step) and logs nothing when it does:
+        here the count shows it."""
         if self.half_dtype is None:
             return {}
         figures = {"deepspeed/skipped_steps": int(self.model.skipped_steps)}

@@ -102,8 +102,9 @@ def nothing_to_export(model: nn.Module) -> None:
 
 # Model types that, under SDPA, take a 4D boolean padding mask (rows, 1, 1, length; True: attend) as is in every
 # attention layer that reads the padding mask: BERT's encoder attention; the encoder-decoders' encoder and
-# cross-attention (their decoders build the causal mask from no padding mask: no read). Each one's outputs and
-# gradients with it equal those with its 2D mask (tests/test_host_sync.py).
+# cross-attention. (Their decoders' own causal mask is another matter: T5's is built from no padding mask, no
+# read; BART's and Pegasus' check a mask of ones unless given theirs, see recipes/summarization.py.) Each
+# one's outputs and gradients with it equal those with its 2D mask (tests/test_host_sync.py).
 BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
 ENCODER_DECODER = frozenset({"t5", "mt5", "bart", "mbart", "pegasus"})
 TAKES_4D_PADDING_MASK = BERT_LIKE | ENCODER_DECODER

@@ -20,11 +20,13 @@ Launch:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import random
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +190,19 @@ def left_padded(tok, texts: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+@contextlib.contextmanager
+def without_pad_id(config) -> Iterator[None]:
+    """The config without its pad id for the duration of a forward. Given no attention mask (`prepare`),
+    GPT-2 looks for that id in the ids at every forward, for a warning: a read from the device. The rows are
+    padded on the right and the padding carries no label, so the forward does without it; the config keeps
+    it everywhere else (the run's model_config, checkpoints, the export)."""
+    saved, config.pad_token_id = config.pad_token_id, None
+    try:
+        yield
+    finally:
+        config.pad_token_id = saved
+
+
 class CausalLMTask:
     """Next-token prediction over packed blocks; each evaluation's first batch also generates from --prompts."""
 
@@ -201,10 +216,6 @@ class CausalLMTask:
         self.flops_per_token = flops_per_token_or_zero(model.config, seq_len=cfg.block_size)
         self._generate_next_eval = True  # set by every training step: one round of samples per evaluation
         self.collate = functools.partial(collate_padded, pad_id=tok.pad_token_id, pad_to_multiple_of=8)
-        # Given no attention mask (`prepare`), GPT-2 would look for this id in the ids at every forward (a read
-        # from the device, for a warning). The collate pads by itself and generation is given the id, so the
-        # model goes without it while it trains; the export writes it back (`before_export`).
-        self.config_pad_token_id, model.config.pad_token_id = model.config.pad_token_id, None
 
     sizes = staticmethod(text_sizes)
     prepare = staticmethod(no_padding_mask)  # rows are padded on the right: the causal mask hides the padding
@@ -218,7 +229,8 @@ class CausalLMTask:
             self._generate_next_eval = True
         inputs = model_inputs(batch)
         labels = inputs.pop("labels")
-        logits = model(**inputs).logits
+        with without_pad_id(self.model.config):
+            logits = model(**inputs).logits
         return {"loss": token_loss_sum(logits, labels, shift=True)}, None
 
     def evaluate(self, model, batch, outputs, generate):
@@ -247,7 +259,6 @@ class CausalLMTask:
         from transformers import GenerationConfig
 
         tok, cfg = self.processor, self.cfg
-        model.config.pad_token_id = self.config_pad_token_id
         model.generation_config = GenerationConfig(
             max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -95,6 +95,8 @@ def test_one_process_evaluating_the_checkpoint_gives_the_same_perplexity(lm_run,
     from recipes.causal_lm import generate_text
 
     assert checkpoints_main(["export", str(ckpt), str(tmp_path / "from_ckpt")]) == 0
+    # The forward runs without the pad id (no mask to check); the checkpoint's config keeps it.
+    assert json.loads((tmp_path / "from_ckpt" / "config.json").read_text())["pad_token_id"] is not None
     greedy = generate_text(str(out / "export"), "Then,", max_new_tokens=12, temperature=0)
     assert generate_text(str(tmp_path / "from_ckpt"), "Then,", max_new_tokens=12) == greedy
 
@@ -109,7 +111,7 @@ def test_export_generates_in_the_pipeline_and_predict_prints_the_same(lm_run, ca
     export = out / "export"
     config = json.loads((export / "generation_config.json").read_text())
     assert config["do_sample"] is True and config["max_new_tokens"] == 24
-    # The model trains without a pad id in its config (no mask to check); the export has it back.
+    # The forward runs without the pad id (no mask to check); the export's config keeps it.
     pad = json.loads((export / "config.json").read_text())["pad_token_id"]
     assert pad is not None and pad == config["pad_token_id"]
     greedy = pipeline("text-generation", model=str(export))("Then,", max_new_tokens=12, do_sample=False,
@@ -184,7 +186,7 @@ def test_the_loss_shifts_once_and_weights_every_token(tmp_path):
     ]
     batch = collate_padded(rows, pad_id=0)
     task = CausalLMTask.__new__(CausalLMTask)
-    task.cfg, task._generate_next_eval = CausalLMConfig(), False
+    task.cfg, task.model, task._generate_next_eval = CausalLMConfig(), model, False
     losses, _ = task.loss(model, batch)
     count = task.targets(batch)["loss"]
     assert int(count) == (7 - 1) + (3 - 1) + (4 - 1)

@@ -356,13 +356,14 @@ def test_mlm_nsp_steps_of_full_rows_on_cuda_never_synchronise(tmp_path, tokenize
     trainer.backend.close()
 
 
-def test_causal_lm_trains_without_a_pad_id_and_exports_with_it(tmp_path):
+def test_causal_lm_forwards_without_a_pad_id_and_keeps_it_everywhere_else(tmp_path):
     """GPT-2 given no mask would look for its config's pad id in the ids (a read) at every forward: the
-    training model has none; the export's copy gets it back, and the training model's config stays as it was."""
-    from recipebox.launch.task import whole_model
-
-    task = recipe_trainer("causal_lm", tmp_path, "cpu").task
-    assert task.model.config.pad_token_id is None and task.processor.pad_token_id is not None
-    whole = whole_model(task, task.model.state_dict(), "")
-    task.before_export(whole)
-    assert whole.config.pad_token_id == task.processor.pad_token_id and task.model.config.pad_token_id is None
+    forward runs without it (training and evaluation), and the config has it back after each one, so the
+    run's model_config, its checkpoints and its export keep it."""
+    trainer = recipe_trainer("causal_lm", tmp_path, "cpu")
+    task, seen = trainer.task, []
+    pad = task.processor.pad_token_id
+    assert pad is not None and task.model.config.pad_token_id == pad
+    task.model.register_forward_pre_hook(lambda module, args: seen.append(module.config.pad_token_id))
+    trainer.train_step()
+    assert seen == [None] and task.model.config.pad_token_id == pad
