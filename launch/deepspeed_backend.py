@@ -169,10 +169,9 @@ class DeepSpeedBackend:
         if self.half_dtype is None:
             return {}
         figures = {"deepspeed/skipped_steps": int(self.model.skipped_steps)}
-        scale = getattr(self.model.optimizer, "cur_scale", None)  # ZeRO's optimizers, stages 1-3
-        if self.half_dtype != torch.float16 or scale is None:
-            return figures
-        return {**figures, "deepspeed/loss_scale": float(scale)}
+        fp16 = self.half_dtype == torch.float16
+        scale = getattr(self.model.optimizer, "cur_scale", None) if fp16 else None  # ZeRO's, stages 1-3
+        return figures if scale is None else {**figures, "deepspeed/loss_scale": float(scale)}
 
     def close(self) -> None:
         self.model = None

@@ -152,8 +152,9 @@ def no_padding_mask(batch: dict, generator: torch.Generator) -> dict:
     """`prepare` of a decoder-only LM trained on right-padded rows: the batch without its attention mask.
     Under the causal mask no token attends to a later position, so none sees the padding after it, and
     padded positions carry no label: the loss and its gradients are those with the mask. Without one,
-    transformers asks nothing of the device (it would check `padding_mask.all()` at every forward) and SDPA
-    may use its flash kernel. Not for left padding (generation): keep the mask there."""
+    transformers' mask builder asks nothing of the device (it would check `padding_mask.all()` at every
+    forward) and SDPA may use its flash kernel; GPT-2 then looks for its config's pad id in the ids instead,
+    so causal_lm's forward runs without it (`without_pad_id`). Not for left padding (generation)."""
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
