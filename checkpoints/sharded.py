@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -210,9 +211,16 @@ class DCPState:
 
     format = "dcp"
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, planners=(None, None)):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        planners=(None, None),
+        after_load: Callable[[], None] | None = None,  # e.g. a backend's bf16 copy of the loaded weights
+    ):
         self.model, self.optimizer = model, optimizer
         self.save_planner, self.load_planner = planners
+        self.after_load = after_load
 
     def _state(self) -> tuple[dict[str, Any], dict[str, str]]:
         """What is written (tied weights once) and the aliases left out of it."""
@@ -270,6 +278,8 @@ class DCPState:
         dcp.load(state, storage_reader=reader, planner=self.load_planner, no_dist=not dist.is_initialized())
         model_sd = {**state["model"], **{alias: state["model"][key] for alias, key in aliases.items()}}
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=state["optim"])
+        if self.after_load is not None:
+            self.after_load()
 
 
 class BackgroundSaves:

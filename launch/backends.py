@@ -11,6 +11,7 @@ beside it and are imported only when chosen.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 from collections.abc import Callable
@@ -34,7 +35,7 @@ ADAM_EPS = 1e-8
 class BackendSettings:
     """What a backend may know of the run: the shared training options, typed, and the task's lengths."""
 
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (DeepSpeed on GPU)
+    precision: str = "auto"  # auto | fp32 | bf16 | bf16-pure | fp16 (DeepSpeed on GPU)
     seed: int = 42
     batch_size: int = 32  # per process and micro-step (XLA SPMD: one process, so the global batch)
     grad_accum: int = 1
@@ -140,15 +141,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":  # bf16 where the GPU has it in hardware: emulated (V100, T4) is slower than fp32
         native = device.type == "cuda" and bf16_native()
         return torch.bfloat16 if native else None
-    if precision == "bf16":
+    if precision in ("bf16", "bf16-pure"):
         if not bf16_ok:
             raise ConfigError(
-                f"--precision bf16 asked for, but {device} has no bf16 support; use --precision fp32"
+                f"--precision {precision} asked for, but {device} has no bf16 support; use --precision fp32"
             )
         return torch.bfloat16
     if precision == "fp16":
         raise ConfigError("--precision fp16 is available with --backend deepspeed on a GPU; use bf16 here")
-    raise ConfigError(f"unknown --precision {precision!r}; use auto, fp32 or bf16")
+    raise ConfigError(f"unknown --precision {precision!r}; use auto, fp32, bf16 or bf16-pure")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -167,7 +168,15 @@ def grad_norm(parameters, max_grad_norm: float) -> torch.Tensor:
 
 
 class DDPBackend:
-    """One process: the model as is. Several: DistributedDataParallel, gradients all-reduced in backward."""
+    """One process: the model as is. Several: DistributedDataParallel, gradients all-reduced in backward.
+
+    Under bf16 the forward runs in autocast: fp32 weights, cast to bf16 for each matmul, with layer norms,
+    residual adds and their activations in fp32. Under bf16-pure it runs on a bf16 twin of the model
+    instead, without autocast, so all of that is bf16 as under FSDP2 and DeepSpeed: the model the recipe
+    gave stays the fp32 master weights that clipping, the optimizer, checkpoints and the export see; the
+    twin's bf16 gradients (all-reduced and summed over micro-steps in bf16) become the masters' fp32 ones
+    at each step, and the stepped masters are copied back into the twin.
+    """
 
     name = "ddp"
     static_shapes = False
@@ -176,16 +185,23 @@ class DDPBackend:
         self.rt, self.settings = runtime, settings
         self.device = self.data_device = runtime.device
         self.autocast_dtype = resolve_precision(settings.precision, runtime.device)
-        self.model = self.raw_model = self.optimizer = self.scheduler = None
+        self.model = self.raw_model = self.compute_model = self.optimizer = self.scheduler = None
+        self.twin: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # (bf16, fp32 master)
 
     def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
+        if self.settings.precision == "bf16-pure":  # copied where the model is (the host), cast on the way
+            self.compute_model = copy.deepcopy(model).to(self.device, torch.bfloat16)  # ties stay tied
         self.raw_model = model.to(self.device)
+        if self.compute_model is None:
+            self.compute_model = model
+        else:
+            self.twin = (list(self.compute_model.parameters()), list(model.parameters()))
         if self.settings.compile:
-            compile_blocks(model)
-        self.model = model
+            compile_blocks(self.compute_model)
+        self.model = self.compute_model
         if self.rt.world_size > 1:
             self.model = DistributedDataParallel(
-                model, device_ids=[self.device] if self.device.type == "cuda" else None
+                self.compute_model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
         self.optimizer = make_optimizer(self.raw_model)
         self.scheduler = make_scheduler(self.optimizer)
@@ -197,7 +213,7 @@ class DDPBackend:
         return batch
 
     def autocast(self):
-        if self.autocast_dtype is None:
+        if self.autocast_dtype is None or self.twin is not None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
@@ -210,11 +226,22 @@ class DDPBackend:
         loss.backward()
 
     def step(self, max_grad_norm: float) -> torch.Tensor:
+        if self.twin is not None:
+            for low, master in zip(*self.twin):
+                master.grad = None if low.grad is None else low.grad.float()
+                low.grad = None
         norm = grad_norm(self.raw_model.parameters(), max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.refresh_twin()
         return norm
+
+    @torch.no_grad()
+    def refresh_twin(self) -> None:
+        """bf16-pure: the master weights into the bf16 twin (after a step and after a checkpoint loads)."""
+        if self.twin is not None:
+            torch._foreach_copy_(*self.twin)
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -224,11 +251,13 @@ class DDPBackend:
 
     def generate(self, **inputs) -> torch.Tensor:
         with self.autocast():
-            return generating_module(self.raw_model).generate(**inputs)
+            return generating_module(self.compute_model).generate(**inputs)
 
     def checkpoint_state(self):
         from recipebox.checkpoints.sharded import DCPState
 
+        if self.twin is not None:  # the fp32 masters, under the same names as without the twin
+            return DCPState(self.raw_model, self.optimizer, after_load=self.refresh_twin)
         return DCPState(self.model, self.optimizer)
 
     def full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:

@@ -65,7 +65,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06  # share of the optimizer steps spent warming the learning rate up from 0
     max_grad_norm: float = 1.0  # clip the gradients' global norm to this; 0: no clipping
     peak_tflops: float = 0.0  # the device's dense peak for train/mfu; 0: from launch.flops' table (GPUs)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (deepspeed on GPU); auto: bf16 on GPUs, else fp32
+    precision: str = (
+        "auto"  # auto (bf16 on GPUs, else fp32) | fp32 | bf16 | bf16-pure | fp16 (deepspeed, GPU)
+    )
     compile: bool = False  # torch.compile each transformer block (ddp, fsdp); names in checkpoints unchanged
     backend: str = "ddp"  # ddp (one process: plain) | fsdp (FSDP2, 2+ ranks) | deepspeed | xla
     zero_stage: int = 2  # --backend deepspeed: ZeRO stage 1, 2 or 3
@@ -359,7 +361,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     check_ranges(cfg)
     if getattr(cfg, "model", ""):
         check_model_path(cfg.model)
-    check_choice(cfg, "precision", ("auto", "fp32", "bf16", "fp16"))
+    check_choice(cfg, "precision", ("auto", "fp32", "bf16", "bf16-pure", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
     if cfg.tracker == "wandb":
         import importlib.util

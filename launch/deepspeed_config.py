@@ -94,8 +94,8 @@ def _merge_precision(cfg, user: dict, ds: dict, source: str, device_type: str) -
         raise ConfigError(
             f"{source}: fp16.enabled and bf16.enabled are both true; DeepSpeed takes one, keep one"
         )
-    if cfg.precision != "auto":
-        wanted = cfg.precision
+    if cfg.precision != "auto":  # DeepSpeed's bf16 is bf16-pure already: a bf16 model, fp32 masters
+        wanted = "bf16" if cfg.precision == "bf16-pure" else cfg.precision
         for key, value in said.items():
             if value is not None and value != (key == wanted):  # an explicit true or false that disagrees
                 raise ConfigError(

@@ -615,7 +615,7 @@ def _device_peak(device: torch.device, precision: str) -> float | None:
         return None
     from recipebox.launch.flops import device_peak_tflops
 
-    dtype = "bf16" if precision == "auto" else precision
+    dtype = "bf16" if precision in ("auto", "bf16-pure") else precision
     return device_peak_tflops(torch.cuda.get_device_name(device), dtype)
 
 

@@ -1,0 +1,70 @@
+"""--precision bf16-pure on the ddp backend: the forward and backward run on a bf16 twin of the model, the
+recipe's model stays the fp32 master weights that the optimizer steps and checkpoints hold. In this process:
+what is bf16 and what is fp32, and the first step against fp32. As a user runs it (torchrun, 2 ranks): the
+replicas agree, a lost checkpoint resumes bit for bit, and checkpoints and export hold fp32 weights."""
+
+from __future__ import annotations
+
+import json
+
+import recipe_runs
+import torch
+from test_host_sync import recipe_trainer
+
+
+def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, tokenizer_dir):
+    options = ("--tokenizer", str(tokenizer_dir), "--max-length", "32", "--batch-size", "8")
+    pure = recipe_trainer("mlm_nsp", tmp_path / "pure", "cpu", *options, "--precision", "bf16-pure")
+    backend = pure.backend
+    twin, masters = backend.compute_model, backend.raw_model
+    assert twin is not masters and backend.model is twin  # one process: no DDP wrapper
+    assert {p.dtype for p in twin.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in masters.parameters()} == {torch.float32}
+    embeddings = twin.model.get_input_embeddings().weight
+    assert twin.model.get_output_embeddings().weight is embeddings  # tied weights stay tied in the twin
+    assert not any(p is embeddings for p in masters.parameters())
+    # No autocast: layer norms take and give bf16 (autocast would run them, and the residual stream, in fp32).
+    norms = []
+    first_norm = next(m for m in twin.modules() if isinstance(m, torch.nn.LayerNorm))
+    first_norm.register_forward_hook(lambda m, args, out: norms.append((args[0].dtype, out.dtype)))
+    assert not backend.autocast().__enter__()  # a null context
+
+    before = {n: p.detach().clone() for n, p in masters.named_parameters()}
+    loss, norm, *_ = pure.train_step()
+    assert norms and set(norms) == {(torch.bfloat16, torch.bfloat16)}, norms
+    assert all(p.grad is None for p in twin.parameters()) and all(p.grad is None for p in masters.parameters())
+    moved = [n for n, p in masters.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before), set(before) - set(moved)
+    for low, master in zip(twin.parameters(), masters.parameters()):
+        assert torch.equal(low, master.to(torch.bfloat16))  # the stepped masters, copied back
+    state = backend.optimizer.state[next(masters.parameters())]
+    assert state["exp_avg"].dtype == torch.float32
+
+    # The same first step in fp32: the same loss and gradient norm, to bf16's precision.
+    full = recipe_trainer("mlm_nsp", tmp_path / "fp32", "cpu", *options, "--precision", "fp32")
+    loss32, norm32, *_ = full.train_step()
+    assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item(), (loss.item(), loss32.item())
+    assert abs(norm.item() - norm32.item()) < 0.05 * norm32.item(), (norm.item(), norm32.item())
+
+
+def test_two_ranks_agree_resume_exactly_and_save_fp32(tmp_path, tokenizer_dir):
+    """DDP on 2 ranks (gloo all-reduces the bf16 gradients): the replicas' weights agree (--check-replicas),
+    the last checkpoint lost, the same command resumes and logs step 3 again bit for bit, and what is saved
+    and exported is fp32."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out = tmp_path / "run"
+    flags = ["--precision", "bf16-pure", "--batch-size", "8", "--save-every", "1"]
+    cmd = recipe_runs.command(out, tokenizer_dir, *flags, "--max-steps", "3", nproc=2)
+    logged = recipe_runs.lose_last_checkpoint_then_rerun(cmd, out)
+    losses = [r["train/loss"] for r in logged]
+    assert all(0 < x < 20 for x in losses), losses
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    sums = [r["replica_param_sums"] for r in records if "replica_param_sums" in r]
+    assert sums and all(len(set(s)) == 1 for s in sums), sums
+    saved = FileSystemReader(out / "checkpoints" / "step-000003" / "state").read_metadata()
+    weights = {k: m for k, m in saved.state_dict_metadata.items() if k.startswith("model.")}
+    assert weights and {m.properties.dtype for m in weights.values()} == {torch.float32}
+    exported = load_file(out / "export" / "model.safetensors")
+    assert exported and {t.dtype for t in exported.values()} == {torch.float32}
