@@ -58,13 +58,16 @@ ROWS = [
     ("classification", "recipe", "cls", []),
     ("classification", "recipe --compile", "cls", ["--compile=true"]),
     ("classification", "transformers.Trainer", "cls", "trainer"),
+    ("MLM+NSP", "recipe --precision bf16-pure", "mlm", ["--precision=bf16-pure"]),
+    ("MLM+NSP", "recipe bf16-pure --compile", "mlm", ["--precision=bf16-pure", "--compile=true"]),
+    ("classification", "recipe --precision bf16-pure", "cls", ["--precision=bf16-pure"]),
     ("MLM+NSP backends", "ddp", "mlm", "same"),
     ("MLM+NSP backends", "DeepSpeed ZeRO-2", "mlm", ["--backend=deepspeed", "--zero-stage=2"]),
     ("MLM+NSP backends", "DeepSpeed ZeRO-3", "mlm", ["--backend=deepspeed", "--zero-stage=3"]),
 ]
 TRAINER_WORKERS = {"mlm": "bench/bench_trainer.py", "cls": "bench/bench_finetune.py"}
 # The order rows run in: each recipe and its Trainer first (the README's targets), then --compile (minutes of
-# compilation) and ZeRO, so a benchmark stopped by its time limit has lost the extras, not the comparison.
+# compilation), bf16-pure and ZeRO, so a benchmark stopped by its time limit has lost the extras, not the comparison.
 RUN_ORDER = sorted(range(len(ROWS)), key=lambda i: isinstance(ROWS[i][3], list) and bool(ROWS[i][3]))
 
 

@@ -10,6 +10,7 @@ profiler, then profiles as many, and prints:
     python bench/profile_step.py                  # MLM+NSP, BERT-base, sequence 128, batch 128, bf16
     python bench/profile_step.py --task cls       # sequence classification fine-tuning
     python bench/profile_step.py --compile        # the blocks compiled (minutes of compilation first)
+    python bench/profile_step.py --precision bf16-pure   # a bf16 twin of the model, fp32 masters
     python bench/profile_step.py --dry-run        # tiny BERT on CPU: the same tables over CPU ops
 """
 
@@ -52,7 +53,7 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def build_trainer(task: str, s, compile_blocks: bool, work: Path, device):
+def build_trainer(task: str, s, extra: list[str], work: Path, device):
     """The recipe's trainer as `run_recipe` makes it (one rank, no tracker), on bench_gpu's inputs."""
     import torch
 
@@ -62,9 +63,7 @@ def build_trainer(task: str, s, compile_blocks: bool, work: Path, device):
     from recipebox.launch.runtime import Runtime
 
     inputs = write_inputs(work / "inputs", s)
-    script, *argv = recipe_command(
-        task, s, inputs, work / "run", ["--compile=true"] if compile_blocks else []
-    )
+    script, *argv = recipe_command(task, s, inputs, work / "run", extra)
     recipe = importlib.import_module(f"recipes.{Path(script).stem}")
     config_class = next(v for k, v in vars(recipe).items() if k.endswith("Config") and v is not TrainConfig)
     cfg = parse_config(config_class, argv)
@@ -95,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["mlm", "cls"], default="mlm", help="MLM+NSP or classification")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (--compile=true)")
+    parser.add_argument("--precision", default="", help="the recipe's --precision (default: bf16)")
     parser.add_argument("--steps", type=int, default=0, help="steps timed, then profiled (default 10; dry 3)")
     parser.add_argument("--warmup", type=int, default=0, help="steps before them (default 10; dry run 2)")
     parser.add_argument("--batch-size", type=int, default=0, help="rows per step (default 128; dry run 8)")
@@ -125,7 +125,10 @@ def main() -> None:
             torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
-        trainer = build_trainer(args.task, s, args.compile, Path(tmp), device)
+        extra = (["--compile=true"] if args.compile else []) + [
+            f"--precision={args.precision or s.precision}"
+        ]
+        trainer = build_trainer(args.task, s, extra, Path(tmp), device)
         for _ in range(warmup):
             trainer.train_step()
         synchronize()
@@ -145,7 +148,7 @@ def main() -> None:
     print(
         f"{where}; {task[args.task]}{' --compile' if args.compile else ''}; BERT hidden {s.hidden}, "
         f"{s.layers} layers, heads {s.heads}, ffn {s.ffn}, vocab {s.vocab}; sequence {s.seq_len}, batch "
-        f"{s.batch}, {s.precision}, one process; {warmup} warm-up steps, then {steps} timed and {steps} "
+        f"{s.batch}, {args.precision or s.precision}, one process; {warmup} warm-up steps, then {steps} timed and {steps} "
         "profiled"
     )
     events = prof.events()

@@ -84,7 +84,8 @@ class Backend(Protocol):
     data_device: torch.device  # where batches are prepared (the host for XLA, else `device`)
     static_shapes: bool  # one compiled graph per shape: whole batches, bucketed lengths, no generate
     model: nn.Module  # what training and evaluation call (DDP / engine / SPMD wrapper)
-    raw_model: nn.Module  # the module the recipe gave, unwrapped (its parameters, its generate)
+    raw_model: nn.Module  # the module the recipe gave, unwrapped (its parameters, its generate; ddp
+    # under bf16-pure: an fp32 copy of it, the master weights, while the recipe's module runs in bf16)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler  # saved and restored through state_dict
 
@@ -152,6 +153,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise ConfigError(f"unknown --precision {precision!r}; use auto, fp32, bf16 or bf16-pure")
 
 
+def model_float_input(key: str, value) -> bool:
+    """A float tensor the model takes (audio values), not labels or a task's `_`-prefixed metadata: what a
+    backend whose module runs in bf16 itself (no autocast) casts to that dtype."""
+    return (
+        isinstance(value, torch.Tensor) and value.is_floating_point() and key != "labels" and key[:1] != "_"
+    )
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW's groups on every backend: no decay on biases and norm weights (the BERT recipe)."""
     decay, no_decay = [], []
@@ -171,11 +180,12 @@ class DDPBackend:
     """One process: the model as is. Several: DistributedDataParallel, gradients all-reduced in backward.
 
     Under bf16 the forward runs in autocast: fp32 weights, cast to bf16 for each matmul, with layer norms,
-    residual adds and their activations in fp32. Under bf16-pure it runs on a bf16 twin of the model
-    instead, without autocast, so all of that is bf16 as under FSDP2 and DeepSpeed: the model the recipe
-    gave stays the fp32 master weights that clipping, the optimizer, checkpoints and the export see; the
-    twin's bf16 gradients (all-reduced and summed over micro-steps in bf16) become the masters' fp32 ones
-    at each step, and the stepped masters are copied back into the twin.
+    residual adds and their activations in fp32. Under bf16-pure the model the recipe gave is cast to bf16
+    in place (the twin: the task's references to it and its modules run in bf16) and runs without autocast,
+    so all of that is bf16, as under FSDP2 and DeepSpeed; `raw_model` is an fp32 copy made first, the master
+    weights that clipping, the optimizer, checkpoints and the export see. The twin's bf16 gradients
+    (all-reduced and summed over micro-steps in bf16) become the masters' fp32 ones at each step, and the
+    stepped masters are copied back into the twin.
     """
 
     name = "ddp"
@@ -189,13 +199,13 @@ class DDPBackend:
         self.twin: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # (bf16, fp32 master)
 
     def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
-        if self.settings.precision == "bf16-pure":  # copied where the model is (the host), cast on the way
-            self.compute_model = copy.deepcopy(model).to(self.device, torch.bfloat16)  # ties stay tied
-        self.raw_model = model.to(self.device)
-        if self.compute_model is None:
-            self.compute_model = model
+        self.compute_model = model
+        if self.settings.precision == "bf16-pure":  # copied where the model is (the host); ties stay tied
+            self.raw_model = copy.deepcopy(model).to(self.device)
+            model.to(self.device, torch.bfloat16)  # in place: the task's own references run the twin
+            self.twin = (list(model.parameters()), list(self.raw_model.parameters()))
         else:
-            self.twin = (list(self.compute_model.parameters()), list(model.parameters()))
+            self.raw_model = model.to(self.device)
         if self.settings.compile:
             compile_blocks(self.compute_model)
         self.model = self.compute_model
@@ -210,7 +220,9 @@ class DDPBackend:
         return collate
 
     def place_batch(self, batch: dict) -> dict:
-        return batch
+        if self.twin is None:  # bf16-pure: float inputs (audio values) in the twin's dtype, as DeepSpeed's
+            return batch
+        return {k: v.to(torch.bfloat16) if model_float_input(k, v) else v for k, v in batch.items()}
 
     def autocast(self):
         if self.autocast_dtype is None or self.twin is not None:

@@ -15,7 +15,14 @@ import torch
 import torch.distributed as dist
 
 from recipebox.checkpoints.deepspeed import DeepSpeedState, import_deepspeed
-from recipebox.launch.backends import ADAM_BETAS, ADAM_EPS, BackendSettings, generating_module, param_groups
+from recipebox.launch.backends import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    BackendSettings,
+    generating_module,
+    model_float_input,
+    param_groups,
+)
 from recipebox.launch.deepspeed_config import build_deepspeed_config, offloads
 from recipebox.launch.runtime import Runtime
 
@@ -84,7 +91,7 @@ class DeepSpeedBackend:
         not keyword inputs. Labels and metadata keep theirs."""
         if self.half_dtype is None:
             return batch
-        return {k: v.to(self.half_dtype) if _model_float_input(k, v) else v for k, v in batch.items()}
+        return {k: v.to(self.half_dtype) if model_float_input(k, v) else v for k, v in batch.items()}
 
     def autocast(self):
         return contextlib.nullcontext()  # bf16/fp16 are DeepSpeed's: the module itself runs in that dtype
@@ -175,9 +182,3 @@ class DeepSpeedBackend:
 
     def close(self) -> None:
         self.model = None
-
-
-def _model_float_input(key: str, value) -> bool:
-    return (
-        isinstance(value, torch.Tensor) and value.is_floating_point() and key != "labels" and key[:1] != "_"
-    )

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command sized for a short lease on one GPU: bench/gpu.sh's table first
 # (the README's GPU figures), then a profile of one BERT-base MLM+NSP step (bench/profile_step.py: where the
-# step's time goes, device busy or waiting for the host), then the `gpu`-marked tests (no host sync in any
+# step's time goes, device busy or waiting for the host; under --precision bf16-pure, the README holds bf16's), then the `gpu`-marked tests (no host sync in any
 # recipe's step; DeepSpeed fp16, optimizer offload and ZeRO-3 parameter offload, trained and resumed; the
 # fused kernels on CUDA). Each part has its own time limit, so a hang in one still leaves the others' logs.
 # Logs go to LOGDIR.
 #   bash scripts/gpu_check.sh [LOGDIR]              # default runs/gpu-check; .venv, or $RECIPEBOX_PYTHON
 #   bash scripts/gpu_check.sh [LOGDIR] --dry-run    # the same on CPU: dry runs, the gpu tests skip
-# Limits in seconds: RECIPEBOX_BENCH_LIMIT (default 330; a stopped benchmark then has up to 50 s to end its
-# runs and print the rows it finished), RECIPEBOX_PROFILE_LIMIT (default 90) and RECIPEBOX_TEST_LIMIT
-# (default 150): together under 10 minutes.
+# Limits in seconds: RECIPEBOX_BENCH_LIMIT (default 390; a stopped benchmark then has up to 50 s to end its
+# runs and print the rows it finished), RECIPEBOX_PROFILE_LIMIT (default 80) and RECIPEBOX_TEST_LIMIT
+# (default 120): together under 10 minutes.
 # The tests share the GPU between RECIPEBOX_TEST_WORKERS processes (default 4, where pytest-xdist is
 # installed): they check behaviour, not speed, and the benchmark has finished by then. On a GPU a skipped
 # gpu test fails the check (the Python given sees no CUDA device, so nothing was tested).
@@ -45,12 +45,12 @@ fi
 
 # --foreground: the SIGTERM goes to the benchmark alone, which stops its torchrun (a session of its own)
 # and prints the table; Ctrl-C here reaches it too.
-timeout --foreground -k 50 "${RECIPEBOX_BENCH_LIMIT:-330}" bash bench/gpu.sh "$@" 2>&1 | tee "$logdir/bench.log"
+timeout --foreground -k 50 "${RECIPEBOX_BENCH_LIMIT:-390}" bash bench/gpu.sh "$@" 2>&1 | tee "$logdir/bench.log"
 bench=${PIPESTATUS[0]}
 
-profile_args=()
-if $dry_run; then profile_args=(--dry-run); fi
-timeout -k 10 "${RECIPEBOX_PROFILE_LIMIT:-90}" "$python" bench/profile_step.py "${profile_args[@]}" 2>&1 \
+profile_args=(--precision bf16-pure)
+if $dry_run; then profile_args+=(--dry-run); fi
+timeout -k 10 "${RECIPEBOX_PROFILE_LIMIT:-80}" "$python" bench/profile_step.py "${profile_args[@]}" 2>&1 \
     | tee "$logdir/profile.log"
 profile=${PIPESTATUS[0]}
 
@@ -65,7 +65,7 @@ else
     fi
     workers=()
     if "$python" -c "import xdist" 2>/dev/null; then workers=(-n "${RECIPEBOX_TEST_WORKERS:-4}"); fi
-    timeout -k 10 "${RECIPEBOX_TEST_LIMIT:-150}" "$python" -m pytest -q -p no:logging -m gpu -rfEs \
+    timeout -k 10 "${RECIPEBOX_TEST_LIMIT:-120}" "$python" -m pytest -q -p no:logging -m gpu -rfEs \
         "${workers[@]}" --junitxml="$logdir/gpu-tests.xml" "${modules[@]}" 2>&1 | tee "$logdir/gpu-tests.log"
     tests=${PIPESTATUS[0]}
     # Every gpu test skips only where there is no CUDA device: on a GPU, a skip means this Python cannot

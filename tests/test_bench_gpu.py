@@ -87,6 +87,7 @@ def test_dry_run_prints_every_row_with_numbers(tmp_path):
     # The step's profile: its time per step, then the ops that took the most, each with numbers.
     profile = (tmp_path / "logs" / "profile.log").read_text()
     assert profile in proc.stdout and "MLM+NSP (recipes/mlm_nsp.py)" in profile
+    assert "bf16-pure, one process" in profile  # the README holds the bf16 step's; this shows the pure one
     assert re.search(
         r"^step: \d+\.\d+ ms wall \(unprofiled\); [\d,]+ top-level aten ops per step", profile, re.M
     )
@@ -122,8 +123,8 @@ def test_device_busy_time_counts_overlapping_kernels_once():
 
 
 def test_each_recipe_and_its_trainer_run_before_compile_and_zero():
-    """A time limit stops the benchmark at its last rows: those are --compile and ZeRO, never the recipe vs
-    Trainer comparisons; a row that reuses another's run (the Trainer's config, ddp's figures) runs after it."""
+    """A time limit stops the benchmark at its last rows: those are --compile, bf16-pure and ZeRO, never the
+    recipe vs Trainer comparisons; a row that reuses another's run (the Trainer's config, ddp's figures) runs after it."""
     order = bench_gpu.RUN_ORDER
     assert sorted(order) == list(range(len(bench_gpu.ROWS)))
     ran = [bench_gpu.ROWS[i][:2] for i in order]
@@ -133,7 +134,8 @@ def test_each_recipe_and_its_trainer_run_before_compile_and_zero():
         ("classification", "recipe"),
         ("classification", "transformers.Trainer"),
     ]
-    assert all("compile" in run or "ZeRO" in run for _, run in ran[-4:])
+    extras = ("compile", "bf16-pure", "ZeRO")
+    assert all(any(x in run for x in extras) for _, run in ran[5:]), ran  # after ddp (the recipe row again)
     for position, i in enumerate(order):
         if bench_gpu.ROWS[i][3] in ("trainer", "same"):
             task = bench_gpu.ROWS[i][2]
