@@ -393,9 +393,11 @@ def test_the_json_and_the_flags_agree_on_precision_and_offload_or_the_run_stops(
     assert precision(build(auto, precision="bf16")) == ["bf16"] and precision(
         build(auto, precision="fp32")
     ) == ["fp32"]
+    assert precision(build(auto, precision="bf16-pure")) == ["bf16"]  # DeepSpeed's bf16 is bf16-pure
     for json_config, flag, message in [
         ({"bf16": {"enabled": True}}, "fp16", "bf16.enabled is true but --precision is fp16"),
         ({"fp16": {"enabled": False}}, "fp16", "fp16.enabled is false but --precision is fp16"),
+        ({"bf16": {"enabled": False}}, "bf16-pure", "bf16.enabled is false but --precision is bf16-pure"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "auto", "both true; DeepSpeed takes one"),
     ]:
         with pytest.raises(ConfigError, match=message):
