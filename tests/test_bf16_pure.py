@@ -11,7 +11,7 @@ import math
 import pytest
 import recipe_runs
 import torch
-from test_host_sync import recipe_trainer
+from test_host_sync import count_step_reads, recipe_trainer
 
 
 def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, tokenizer_dir):
@@ -49,6 +49,13 @@ def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, 
     loss32, norm32, *_ = full.train_step()
     assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item(), (loss.item(), loss32.item())
     assert abs(norm.item() - norm32.item()) < 0.05 * norm32.item(), (norm.item(), norm32.item())
+
+
+def test_the_pure_step_reads_nothing_from_the_device(tmp_path, tokenizer_dir):
+    """The gradients' move to the masters and the copy back are device work only: no value comes back to the
+    host inside a step (test_host_sync.py's counter), with accumulation over two micro-steps."""
+    options = ("--tokenizer", str(tokenizer_dir), "--grad-accum", "2", "--precision", "bf16-pure")
+    assert not count_step_reads(recipe_trainer("mlm_nsp", tmp_path, "cpu", *options), steps=2)
 
 
 @pytest.mark.parametrize(
