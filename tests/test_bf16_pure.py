@@ -15,7 +15,8 @@ from test_host_sync import count_step_reads, recipe_trainer
 
 
 def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, tokenizer_dir):
-    options = ("--tokenizer", str(tokenizer_dir), "--max-length", "32", "--batch-size", "8")
+    options = ("--tokenizer", str(tokenizer_dir), "--max-length", "32", "--batch-size", "8", "--dropout", "0")
+    torch.manual_seed(0)  # the weights' draw (a run seeds in Runtime.start; this builds the task directly)
     pure = recipe_trainer("mlm_nsp", tmp_path / "pure", "cpu", *options, "--precision", "bf16-pure")
     backend = pure.backend
     twin, masters = backend.compute_model, backend.raw_model
@@ -44,11 +45,13 @@ def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, 
     state = backend.optimizer.state[next(masters.parameters())]
     assert state["exp_avg"].dtype == torch.float32
 
-    # The same first step in fp32: the same loss and gradient norm, to bf16's precision.
+    # The same first step in fp32 (the same weights, no dropout): the same loss and gradient norm, to bf16's
+    # precision.
+    torch.manual_seed(0)
     full = recipe_trainer("mlm_nsp", tmp_path / "fp32", "cpu", *options, "--precision", "fp32")
     loss32, norm32, *_ = full.train_step()
-    assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item(), (loss.item(), loss32.item())
-    assert abs(norm.item() - norm32.item()) < 0.05 * norm32.item(), (norm.item(), norm32.item())
+    assert abs(loss.item() - loss32.item()) < 0.002 * loss32.item(), (loss.item(), loss32.item())
+    assert abs(norm.item() - norm32.item()) < 0.01 * norm32.item(), (norm.item(), norm32.item())
 
 
 def test_the_pure_step_reads_nothing_from_the_device(tmp_path, tokenizer_dir):
