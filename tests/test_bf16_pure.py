@@ -11,7 +11,7 @@ import math
 import pytest
 import recipe_runs
 import torch
-from test_host_sync import count_step_reads, recipe_trainer
+from test_host_sync import count_step_reads, recipe_trainer, steps_under_sync_detection
 
 
 def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, tokenizer_dir):
@@ -96,3 +96,16 @@ def test_two_ranks_agree_resume_exactly_and_save_fp32(tmp_path, tokenizer_dir):
     assert weights and {m.properties.dtype for m in weights.values()} == {torch.float32}
     exported = load_file(out / "export" / "model.safetensors")
     assert exported and {t.dtype for t in exported.values()} == {torch.float32}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_pure_step_on_cuda_never_synchronises(tmp_path, tokenizer_dir):
+    """On a GPU, torch's sync detection in "error" mode around bf16-pure steps of full rows (accumulating
+    over two micro-steps): the gradients' move to the masters, clipping, AdamW and the copy back never wait."""
+    options = ("--tokenizer", str(tokenizer_dir), "--grad-accum", "2", "--max-length", "16")
+    trainer = recipe_trainer("mlm_nsp", tmp_path, "cuda", *options, "--precision", "bf16-pure")
+    assert {p.dtype for p in trainer.backend.compute_model.parameters()} == {torch.bfloat16}
+    steps_under_sync_detection(trainer, "error")
+    torch.cuda.synchronize()
+    trainer.backend.close()
