@@ -1,5 +1,6 @@
-"""--precision bf16-pure on the ddp backend: the forward and backward run on a bf16 twin of the model, the
-recipe's model stays the fp32 master weights that the optimizer steps and checkpoints hold. In this process:
+"""--precision bf16-pure on the ddp backend: the recipe's module, cast to bf16 (the twin), runs the forward
+and backward; an fp32 copy made first holds the master weights that the optimizer steps, checkpoints save and
+the export writes. In this process:
 what is bf16 and what is fp32, and the first step against fp32. As a user runs it (torchrun, 2 ranks): the
 replicas agree, a lost checkpoint resumes bit for bit, and checkpoints and export hold fp32 weights."""
 
@@ -20,7 +21,8 @@ def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, 
     pure = recipe_trainer("mlm_nsp", tmp_path / "pure", "cpu", *options, "--precision", "bf16-pure")
     backend = pure.backend
     twin, masters = backend.compute_model, backend.raw_model
-    assert twin is not masters and backend.model is twin  # one process: no DDP wrapper
+    assert twin is pure.task.trained and backend.model is twin  # one process: no DDP wrapper
+    assert masters is not twin
     assert {p.dtype for p in twin.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in masters.parameters()} == {torch.float32}
     embeddings = twin.model.get_input_embeddings().weight
