@@ -84,8 +84,8 @@ class Backend(Protocol):
     data_device: torch.device  # where batches are prepared (the host for XLA, else `device`)
     static_shapes: bool  # one compiled graph per shape: whole batches, bucketed lengths, no generate
     model: nn.Module  # what training and evaluation call (DDP / engine / SPMD wrapper)
-    raw_model: nn.Module  # the module the recipe gave, unwrapped (its parameters, its generate; ddp
-    # under bf16-pure: an fp32 copy of it, the master weights, while the recipe's module runs in bf16)
+    raw_model: nn.Module  # the module the recipe gave, unwrapped: its parameters (ddp under bf16-pure: an
+    # fp32 copy of it, the master weights, while the recipe's module runs in bf16)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler  # saved and restored through state_dict
 
@@ -199,13 +199,9 @@ class DDPBackend:
         self.twin: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # (bf16, fp32 master)
 
     def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
-        self.compute_model = model
-        if self.settings.precision == "bf16-pure":  # copied where the model is (the host); ties stay tied
-            self.raw_model = copy.deepcopy(model).to(self.device)
-            model.to(self.device, torch.bfloat16)  # in place: the task's own references run the twin
-            self.twin = (list(model.parameters()), list(self.raw_model.parameters()))
-        else:
-            self.raw_model = model.to(self.device)
+        self.raw_model = self.compute_model = model.to(self.device)
+        if self.settings.precision == "bf16-pure":
+            self._make_twin(model)
         if self.settings.compile:
             compile_blocks(self.compute_model)
         self.model = self.compute_model
@@ -250,10 +246,30 @@ class DDPBackend:
         return norm
 
     @torch.no_grad()
-    def refresh_twin(self) -> None:
-        """bf16-pure: the master weights into the bf16 twin (after a step and after a checkpoint loads)."""
-        if self.twin is not None:
-            torch._foreach_copy_(*self.twin)
+    def _make_twin(self, model: nn.Module) -> None:
+        """bf16-pure: fp32 masters copied from `model` (whatever dtype it was loaded in; ties stay tied), rank
+        0's on every rank as DDP would make them, then `model`'s own parameters turned into their bf16
+        copies in place, so the task's references to it and its modules run the twin. Buffers keep their
+        dtype (rotary frequencies, logit biases), as FSDP2's MixedPrecisionPolicy leaves them."""
+        self.raw_model = copy.deepcopy(model).to(torch.float32)
+        if self.rt.world_size > 1:
+            for t in [*self.raw_model.parameters(), *self.raw_model.buffers()]:
+                torch.distributed.broadcast(t, src=0)
+        for low in model.parameters():
+            low.data = low.data.to(torch.bfloat16)
+        self.twin = (list(model.parameters()), list(self.raw_model.parameters()))
+        self.refresh_twin(buffers=True)
+
+    @torch.no_grad()
+    def refresh_twin(self, buffers: bool = False) -> None:
+        """bf16-pure: the master weights into the bf16 twin after a step; with `buffers`, after the masters
+        were made or loaded from a checkpoint, their buffers too."""
+        if self.twin is None:
+            return
+        torch._foreach_copy_(*self.twin)
+        if buffers:
+            for low, master in zip(self.compute_model.buffers(), self.raw_model.buffers()):
+                low.copy_(master)
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -269,7 +285,9 @@ class DDPBackend:
         from recipebox.checkpoints.sharded import DCPState
 
         if self.twin is not None:  # the fp32 masters, under the same names as without the twin
-            return DCPState(self.raw_model, self.optimizer, after_load=self.refresh_twin)
+            return DCPState(
+                self.raw_model, self.optimizer, after_load=lambda: self.refresh_twin(buffers=True)
+            )
         return DCPState(self.model, self.optimizer)
 
     def full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:

@@ -156,7 +156,7 @@ def count_step_reads(trainer, steps: int, inject=None) -> Counter:
     if given, runs on every device batch (to show that a read is caught)."""
     from recipebox.launch.tracking import Tracker
 
-    mode = HostReads([trainer.backend.raw_model])
+    mode = HostReads([trainer.backend.raw_model, trainer.task.trained])  # differ under ddp's bf16-pure
     originals = {
         name: getattr(trainer, name) for name in ("_next_batch", "_to_device", "_log_window", "evaluate")
     }

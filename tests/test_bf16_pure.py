@@ -56,6 +56,42 @@ def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, 
     assert abs(norm.item() - norm32.item()) < 0.01 * norm32.item(), (norm.item(), norm32.item())
 
 
+class Rotary(torch.nn.Module):
+    """A layer with a float buffer, as rotary frequencies are: bf16 would round them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(4) / 4))
+
+    def forward(self, x):
+        return self.proj(x) * self.inv_freq
+
+
+def test_masters_are_fp32_whatever_the_model_was_loaded_in_and_buffers_keep_their_dtype():
+    """A --model saved in bf16 loads in bf16 (transformers' dtype "auto"): its masters are fp32 all the same.
+    Float buffers stay as they are in the twin, and a checkpoint's buffers reach it on load."""
+    from recipebox.launch.backends import BackendSettings, DDPBackend
+    from recipebox.launch.runtime import Runtime
+
+    model = Rotary()
+    model.proj.to(torch.bfloat16)  # weights loaded in bf16, the buffer in fp32 as a model keeps it
+    backend = DDPBackend(Runtime(), BackendSettings(precision="bf16-pure"))
+    backend.setup(
+        model,
+        lambda m: torch.optim.AdamW(m.parameters()),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
+    )
+    assert {p.dtype for p in backend.raw_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(
+        model.inv_freq, 1.0 / 10000 ** (torch.arange(4) / 4)
+    )
+    backend.raw_model.inv_freq.fill_(2.0)  # as a checkpoint's load leaves it
+    backend.refresh_twin(buffers=True)
+    assert torch.equal(model.inv_freq, torch.full((4,), 2.0))
+
+
 def test_the_pure_step_reads_nothing_from_the_device(tmp_path, tokenizer_dir):
     """The gradients' move to the masters and the copy back are device work only: no value comes back to the
     host inside a step (test_host_sync.py's counter), with accumulation over two micro-steps."""
