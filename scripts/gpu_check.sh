@@ -7,9 +7,10 @@
 # Logs go to LOGDIR.
 #   bash scripts/gpu_check.sh [LOGDIR]              # default runs/gpu-check; .venv, or $RECIPEBOX_PYTHON
 #   bash scripts/gpu_check.sh [LOGDIR] --dry-run    # the same on CPU: dry runs, the gpu tests skip
-# Limits in seconds: RECIPEBOX_BENCH_LIMIT (default 390; a stopped benchmark then has up to 50 s to end its
-# runs and print the rows it finished), RECIPEBOX_PROFILE_LIMIT (default 80) and RECIPEBOX_TEST_LIMIT
-# (default 120): together under 10 minutes.
+# Limits in seconds: RECIPEBOX_BENCH_LIMIT (default 420; a stopped benchmark then has up to 50 s to end its
+# runs and print the rows it finished), RECIPEBOX_PROFILE_LIMIT (default 70) and RECIPEBOX_TEST_LIMIT
+# (default 110): 10 minutes at most together (the H200 run of 2026-12-04 took 464 s, before the three
+# bf16-pure rows; each of those should take 25-40 s there).
 # The tests share the GPU between RECIPEBOX_TEST_WORKERS processes (default 4, where pytest-xdist is
 # installed): they check behaviour, not speed, and the benchmark has finished by then. On a GPU a skipped
 # gpu test fails the check (the Python given sees no CUDA device, so nothing was tested).
@@ -45,12 +46,12 @@ fi
 
 # --foreground: the SIGTERM goes to the benchmark alone, which stops its torchrun (a session of its own)
 # and prints the table; Ctrl-C here reaches it too.
-timeout --foreground -k 50 "${RECIPEBOX_BENCH_LIMIT:-390}" bash bench/gpu.sh "$@" 2>&1 | tee "$logdir/bench.log"
+timeout --foreground -k 50 "${RECIPEBOX_BENCH_LIMIT:-420}" bash bench/gpu.sh "$@" 2>&1 | tee "$logdir/bench.log"
 bench=${PIPESTATUS[0]}
 
 profile_args=(--precision bf16-pure)
 if $dry_run; then profile_args+=(--dry-run); fi
-timeout -k 10 "${RECIPEBOX_PROFILE_LIMIT:-80}" "$python" bench/profile_step.py "${profile_args[@]}" 2>&1 \
+timeout -k 10 "${RECIPEBOX_PROFILE_LIMIT:-70}" "$python" bench/profile_step.py "${profile_args[@]}" 2>&1 \
     | tee "$logdir/profile.log"
 profile=${PIPESTATUS[0]}
 
@@ -65,7 +66,7 @@ else
     fi
     workers=()
     if "$python" -c "import xdist" 2>/dev/null; then workers=(-n "${RECIPEBOX_TEST_WORKERS:-4}"); fi
-    timeout -k 10 "${RECIPEBOX_TEST_LIMIT:-120}" "$python" -m pytest -q -p no:logging -m gpu -rfEs \
+    timeout -k 10 "${RECIPEBOX_TEST_LIMIT:-110}" "$python" -m pytest -q -p no:logging -m gpu -rfEs \
         "${workers[@]}" --junitxml="$logdir/gpu-tests.xml" "${modules[@]}" 2>&1 | tee "$logdir/gpu-tests.log"
     tests=${PIPESTATUS[0]}
     # Every gpu test skips only where there is no CUDA device: on a GPU, a skip means this Python cannot
