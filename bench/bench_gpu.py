@@ -67,7 +67,8 @@ ROWS = [
 ]
 TRAINER_WORKERS = {"mlm": "bench/bench_trainer.py", "cls": "bench/bench_finetune.py"}
 # The order rows run in: each recipe and its Trainer first (the README's targets), then --compile (minutes of
-# compilation), bf16-pure and ZeRO, so a benchmark stopped by its time limit has lost the extras, not the comparison.
+# compilation), bf16-pure and ZeRO, so a benchmark stopped by its time limit has lost the extras, not the
+# comparison.
 RUN_ORDER = sorted(range(len(ROWS)), key=lambda i: isinstance(ROWS[i][3], list) and bool(ROWS[i][3]))
 
 

@@ -103,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     s = TINY if args.dry_run else BERT_BASE
     s = dataclasses.replace(s, batch=args.batch_size or s.batch)
+    precision = args.precision or s.precision
     steps, warmup = args.steps or (3 if args.dry_run else 10), args.warmup or (2 if args.dry_run else 10)
     if args.dry_run:  # the CPU path wherever it runs; DeepSpeed (imported by transformers) told so too
         os.environ.update({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
@@ -125,9 +126,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
-        extra = (["--compile=true"] if args.compile else []) + [
-            f"--precision={args.precision or s.precision}"
-        ]
+        extra = (["--compile=true"] if args.compile else []) + [f"--precision={precision}"]
         trainer = build_trainer(args.task, s, extra, Path(tmp), device)
         for _ in range(warmup):
             trainer.train_step()
@@ -148,8 +147,7 @@ def main() -> None:
     print(
         f"{where}; {task[args.task]}{' --compile' if args.compile else ''}; BERT hidden {s.hidden}, "
         f"{s.layers} layers, heads {s.heads}, ffn {s.ffn}, vocab {s.vocab}; sequence {s.seq_len}, batch "
-        f"{s.batch}, {args.precision or s.precision}, one process; {warmup} warm-up steps, then {steps} timed and {steps} "
-        "profiled"
+        f"{s.batch}, {precision}, one process; {warmup} warm-up steps, then {steps} timed and {steps} profiled"
     )
     events = prof.events()
     if cuda:

@@ -153,12 +153,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise ConfigError(f"unknown --precision {precision!r}; use auto, fp32, bf16 or bf16-pure")
 
 
-def model_float_input(key: str, value) -> bool:
-    """A float tensor the model takes (audio values), not labels or a task's `_`-prefixed metadata: what a
-    backend whose module runs in bf16 itself (no autocast) casts to that dtype."""
-    return (
-        isinstance(value, torch.Tensor) and value.is_floating_point() and key != "labels" and key[:1] != "_"
-    )
+def cast_model_inputs(batch: dict, dtype: torch.dtype) -> dict:
+    """The float tensors the model takes (audio values) in `dtype`; labels and a task's `_`-prefixed metadata
+    keep theirs. For a backend whose module runs in a 16-bit dtype itself, without autocast."""
+
+    def model_float(key: str, value) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and key != "labels"
+            and key[:1] != "_"
+        )
+
+    return {k: v.to(dtype) if model_float(k, v) else v for k, v in batch.items()}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -216,9 +223,7 @@ class DDPBackend:
         return collate
 
     def place_batch(self, batch: dict) -> dict:
-        if self.twin is None:  # bf16-pure: float inputs (audio values) in the twin's dtype, as DeepSpeed's
-            return batch
-        return {k: v.to(torch.bfloat16) if model_float_input(k, v) else v for k, v in batch.items()}
+        return batch if self.twin is None else cast_model_inputs(batch, torch.bfloat16)
 
     def autocast(self):
         if self.autocast_dtype is None or self.twin is not None:

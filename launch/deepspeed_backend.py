@@ -19,8 +19,8 @@ from recipebox.launch.backends import (
     ADAM_BETAS,
     ADAM_EPS,
     BackendSettings,
+    cast_model_inputs,
     generating_module,
-    model_float_input,
     param_groups,
 )
 from recipebox.launch.deepspeed_config import build_deepspeed_config, offloads
@@ -89,9 +89,7 @@ class DeepSpeedBackend:
     def place_batch(self, batch: dict) -> dict:
         """Float inputs (audio values) in the module's 16-bit dtype under bf16/fp16: DeepSpeed casts the weights,
         not keyword inputs. Labels and metadata keep theirs."""
-        if self.half_dtype is None:
-            return batch
-        return {k: v.to(self.half_dtype) if model_float_input(k, v) else v for k, v in batch.items()}
+        return batch if self.half_dtype is None else cast_model_inputs(batch, self.half_dtype)
 
     def autocast(self):
         return contextlib.nullcontext()  # bf16/fp16 are DeepSpeed's: the module itself runs in that dtype

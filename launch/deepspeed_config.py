@@ -99,8 +99,8 @@ def _merge_precision(cfg, user: dict, ds: dict, source: str, device_type: str) -
         for key, value in said.items():
             if value is not None and value != (key == wanted):  # an explicit true or false that disagrees
                 raise ConfigError(
-                    f"{source}: {key}.enabled is {str(value).lower()} but --precision is {cfg.precision}; pick one "
-                    f'(or leave "enabled" out of the JSON)'
+                    f"{source}: {key}.enabled is {str(value).lower()} but --precision is {cfg.precision}; "
+                    f'pick one (or leave "enabled" out of the JSON)'
                 )
     elif on:
         wanted = on[0]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one command sized for a short lease on one GPU: bench/gpu.sh's table first
 # (the README's GPU figures), then a profile of one BERT-base MLM+NSP step (bench/profile_step.py: where the
-# step's time goes, device busy or waiting for the host; under --precision bf16-pure, the README holds bf16's), then the `gpu`-marked tests (no host sync in any
-# recipe's step; DeepSpeed fp16, optimizer offload and ZeRO-3 parameter offload, trained and resumed; the
-# fused kernels on CUDA). Each part has its own time limit, so a hang in one still leaves the others' logs.
+# step's time goes, device busy or waiting for the host; under --precision bf16-pure, the README holds
+# bf16's), then the `gpu`-marked tests (no host sync in any recipe's step; DeepSpeed fp16, optimizer offload
+# and ZeRO-3 parameter offload, trained and resumed; the fused kernels on CUDA). Each part has its own time
+# limit, so a hang in one still leaves the others' logs.
 # Logs go to LOGDIR.
 #   bash scripts/gpu_check.sh [LOGDIR]              # default runs/gpu-check; .venv, or $RECIPEBOX_PYTHON
 #   bash scripts/gpu_check.sh [LOGDIR] --dry-run    # the same on CPU: dry runs, the gpu tests skip
