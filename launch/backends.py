@@ -240,9 +240,7 @@ class DDPBackend:
 
     def step(self, max_grad_norm: float) -> torch.Tensor:
         if self.twin is not None:
-            for low, master in zip(*self.twin):
-                master.grad = None if low.grad is None else low.grad.float()
-                low.grad = None
+            self._grads_to_masters()
         norm = grad_norm(self.raw_model.parameters(), max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -264,6 +262,28 @@ class DDPBackend:
             low.data = low.data.to(torch.bfloat16)
         self.twin = (list(model.parameters()), list(self.raw_model.parameters()))
         self.refresh_twin(buffers=True)
+
+    @torch.no_grad()
+    def _grads_to_masters(self) -> None:
+        """bf16-pure: the twin's bf16 gradients become the masters' fp32 ones, views of one fp32 buffer filled
+        by one foreach copy (a few multi-tensor kernels on a GPU, not a cast kernel per parameter). The buffer
+        is new each step and freed with the gradients after it, so no fp32 gradient is held through the next
+        forward and backward. A parameter the step did not reach keeps no gradient, as without the twin."""
+        lows, masters = [], []
+        for low, master in zip(*self.twin):
+            master.grad = None
+            if low.grad is not None:
+                lows.append(low.grad)
+                masters.append(master)
+        if not lows:
+            return
+        flat = torch.empty(sum(m.numel() for m in masters), dtype=torch.float32, device=self.device)
+        grads = [g.view_as(m) for g, m in zip(flat.split([m.numel() for m in masters]), masters)]
+        torch._foreach_copy_(grads, lows)
+        for master, grad in zip(masters, grads):
+            master.grad = grad
+        for low in self.twin[0]:
+            low.grad = None
 
     @torch.no_grad()
     def refresh_twin(self, buffers: bool = False) -> None:

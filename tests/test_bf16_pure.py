@@ -92,6 +92,51 @@ def test_masters_are_fp32_whatever_the_model_was_loaded_in_and_buffers_keep_thei
     assert torch.equal(model.inv_freq, torch.full((4,), 2.0))
 
 
+class OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_gradients_reach_the_masters_in_one_copy_and_an_unused_parameter_gets_none():
+    """The twin's bf16 gradients become fp32 views of one buffer in one foreach copy (not a cast per
+    parameter), exactly their values; a parameter the forward never reached gets no gradient, so clipping
+    and AdamW leave it as they would without the twin."""
+    from recipebox.launch.backends import BackendSettings, DDPBackend
+    from recipebox.launch.runtime import Runtime
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(8, 8), "unused": torch.nn.Linear(8, 2)})
+    backend = DDPBackend(Runtime(), BackendSettings(precision="bf16-pure"))
+    backend.setup(
+        model,
+        lambda m: torch.optim.AdamW(m.parameters(), lr=0.1),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
+    )
+    backend.backward(model["used"](torch.randn(4, 8, dtype=torch.bfloat16)).float().square().sum())
+    twin_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    assert [g is None for g in twin_grads] == [False, False, True, True]
+    with OpNames() as ops:
+        backend._grads_to_masters()
+    assert ops.names.count("_foreach_copy_") == 1 and "_to_copy" not in ops.names, ops.names
+    masters = list(backend.raw_model.parameters())
+    for master, low in zip(masters, twin_grads):
+        if low is None:
+            assert master.grad is None
+        else:
+            assert master.grad.dtype == torch.float32 and torch.equal(master.grad, low.float())
+    assert masters[0].grad.untyped_storage().data_ptr() == masters[1].grad.untyped_storage().data_ptr()
+    assert all(p.grad is None for p in model.parameters())
+    unused_before = [p.detach().clone() for p in masters[2:]]
+    backend.step(max_grad_norm=1.0)
+    assert all(torch.equal(p, before) for p, before in zip(masters[2:], unused_before))
+    assert all(p.grad is None for p in masters)
+
+
 def test_the_pure_step_reads_nothing_from_the_device(tmp_path, tokenizer_dir):
     """The gradients' move to the masters and the copy back are device work only: no value comes back to the
     host inside a step (test_host_sync.py's counter), with accumulation over two micro-steps."""
