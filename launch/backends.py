@@ -183,6 +183,17 @@ def grad_norm(parameters, max_grad_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
+def fp32_all_reduce(group, bucket):  # no annotation: DDP checks it, and this module's are strings
+    """DDP's gradient bucket averaged across ranks in fp32, then rounded once to its own dtype: bf16-pure's
+    bf16 gradients summed as FSDP2 sums them (`reduce_dtype=torch.float32`), not rounded to bf16 at every
+    step of the reduction, at the bytes an fp32 model's all-reduce moves."""
+    group = group or torch.distributed.group.WORLD
+    grads = bucket.buffer()
+    total = grads.float().div_(torch.distributed.get_world_size(group))
+    work = torch.distributed.all_reduce(total, group=group, async_op=True)
+    return work.get_future().then(lambda fut: grads.copy_(fut.value()[0]))
+
+
 class DDPBackend:
     """One process: the model as is. Several: DistributedDataParallel, gradients all-reduced in backward.
 
@@ -191,8 +202,8 @@ class DDPBackend:
     in place (the twin: the task's references to it and its modules run in bf16) and runs without autocast,
     so all of that is bf16, as under FSDP2 and DeepSpeed; `raw_model` is an fp32 copy made first, the master
     weights that clipping, the optimizer, checkpoints and the export see. The twin's bf16 gradients
-    (all-reduced and summed over micro-steps in bf16) become the masters' fp32 ones at each step, and the
-    stepped masters are copied back into the twin.
+    (averaged across ranks in fp32, `fp32_all_reduce`, and summed over micro-steps in bf16) become the
+    masters' fp32 ones at each step, and the stepped masters are copied back into the twin.
     """
 
     name = "ddp"
@@ -216,6 +227,8 @@ class DDPBackend:
             self.model = DistributedDataParallel(
                 self.compute_model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
+            if self.twin is not None:
+                self.model.register_comm_hook(None, fp32_all_reduce)
         self.optimizer = make_optimizer(self.raw_model)
         self.scheduler = make_scheduler(self.optimizer)
 

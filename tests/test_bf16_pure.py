@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import recipe_runs
@@ -135,6 +136,60 @@ def test_gradients_reach_the_masters_in_one_copy_and_an_unused_parameter_gets_no
     backend.step(max_grad_norm=1.0)
     assert all(torch.equal(p, before) for p, before in zip(masters[2:], unused_before))
     assert all(p.grad is None for p in masters)
+
+
+def _reduce_three_ranks(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from recipebox.launch.backends import BackendSettings, DDPBackend
+    from recipebox.launch.runtime import Runtime
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    model = torch.nn.Linear(4096, 1, bias=False)
+    backend = DDPBackend(Runtime(rank=rank, world_size=3), BackendSettings(precision="bf16-pure"))
+    backend.setup(
+        model,
+        lambda m: torch.optim.AdamW(m.parameters()),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
+    )
+    x = _rank_gradients()[rank].unsqueeze(0)  # the weight's gradient is this rank's row, exactly
+    backend.backward(backend.model(x).float().sum())
+    if rank == 0:
+        torch.save(model.weight.grad.squeeze(0).clone(), out)
+    backend.close()  # the DDP wrapper goes while the group lives (its reducer can hang gloo at exit)
+    dist.destroy_process_group()
+
+
+def _rank_gradients() -> torch.Tensor:
+    """Three ranks' bf16 gradients: one large, two small, the case where rounding at each step of a sum
+    loses the small ones."""
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(4096, generator=gen)
+    return torch.stack([big, *(big * 0.004 * torch.rand(2, 4096, generator=gen))]).to(torch.bfloat16)
+
+
+def test_ranks_average_bf16_gradients_in_fp32_rounded_once(tmp_path):
+    """Under DDP the twin's bf16 gradients are averaged in fp32 and rounded to bf16 once (FSDP2's
+    reduce_dtype), not divided and summed in bf16: on 3 ranks (gloo, in-process workers) the averaged
+    gradient is exactly the fp32 mean rounded, where bf16 arithmetic would differ in many elements."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "grad.pt"
+    ranks = mp.start_processes(
+        _reduce_three_ranks, args=(str(tmp_path / "store"), str(out)), nprocs=3, join=False
+    )
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=5):  # True once all have exited; raises if one failed
+        if time.monotonic() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            pytest.fail("the 3 ranks did not finish within 120 s")
+    got = torch.load(out, weights_only=True)
+    grads = _rank_gradients()
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (grads.float().sum(0) / 3).to(torch.bfloat16))
+    in_bf16 = (grads[0] / 3 + grads[1] / 3) + grads[2] / 3  # bf16 at every step, as DDP's default hook
+    assert (in_bf16 != got).sum() > 100
 
 
 def test_the_pure_step_reads_nothing_from_the_device(tmp_path, tokenizer_dir):
