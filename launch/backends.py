@@ -183,17 +183,6 @@ def grad_norm(parameters, max_grad_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
-def fp32_all_reduce(group, bucket):  # no annotation: DDP checks it, and this module's are strings
-    """DDP's gradient bucket averaged across ranks in fp32, then rounded once to its own dtype: bf16-pure's
-    bf16 gradients summed as FSDP2 sums them (`reduce_dtype=torch.float32`), not rounded to bf16 at every
-    step of the reduction, at the bytes an fp32 model's all-reduce moves."""
-    group = group or torch.distributed.group.WORLD
-    grads = bucket.buffer()
-    total = grads.float().div_(torch.distributed.get_world_size(group))
-    work = torch.distributed.all_reduce(total, group=group, async_op=True)
-    return work.get_future().then(lambda fut: grads.copy_(fut.value()[0]))
-
-
 class DDPBackend:
     """One process: the model as is. Several: DistributedDataParallel, gradients all-reduced in backward.
 
@@ -202,8 +191,8 @@ class DDPBackend:
     in place (the twin: the task's references to it and its modules run in bf16) and runs without autocast,
     so all of that is bf16, as under FSDP2 and DeepSpeed; `raw_model` is an fp32 copy made first, the master
     weights that clipping, the optimizer, checkpoints and the export see. The twin's bf16 gradients
-    (averaged across ranks in fp32, `fp32_all_reduce`, and summed over micro-steps in bf16) become the
-    masters' fp32 ones at each step, and the stepped masters are copied back into the twin.
+    become the masters' fp32 ones at each step, summed over micro-steps and averaged across ranks in fp32
+    (`_stash_grads`, `_all_reduce_fp32`), and the stepped masters are copied back into the twin.
     """
 
     name = "ddp"
@@ -215,6 +204,8 @@ class DDPBackend:
         self.autocast_dtype = resolve_precision(settings.precision, runtime.device)
         self.model = self.raw_model = self.compute_model = self.optimizer = self.scheduler = None
         self.twin: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # (bf16, fp32 master)
+        self.earlier: dict[nn.Parameter, torch.Tensor] = {}  # bf16-pure: the step's micro-steps so far, fp32
+        self.final_micro = True  # the micro-step under way is the step's last
 
     def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
         self.raw_model = self.compute_model = model.to(self.device)
@@ -228,7 +219,7 @@ class DDPBackend:
                 self.compute_model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
             if self.twin is not None:
-                self.model.register_comm_hook(None, fp32_all_reduce)
+                self.model.register_comm_hook(self, DDPBackend._all_reduce_fp32)
         self.optimizer = make_optimizer(self.raw_model)
         self.scheduler = make_scheduler(self.optimizer)
 
@@ -244,12 +235,15 @@ class DDPBackend:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def accumulating(self, sync: bool):
+        self.final_micro = sync
         if sync or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self.twin is not None and not self.final_micro:
+            self._stash_grads()
 
     def step(self, max_grad_norm: float) -> torch.Tensor:
         if self.twin is not None:
@@ -277,23 +271,61 @@ class DDPBackend:
         self.refresh_twin(buffers=True)
 
     @torch.no_grad()
+    def _stash_grads(self) -> None:
+        """bf16-pure, after a micro-step before the step's last: its bf16 gradients added to fp32 sums and
+        dropped, so a step's micro-steps add up in fp32 (as FSDP2's fp32 gradients do), not in bf16. The last
+        micro-step's gradients join these sums in the all-reduce (several ranks) or on their way to the
+        masters (one)."""
+        for low in self.twin[0]:
+            if low.grad is not None:
+                if low in self.earlier:
+                    self.earlier[low].add_(low.grad)
+                else:
+                    self.earlier[low] = low.grad.float()
+                low.grad = None
+
+    def _all_reduce_fp32(self, bucket):  # no annotation: DDP checks it, and this module's are strings
+        """DDP's comm hook under bf16-pure: a bucket of bf16 gradients, plus the fp32 sums of the step's
+        earlier micro-steps, averaged across ranks in fp32 and rounded to bf16 once, not at every micro-step
+        and every step of the reduction (FSDP2 here reduces in fp32 too); an all-reduce moves what an fp32
+        model's does."""
+        grads = bucket.buffer()
+        total = grads.float()
+        if self.earlier:  # the buffer holds the bucket's parameters' gradients flat, in this order
+            params = bucket.parameters()
+            sums = [self.earlier.pop(p, None) for p in params]
+            total += torch.cat([p.new_zeros(p.numel(), dtype=torch.float32) if e is None else e.flatten()
+                                for p, e in zip(params, sums)])  # fmt: skip
+        total.div_(self.rt.world_size)
+        work = torch.distributed.all_reduce(total, async_op=True)
+        return work.get_future().then(lambda fut: grads.copy_(fut.value()[0]))
+
+    @torch.no_grad()
     def _grads_to_masters(self) -> None:
         """bf16-pure: the twin's bf16 gradients become the masters' fp32 ones, views of one fp32 buffer filled
-        by one foreach copy (a few multi-tensor kernels on a GPU, not a cast kernel per parameter). The buffer
-        is new each step and freed with the gradients after it, so no fp32 gradient is held through the next
-        forward and backward. A parameter the step did not reach keeps no gradient, as without the twin."""
-        lows, masters = [], []
-        for low, master in zip(*self.twin):
+        by one foreach copy (a few multi-tensor kernels on a GPU, not a cast kernel per parameter), plus the
+        fp32 sums of earlier micro-steps that no all-reduce took. The buffer is new each step and freed with
+        the gradients after it, so no fp32 gradient is held through the next forward and backward. A
+        parameter the step did not reach keeps no gradient, as without the twin."""
+        earlier, self.earlier = self.earlier, {}
+        pairs = [(low, master) for low, master in zip(*self.twin) if low.grad is not None or low in earlier]
+        for master in self.twin[1]:
             master.grad = None
-            if low.grad is not None:
-                lows.append(low.grad)
-                masters.append(master)
-        if not lows:
+        if not pairs:
             return
+        masters = [master for _, master in pairs]
         flat = torch.empty(sum(m.numel() for m in masters), dtype=torch.float32, device=self.device)
         grads = [g.view_as(m) for g, m in zip(flat.split([m.numel() for m in masters]), masters)]
-        torch._foreach_copy_(grads, lows)
-        for master, grad in zip(masters, grads):
+        now = [(grad, low.grad) for grad, (low, _) in zip(grads, pairs) if low.grad is not None]
+        move = torch._foreach_copy_
+        if len(now) < len(pairs):  # a parameter only earlier micro-steps reached
+            flat.zero_()
+            move = torch._foreach_add_
+        if now:
+            move([grad for grad, _ in now], [low for _, low in now])
+        for grad, (low, master) in zip(grads, pairs):
+            if low in earlier:
+                grad.add_(earlier[low])
             master.grad = grad
         for low in self.twin[0]:
             low.grad = None

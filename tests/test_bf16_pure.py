@@ -138,40 +138,91 @@ def test_gradients_reach_the_masters_in_one_copy_and_an_unused_parameter_gets_no
     assert all(p.grad is None for p in masters)
 
 
-def _reduce_three_ranks(rank: int, store: str, out: str) -> None:
-    import torch.distributed as dist
+class Accumulating(torch.nn.Module):
+    """The used weight's gradient is the row given, exactly; the "early" layer (when there is one) is
+    reached only when asked."""
 
+    def __init__(self, early: bool):
+        super().__init__()
+        self.used = torch.nn.Linear(4096, 1, bias=False)
+        self.early = torch.nn.Linear(4, 1) if early else None
+
+    def forward(self, row, reach_early=False):
+        out = self.used(row.unsqueeze(0)).float().sum()
+        if reach_early:
+            out = out + self.early(torch.ones(1, 4, dtype=row.dtype)).float().sum()
+        return out
+
+
+def _pure_backend(model, rank: int = 0, world: int = 1):
     from recipebox.launch.backends import BackendSettings, DDPBackend
     from recipebox.launch.runtime import Runtime
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
-    model = torch.nn.Linear(4096, 1, bias=False)
-    backend = DDPBackend(Runtime(rank=rank, world_size=3), BackendSettings(precision="bf16-pure"))
+    backend = DDPBackend(Runtime(rank=rank, world_size=world), BackendSettings(precision="bf16-pure"))
     backend.setup(
         model,
         lambda m: torch.optim.AdamW(m.parameters()),
         lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
     )
-    x = _rank_gradients()[rank].unsqueeze(0)  # the weight's gradient is this rank's row, exactly
-    backend.backward(backend.model(x).float().sum())
+    return backend
+
+
+def _micro_steps(backend, rows: torch.Tensor) -> None:
+    """One micro-step per row, the last one synchronising; the first also reaches the early layer, if any."""
+    early = backend.compute_model.early is not None
+    for i, row in enumerate(rows):
+        with backend.accumulating(sync=i == len(rows) - 1):
+            backend.backward(backend.model(row, reach_early=early and i == 0))
+
+
+def _reduce_three_ranks(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    model = Accumulating(early=False)  # DDP wants every parameter in every synchronising backward
+    backend = _pure_backend(model, rank, 3)
+    _micro_steps(backend, _rank_gradients()[rank])
     if rank == 0:
-        torch.save(model.weight.grad.squeeze(0).clone(), out)
+        torch.save(model.used.weight.grad.squeeze(0).clone(), out)
     backend.close()  # the DDP wrapper goes while the group lives (its reducer can hang gloo at exit)
     dist.destroy_process_group()
 
 
 def _rank_gradients() -> torch.Tensor:
-    """Three ranks' bf16 gradients: one large, two small, the case where rounding at each step of a sum
-    loses the small ones."""
+    """Three ranks' bf16 gradients over two micro-steps each: one large, the rest small, the case where
+    rounding at each step of a sum loses the small ones."""
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(4096, generator=gen)
-    return torch.stack([big, *(big * 0.004 * torch.rand(2, 4096, generator=gen))]).to(torch.bfloat16)
+    small = big * 0.004 * torch.rand(5, 4096, generator=gen)
+    return torch.stack([big, *small]).to(torch.bfloat16).view(3, 2, 4096)
 
 
-def test_ranks_average_bf16_gradients_in_fp32_rounded_once(tmp_path):
-    """Under DDP the twin's bf16 gradients are averaged in fp32 and rounded to bf16 once (FSDP2's
-    reduce_dtype), not divided and summed in bf16: on 3 ranks (gloo, in-process workers) the averaged
-    gradient is exactly the fp32 mean rounded, where bf16 arithmetic would differ in many elements."""
+def test_micro_steps_add_up_in_fp32_on_one_process():
+    """With accumulation the twin's bf16 gradients are summed in fp32 across micro-steps (held as fp32 sums
+    until the step), not added in bf16 at each: the masters get the exact fp32 sum. A parameter that only
+    an earlier micro-step reached keeps its gradient; one never reached gets none."""
+    torch.manual_seed(0)
+    model = Accumulating(early=True)
+    backend = _pure_backend(model)
+    rows = _rank_gradients().view(6, 4096)
+    _micro_steps(backend, rows)
+    backend._grads_to_masters()
+    used, early_weight, early_bias = (dict(backend.raw_model.named_parameters())[n] for n in
+                                      ("used.weight", "early.weight", "early.bias"))  # fmt: skip
+    assert torch.equal(used.grad.squeeze(0), rows.float().sum(0))
+    in_bf16 = rows[0]
+    for row in rows[1:]:
+        in_bf16 = in_bf16 + row
+    assert (in_bf16.float() != used.grad.squeeze(0)).sum() > 100
+    assert torch.equal(early_weight.grad, torch.ones(1, 4)) and torch.equal(early_bias.grad, torch.ones(1))
+    assert not backend.earlier and all(p.grad is None for p in model.parameters())
+
+
+def test_ranks_and_micro_steps_add_up_in_fp32_rounded_once(tmp_path):
+    """Under DDP the twin's bf16 gradients, with the fp32 sums of a step's earlier micro-steps, are averaged
+    across ranks in fp32 and rounded to bf16 once (FSDP2 here reduces in fp32 too), not divided and summed in
+    bf16: on 3 ranks (gloo, in-process workers) of 2 micro-steps each, the averaged gradient is the fp32
+    mean rounded, where bf16 arithmetic would differ in many elements."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "grad.pt"
@@ -187,8 +238,15 @@ def test_ranks_average_bf16_gradients_in_fp32_rounded_once(tmp_path):
     got = torch.load(out, weights_only=True)
     grads = _rank_gradients()
     assert got.dtype == torch.bfloat16
-    assert torch.equal(got, (grads.float().sum(0) / 3).to(torch.bfloat16))
-    in_bf16 = (grads[0] / 3 + grads[1] / 3) + grads[2] / 3  # bf16 at every step, as DDP's default hook
+    expected = (grads.float().sum((0, 1)) / 3).to(torch.bfloat16)
+    # The ranks add in gloo's order, not this one: an fp32 sum can land on the other side of a bf16
+    # rounding midpoint, one unit in the last place apart, in an element or two of 4096.
+    off = got != expected
+    assert off.sum() <= 3, off.sum()
+    ulp = torch.ldexp(torch.ones(4096), torch.frexp(expected.float())[1] - 8)
+    assert torch.all((got.float() - expected.float()).abs()[off] <= ulp[off])
+    per_rank = grads[:, 0] + grads[:, 1]  # bf16 at every step, as without the fp32 sums and hook
+    in_bf16 = (per_rank[0] / 3 + per_rank[1] / 3) + per_rank[2] / 3
     assert (in_bf16 != got).sum() > 100
 
 
