@@ -272,14 +272,15 @@ def test_every_recipe_trains_and_evaluates_on_the_twin(name, tmp_path):
 
 
 def test_two_ranks_agree_resume_exactly_and_save_fp32(tmp_path, tokenizer_dir):
-    """DDP on 2 ranks (gloo all-reduces the bf16 gradients): the replicas' weights agree (--check-replicas),
+    """DDP on 2 ranks, 2 micro-steps a step (summed in fp32, averaged across ranks in fp32 by the comm
+    hook, over gloo): the replicas' weights agree (--check-replicas),
     the last checkpoint lost, the same command resumes and logs step 3 again bit for bit, and what is saved
     and exported is fp32."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import FileSystemReader
 
     out = tmp_path / "run"
-    flags = ["--precision", "bf16-pure", "--batch-size", "8", "--save-every", "1"]
+    flags = ["--precision", "bf16-pure", "--batch-size", "8", "--grad-accum", "2", "--save-every", "1"]
     cmd = recipe_runs.command(out, tokenizer_dir, *flags, "--max-steps", "3", nproc=2)
     logged = recipe_runs.lose_last_checkpoint_then_rerun(cmd, out)
     losses = [r["train/loss"] for r in logged]
