@@ -183,6 +183,11 @@ def grad_norm(parameters, max_grad_norm: float) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether `t` covers its memory without gaps or overlaps, in some order of its dimensions."""
+    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d))).is_contiguous()
+
+
 class DDPBackend:
     """One process: the model as is. Several: DistributedDataParallel, gradients all-reduced in backward.
 
@@ -291,42 +296,55 @@ class DDPBackend:
         model's does."""
         grads = bucket.buffer()
         total = grads.float()
-        if self.earlier:  # the buffer holds the bucket's parameters' gradients flat, in this order
-            params = bucket.parameters()
-            sums = [self.earlier.pop(p, None) for p in params]
-            total += torch.cat([p.new_zeros(p.numel(), dtype=torch.float32) if e is None else e.flatten()
-                                for p, e in zip(params, sums)])  # fmt: skip
+        if self.earlier:
+            slots, sums = [], []
+            for grad, param in zip(bucket.gradients(), bucket.parameters()):
+                if param in self.earlier:
+                    # The reducer lays a dense parameter's slot out with the parameter's strides; `gradients()`
+                    # views each slot row-major, so only its offset is taken.
+                    stride = param.stride() if _dense(param) else grad.stride()
+                    offset = grad.storage_offset() - grads.storage_offset()
+                    slots.append(total.as_strided(param.size(), stride, offset))
+                    sums.append(self.earlier.pop(param))
+            if slots:
+                torch._foreach_add_(slots, sums)
         total.div_(self.rt.world_size)
         work = torch.distributed.all_reduce(total, async_op=True)
         return work.get_future().then(lambda fut: grads.copy_(fut.value()[0]))
 
     @torch.no_grad()
     def _grads_to_masters(self) -> None:
-        """bf16-pure: the twin's bf16 gradients become the masters' fp32 ones, views of one fp32 buffer filled
-        by one foreach copy (a few multi-tensor kernels on a GPU, not a cast kernel per parameter), plus the
-        fp32 sums of earlier micro-steps that no all-reduce took. The buffer is new each step and freed with
-        the gradients after it, so no fp32 gradient is held through the next forward and backward. A
-        parameter the step did not reach keeps no gradient, as without the twin."""
+        """bf16-pure: the twin's bf16 gradients become the masters' fp32 ones in one foreach copy (a few
+        multi-tensor kernels on a GPU, not a cast kernel per parameter), into new tensors laid out as the
+        masters are (fused AdamW wants a gradient's strides to be its parameter's), freed with the gradients
+        after the step: no fp32 gradient is held through the next forward and backward. With one process
+        and accumulation, the last micro-step's gradients are added to the fp32 sums of the earlier ones,
+        which become the masters' gradients. A parameter the step did not reach keeps no gradient, as
+        without the twin."""
         earlier, self.earlier = self.earlier, {}
-        pairs = [(low, master) for low, master in zip(*self.twin) if low.grad is not None or low in earlier]
+        if earlier and self.rt.world_size > 1:  # the comm hook takes every sum it all-reduces
+            names = [n for n, p in self.compute_model.named_parameters() if p in earlier]
+            raise RuntimeError(
+                f"bf16-pure: the last micro-step of the step never reached {', '.join(names)}, so their "
+                "gradients were not all-reduced; DDP needs every trained parameter in every micro-step"
+            )
         for master in self.twin[1]:
             master.grad = None
-        if not pairs:
-            return
-        masters = [master for _, master in pairs]
-        flat = torch.empty(sum(m.numel() for m in masters), dtype=torch.float32, device=self.device)
-        grads = [g.view_as(m) for g, m in zip(flat.split([m.numel() for m in masters]), masters)]
-        now = [(grad, low.grad) for grad, (low, _) in zip(grads, pairs) if low.grad is not None]
-        move = torch._foreach_copy_
-        if len(now) < len(pairs):  # a parameter only earlier micro-steps reached
-            flat.zero_()
-            move = torch._foreach_add_
-        if now:
-            move([grad for grad, _ in now], [low for _, low in now])
-        for grad, (low, master) in zip(grads, pairs):
-            if low in earlier:
-                grad.add_(earlier[low])
-            master.grad = grad
+        summed = [(low, master) for low, master in zip(*self.twin) if low in earlier]
+        if summed:
+            last = [(earlier[low], low.grad) for low, _ in summed if low.grad is not None]
+            if last:
+                torch._foreach_add_(*map(list, zip(*last)))
+            for low, master in summed:
+                master.grad = earlier[low]
+        fresh = [
+            (low, master) for low, master in zip(*self.twin) if low.grad is not None and low not in earlier
+        ]
+        if fresh:
+            grads = [torch.empty_like(master) for _, master in fresh]
+            torch._foreach_copy_(grads, [low.grad for low, _ in fresh])
+            for (_, master), grad in zip(fresh, grads):
+                master.grad = grad
         for low in self.twin[0]:
             low.grad = None
 
@@ -338,6 +356,7 @@ class DDPBackend:
             return
         torch._foreach_copy_(*self.twin)
         if buffers:
+            self.earlier = {}  # a step cut short leaves nothing for the next
             for low, master in zip(self.compute_model.buffers(), self.raw_model.buffers()):
                 low.copy_(master)
 

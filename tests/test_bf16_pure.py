@@ -103,52 +103,68 @@ class OpNames(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class Strided(torch.nn.Module):
+    """A column-major parameter (strides (1, 8)) among row-major ones, and a layer no forward reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(8, 8)
+        self.cols = torch.nn.Parameter(torch.randn(5, 8).t())
+        self.unused = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return (self.used(x) @ self.cols).float().square().sum()
+
+
 def test_gradients_reach_the_masters_in_one_copy_and_an_unused_parameter_gets_none():
-    """The twin's bf16 gradients become fp32 views of one buffer in one foreach copy (not a cast per
-    parameter), exactly their values; a parameter the forward never reached gets no gradient, so clipping
-    and AdamW leave it as they would without the twin."""
+    """The twin's bf16 gradients become fp32 ones in one foreach copy (not a cast per parameter), exactly
+    their values and laid out as their masters (fused AdamW wants a gradient's strides to be its
+    parameter's); a parameter the forward never reached gets no gradient, so clipping and AdamW leave it as
+    they would without the twin."""
     from recipebox.launch.backends import BackendSettings, DDPBackend
     from recipebox.launch.runtime import Runtime
 
     torch.manual_seed(0)
-    model = torch.nn.ModuleDict({"used": torch.nn.Linear(8, 8), "unused": torch.nn.Linear(8, 2)})
+    model = Strided()
     backend = DDPBackend(Runtime(), BackendSettings(precision="bf16-pure"))
     backend.setup(
         model,
-        lambda m: torch.optim.AdamW(m.parameters(), lr=0.1),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=0.1, fused=True),
         lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
     )
-    backend.backward(model["used"](torch.randn(4, 8, dtype=torch.bfloat16)).float().square().sum())
-    twin_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    assert [g is None for g in twin_grads] == [False, False, True, True]
+    assert model.cols.stride() == (1, 8) and backend.raw_model.cols.stride() == (1, 8)
+    backend.backward(model(torch.randn(4, 8, dtype=torch.bfloat16)))
+    twin_grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    assert {n for n, g in twin_grads.items() if g is None} == {"unused.weight", "unused.bias"}
     with OpNames() as ops:
         backend._grads_to_masters()
     assert ops.names.count("_foreach_copy_") == 1 and "_to_copy" not in ops.names, ops.names
-    masters = list(backend.raw_model.parameters())
-    for master, low in zip(masters, twin_grads):
-        if low is None:
+    masters = dict(backend.raw_model.named_parameters())
+    for name, master in masters.items():
+        if twin_grads[name] is None:
             assert master.grad is None
         else:
-            assert master.grad.dtype == torch.float32 and torch.equal(master.grad, low.float())
-    assert masters[0].grad.untyped_storage().data_ptr() == masters[1].grad.untyped_storage().data_ptr()
+            assert master.grad.dtype == torch.float32 and torch.equal(master.grad, twin_grads[name].float())
+            assert master.grad.stride() == master.stride(), name
     assert all(p.grad is None for p in model.parameters())
-    unused_before = [p.detach().clone() for p in masters[2:]]
+    unused_before = {n: masters[n].detach().clone() for n in ("unused.weight", "unused.bias")}
     backend.step(max_grad_norm=1.0)
-    assert all(torch.equal(p, before) for p, before in zip(masters[2:], unused_before))
-    assert all(p.grad is None for p in masters)
+    assert all(torch.equal(masters[n], before) for n, before in unused_before.items())
+    assert all(p.grad is None for p in masters.values())
 
 
 class Accumulating(torch.nn.Module):
-    """The used weight's gradient is the row given, exactly; the "early" layer (when there is one) is
-    reached only when asked."""
+    """The used weight's gradient is the row given, exactly, and so is the column-major `cols`' (as 64 x 64,
+    strides (1, 64)); the "early" layer (when there is one) is reached only when asked."""
 
     def __init__(self, early: bool):
         super().__init__()
         self.used = torch.nn.Linear(4096, 1, bias=False)
+        self.cols = torch.nn.Parameter(torch.zeros(64, 64).t())
         self.early = torch.nn.Linear(4, 1) if early else None
 
     def forward(self, row, reach_early=False):
-        out = self.used(row.unsqueeze(0)).float().sum()
+        out = self.used(row.unsqueeze(0)).float().sum() + (self.cols * row.view(64, 64)).float().sum()
         if reach_early:
             out = out + self.early(torch.ones(1, 4, dtype=row.dtype)).float().sum()
         return out
@@ -183,7 +199,7 @@ def _reduce_three_ranks(rank: int, store: str, out: str) -> None:
     backend = _pure_backend(model, rank, 3)
     _micro_steps(backend, _rank_gradients()[rank])
     if rank == 0:
-        torch.save(model.used.weight.grad.squeeze(0).clone(), out)
+        torch.save(torch.stack([model.used.weight.grad.squeeze(0), model.cols.grad.flatten()]), out)
     backend.close()  # the DDP wrapper goes while the group lives (its reducer can hang gloo at exit)
     dist.destroy_process_group()
 
@@ -210,6 +226,9 @@ def test_micro_steps_add_up_in_fp32_on_one_process():
     used, early_weight, early_bias = (dict(backend.raw_model.named_parameters())[n] for n in
                                       ("used.weight", "early.weight", "early.bias"))  # fmt: skip
     assert torch.equal(used.grad.squeeze(0), rows.float().sum(0))
+    cols = backend.raw_model.cols
+    assert cols.grad.stride() == cols.stride() == (1, 64)
+    assert torch.equal(cols.grad, rows.float().sum(0).view(64, 64))
     in_bf16 = rows[0]
     for row in rows[1:]:
         in_bf16 = in_bf16 + row
@@ -235,19 +254,19 @@ def test_ranks_and_micro_steps_add_up_in_fp32_rounded_once(tmp_path):
             for proc in ranks.processes:
                 proc.kill()
             pytest.fail("the 3 ranks did not finish within 120 s")
-    got = torch.load(out, weights_only=True)
     grads = _rank_gradients()
-    assert got.dtype == torch.bfloat16
     expected = (grads.float().sum((0, 1)) / 3).to(torch.bfloat16)
-    # The ranks add in gloo's order, not this one: an fp32 sum can land on the other side of a bf16
-    # rounding midpoint, one unit in the last place apart, in an element or two of 4096.
-    off = got != expected
-    assert off.sum() <= 3, off.sum()
-    ulp = torch.ldexp(torch.ones(4096), torch.frexp(expected.float())[1] - 8)
-    assert torch.all((got.float() - expected.float()).abs()[off] <= ulp[off])
     per_rank = grads[:, 0] + grads[:, 1]  # bf16 at every step, as without the fp32 sums and hook
     in_bf16 = (per_rank[0] / 3 + per_rank[1] / 3) + per_rank[2] / 3
-    assert (in_bf16 != got).sum() > 100
+    ulp = torch.ldexp(torch.ones(4096), torch.frexp(expected.float())[1] - 8)
+    for got in torch.load(out, weights_only=True):  # the row-major weight's, then the column-major one's
+        assert got.dtype == torch.bfloat16
+        # The ranks add in gloo's order, not this one: an fp32 sum can land on the other side of a bf16
+        # rounding midpoint, one unit in the last place apart, in an element or two of 4096.
+        off = got != expected
+        assert off.sum() <= 3, off.sum()
+        assert torch.all((got.float() - expected.float()).abs()[off] <= ulp[off])
+        assert (in_bf16 != got).sum() > 100
 
 
 def test_the_pure_step_reads_nothing_from_the_device(tmp_path, tokenizer_dir):
