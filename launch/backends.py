@@ -210,7 +210,6 @@ class DDPBackend:
         self.model = self.raw_model = self.compute_model = self.optimizer = self.scheduler = None
         self.twin: tuple[list[nn.Parameter], list[nn.Parameter]] | None = None  # (bf16, fp32 master)
         self.earlier: dict[nn.Parameter, torch.Tensor] = {}  # bf16-pure: the step's micro-steps so far, fp32
-        self.final_micro = True  # the micro-step under way is the step's last
 
     def setup(self, model: nn.Module, make_optimizer: Callable, make_scheduler: Callable) -> None:
         self.raw_model = self.compute_model = model.to(self.device)
@@ -240,15 +239,16 @@ class DDPBackend:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def accumulating(self, sync: bool):
-        self.final_micro = sync
-        if sync or not isinstance(self.model, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.model.no_sync()
+        micro_step = contextlib.ExitStack()
+        if not sync:
+            if isinstance(self.model, DistributedDataParallel):
+                micro_step.enter_context(self.model.no_sync())
+            if self.twin is not None:  # after its backward, on leaving
+                micro_step.callback(self._stash_grads)
+        return micro_step
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-        if self.twin is not None and not self.final_micro:
-            self._stash_grads()
 
     def step(self, max_grad_norm: float) -> torch.Tensor:
         if self.twin is not None:
@@ -277,7 +277,7 @@ class DDPBackend:
 
     @torch.no_grad()
     def _stash_grads(self) -> None:
-        """bf16-pure, after a micro-step before the step's last: its bf16 gradients added to fp32 sums and
+        """bf16-pure, leaving a micro-step before the step's last: its bf16 gradients added to fp32 sums and
         dropped, so a step's micro-steps add up in fp32 (as FSDP2's fp32 gradients do), not in bf16. The last
         micro-step's gradients join these sums in the all-reduce (several ranks) or on their way to the
         masters (one)."""
@@ -328,13 +328,12 @@ class DDPBackend:
                 f"bf16-pure: the last micro-step of the step never reached {', '.join(names)}, so their "
                 "gradients were not all-reduced; DDP needs every trained parameter in every micro-step"
             )
-        for master in self.twin[1]:
-            master.grad = None
+        # The masters have no gradient here (the last step's zero_grad set them to None).
         summed = [(low, master) for low, master in zip(*self.twin) if low in earlier]
         if summed:
-            last = [(earlier[low], low.grad) for low, _ in summed if low.grad is not None]
+            last = [low for low, _ in summed if low.grad is not None]
             if last:
-                torch._foreach_add_(*map(list, zip(*last)))
+                torch._foreach_add_([earlier[low] for low in last], [low.grad for low in last])
             for low, master in summed:
                 master.grad = earlier[low]
         fresh = [

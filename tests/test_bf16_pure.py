@@ -57,6 +57,20 @@ def test_the_twin_computes_in_bf16_and_the_step_lands_on_fp32_masters(tmp_path, 
     assert abs(norm.item() - norm32.item()) < 0.01 * norm32.item(), (norm.item(), norm32.item())
 
 
+def pure_backend(model, rank: int = 0, world: int = 1, **adamw):
+    """The ddp backend under bf16-pure around `model`, as a recipe sets it up (AdamW, a constant schedule)."""
+    from recipebox.launch.backends import BackendSettings, DDPBackend
+    from recipebox.launch.runtime import Runtime
+
+    backend = DDPBackend(Runtime(rank=rank, world_size=world), BackendSettings(precision="bf16-pure"))
+    backend.setup(
+        model,
+        lambda m: torch.optim.AdamW(m.parameters(), **adamw),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
+    )
+    return backend
+
+
 class Rotary(torch.nn.Module):
     """A layer with a float buffer, as rotary frequencies are: bf16 would round them."""
 
@@ -72,17 +86,9 @@ class Rotary(torch.nn.Module):
 def test_masters_are_fp32_whatever_the_model_was_loaded_in_and_buffers_keep_their_dtype():
     """A --model saved in bf16 loads in bf16 (transformers' dtype "auto"): its masters are fp32 all the same.
     Float buffers stay as they are in the twin, and a checkpoint's buffers reach it on load."""
-    from recipebox.launch.backends import BackendSettings, DDPBackend
-    from recipebox.launch.runtime import Runtime
-
     model = Rotary()
     model.proj.to(torch.bfloat16)  # weights loaded in bf16, the buffer in fp32 as a model keeps it
-    backend = DDPBackend(Runtime(), BackendSettings(precision="bf16-pure"))
-    backend.setup(
-        model,
-        lambda m: torch.optim.AdamW(m.parameters()),
-        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
-    )
+    backend = pure_backend(model)
     assert {p.dtype for p in backend.raw_model.parameters()} == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.inv_freq.dtype == torch.float32 and torch.equal(
@@ -121,17 +127,9 @@ def test_gradients_reach_the_masters_in_one_copy_and_an_unused_parameter_gets_no
     their values and laid out as their masters (fused AdamW wants a gradient's strides to be its
     parameter's); a parameter the forward never reached gets no gradient, so clipping and AdamW leave it as
     they would without the twin."""
-    from recipebox.launch.backends import BackendSettings, DDPBackend
-    from recipebox.launch.runtime import Runtime
-
     torch.manual_seed(0)
     model = Strided()
-    backend = DDPBackend(Runtime(), BackendSettings(precision="bf16-pure"))
-    backend.setup(
-        model,
-        lambda m: torch.optim.AdamW(m.parameters(), lr=0.1, fused=True),
-        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
-    )
+    backend = pure_backend(model, lr=0.1, fused=True)
     assert model.cols.stride() == (1, 8) and backend.raw_model.cols.stride() == (1, 8)
     backend.backward(model(torch.randn(4, 8, dtype=torch.bfloat16)))
     twin_grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
@@ -170,19 +168,6 @@ class Accumulating(torch.nn.Module):
         return out
 
 
-def _pure_backend(model, rank: int = 0, world: int = 1):
-    from recipebox.launch.backends import BackendSettings, DDPBackend
-    from recipebox.launch.runtime import Runtime
-
-    backend = DDPBackend(Runtime(rank=rank, world_size=world), BackendSettings(precision="bf16-pure"))
-    backend.setup(
-        model,
-        lambda m: torch.optim.AdamW(m.parameters()),
-        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
-    )
-    return backend
-
-
 def _micro_steps(backend, rows: torch.Tensor) -> None:
     """One micro-step per row, the last one synchronising; the first also reaches the early layer, if any."""
     early = backend.compute_model.early is not None
@@ -196,7 +181,7 @@ def _reduce_three_ranks(rank: int, store: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
     model = Accumulating(early=False)  # DDP wants every parameter in every synchronising backward
-    backend = _pure_backend(model, rank, 3)
+    backend = pure_backend(model, rank, 3)
     _micro_steps(backend, _rank_gradients()[rank])
     if rank == 0:
         torch.save(torch.stack([model.used.weight.grad.squeeze(0), model.cols.grad.flatten()]), out)
@@ -219,7 +204,7 @@ def test_micro_steps_add_up_in_fp32_on_one_process():
     an earlier micro-step reached keeps its gradient; one never reached gets none."""
     torch.manual_seed(0)
     model = Accumulating(early=True)
-    backend = _pure_backend(model)
+    backend = pure_backend(model)
     rows = _rank_gradients().view(6, 4096)
     _micro_steps(backend, rows)
     backend._grads_to_masters()
