@@ -87,7 +87,8 @@ def test_dry_run_prints_every_row_with_numbers(tmp_path):
     # The step's profile: its time per step, then the ops that took the most, each with numbers.
     profile = (tmp_path / "logs" / "profile.log").read_text()
     assert profile in proc.stdout and "MLM+NSP (recipes/mlm_nsp.py)" in profile
-    assert "bf16-pure, one process" in profile  # the README holds the bf16 step's; this shows the pure one
+    # The README holds eager bf16's step; this is the fastest configuration's: compiled, bf16-pure
+    assert "MLM+NSP (recipes/mlm_nsp.py) --compile;" in profile and "bf16-pure, one process" in profile
     assert re.search(
         r"^step: \d+\.\d+ ms wall \(unprofiled\); [\d,]+ top-level aten ops per step", profile, re.M
     )
