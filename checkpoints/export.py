@@ -59,9 +59,10 @@ def export_hf(
     metrics_file: Path | None = None,
     examples: dict | None = None,
 ) -> Path:
-    """Writes out_dir: the model, its tokenizer (if any), the model card with the curves of metrics_file
-    (a run's metrics.jsonl, if given and plottable), eval_results.json and examples.json (if given). An
-    earlier export there is replaced; any other folder there is refused (check_export_target)."""
+    """Writes out_dir: the model, its tokenizer (if any) with the list of the files it wrote
+    (PROCESSOR_LIST, which check_export reads), the model card with the curves of metrics_file (a run's
+    metrics.jsonl, if given and plottable), eval_results.json and examples.json (if given). An earlier export
+    there is replaced; any other folder there is refused (check_export_target)."""
     out_dir = check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Folders of names no one else has (this call makes them), so nothing beside OUT is ever removed.
@@ -69,7 +70,10 @@ def export_hf(
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
+            before = set(os.listdir(tmp))
             tokenizer.save_pretrained(tmp)
+            written = sorted(set(os.listdir(tmp)) - before)
+            (tmp / PROCESSOR_LIST).write_text(json.dumps(written, indent=2), encoding="utf-8")
         curves = metrics_file is not None and plot_curves(metrics_file, tmp / CURVES)
         (tmp / "README.md").write_text(model_card(title, metrics, config, curves), encoding="utf-8")
         (tmp / "eval_results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -157,7 +161,20 @@ def check_export(export_dir: str | Path, task: str) -> str:
         raise CheckpointError(f"{export_dir} holds a {' / '.join(archs)}; {fix}")
     again = "export the run again (python -m recipebox.checkpoints export RUN/checkpoints/latest OUT)"
     check_weight_files(path, fix=again)
-    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+    if (path / PROCESSOR_LIST).is_file():  # every file the processor's save_pretrained wrote
+        try:
+            listed = json.loads((path / PROCESSOR_LIST).read_text(encoding="utf-8"))
+            missing = [name for name in listed if not (path / name).is_file()]
+        except (OSError, ValueError, TypeError) as err:
+            raise CheckpointError(
+                f"{path / PROCESSOR_LIST} is not a readable list of files ({err}); {again}"
+            ) from None
+        if missing:
+            raise CheckpointError(
+                f"{export_dir} lacks {', '.join(missing)} of its tokenizer or feature extractor (the export "
+                f"wrote them; {PROCESSOR_LIST} lists them): the export is incomplete: {again}"
+            )
+    elif not any((path / name).is_file() for name in PROCESSOR_FILES):  # an older export, a hub folder
         raise CheckpointError(
             f"{export_dir} holds no tokenizer or feature extractor ({', '.join(PROCESSOR_FILES)}); the export "
             f"is incomplete: {again}"
@@ -165,9 +182,11 @@ def check_export(export_dir: str | Path, task: str) -> str:
     return str(export_dir)
 
 
+# The files a tokenizer's, feature extractor's or processor's save_pretrained wrote into an export.
+PROCESSOR_LIST = "processor_files.json"
 # What save_pretrained writes for any tokenizer or feature extractor: one of them is in every export.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
-                   "preprocessor_config.json")  # fmt: skip
+                   "preprocessor_config.json", "processor_config.json")  # fmt: skip
 
 
 def check_weight_files(folder: Path, fix: str) -> None:

@@ -457,6 +457,18 @@ def test_a_truncated_or_tokenizerless_export_is_named_before_anything_loads(tmp_
         CheckpointError, match="holds no tokenizer or feature extractor.*export the run again"
     ):
         check_export(bare, "mlm_nsp")
+    # An export lists the files its tokenizer wrote: one of them missing is named (transformers would load
+    # without it, or fail with a traceback that names neither the folder nor the fix).
+    from recipebox.checkpoints.export import PROCESSOR_LIST, export_hf
+
+    made = export_hf(BertForPreTraining(config), tok, tmp_path / "made", title="T", metrics={}, config={})
+    listed = json.loads((made / PROCESSOR_LIST).read_text())
+    assert "tokenizer.json" in listed and "config.json" not in listed and check_export(made, "mlm_nsp")
+    (made / "tokenizer.json").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"made lacks tokenizer.json of its tokenizer.*export the run again"
+    ):
+        check_export(made, "mlm_nsp")
 
 
 def overwrite_middle(path, size=4096):
