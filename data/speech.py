@@ -59,24 +59,28 @@ def _info(path: Path, where: str, drop: str = MANIFEST_FIX):
     return info
 
 
-def read_audio(path: str | Path, rate: int = SAMPLE_RATE, drop: str = MANIFEST_FIX) -> np.ndarray:
+def read_audio(
+    path: str | Path, rate: int = SAMPLE_RATE, drop: str = MANIFEST_FIX, where: str = ""
+) -> np.ndarray:
     """float32 mono samples at `rate`: channels averaged, then resampled (polyphase) from the file's rate.
-    `drop` ends a message on a file that cannot be used: what else the user can do (a manifest's clip: remove it)."""
+    `drop` ends a message on a file that cannot be used: what else the user can do (a manifest's clip: remove it);
+    `where` (a manifest's "train.csv, line 3") starts it."""
     import soundfile
     from scipy.signal import resample_poly
 
     path = Path(path)
-    _info(path, str(path), drop)
+    _info(path, where or str(path), drop)
+    named = f"{where}: {path}" if where else str(path)
     try:
         samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError) as err:  # a header that opens, data that does not
         reason = getattr(err, "error_string", None) or str(err)
-        raise DataError(f"{path}: soundfile cannot decode it ({reason}); {_CONVERT}, or {drop}") from None
+        raise DataError(f"{named}: soundfile cannot decode it ({reason}); {_CONVERT}, or {drop}") from None
     if samples.shape[0] == 0:
-        raise DataError(f"{path}: holds no audio samples; {drop}")
+        raise DataError(f"{named}: holds no audio samples; {drop}")
     mono = samples.mean(axis=1)
     if not np.isfinite(mono).all():
-        raise DataError(f"{path}: has NaN or infinite samples; {_CONVERT}, or {drop}")
+        raise DataError(f"{named}: has NaN or infinite samples; {_CONVERT}, or {drop}")
     if file_rate != rate:
         g = gcd(rate, file_rate)
         mono = resample_poly(mono, rate // g, file_rate // g)

@@ -141,8 +141,8 @@ def _read_splits(cfg: ASRConfig, rt: Runtime, run_dir: Path) -> dict:
                     f"{u.where}: the transcript is empty once --chars-to-ignore is removed; fix it"
                 )
         if cfg.check_audio == "full":
-            for u in utts:
-                read_audio(u.audio)  # decodes: a corrupt body stops the run here, not mid-training
+            for u in utts:  # decodes: a corrupt body stops the run here, not mid-training
+                read_audio(u.audio, where=u.where)
         splits[name] = (utts, texts)
         rt.print(f"data: {len(utts)} {name} clips, {sum(u.seconds for u in utts) / 60:.1f} minutes"
                  + (f" ({dropped} over {cfg.max_seconds} s skipped)" if dropped else ""))  # fmt: skip
@@ -166,7 +166,7 @@ class AudioRows(torch.utils.data.Dataset):
         return len(self.utts)
 
     def __getitem__(self, i):
-        audio = read_audio(self.utts[i].audio)
+        audio = read_audio(self.utts[i].audio, where=self.utts[i].where)
         values = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE).input_values[0]
         return {"input_values": torch.as_tensor(values), "labels": self.labels[i], "_ref": self.offset + i}
 

@@ -219,13 +219,18 @@ def test_the_export_loads_in_the_pipeline_and_predict_transcribes(asr_run, tmp_p
     assert all((export / row[0]).is_file() for row in examples)  # the clips travel with the export
 
 
-@pytest.mark.parametrize("problem", ["corrupt", "missing", "empty_transcript", "too_long", "too_short"])
+PROBLEMS = ["corrupt", "truncated", "missing", "empty_transcript", "too_long", "too_short"]
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
 def test_bad_audio_or_manifest_stops_before_training_naming_the_file(tmp_path, problem):
     manifest = write_clips(tmp_path, n=3)
     clip = tmp_path / "clips" / "01.flac"
     extra = []
     if problem == "corrupt":
         clip.write_bytes(b"not audio at all" * 100)
+    elif problem == "truncated":  # the header reads, the body does not decode: found by --check-audio full
+        clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 2])
     elif problem == "missing":
         clip.unlink()
     elif problem == "empty_transcript":
@@ -245,7 +250,8 @@ def test_bad_audio_or_manifest_stops_before_training_naming_the_file(tmp_path, p
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and "Traceback" not in proc.stderr
     named = {
-        "corrupt": str(clip),
+        "corrupt": f"line 3: soundfile cannot read {clip}",
+        "truncated": f"line 3: {clip}: soundfile cannot decode it",
         "missing": str(clip),
         "empty_transcript": "line 3",
         "too_long": "--max-seconds",
