@@ -457,7 +457,8 @@ def predict(argv: list[str]) -> int:
 
 def compare(argv: list[str]) -> int:
     """Several exports (and the lead-k baseline) on one test file: ROUGE, mean summary words and seconds per
-    example side by side, as a markdown table and a CSV, then the first examples' summaries next to each other."""
+    example side by side, as a markdown table (and a CSV with --output), then the first examples' summaries
+    next to each other."""
     parser = argparse.ArgumentParser(prog="summarization.py compare", description=compare.__doc__)
     parser.add_argument("exports", nargs="+", help="export folders (RUN/export)")
     parser.add_argument("--test-file", required=True, help=".csv/.tsv/.jsonl, or a `datasets` name")
@@ -471,10 +472,12 @@ def compare(argv: list[str]) -> int:
         "--lead", type=number(low=0), default=1, help="the lead-k baseline's k (0: no baseline row)"
     )
     parser.add_argument("--show", type=number(low=0), default=3, help="examples printed side by side")
-    parser.add_argument("--output", default="compare.csv", help="the table as CSV")
+    parser.add_argument("--output", default="", help="also write the table as CSV to this file")
     parser.add_argument("--batch-size", type=number(), default=8)
     args = parser.parse_args(argv)
-    if not Path(args.output).parent.is_dir():  # found now, not after every model has summarised the file
+    if (
+        args.output and not Path(args.output).parent.is_dir()
+    ):  # found now, not after every model has summarised the file
         parser.error(f"--output {args.output}: the folder {Path(args.output).parent} does not exist")
     for export in args.exports:
         if not (Path(export) / "config.json").is_file():
@@ -503,9 +506,10 @@ def compare(argv: list[str]) -> int:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(map(str, row)) + " |")
-    with open(args.output, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([header, *rows])
-    print(f"\nwritten to {args.output}")
+    if args.output:
+        with open(args.output, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([header, *rows])
+        print(f"\nwritten to {args.output}")
     for i in range(min(args.show, len(texts))):
         print(f"\n### Example {i + 1}\n\n{texts[i]}\n\n- reference: {refs[i]}")
         for name, (summaries, _) in systems.items():
