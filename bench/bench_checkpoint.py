@@ -396,7 +396,7 @@ def print_table(r: dict, quick: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true", help="a 4-layer BERT, a smoke test")
     parser.add_argument(
         "--dir",

@@ -8,7 +8,8 @@
     python demos/app.py EXPORT --host 0.0.0.0 --auth-file ~/.demo_logins  # every interface, with a login
 
 Apps: BERT MLM+NSP (fill-mask, is-next), text classification (scores, fitted thresholds), NER (entities
-highlighted), extractive QA, text generation, summarisation (several exports side by side). Each button is
+highlighted), extractive QA, text generation, summarisation (several exports side by side), speech
+recognition (upload or record a clip). Each button is
 also an API endpoint: see the page's "Use via API" link, or
 `gradio_client.Client(URL).predict(TEXT, api_name="/tag")`.
 """

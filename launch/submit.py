@@ -350,18 +350,25 @@ def main(argv: list[str] | None = None) -> int:
         epilog="example: python -m recipebox.launch.submit --grid lr=1e-3,5e-4 --grid seed=1,2 "
         "--root runs/sweep recipes/mlm_nsp.py --max-steps 200",
     )
-    parser.add_argument("--cluster", default="slurm", choices=("slurm", "local"))
+    parser.add_argument("--cluster", default="slurm", choices=("slurm", "local"), help="default: slurm")
     parser.add_argument("--root", help="folder of the run folders and results (default runs/<recipe>-sweep)")
     parser.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2")
     parser.add_argument("--partition", default="")
     parser.add_argument("--account", default="")
-    parser.add_argument("--time", type=number(), default=60, metavar="MINUTES", help="per task, per requeue")
+    parser.add_argument(
+        "--time", type=number(), default=60, metavar="MINUTES", help="per task, per requeue (default: 60)"
+    )
     parser.add_argument("--gpus-per-node", type=number(low=0), default=0)
-    parser.add_argument("--cpus-per-task", type=number(), default=1)
+    parser.add_argument("--cpus-per-task", type=number(), default=1, help="default: 1")
     parser.add_argument("--mem-gb", type=number(float, 0), default=0)
-    parser.add_argument("--signal-delay", type=number(low=0), default=120, metavar="SECONDS")
-    parser.add_argument("--max-requeues", type=number(low=0), default=3)
-    parser.add_argument("--array-parallelism", type=number(), default=64)
+    parser.add_argument(
+        "--signal-delay", type=number(low=0), default=120, metavar="SECONDS",
+        help="Slurm signals each task this long before its time limit: it saves and is requeued (default: 120)",
+    )  # fmt: skip
+    parser.add_argument("--max-requeues", type=number(low=0), default=3, help="default: 3")
+    parser.add_argument(
+        "--array-parallelism", type=number(), default=64, help="tasks running at once (default: 64)"
+    )
     parser.add_argument("--no-wait", action="store_true", help="queue and exit; no results table")
     parser.add_argument("recipe", help="a recipe script, e.g. recipes/mlm_nsp.py")
     parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help="flags passed to every task")
