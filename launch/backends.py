@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from recipebox.kernels.buckets import bucket_lengths, parse_buckets
-from recipebox.launch.config import FSDP_NEEDS_RANKS, ConfigError, TrainConfig
+from recipebox.launch.config import FP16_NEEDS_DEEPSPEED, FSDP_NEEDS_RANKS, ConfigError, TrainConfig
 from recipebox.launch.runtime import Runtime, bf16_native
 
 ADAM_BETAS = (0.9, 0.999)  # every backend's AdamW, DeepSpeed's CPU Adam under offload included
@@ -149,7 +149,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             )
         return torch.bfloat16
     if precision == "fp16":
-        raise ConfigError("--precision fp16 is available with --backend deepspeed on a GPU; use bf16 here")
+        raise ConfigError(FP16_NEEDS_DEEPSPEED)
     raise ConfigError(f"unknown --precision {precision!r}; use auto, fp32, bf16 or bf16-pure")
 
 

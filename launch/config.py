@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import io
 import math
@@ -332,6 +333,19 @@ RANGES = {
 
 
 FSDP_NEEDS_RANKS = "--backend fsdp shards across ranks: launch with torchrun --nproc_per_node=2 or more"
+FP16_NEEDS_DEEPSPEED = "--precision fp16 is available with --backend deepspeed on a GPU; use bf16 here"
+XLA_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_backend_precision(backend: str, precision: str) -> None:
+    """A precision the backend cannot run: refused by validate_train_config before any data is read, and
+    again by the backend when it is built without it."""
+    if precision == "fp16" and backend != "deepspeed":
+        raise ConfigError(FP16_NEEDS_DEEPSPEED)
+    if backend == "xla" and precision not in XLA_PRECISIONS:
+        raise ConfigError(
+            f"--backend xla supports --precision {', '.join(XLA_PRECISIONS)}, not {precision!r}"
+        )
 
 
 def check_ranges(cfg) -> None:
@@ -364,8 +378,6 @@ def validate_train_config(cfg: TrainConfig) -> None:
     check_choice(cfg, "precision", ("auto", "fp32", "bf16", "bf16-pure", "fp16"))
     check_choice(cfg, "tracker", ("wandb", "none"))
     if cfg.tracker == "wandb":
-        import importlib.util
-
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 "--tracker wandb (the default) needs the wandb package: pip install wandb, or pass --tracker none"
@@ -374,6 +386,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
     check_choice(cfg, "backend", tuple(BACKENDS))
     check_choice(cfg, "xla_mode", ("spmd", "replicas"))
+    check_backend_precision(cfg.backend, cfg.precision)
     from recipebox.launch.runtime import launched_world_size
 
     world = launched_world_size()
@@ -394,6 +407,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--compile works with --backend ddp or fsdp; {cfg.backend} runs the model its own way "
             "(XLA compiles whole graphs itself, DeepSpeed wraps the model): drop --compile"
+        )
+    if cfg.backend == "xla" and importlib.util.find_spec("torch_xla") is None:
+        raise ConfigError(
+            "--backend xla needs torch_xla, which this Python lacks: run the recipe with .venv-xla/bin/python "
+            "(bash scripts/env_xla.sh makes it; docs/xla.md)"
         )
     if cfg.eval_batch_size < 0:
         raise ConfigError(

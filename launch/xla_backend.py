@@ -19,7 +19,7 @@ from torch import nn
 from recipebox.checkpoints.xla import XLAState, clean_name
 from recipebox.kernels.buckets import BucketedCollate
 from recipebox.launch.backends import BackendSettings, grad_norm, layer_lists
-from recipebox.launch.config import ConfigError
+from recipebox.launch.config import ConfigError, check_backend_precision
 from recipebox.launch.runtime import Runtime
 
 
@@ -36,10 +36,7 @@ class XLABackend:
     data_device = torch.device("cpu")  # batches are collated and prepared (masked) on the host
 
     def __init__(self, runtime: Runtime, settings: BackendSettings):
-        if settings.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(
-                f"--backend xla supports --precision auto, fp32 or bf16, not {settings.precision!r}"
-            )
+        check_backend_precision("xla", settings.precision)
         if settings.xla_mode not in ("spmd", "replicas"):
             raise ConfigError(f"--xla-mode must be spmd or replicas, got {settings.xla_mode!r}")
         if not settings.buckets:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,33 @@ def test_async_save_is_refused_where_the_backend_saves_its_own_format(backend):
     cfg = parse_config(DemoConfig, ["--async-save", "true", "--backend", backend])
     with pytest.raises(ConfigError, match=f"--async-save works with --backend ddp or fsdp.*{backend}"):
         validate_train_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "backend, precision, message",
+    [
+        ("ddp", "fp16", "--precision fp16 is available with --backend deepspeed on a GPU"),
+        ("fsdp", "fp16", "--precision fp16 is available with --backend deepspeed on a GPU"),
+        ("xla", "bf16-pure", "--backend xla supports --precision auto, fp32, bf16, not 'bf16-pure'"),
+    ],
+)
+def test_a_precision_the_backend_cannot_run_stops_at_validation(backend, precision, message):
+    from recipebox.launch.config import validate_train_config
+
+    cfg = parse_config(DemoConfig, ["--backend", backend, "--precision", precision])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_train_config(cfg)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None, reason="torch_xla is installed here")
+def test_backend_xla_without_torch_xla_names_the_xla_environment_before_reading_data(tmp_path):
+    """The main environment has no torch_xla: the recipe stops at validation, exit 2, nothing written."""
+    out = tmp_path / "run"
+    recipe = str(REPO / "recipes" / "mlm_nsp.py")
+    proc = recipe_runs.python(recipe, "--backend", "xla", "--output-dir", str(out), "--tracker", "none")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --backend xla needs torch_xla" in proc.stderr and ".venv-xla/bin/python" in proc.stderr
+    assert "Traceback" not in proc.stderr and "data:" not in proc.stdout and not out.exists()
 
 
 def test_resume_latest_naming_no_step_folder_stops_at_validation(tmp_path):
