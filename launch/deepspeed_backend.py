@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,13 @@ class DeepSpeedBackend:
 
     def setup(self, model, make_optimizer, make_scheduler) -> None:
         deepspeed = import_deepspeed()
+        # ZeRO-3 gathers and reduce-scatters through torch collectives that torch deprecates; the notice is
+        # for DeepSpeed, not the user, and it came several times a step.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+            category=FutureWarning,
+        )
         # DeepSpeed always needs a group; one process gets its own, kept to the end of the process: DeepSpeed
         # caches groups made from it (deepspeed.utils.groups), which a second engine here reuses.
         if not dist.is_initialized():

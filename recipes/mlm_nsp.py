@@ -24,7 +24,6 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -223,13 +222,14 @@ class PretrainingObjective(nn.Module):
         mlm_sum = token_loss_sum(mlm_logits, mlm_labels)
         nsp_sum = F.cross_entropy(nsp_logits.float(), next_sentence_label, reduction="sum")
         # The static path's labels are the batch's own (no copy of an input to fetch back from the device).
-        return SimpleNamespace(
-            mlm_sum=mlm_sum,
-            nsp_sum=nsp_sum,
-            mlm_logits=mlm_logits,
-            mlm_labels=None if masked_positions is None else mlm_labels,
-            nsp_logits=nsp_logits,
-        )
+        # A dict, which DeepSpeed's ZeRO-3 hooks can look into (they warn about an object they cannot).
+        return {
+            "mlm_sum": mlm_sum,
+            "nsp_sum": nsp_sum,
+            "mlm_logits": mlm_logits,
+            "mlm_labels": None if masked_positions is None else mlm_labels,
+            "nsp_logits": nsp_logits,
+        }
 
 
 class MLMNSPTask:
@@ -291,14 +291,14 @@ class MLMNSPTask:
 
     def loss(self, model, batch):
         out = model(**model_inputs(batch))
-        return {"mlm": out.mlm_sum, "nsp": out.nsp_sum}, out
+        return {"mlm": out["mlm_sum"], "nsp": out["nsp_sum"]}, out
 
     def evaluate(self, model, batch, out, generate):
-        mlm_labels = batch["labels"] if out.mlm_labels is None else out.mlm_labels
+        mlm_labels = batch["labels"] if out["mlm_labels"] is None else out["mlm_labels"]
         labelled = mlm_labels != -100  # all of them, except on the static-shape path
-        mlm_hits = ((out.mlm_logits.argmax(-1) == mlm_labels) & labelled).sum()
-        nsp_hits = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
-        nsp_total = torch.tensor(out.nsp_logits.shape[0], device=nsp_hits.device)
+        mlm_hits = ((out["mlm_logits"].argmax(-1) == mlm_labels) & labelled).sum()
+        nsp_hits = (out["nsp_logits"].argmax(-1) == batch["next_sentence_label"]).sum()
+        nsp_total = torch.tensor(out["nsp_logits"].shape[0], device=nsp_hits.device)
         counts = {"mlm_accuracy": torch.stack([mlm_hits, labelled.sum()])}
         return {**counts, "nsp_accuracy": torch.stack([nsp_hits, nsp_total])}, []
 

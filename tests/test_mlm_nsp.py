@@ -314,14 +314,14 @@ def test_static_shape_objective_matches_the_masked_positions_one():
     with torch.no_grad():
         dynamic = mlm_nsp.PretrainingObjective(model)(**batch, masked_positions=positions)
         static = mlm_nsp.PretrainingObjective(model)(**batch)
-    assert static.mlm_logits.shape[:2] == ids.shape  # independent of how many positions are masked
-    assert dynamic.mlm_logits.shape[0] == len(positions) > 0
-    torch.testing.assert_close(static.mlm_sum, dynamic.mlm_sum)
-    torch.testing.assert_close(static.nsp_sum, dynamic.nsp_sum)
+    assert static["mlm_logits"].shape[:2] == ids.shape  # independent of how many positions are masked
+    assert dynamic["mlm_logits"].shape[0] == len(positions) > 0
+    torch.testing.assert_close(static["mlm_sum"], dynamic["mlm_sum"])
+    torch.testing.assert_close(static["nsp_sum"], dynamic["nsp_sum"])
     # The same loss BertForPreTraining computes: each sum over its targets, then added.
     reference = model(**batch).loss
     task = mlm_nsp.MLMNSPTask.targets(None, batch)
-    torch.testing.assert_close(dynamic.mlm_sum / task["mlm"] + dynamic.nsp_sum / task["nsp"], reference)
+    torch.testing.assert_close(dynamic["mlm_sum"] / task["mlm"] + dynamic["nsp_sum"] / task["nsp"], reference)
     counts, _ = mlm_nsp.MLMNSPTask.evaluate(None, None, batch, dynamic, None)
     assert counts["mlm_accuracy"][1] == (labels != -100).sum()
     for name, pair in mlm_nsp.MLMNSPTask.evaluate(None, None, batch, static, None)[0].items():
@@ -363,8 +363,8 @@ def test_prepare_masks_on_the_host_and_settles_the_attention_mask():
         for batch, mask in ((out, full["attention_mask"]), (settled, padded["attention_mask"])):
             host = objective(**batch)
             as_given = objective(**{**batch, "attention_mask": mask})
-            torch.testing.assert_close(host.mlm_sum, as_given.mlm_sum)
-            torch.testing.assert_close(host.nsp_sum, as_given.nsp_sum)
+            torch.testing.assert_close(host["mlm_sum"], as_given["mlm_sum"])
+            torch.testing.assert_close(host["nsp_sum"], as_given["nsp_sum"])
 
     task.static_shapes = True  # XLA: one graph per shape, so the batch keeps every key, the 2D mask as is
     kept = task.prepare(full, torch.Generator())
