@@ -161,14 +161,14 @@ def check_export(export_dir: str | Path, task: str) -> str:
         raise CheckpointError(f"{export_dir} holds a {' / '.join(archs)}; {fix}")
     again = "export the run again (python -m recipebox.checkpoints export RUN/checkpoints/latest OUT)"
     check_weight_files(path, fix=again)
-    if (path / PROCESSOR_LIST).is_file():  # every file the processor's save_pretrained wrote
+    if (path / PROCESSOR_LIST).is_file():  # every file (or folder) the processor's save_pretrained wrote
         try:
             listed = json.loads((path / PROCESSOR_LIST).read_text(encoding="utf-8"))
-            missing = [name for name in listed if not (path / name).is_file()]
-        except (OSError, ValueError, TypeError) as err:
-            raise CheckpointError(
-                f"{path / PROCESSOR_LIST} is not a readable list of files ({err}); {again}"
-            ) from None
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{path / PROCESSOR_LIST} does not read ({err}); {again}") from None
+        if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+            raise CheckpointError(f"{path / PROCESSOR_LIST} is not a list of file names; {again}")
+        missing = [name for name in listed if not (path / name).exists()]
         if missing:
             raise CheckpointError(
                 f"{export_dir} lacks {', '.join(missing)} of its tokenizer or feature extractor (the export "
@@ -182,7 +182,8 @@ def check_export(export_dir: str | Path, task: str) -> str:
     return str(export_dir)
 
 
-# The files a tokenizer's, feature extractor's or processor's save_pretrained wrote into an export.
+# The files (and folders: a second tokenizer, chat templates) a tokenizer's, feature extractor's or processor's
+# save_pretrained wrote into an export.
 PROCESSOR_LIST = "processor_files.json"
 # What save_pretrained writes for any tokenizer or feature extractor: one of them is in every export.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",

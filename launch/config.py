@@ -338,8 +338,9 @@ XLA_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def check_backend_precision(backend: str, precision: str) -> None:
-    """A precision the backend cannot run: refused by validate_train_config before any data is read, and
-    again by the backend when it is built without it."""
+    """A precision the backend cannot run, refused by validate_train_config before any data is read. The
+    backends refuse it again when built without validation: XLABackend through this function, ddp and fsdp
+    in resolve_precision (fp16, with the same message)."""
     if precision == "fp16" and backend != "deepspeed":
         raise ConfigError(FP16_NEEDS_DEEPSPEED)
     if backend == "xla" and precision not in XLA_PRECISIONS:
@@ -411,7 +412,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     if cfg.backend == "xla" and importlib.util.find_spec("torch_xla") is None:
         raise ConfigError(
             "--backend xla needs torch_xla, which this Python lacks: run the recipe with .venv-xla/bin/python "
-            "(bash scripts/env_xla.sh makes it; docs/xla.md)"
+            "(bash scripts/env_xla.sh makes it, or $RECIPEBOX_XLA_VENV; docs/xla.md)"
         )
     if cfg.eval_batch_size < 0:
         raise ConfigError(

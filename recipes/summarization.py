@@ -475,9 +475,8 @@ def compare(argv: list[str]) -> int:
     parser.add_argument("--output", default="", help="also write the table as CSV to this file")
     parser.add_argument("--batch-size", type=number(), default=8)
     args = parser.parse_args(argv)
-    if (
-        args.output and not Path(args.output).parent.is_dir()
-    ):  # found now, not after every model has summarised the file
+    # found now, not after every model has summarised the file
+    if args.output and not Path(args.output).parent.is_dir():
         parser.error(f"--output {args.output}: the folder {Path(args.output).parent} does not exist")
     for export in args.exports:
         if not (Path(export) / "config.json").is_file():

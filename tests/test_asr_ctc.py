@@ -219,10 +219,9 @@ def test_the_export_loads_in_the_pipeline_and_predict_transcribes(asr_run, tmp_p
     assert all((export / row[0]).is_file() for row in examples)  # the clips travel with the export
 
 
-PROBLEMS = ["corrupt", "truncated", "missing", "empty_transcript", "too_long", "too_short"]
-
-
-@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize(
+    "problem", ["corrupt", "truncated", "missing", "empty_transcript", "too_long", "too_short"]
+)
 def test_bad_audio_or_manifest_stops_before_training_naming_the_file(tmp_path, problem):
     manifest = write_clips(tmp_path, n=3)
     clip = tmp_path / "clips" / "01.flac"
@@ -325,6 +324,24 @@ def tiny_task(tmp_path, clips: int):
     processor = make_processor(build_vocab(texts), tmp_path / "processor")
     model = _setup_model(cfg, processor, 10).eval()
     return ASRTask(cfg, processor, {"train": (utts, texts)}, model, tmp_path)
+
+
+def test_an_export_missing_a_file_of_its_processor_is_named(tmp_path):
+    """wav2vec2's processor writes its feature extractor into processor_config.json and its characters into
+    vocab.json: the export lists both, and predict and the demo name a missing one instead of failing in
+    transformers."""
+    from recipebox.checkpoints.export import PROCESSOR_LIST, check_export, export_hf
+    from recipebox.checkpoints.sharded import CheckpointError
+
+    task = tiny_task(tmp_path, clips=2)
+    export = export_hf(task.model, task.processor, tmp_path / "export", title="T", metrics={}, config={})
+    assert {"processor_config.json", "vocab.json"} <= set(json.loads((export / PROCESSOR_LIST).read_text()))
+    assert check_export(export, "asr_ctc")
+    (export / "processor_config.json").unlink()
+    with pytest.raises(
+        CheckpointError, match="export lacks processor_config.json of its tokenizer or feature"
+    ):
+        check_export(export, "asr_ctc")
 
 
 def test_static_shape_batches_bucket_the_transcripts_apart_and_keep_the_loss(tmp_path):

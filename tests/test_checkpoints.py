@@ -469,6 +469,15 @@ def test_a_truncated_or_tokenizerless_export_is_named_before_anything_loads(tmp_
         CheckpointError, match=r"made lacks tokenizer.json of its tokenizer.*export the run again"
     ):
         check_export(made, "mlm_nsp")
+    (made / PROCESSOR_LIST).write_text('{"tokenizer.json": 1}')
+    with pytest.raises(CheckpointError, match=rf"{PROCESSOR_LIST} is not a list of file names"):
+        check_export(made, "mlm_nsp")
+    (made / PROCESSOR_LIST).write_text("[")
+    with pytest.raises(CheckpointError, match=rf"{PROCESSOR_LIST} does not read"):
+        check_export(made, "mlm_nsp")
+    (made / "chat_templates").mkdir()  # a folder a processor wrote counts as there
+    (made / PROCESSOR_LIST).write_text('["tokenizer_config.json", "chat_templates"]')
+    assert check_export(made, "mlm_nsp")
 
 
 def overwrite_middle(path, size=4096):

@@ -160,6 +160,12 @@ def test_export_loads_and_predict_and_compare_agree(t5_run, bart_run, tmp_path, 
     assert float(rows[1]["rougeL"]) > float(rows[0]["rougeL"]) + 15  # the default T5 run; BART ran 60 steps
     assert "| model | rouge1 | rouge2 | rougeL | rougeLsum | words | s/example |" in proc.stdout
     assert f"- t5: {ours[0]}" in proc.stdout
+    # Without --output it prints the table and writes no file (it runs in the repository's root here)
+    proc = python("compare", str(t5), "--test-file", str(TOY / "test.jsonl"), "--limit", "2", "--show", "0")
+    assert proc.returncode == 0 and "| model |" in proc.stdout and "written to" not in proc.stdout, (
+        proc.stderr
+    )
+    assert not (REPO / "compare.csv").exists()
 
 
 @pytest.mark.slow
